@@ -1,0 +1,44 @@
+# Baton: `make demo` and `make test` do all set-up on a fresh Debian machine (as root).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy
+export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
+
+.PHONY: setup system-packages demo test lint bench-steady clean
+
+setup: system-packages $(STAMP)
+
+# Debian packages only when a tool is missing, so a second run is a no-op.
+system-packages:
+	@missing=""; \
+	for bin in mariadbd:mariadb-server mariadb:mariadb-client sysbench:sysbench haproxy:haproxy; do \
+	  command -v $${bin%%:*} >/dev/null 2>&1 || missing="$$missing $${bin##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(PY) -m proxy.demo
+
+bench-steady: setup
+	$(PY) -m bench.steady
+
+clean:
+	-$(VENV)/bin/baton sandbox down
+	rm -rf $(VENV) .sandbox

@@ -1,0 +1,62 @@
+"""The `baton` command: serve, sandbox and ctl.
+
+Each subcommand's module is imported only when it runs, so `baton ctl` starts fast and does not
+pull in the data path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy import server
+
+    return server.main(args.config)
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from reparent import sandbox
+
+    return sandbox.run(args)
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from proxy import ctl
+
+    return ctl.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy and its control socket")
+    serve.add_argument("--config", required=True, help="path to baton.toml")
+    serve.set_defaults(func=_serve)
+
+    sandbox = sub.add_parser("sandbox", help="local MariaDB servers with GTID replication")
+    sandbox.add_argument("action", choices=["up", "down", "status"])
+    sandbox.add_argument("--dir", default=".sandbox", help="where datadirs and config live")
+    sandbox.add_argument("--base-port", type=int, default=23301, help="port of the first server")
+    sandbox.add_argument("--replicas", type=int, default=2, help="replicas of the first server")
+    sandbox.add_argument("--json", action="store_true", help="status as JSON, for scripts")
+    sandbox.set_defaults(func=_sandbox)
+
+    ctl = sub.add_parser("ctl", help="talk to a running baton through its control socket")
+    ctl.add_argument("--socket", help="control socket (default: $BATON_SOCKET or the config's)")
+    ctl.add_argument("--config", help="read the socket path from this config")
+    ctl.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ctl.add_argument("ctl_command", choices=["status", "sessions"], help="what to ask")
+    ctl.set_defaults(func=_ctl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Baton's one TOML config, loaded and checked before anything starts.
+
+It lives in `reparent/` because both halves read it and `reparent/` must never import `proxy/`.
+Every problem is reported as a `ConfigError` that names the offending key, so an operator can
+fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the key."""
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+@dataclass(frozen=True)
+class Account:
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    host: str
+    port: int
+    role: Role
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+
+    @property
+    def primary(self) -> ServerConfig:
+        return next(s for s in self.servers if s.role is Role.PRIMARY)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 3306
+    control_socket: str = "baton.sock"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9104
+    shard: str = ""
+    allow_load_data_local: bool = False
+    max_packet_size: int = 64 * 1024 * 1024
+    backend_connect_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    proxy: ProxyConfig
+    backend: Account
+    admin: Account
+    users: tuple[Account, ...]
+    shards: tuple[ShardConfig, ...]
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def shard(self) -> ShardConfig:
+        """The shard client sessions are routed to."""
+        return next(s for s in self.shards if s.name == self.proxy.shard)
+
+
+_PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "listen_host": str,
+    "listen_port": int,
+    "control_socket": str,
+    "metrics_host": str,
+    "metrics_port": int,
+    "shard": str,
+    "allow_load_data_local": bool,
+    "max_packet_size": int,
+    "backend_connect_timeout": (int, float),
+}
+
+
+def _typed(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}.{key}: missing")
+    value = table[key]
+    # bool is an int in Python; a port of `true` is still a mistake.
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _table(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    name = f"{where}.{key}" if where else key
+    if key not in data:
+        raise ConfigError(f"{name}: missing table")
+    if not isinstance(data[key], dict):
+        raise ConfigError(f"{name}: expected a table")
+    return data[key]
+
+
+def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    extra = sorted(set(table) - known)
+    if extra:
+        raise ConfigError(f"{where}.{extra[0]}: unknown key")
+
+
+def _port(value: int, where: str) -> int:
+    if not 0 < value < 65536:
+        raise ConfigError(f"{where}: port {value} out of range 1-65535")
+    return value
+
+
+def _account(table: dict[str, Any], where: str, user_key: str = "user") -> Account:
+    _unknown(table, {user_key, "password"}, where)
+    return Account(
+        user=_typed(table, user_key, str, where),
+        password=_typed(table, "password", str, where),
+    )
+
+
+def _proxy(table: dict[str, Any], default_shard: str) -> ProxyConfig:
+    _unknown(table, set(_PROXY_TYPES), "proxy")
+    values: dict[str, Any] = {}
+    for key, kind in _PROXY_TYPES.items():
+        if key in table:
+            values[key] = _typed(table, key, kind, "proxy")
+    for key in ("listen_port", "metrics_port"):
+        if key in values:
+            _port(values[key], f"proxy.{key}")
+    values.setdefault("shard", default_shard)
+    if values.get("max_packet_size", 1) <= 0:
+        raise ConfigError("proxy.max_packet_size: must be positive")
+    return ProxyConfig(**values)
+
+
+def _shards(items: Any) -> tuple[ShardConfig, ...]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("shards: expected at least one [[shards]] table")
+    shards = []
+    for i, raw in enumerate(items):
+        where = f"shards[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _unknown(raw, {"name", "servers"}, where)
+        name = _typed(raw, "name", str, where)
+        servers_raw = raw.get("servers")
+        if not isinstance(servers_raw, list) or not servers_raw:
+            raise ConfigError(f"{where}.servers: expected at least one [[shards.servers]] table")
+        servers = []
+        for j, s in enumerate(servers_raw):
+            sw = f"{where}.servers[{j}]"
+            if not isinstance(s, dict):
+                raise ConfigError(f"{sw}: expected a table")
+            _unknown(s, {"name", "host", "port", "role"}, sw)
+            role_text = _typed(s, "role", str, sw)
+            try:
+                role = Role(role_text)
+            except ValueError:
+                raise ConfigError(f"{sw}.role: expected 'primary' or 'replica', got {role_text!r}")
+            servers.append(
+                ServerConfig(
+                    name=_typed(s, "name", str, sw),
+                    host=_typed(s, "host", str, sw),
+                    port=_port(_typed(s, "port", int, sw), f"{sw}.port"),
+                    role=role,
+                )
+            )
+        primaries = [s for s in servers if s.role is Role.PRIMARY]
+        if len(primaries) != 1:
+            raise ConfigError(f"{where}.servers: expected exactly one primary, got {len(primaries)}")
+        names = [s.name for s in servers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.servers: server names must be unique")
+        shards.append(ShardConfig(name=name, servers=tuple(servers)))
+    return tuple(shards)
+
+
+def parse(data: dict[str, Any], path: Path | None = None) -> Config:
+    """Build a Config from parsed TOML, or raise ConfigError naming the key."""
+    _unknown(data, {"proxy", "backend", "admin", "users", "shards"}, "config")
+    shards = _shards(data.get("shards"))
+    proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
+    if proxy.shard not in {s.name for s in shards}:
+        raise ConfigError(f"proxy.shard: no shard named {proxy.shard!r}")
+    users_raw = data.get("users")
+    if not isinstance(users_raw, list) or not users_raw:
+        raise ConfigError("users: expected at least one [[users]] table (name, password)")
+    users = tuple(
+        _account(u, f"users[{i}]", user_key="name") if isinstance(u, dict) else _bad(f"users[{i}]")
+        for i, u in enumerate(users_raw)
+    )
+    return Config(
+        proxy=proxy,
+        backend=_account(_table(data, "backend"), "backend"),
+        admin=_account(_table(data, "admin"), "admin"),
+        users=users,
+        shards=shards,
+        path=path,
+    )
+
+
+def _bad(where: str) -> Account:
+    raise ConfigError(f"{where}: expected a table")
+
+
+def load(path: str | Path) -> Config:
+    """Read and check a config file; relative socket paths are taken from the file's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}")
+    cfg = parse(data, path=p)
+    sock = Path(cfg.proxy.control_socket)
+    if not sock.is_absolute():
+        sock = p.parent / sock
+        cfg = replace(cfg, proxy=replace(cfg.proxy, control_socket=str(sock)))
+    return cfg
