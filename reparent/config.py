@@ -184,7 +184,9 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
             )
         primaries = [s for s in servers if s.role is Role.PRIMARY]
         if len(primaries) != 1:
-            raise ConfigError(f"{where}.servers: expected exactly one primary, got {len(primaries)}")
+            raise ConfigError(
+                f"{where}.servers: expected exactly one primary, got {len(primaries)}"
+            )
         names = [s.name for s in servers]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}.servers: server names must be unique")

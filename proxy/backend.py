@@ -1,0 +1,277 @@
+"""Baton's own raw-protocol client to MariaDB: connects, logs in, then relays responses as bytes.
+
+During login it reads whole packets; afterwards every byte from the server goes through the
+session's `ResponseParser` straight to the client transport, so rows are never decoded or copied
+more than the parser needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from proxy.packets import (
+    PROXY_CAPS,
+    Cap,
+    Command,
+    Err,
+    PacketError,
+    ServerHandshake,
+    decode_text_row,
+    frame,
+    make_handshake_response,
+    parse_err,
+    parse_server_handshake,
+)
+from proxy.response import Phase, ResponseParser
+
+# Pause reading from the backend while this much is still queued for a slow client.
+HIGH_WATER = 1 << 20
+
+
+class BackendError(Exception):
+    """The backend could not be reached or dropped the connection."""
+
+    def __init__(self, message: str, err: Err | None = None) -> None:
+        super().__init__(message)
+        self.err = err
+
+
+class BackendConnection(asyncio.Protocol):
+    """One server connection owned by one client session."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.handshake: ServerHandshake | None = None
+        self.capabilities = 0
+        self._inbox = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lost: BaseException | None = None
+        self._parser: ResponseParser | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_transport: asyncio.Transport | None = None
+        self._done: asyncio.Future[None] | None = None
+        self.address = ""
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            self._inbox += data
+            self._wake()
+            return
+        try:
+            out = parser.feed(data)
+        except PacketError as e:
+            self._fail(BackendError(f"malformed response from backend: {e}"))
+            return
+        if out:
+            assert self._sink is not None
+            self._sink(out)
+            sink_t = self._sink_transport
+            if sink_t is not None and sink_t.get_write_buffer_size() > HIGH_WATER:
+                self._throttle(sink_t)
+        phase = parser.phase
+        if phase is Phase.DONE or phase is Phase.INFILE:
+            self._parser = None
+            done = self._done
+            self._done = None
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionResetError("backend closed the connection")
+        self._fail(BackendError(f"lost connection to backend {self.address}: {self._lost}"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- login -----------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        client_caps: int,
+        collation: int,
+        database: str | None,
+        timeout: float,
+    ) -> BackendConnection:
+        """Open and log in; capabilities mirror the client's, plus session tracking for Baton."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(cls, host, port), timeout=timeout
+            )
+        except (TimeoutError, OSError) as e:
+            raise BackendError(f"cannot connect to backend {host}:{port}: {e or 'timeout'}")
+        conn.address = f"{host}:{port}"
+        try:
+            await asyncio.wait_for(
+                conn._login(user, password, client_caps, collation, database), timeout=timeout
+            )
+        except TimeoutError:
+            conn.close()
+            raise BackendError(f"backend {host}:{port} did not finish login in {timeout}s")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _login(
+        self, user: str, password: str, client_caps: int, collation: int, database: str | None
+    ) -> None:
+        seq, payload = await self.read_packet()
+        hs = parse_server_handshake(payload)
+        self.handshake = hs
+        caps = (client_caps & PROXY_CAPS & hs.capabilities) | Cap.SESSION_TRACK
+        caps |= Cap.PROTOCOL_41 | Cap.SECURE_CONNECTION | Cap.PLUGIN_AUTH
+        if not client_caps & Cap.LONG_PASSWORD:
+            # MariaDB reads the extended capability bytes only when bit 0 is clear.
+            caps &= ~Cap.LONG_PASSWORD
+        self.capabilities = caps
+        self.write(
+            frame(
+                make_handshake_response(caps, collation, user, password, hs.auth_data, database),
+                seq + 1,
+            )
+        )
+        _, reply = await self.read_packet()
+        if reply[:1] == b"\xfe":
+            raise BackendError(f"backend {self.address} asked for an unsupported auth switch")
+        if reply[:1] == b"\xff":
+            err = parse_err(reply)
+            raise BackendError(f"backend {self.address} refused login: {err.message}", err)
+
+    async def read_packet(self) -> tuple[int, bytes]:
+        """One whole packet, for login and for Baton's own queries before relaying starts."""
+        while True:
+            if len(self._inbox) >= 4:
+                length = int.from_bytes(self._inbox[:3], "little")
+                if len(self._inbox) >= 4 + length:
+                    seq = self._inbox[3]
+                    payload = bytes(self._inbox[4 : 4 + length])
+                    del self._inbox[: 4 + length]
+                    return seq, payload
+            if self._lost is not None:
+                raise BackendError(f"lost connection to backend {self.address}: {self._lost}")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    # -- relaying ----------------------------------------------------------------------------
+
+    def send(
+        self,
+        packet: bytes,
+        parser: ResponseParser,
+        sink: Callable[[bytes], None],
+        sink_transport: asyncio.Transport | None = None,
+    ) -> asyncio.Future[None]:
+        """Write a framed command and relay its response to `sink` until the parser is done."""
+        if self._lost is not None:
+            raise BackendError(f"lost connection to backend {self.address}: {self._lost}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parser = parser
+        self._sink = sink
+        self._sink_transport = sink_transport
+        self._done = fut
+        assert self.transport is not None
+        self.transport.write(packet)
+        if self._inbox:
+            leftover = bytes(self._inbox)
+            self._inbox.clear()
+            self.data_received(leftover)
+        return fut
+
+    def write(self, data: bytes) -> None:
+        """Bytes with no response of their own (file content, COM_STMT_CLOSE)."""
+        if self._lost is not None:
+            raise BackendError(f"lost connection to backend {self.address}: {self._lost}")
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def command(self, packet: bytes) -> tuple[ResponseParser, bytes]:
+        """Run one command of Baton's own; its response is collected, never sent to a client."""
+        collected: list[bytes] = []
+        parser = ResponseParser(
+            deprecate_eof=bool(self.capabilities & Cap.DEPRECATE_EOF), client_tracks=True
+        )
+        parser.begin(packet[4])
+        await self.send(packet, parser, collected.append)
+        if parser.err is not None:
+            raise BackendError(f"backend error {parser.err.code}: {parser.err.message}", parser.err)
+        return parser, b"".join(collected)
+
+    async def query(self, sql: str) -> list[list[bytes | None]]:
+        """Run one statement of Baton's own and return its text rows (small results only)."""
+        parser, data = await self.command(frame(b"\x03" + sql.encode(), 0))
+        items = []
+        pos = 0
+        while pos + 4 <= len(data):
+            length = int.from_bytes(data[pos : pos + 3], "little")
+            items.append(data[pos + 4 : pos + 4 + length])
+            pos += 4 + length
+        if not items or items[0][:1] == b"\x00":
+            return []
+        ncols = items[0][0]
+        body = items[1 + ncols :]
+        if not parser.deprecate_eof:
+            body = body[1:]
+        return [decode_text_row(item, ncols) for item in body[:-1]]
+
+    def _throttle(self, sink_transport: asyncio.Transport) -> None:
+        """A slow client: stop reading the backend until the client's buffer drains."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        protocol = sink_transport.get_protocol()
+        drain_waiter = getattr(protocol, "_drain_helper", None)
+        loop = asyncio.get_running_loop()
+
+        async def resume() -> None:
+            try:
+                if drain_waiter is not None:
+                    await drain_waiter()
+            except ConnectionError:
+                pass
+            finally:
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.resume_reading()
+
+        loop.create_task(resume())
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        self._waiter = None
+
+    def _fail(self, exc: BaseException) -> None:
+        self._wake()
+        done = self._done
+        self._done = None
+        self._parser = None
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+    @property
+    def alive(self) -> bool:
+        return self._lost is None and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write(frame(bytes((Command.QUIT,)), 0))
+            except Exception:
+                pass
+            self.transport.close()

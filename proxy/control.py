@@ -1,0 +1,112 @@
+"""The control socket: one JSON object per line each way, on a Unix socket of mode 0600.
+
+It is how operators (through `baton ctl`) and tests see inside a running Baton. Later issues add
+the reparent commands here; every command is a method named `cmd_<name>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any
+
+from proxy.backend import BackendError
+from proxy.frontend import ProxyContext
+
+log = logging.getLogger(__name__)
+
+USER_VARIABLES_SQL = "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.USER_VARIABLES"
+
+
+class ControlError(Exception):
+    """A command that cannot be carried out; its message goes back to the caller."""
+
+
+class ControlServer:
+    def __init__(self, ctx: ProxyContext, path: str) -> None:
+        self.ctx = ctx
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        # The umask makes the socket 0600 from birth, with no window where others could connect.
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=self.path)
+        finally:
+            os.umask(old)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(json.dumps(await self.handle(line)).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise ControlError('expected a JSON object like {"cmd": "status"}')
+            method = getattr(self, f"cmd_{request['cmd']}", None)
+            if method is None:
+                raise ControlError(f"unknown command {request['cmd']!r}")
+            return {"ok": True, "result": await method(request)}
+        except json.JSONDecodeError as e:
+            return {"ok": False, "error": f"not JSON: {e}"}
+        except ControlError as e:
+            return {"ok": False, "error": str(e)}
+
+    async def cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        shard = self.ctx.config.shard
+        return {
+            "shards": [
+                {
+                    "name": shard.name,
+                    "primary": shard.primary.name,
+                    "servers": [
+                        {"name": s.name, "host": s.host, "port": s.port, "role": str(s.role)}
+                        for s in shard.servers
+                    ],
+                }
+            ],
+            "sessions": len(self.ctx.sessions),
+            "version": self.ctx.identity.version,
+        }
+
+    async def cmd_sessions(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every session's state; stale user variables are read back from idle sessions."""
+        out = []
+        for conn in list(self.ctx.sessions.values()):
+            state = conn.state
+            if state.user_variables_stale and not conn.lock.locked():
+                async with conn.lock:
+                    backend = conn.backend
+                    if backend is not None and backend.alive:
+                        try:
+                            rows = await backend.query(USER_VARIABLES_SQL)
+                        except BackendError as e:
+                            log.info(
+                                "session %d: cannot read user variables: %s", state.session_id, e
+                            )
+                        else:
+                            state.user_variables = {
+                                (name or b"").decode(): None if v is None else v.decode()
+                                for name, v in rows
+                            }
+                            state.user_variables_stale = False
+            out.append(state.as_dict())
+        return out

@@ -1,0 +1,30 @@
+"""The errors Baton itself sends to clients, each a real MySQL error with code and SQLSTATE.
+
+Every message says what happened and whether the statement ran, so that a client (or the person
+reading its log) knows whether a retry is safe.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from proxy.packets import make_err
+
+
+class ErrorKind(enum.Enum):
+    """(code, SQLSTATE) of each error Baton makes; the enum name is the metrics label."""
+
+    ACCESS_DENIED = (1045, "28000")
+    BACKEND_UNREACHABLE = (2003, "HY000")
+    BACKEND_LOST = (2013, "HY000")
+    UNKNOWN_COMMAND = (1047, "08S01")
+    UNKNOWN_STATEMENT = (1243, "HY000")
+    PACKET_TOO_LARGE = (1153, "08S01")
+
+    @property
+    def code(self) -> int:
+        return self.value[0]
+
+    def packet(self, message: str) -> bytes:
+        """An ERR payload for this kind."""
+        return make_err(self.value[0], self.value[1], message)

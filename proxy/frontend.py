@@ -1,0 +1,518 @@
+"""The client-facing side: mysql-mimic for accept, handshake and login; Baton's own command relay.
+
+mysql-mimic answers queries and prepared statements itself, which a proxy must not do, and it
+keeps a session going after a failed login. So Baton uses its server loop, handshake parsing and
+auth plugins, sends its own HandshakeV10 (the backend's version, collation and the capabilities
+both sides share), closes the connection on any failed login, and replaces the command phase
+with a relay that forwards each command to the session's backend connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mysql_mimic import packets as mimic_packets
+from mysql_mimic.auth import IdentityProvider, NativePasswordAuthPlugin, User
+from mysql_mimic.connection import Connection
+from mysql_mimic.server import MysqlServer
+from mysql_mimic.session import BaseSession
+from mysql_mimic.stream import MysqlStream
+from mysql_mimic.types import Capabilities, ServerStatus
+
+from proxy import metrics
+from proxy.backend import BackendConnection, BackendError
+from proxy.errors import ErrorKind
+from proxy.packets import (
+    COMMAND_NAMES,
+    MAX_PAYLOAD,
+    Cap,
+    Command,
+    PacketError,
+    Status,
+    frame,
+    make_server_handshake,
+    stmt_id,
+    with_stmt_id,
+)
+from proxy.response import Phase, ResponseParser
+from proxy.session import SessionState
+from reparent.config import Config, ServerConfig
+
+log = logging.getLogger(__name__)
+
+# Sent once on every backend connection: Baton learns each session's state from OK packets.
+TRACKING_SQL = (
+    "SET session_track_schema=1, session_track_state_change=1, "
+    "session_track_system_variables='*', session_track_transaction_info='STATE'"
+)
+# Commands relayed to the backend with a response; anything else is refused with 1047.
+_RELAYED = frozenset(
+    {
+        Command.QUERY,
+        Command.INIT_DB,
+        Command.PING,
+        Command.FIELD_LIST,
+        Command.SET_OPTION,
+        Command.STATISTICS,
+        Command.DEBUG,
+    }
+)
+_STMT_COMMANDS = frozenset(
+    {
+        Command.STMT_EXECUTE,
+        Command.STMT_FETCH,
+        Command.STMT_RESET,
+        Command.STMT_SEND_LONG_DATA,
+        Command.STMT_CLOSE,
+    }
+)
+
+
+@dataclass
+class BackendIdentity:
+    """How Baton presents itself: the backend's version, collation and capabilities."""
+
+    version: str
+    capabilities: int
+    collation: int
+
+
+@dataclass
+class ProxyContext:
+    """What every client session shares: config, routing, identity and the live sessions."""
+
+    config: Config
+    identity: BackendIdentity
+    sessions: dict[int, ClientConnection] = field(default_factory=dict)
+    next_id: int = 1
+
+    def primary(self) -> ServerConfig:
+        return self.config.shard.primary
+
+
+class ConfigIdentityProvider(IdentityProvider):
+    """The users from the config, with mysql_native_password only."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self._users = {
+            name: NativePasswordAuthPlugin.create_auth_string(pw) for name, pw in users.items()
+        }
+
+    def get_plugins(self) -> list[NativePasswordAuthPlugin]:  # type: ignore[override]
+        return [NativePasswordAuthPlugin()]
+
+    async def get_user(self, username: str) -> User | None:
+        auth = self._users.get(username)
+        if auth is None:
+            return None
+        return User(name=username, auth_string=auth, auth_plugin=NativePasswordAuthPlugin.name)
+
+
+class LoginFailed(Exception):
+    """Authentication failed; the client has its error and the connection must close."""
+
+
+class _NoSession(BaseSession):
+    """mysql-mimic wants a session object; Baton's state lives in SessionState instead."""
+
+
+class ClientConnection(Connection):
+    """One client session: login through mysql-mimic, then a byte relay to its backend."""
+
+    def __init__(self, stream: MysqlStream, ctx: ProxyContext, session_id: int) -> None:
+        identity = ctx.identity
+        server_caps = identity.capabilities
+        if not ctx.config.proxy.allow_load_data_local:
+            server_caps &= ~Cap.LOCAL_FILES
+        super().__init__(
+            stream=stream,
+            session=_NoSession(),
+            control=None,  # type: ignore[arg-type]
+            identity_provider=ConfigIdentityProvider(
+                {u.user: u.password for u in ctx.config.users}
+            ),
+            server_capabilities=Capabilities(server_caps & 0xFFFFFFFF),
+        )
+        self.ctx = ctx
+        self.connection_id = session_id
+        self.status_flags = ServerStatus.SERVER_STATUS_AUTOCOMMIT
+        peer = stream.writer.get_extra_info("peername")
+        self.state = SessionState(
+            session_id=session_id,
+            user="",
+            client_address=f"{peer[0]}:{peer[1]}" if peer else "?",
+        )
+        self.backend: BackendConnection | None = None
+        self.backend_server: ServerConfig | None = None
+        self.client_caps = 0
+        self.lock = asyncio.Lock()
+        self._transport: asyncio.Transport = stream.writer.transport  # type: ignore[assignment]
+        self._parser = ResponseParser(deprecate_eof=False, client_tracks=False)
+        self._relayed = False
+        self._write: Callable[[bytes], None] = self._transport.write
+
+    # -- login ---------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        """Login, then relay; a failed login ends here, before any backend is touched."""
+        try:
+            await self.connection_phase()
+        except (LoginFailed, ConnectionError, asyncio.IncompleteReadError):
+            return
+        except Exception as e:
+            log.info("session %d: handshake failed: %s", self.connection_id, e)
+            metrics.CLIENT_PROTOCOL_ERRORS.inc()
+            return
+        self.ctx.sessions[self.connection_id] = self
+        try:
+            await self._connect_backend()
+            await self.command_phase()
+        finally:
+            self.ctx.sessions.pop(self.connection_id, None)
+            self._close_backend()
+
+    async def connection_phase(self) -> None:
+        plugin = self.identity_provider.get_default_plugin()
+        auth_data, auth_state = await plugin.start()
+        assert isinstance(auth_data, bytes)
+        self.handshake_auth_data = auth_data
+        self.handshake_auth_plugin = plugin.name
+        identity = self.ctx.identity
+        await self.stream.write(
+            make_server_handshake(
+                identity.version,
+                self.connection_id,
+                int(self.server_capabilities),
+                identity.collation,
+                Status.AUTOCOMMIT,
+                auth_data.rstrip(b"\x00"),
+            )
+        )
+        data = await self.stream.read()
+        response = mimic_packets.parse_handshake_response(
+            capabilities=self.server_capabilities, data=data
+        )
+        if not isinstance(response, mimic_packets.HandshakeResponse41):
+            # An SSL request: Baton offers no TLS, so a client that insists cannot go on.
+            raise LoginFailed()
+        self.capabilities = response.capabilities
+        self.client_caps = int.from_bytes(data[:4], "little") & int(self.server_capabilities)
+        self.state.collation = data[8]
+        self.state.schema = response.database or None
+        self._parser = ResponseParser(
+            deprecate_eof=bool(self.client_caps & Cap.DEPRECATE_EOF),
+            client_tracks=bool(self.client_caps & Cap.SESSION_TRACK),
+        )
+        await self.authenticate(
+            auth_state=auth_state,
+            server_plugin=plugin,
+            username=response.username,
+            client_plugin_name=response.client_plugin,
+            auth_response=response.auth_response,
+            connect_attrs=response.connect_attrs,
+        )
+        self.stream.reset_seq()
+
+    async def authenticate(self, username: str, **kwargs: object) -> None:  # type: ignore[override]
+        """mysql-mimic's login, but a refusal always ends the connection."""
+        self.session.username = None
+        if await self.identity_provider.get_user(username) is None:
+            await self._deny(username)
+        await super().authenticate(username=username, **kwargs)  # type: ignore[arg-type]
+        if self.session.username != username:
+            metrics.LOGIN_FAILURES.inc()
+            raise LoginFailed()
+        self.state.user = username
+
+    async def _deny(self, username: str) -> None:
+        host = self.state.client_address.rsplit(":", 1)[0]
+        await self.stream.write(
+            ErrorKind.ACCESS_DENIED.packet(
+                f"Access denied for user '{username}'@'{host}' (using password: YES)"
+            )
+        )
+        metrics.LOGIN_FAILURES.inc()
+        raise LoginFailed()
+
+    # -- backend -------------------------------------------------------------------------------
+
+    async def _connect_backend(self) -> BackendConnection:
+        server = self.ctx.primary()
+        label = server.name
+        cfg = self.ctx.config
+        try:
+            backend = await BackendConnection.connect(
+                server.host,
+                server.port,
+                cfg.backend.user,
+                cfg.backend.password,
+                self.client_caps,
+                self.state.collation,
+                self.state.schema,
+                cfg.proxy.backend_connect_timeout,
+            )
+            await backend.query(TRACKING_SQL)
+        except BackendError:
+            metrics.BACKEND_CONNECT_FAILURES.labels(label).inc()
+            metrics.BACKEND_UP.labels(label).set(0)
+            raise
+        metrics.BACKEND_UP.labels(label).set(1)
+        metrics.BACKEND_CONNECTIONS.labels(label).inc()
+        self.backend = backend
+        self.backend_server = server
+        self.state.backend = f"{server.name} ({server.host}:{server.port})"
+        return backend
+
+    def _close_backend(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            assert self.backend_server is not None
+            metrics.BACKEND_CONNECTIONS.labels(self.backend_server.name).dec()
+        self.backend = None
+        self.state.backend = ""
+
+    async def _ensure_backend(self) -> BackendConnection | None:
+        """The session's backend, reconnecting if it was lost; None after sending an error."""
+        if self.backend is not None and self.backend.alive:
+            return self.backend
+        if self.backend is not None:
+            self._close_backend()
+        try:
+            return await self._connect_backend()
+        except BackendError as e:
+            server = self.ctx.primary()
+            self._error(
+                ErrorKind.BACKEND_UNREACHABLE,
+                f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
+                f"{e}. The statement was not executed; retry when the primary is back.",
+            )
+            return None
+
+    # -- command phase -------------------------------------------------------------------------
+
+    async def command_phase(self) -> None:
+        reader = self.stream.reader
+        limit = self.ctx.config.proxy.max_packet_size
+        while True:
+            try:
+                header = await reader.readexactly(4)
+                length = header[0] | header[1] << 8 | header[2] << 16
+                if length > limit:
+                    raise PacketError(f"packet of {length} bytes exceeds max_packet_size {limit}")
+                raw = header + await reader.readexactly(length)
+                while length == MAX_PAYLOAD:
+                    more = await reader.readexactly(4)
+                    length = more[0] | more[1] << 8 | more[2] << 16
+                    if len(raw) + length > limit:
+                        raise PacketError(f"packet exceeds max_packet_size {limit}")
+                    raw += more + await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            except PacketError as e:
+                log.info("session %d: closing: %s", self.connection_id, e)
+                metrics.CLIENT_PROTOCOL_ERRORS.inc()
+                self._error(
+                    ErrorKind.PACKET_TOO_LARGE,
+                    f"Got a packet bigger than "
+                    f"max_packet_size ({limit} bytes); closing the connection",
+                )
+                return
+            if len(raw) == 4 or raw[3] != 0:
+                log.info("session %d: closing: malformed command packet", self.connection_id)
+                metrics.CLIENT_PROTOCOL_ERRORS.inc()
+                return
+            command = raw[4]
+            if command == Command.QUIT:
+                return
+            started = time.perf_counter()
+            metrics.COMMANDS.labels(COMMAND_NAMES.get(command, hex(command))).inc()
+            async with self.lock:
+                try:
+                    keep_going = await self._dispatch(command, raw)
+                except BackendError as e:
+                    keep_going = self._lost_backend(e)
+            metrics.COMMAND_SECONDS.observe(time.perf_counter() - started)
+            if not keep_going:
+                return
+
+    async def _dispatch(self, command: int, raw: bytes) -> bool:
+        if command in _RELAYED:
+            await self._relay(command, raw)
+        elif command in _STMT_COMMANDS:
+            await self._stmt_command(command, raw)
+        elif command == Command.STMT_PREPARE:
+            await self._prepare(raw)
+        elif command == Command.RESET_CONNECTION:
+            await self._reset_connection(raw)
+        elif command == Command.CHANGE_USER:
+            return await self._change_user(raw)
+        else:
+            name = COMMAND_NAMES.get(command, f"0x{command:02x}")
+            self._error(
+                ErrorKind.UNKNOWN_COMMAND,
+                f"Unknown command: Baton does not relay COM_{name.upper()}",
+            )
+        return True
+
+    async def _relay(self, command: int, raw: bytes, client_stmt_id: int = 0) -> bool:
+        """Send one command and relay its response; True when the backend answered with OK."""
+        backend = await self._ensure_backend()
+        if backend is None:
+            return False
+        parser = self._parser
+        self.state.in_flight = COMMAND_NAMES.get(command)
+        parser.begin(
+            command,
+            client_stmt_id=client_stmt_id,
+            infile_allowed=self.ctx.config.proxy.allow_load_data_local,
+        )
+        self._relayed = False
+        await backend.send(raw, parser, self._sink, self._transport)
+        while parser.phase is Phase.INFILE:
+            await self._relay_infile(backend, parser)
+        self.state.in_flight = None
+        self.state.apply(parser.status, parser.tracked)
+        if parser.err is not None:
+            metrics.ERRORS.labels(str(parser.err.code), "backend").inc()
+            return False
+        return True
+
+    def _sink(self, data: bytes) -> None:
+        self._relayed = True
+        self._write(data)
+
+    async def _relay_infile(self, backend: BackendConnection, parser: ResponseParser) -> None:
+        """LOAD DATA LOCAL: the client's file packets go to the server until the empty one."""
+        reader = self.stream.reader
+        while True:
+            header = await reader.readexactly(4)
+            length = header[0] | header[1] << 8 | header[2] << 16
+            raw = header + await reader.readexactly(length)
+            if length == 0:
+                parser.resume_after_infile()
+                await backend.send(raw, parser, self._sink, self._transport)
+                return
+            backend.write(raw)
+
+    async def _prepare(self, raw: bytes) -> None:
+        client_id = self.state.reserve_statement_id()
+        if await self._relay(Command.STMT_PREPARE, raw, client_stmt_id=client_id):
+            p = self._parser
+            self.state.add_statement(
+                client_id, p.backend_stmt_id, raw[5:], p.prepare_params, p.prepare_columns
+            )
+
+    async def _stmt_command(self, command: int, raw: bytes) -> None:
+        """COM_STMT_* name Baton's client-side id; the backend gets its own id instead."""
+        try:
+            client_id = stmt_id(raw[4:])
+        except PacketError:
+            client_id = -1
+        stmt = self.state.statements.get(client_id)
+        if stmt is None:
+            if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
+                return  # the server answers neither, not even with an error
+            self._error(
+                ErrorKind.UNKNOWN_STATEMENT,
+                f"Unknown prepared statement handler ({client_id}) given to "
+                f"{COMMAND_NAMES[command].replace('stmt_', 'mysqld_stmt_')}",
+            )
+            return
+        packet = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
+        if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
+            backend = await self._ensure_backend()
+            if backend is not None:
+                backend.write(packet)
+            if command == Command.STMT_CLOSE:
+                del self.state.statements[client_id]
+            return
+        await self._relay(command, packet)
+
+    async def _reset_connection(self, raw: bytes) -> None:
+        if await self._relay(Command.RESET_CONNECTION, raw):
+            self.state.reset(self.state.schema)
+            assert self.backend is not None
+            await self.backend.query(TRACKING_SQL)
+
+    async def _change_user(self, raw: bytes) -> bool:
+        """Re-authenticate against Baton's users, then give the backend session a clean slate."""
+        self.stream.seq.value = 1
+        change = mimic_packets.parse_com_change_user(
+            capabilities=self.capabilities, client_charset=self.client_charset, data=raw[5:]
+        )
+        try:
+            await self.authenticate(
+                username=change.username,
+                auth_response=change.auth_response,
+                client_plugin_name=change.client_plugin,
+                connect_attrs=change.connect_attrs or {},
+            )
+        except LoginFailed:
+            return False
+        finally:
+            self.stream.reset_seq()
+        self.state.reset(change.database or None)
+        backend = self.backend
+        if backend is not None and backend.alive:
+            await backend.command(frame(bytes((Command.RESET_CONNECTION,)), 0))
+            await backend.query(TRACKING_SQL)
+            if change.database:
+                await backend.command(
+                    frame(bytes((Command.INIT_DB,)) + change.database.encode(), 0)
+                )
+        return True
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def _error(self, kind: ErrorKind, message: str) -> None:
+        metrics.ERRORS.labels(str(kind.code), "baton").inc()
+        self._write(frame(kind.packet(message), 1))
+
+    def _lost_backend(self, e: BackendError) -> bool:
+        """The backend died under a command: tell the client if the protocol still allows it."""
+        server = self.backend_server
+        if server is not None:
+            metrics.BACKEND_LOST.labels(server.name).inc()
+        self._close_backend()
+        self.state.in_flight = None
+        if self._relayed:
+            log.info("session %d: backend lost mid-response, closing: %s", self.connection_id, e)
+            return False
+        self._error(
+            ErrorKind.BACKEND_LOST,
+            f"Lost connection to the primary during the statement ({e}); it may or may not "
+            "have been executed. The session's state on the server is gone; reconnect.",
+        )
+        return True
+
+
+class ProxyServer(MysqlServer):
+    """mysql-mimic's accept loop, creating Baton's ClientConnection for each socket."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    async def _client_connected_cb(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session_id = self.ctx.next_id
+        self.ctx.next_id += 1
+        metrics.CLIENT_CONNECTIONS.inc()
+        metrics.CLIENT_CONNECTIONS_TOTAL.inc()
+        conn = ClientConnection(MysqlStream(reader, writer), self.ctx, session_id)
+        try:
+            await conn._start()
+        except Exception:
+            log.exception("session %d failed", session_id)
+        finally:
+            metrics.CLIENT_CONNECTIONS.dec()
+            writer.close()
