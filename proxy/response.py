@@ -205,11 +205,12 @@ class ResponseParser:
             self._phase = Phase.COLUMNS
             return None
         if phase is Phase.COLUMNS_EOF:
-            status = parse_eof_status(data[start:end])
+            payload = data[start:end]
+            status = parse_eof_status(payload)
             self.status = status
             # A cursor was opened: the rows come later, through COM_STMT_FETCH.
             self._phase = Phase.DONE if status & Status.CURSOR_EXISTS else Phase.ROWS
-            return None
+            return self._eof_for_client(payload, status)
         if phase is Phase.PREPARE_OK:
             return self._prepare_ok(data[start:end])
         if phase is Phase.PREPARE_PARAMS_EOF:
@@ -259,6 +260,13 @@ class ResponseParser:
         status = parse_eof_status(payload)
         self.status = status
         self._phase = Phase.FIRST if status & Status.MORE_RESULTS else Phase.DONE
+        return self._eof_for_client(payload, status)
+
+    def _eof_for_client(self, payload: bytes, status: int) -> bytes | None:
+        """An EOF without the state-changed flag that Baton's own tracking caused."""
+        if status & Status.SESSION_STATE_CHANGED and not self.client_tracks:
+            cleared = status & ~Status.SESSION_STATE_CHANGED
+            return payload[:3] + cleared.to_bytes(2, "little") + payload[5:]
         return None
 
     def _ok(self, payload: bytes) -> bytes | None:

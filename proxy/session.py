@@ -105,6 +105,11 @@ class SessionState:
         self.next_statement_id = client_id % 0xFFFFFFFF + 1
         return client_id
 
+    def add_statement(
+        self, client_id: int, backend_id: int, sql: bytes, params: int, columns: int
+    ) -> None:
+        self.statements[client_id] = PreparedStatement(client_id, backend_id, sql, params, columns)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.session_id,

@@ -1,0 +1,706 @@
+"""`baton sandbox`: a disposable local MariaDB group with GTID replication, for tests and demos.
+
+`up` starts one primary and N replicas of `mariadbd` on 127.0.0.1, ports P, P+1, ..., each with
+its own folder under DIR (`dbN/data`, `dbN/mysqld.sock`, `dbN/mysqld.pid`, `dbN/error.log`), and
+writes `DIR/baton.toml` (a config Baton can serve at once) and `DIR/sandbox.json` (what `status`
+and `down` need: ports and pids). `down` stops exactly those pids and deletes the node folders,
+the state and the config: a sandbox is disposable, and the next `up` starts from empty GTID state.
+
+Why it is built this way (see design.md, "Facts we rely on"):
+- `mariadb-install-db` runs once per `up` into DIR/template, which is copied per node (and
+  deleted when all are up): copying is cheaper than installing three times. Nodes start in
+  parallel.
+- A node counts as up only when root answers a real query on its socket (`mariadb-admin ping`
+  counts "access denied" as alive), and a node that is not up within 20 s is started once more
+  from a fresh copy, because the bootstrap here sometimes refuses root's socket login.
+- Users and databases are created on the primary after its binlog is on, so they replicate:
+  every node ends with the same GTID history and no errant transaction. `app` and `baton` hold
+  no SUPER or READ_ONLY ADMIN, so `read_only` fences them; `baton_admin` holds everything and is
+  for the controller only.
+- Processes are found and stopped only by the pids recorded at launch, checked against their
+  command line (`--datadir=` of this sandbox), never by name: other sandboxes and the lab's own
+  servers may run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pymysql
+
+from reparent import config
+from reparent.config import Role
+
+HOST = "127.0.0.1"
+SHARD = "main"
+APP = config.Account("app", "app-pass")
+BACKEND = config.Account("baton", "baton-pass")
+ADMIN = config.Account("baton_admin", "admin-pass")
+REPL = config.Account("repl", "repl-pass")
+DATABASES = ("sbtest", "baton_test")
+
+# Explicit, so that neither SUPER nor READ_ONLY ADMIN slips in: read_only must fence these users.
+CLIENT_PRIVILEGES = (
+    "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
+    "LOCK TABLES, EXECUTE, CREATE VIEW, SHOW VIEW, CREATE ROUTINE, ALTER ROUTINE, EVENT, "
+    "TRIGGER, REFERENCES, PROCESS"
+)
+# TCP from loopback for clients, the Unix socket for people poking at a node by hand.
+USER_HOSTS = ("127.0.0.1", "localhost")
+
+# Both install-db and mariadbd get this, so the template's redo log needs no resize at start.
+INNODB_LOG_FILE_SIZE = "48M"
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+CATCH_UP_TIMEOUT = 20
+# Linux sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+# Proxy and metrics ports are searched from base_port + this, clear of the servers' ports.
+SERVICE_PORT_OFFSET = 100
+
+STATE_FILE = "sandbox.json"
+CONFIG_FILE = "baton.toml"
+CONTROL_SOCKET = "baton.sock"
+TEMPLATE_DIR = "template"
+
+
+class SandboxError(Exception):
+    """The sandbox could not be brought to the requested state; the message says why."""
+
+
+class State(enum.StrEnum):
+    """What `up` finds; it decides between starting, doing nothing and refusing."""
+
+    ABSENT = "absent"  # no sandbox.json: nothing was started here, or it was taken down
+    RUNNING = "running"  # every recorded server process is alive
+    PARTIAL = "partial"  # some are alive: a crash, or someone killed one; `down` first
+    STOPPED = "stopped"  # state left behind but no process alive (a reboot, a crash)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One server's name, port, role and files; all derived from the sandbox dir and its index."""
+
+    name: str
+    port: int
+    role: Role
+    home: Path
+
+    @property
+    def datadir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "mysqld.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "mysqld.pid"
+
+    @property
+    def error_log(self) -> Path:
+        return self.home / "error.log"
+
+
+class Sandbox:
+    """A sandbox in one folder. `base_port` and `replicas` shape only a new `up`; a sandbox that
+    already exists is described by its sandbox.json, so `down` and `status` need only the dir."""
+
+    def __init__(self, dir: Path | str, base_port: int = 23301, replicas: int = 2) -> None:
+        if replicas < 0:
+            raise SandboxError(f"replicas must be 0 or more, got {replicas}")
+        if not 0 < base_port or base_port + replicas > 65535:
+            raise SandboxError(f"ports {base_port}-{base_port + replicas} are out of range")
+        self.dir = Path(dir).resolve()
+        self.base_port = base_port
+        self.replicas = replicas
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / CONTROL_SOCKET
+
+    def nodes(self) -> list[Node]:
+        """The servers of the running sandbox if there is one, else of the one `up` would start."""
+        state = self._read_state()
+        if state is None:
+            return self._layout(self.base_port, self.replicas)
+        return self._layout(state["base_port"], len(state["servers"]) - 1)
+
+    def state(self) -> State:
+        saved = self._read_state()
+        if saved is None:
+            return State.ABSENT
+        alive = [
+            self._alive(s["pid"], n) for s, n in zip(saved["servers"], self.nodes(), strict=True)
+        ]
+        if all(alive):
+            return State.RUNNING
+        return State.PARTIAL if any(alive) else State.STOPPED
+
+    def running(self) -> bool:
+        return self.state() is State.RUNNING
+
+    def up(self) -> bool:
+        """Start the sandbox and return True, or return False if it is already running.
+
+        On any failure everything started so far is stopped and removed before the error is
+        raised, so a failed `up` leaves nothing behind to confuse the next one.
+        """
+        current = self.state()
+        if current is State.RUNNING:
+            return False
+        if current is State.PARTIAL:
+            raise SandboxError(f"sandbox in {self.dir} is partly running; run `down` first")
+        if current is State.STOPPED:
+            self._remove_files(self.nodes())
+        nodes = self._layout(self.base_port, self.replicas)
+        self._preflight(nodes)
+        pids: dict[str, int] = {}
+        try:
+            self._bootstrap(nodes, pids)
+        except BaseException:
+            self._stop(nodes, pids)
+            self._remove_files(nodes)
+            raise
+        return True
+
+    def down(self) -> bool:
+        """Stop this sandbox's servers and delete its files; False if there was nothing to stop.
+
+        Every server gets SIGTERM at once, then SIGKILL if it is still alive after 15 s.
+        The control socket is left alone: it belongs to a Baton process that may still run.
+        """
+        saved = self._read_state()
+        if saved is None:
+            return False
+        nodes = self.nodes()
+        pids = {n.name: s["pid"] for n, s in zip(nodes, saved["servers"], strict=True)}
+        self._stop(nodes, pids)
+        self._remove_files(nodes)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """The sandbox as scripts see it (`status --json`): servers with live read_only, pids,
+        where Baton listens, and the accounts to use. Raises SandboxError if there is none."""
+        saved = self._read_state()
+        if saved is None:
+            raise SandboxError(f"no sandbox in {self.dir}; run `baton sandbox up`")
+        servers = []
+        for node, s in zip(self.nodes(), saved["servers"], strict=True):
+            running = self._alive(s["pid"], node)
+            servers.append(
+                {
+                    "name": node.name,
+                    "host": HOST,
+                    "port": node.port,
+                    "role": node.role.value,
+                    "read_only": self._read_only(node) if running else None,
+                    "running": running,
+                    "pid": s["pid"],
+                    "socket": str(node.socket),
+                }
+            )
+        return {
+            "dir": str(self.dir),
+            "config": str(self.config_path),
+            "servers": servers,
+            "proxy": _address(saved["proxy_port"]),
+            "control_socket": str(self.control_socket),
+            "metrics": _address(saved["metrics_port"]),
+            "users": {
+                "app": {"user": APP.user, "password": APP.password},
+                "backend": {"user": BACKEND.user, "password": BACKEND.password},
+                "admin": {"user": ADMIN.user, "password": ADMIN.password},
+            },
+        }
+
+    # -- bootstrap -------------------------------------------------------------------------
+
+    def _layout(self, base_port: int, replicas: int) -> list[Node]:
+        return [
+            Node(
+                name=f"db{i + 1}",
+                port=base_port + i,
+                role=Role.PRIMARY if i == 0 else Role.REPLICA,
+                home=self.dir / f"db{i + 1}",
+            )
+            for i in range(1 + replicas)
+        ]
+
+    def _preflight(self, nodes: list[Node]) -> None:
+        """Fail in a second, with the reason, on what would otherwise be a 40 s startup timeout."""
+        for tool in ("mariadbd", "mariadb-install-db"):
+            _binary(tool)
+        longest = max((str(n.socket) for n in nodes), key=len)
+        if len(longest.encode()) > MAX_SOCKET_PATH:
+            raise SandboxError(f"socket path too long: {longest}; use a shorter dir")
+        for node in nodes:
+            if not _port_free(node.port):
+                raise SandboxError(
+                    f"port {node.port} ({node.name}) is in use; use another base port"
+                )
+
+    def _bootstrap(self, nodes: list[Node], pids: dict[str, int]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._install_template()
+        for node in nodes:
+            self._fresh_datadir(node)
+            pids[node.name] = self._launch(node)
+        self._write_state(nodes, pids, service_ports=None)
+        failed = self._wait_ready(nodes, pids)
+        if failed:
+            # The flaky bootstrap (design.md): one more try from a fresh copy, then give up.
+            for node in failed:
+                self._stop([node], pids)
+                self._fresh_datadir(node)
+                pids[node.name] = self._launch(node)
+            self._write_state(nodes, pids, service_ports=None)
+            failed = self._wait_ready(failed, pids)
+        if failed:
+            raise SandboxError(
+                "\n".join(
+                    f"{n.name} did not answer root in time:\n{_tail(n.error_log)}" for n in failed
+                )
+            )
+        self._create_accounts(nodes[0])
+        for replica in nodes[1:]:
+            self._start_replication(replica, nodes[0])
+        self._wait_caught_up(nodes)
+        taken = {n.port for n in nodes}
+        proxy_port, metrics_port = _free_ports(nodes[0].port + SERVICE_PORT_OFFSET, 2, taken)
+        self._write_state(nodes, pids, service_ports=(proxy_port, metrics_port))
+        self._write_config(nodes, proxy_port, metrics_port)
+        shutil.rmtree(self.dir / TEMPLATE_DIR)
+
+    def _install_template(self) -> None:
+        template = self.dir / TEMPLATE_DIR
+        shutil.rmtree(template, ignore_errors=True)
+        result = subprocess.run(
+            [
+                _binary("mariadb-install-db"),
+                "--no-defaults",
+                f"--user={_os_user()}",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+                f"--datadir={template}",
+                f"--innodb-log-file-size={INNODB_LOG_FILE_SIZE}",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise SandboxError(f"mariadb-install-db failed:\n{result.stdout}{result.stderr}")
+
+    def _fresh_datadir(self, node: Node) -> None:
+        shutil.rmtree(node.home, ignore_errors=True)
+        node.home.mkdir(parents=True)
+        shutil.copytree(self.dir / TEMPLATE_DIR, node.datadir, symlinks=True)
+
+    def _launch(self, node: Node) -> int:
+        """Start mariadbd as a daemon and return its pid.
+
+        `sh` starts it in the background and exits, so mariadbd is nobody's child but init's:
+        it outlives the `up` (or test run) that started it and no caller has to reap it. Its
+        own session keeps a Ctrl-C meant for the caller from reaching it.
+        """
+        server_id = int(node.name.removeprefix("db"))
+        args = [
+            _binary("mariadbd"),
+            "--no-defaults",
+            f"--user={_os_user()}",
+            f"--datadir={node.datadir}",
+            f"--socket={node.socket}",
+            f"--pid-file={node.pid_file}",
+            f"--log-error={node.error_log}",
+            f"--port={node.port}",
+            f"--bind-address={HOST}",
+            "--skip-name-resolve",
+            f"--server-id={server_id}",
+            "--log-bin=mysql-bin",
+            "--relay-log=relay-bin",
+            "--log-slave-updates",
+            "--binlog-format=ROW",
+            "--gtid-domain-id=0",
+            "--gtid-strict-mode=1",
+            "--slave-parallel-threads=2",
+            f"--read-only={int(node.role is Role.REPLICA)}",
+            # Semi-sync is built in and stays off; the emergency fence turns it on when needed.
+            "--rpl-semi-sync-master-enabled=0",
+            "--rpl-semi-sync-slave-enabled=0",
+            # Debian's packaged default, which --no-defaults would otherwise drop for latin1.
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_general_ci",
+            # Small and fast: a sandbox trades durability for startup time and memory.
+            "--performance-schema=OFF",
+            "--innodb-buffer-pool-size=64M",
+            f"--innodb-log-file-size={INNODB_LOG_FILE_SIZE}",
+            "--innodb-flush-log-at-trx-commit=2",
+            "--sync-binlog=0",
+            "--innodb-buffer-pool-dump-at-shutdown=0",
+            "--innodb-buffer-pool-load-at-startup=0",
+        ]
+        # mariadbd redirects stderr to --log-error itself; this catches what it says before that.
+        with node.error_log.open("ab") as log:
+            result = subprocess.run(
+                ["/bin/sh", "-c", '"$@" >&2 & echo $!', "sh", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                check=True,
+                text=True,
+            )
+        return int(result.stdout)
+
+    def _wait_ready(self, nodes: list[Node], pids: dict[str, int]) -> list[Node]:
+        """Wait for all nodes at once; return those that did not answer within READY_TIMEOUT."""
+
+        def ready(node: Node) -> bool:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while time.monotonic() < deadline:
+                if _exited(pids[node.name]):
+                    return False
+                if not node.socket.exists():  # PyMySQL leaks its socket if connect() fails
+                    time.sleep(0.02)
+                    continue
+                try:
+                    with _root(node, timeout=2) as conn, conn.cursor() as cur:
+                        cur.execute("SELECT 1")
+                        return True
+                except (pymysql.err.Error, OSError):
+                    time.sleep(0.05)
+            return False
+
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            results = list(pool.map(ready, nodes))
+        return [n for n, ok in zip(nodes, results, strict=True) if not ok]
+
+    def _create_accounts(self, primary: Node) -> None:
+        """Run on the primary with its binlog on, so the replicas get the same GTIDs."""
+        with _root(primary) as conn, conn.cursor() as cur:
+            for account in (APP, BACKEND, ADMIN):
+                for host in USER_HOSTS:
+                    _create_user(cur, account, host)
+            _create_user(cur, REPL, HOST)
+            for account in (APP, BACKEND):
+                for host in USER_HOSTS:
+                    cur.execute(f"GRANT {CLIENT_PRIVILEGES} ON *.* TO %s@%s", (account.user, host))
+            for host in USER_HOSTS:
+                cur.execute(
+                    "GRANT ALL PRIVILEGES ON *.* TO %s@%s WITH GRANT OPTION", (ADMIN.user, host)
+                )
+            cur.execute("GRANT REPLICATION SLAVE ON *.* TO %s@%s", (REPL.user, HOST))
+            for db in DATABASES:
+                cur.execute(f"CREATE DATABASE `{db}`")
+
+    def _start_replication(self, replica: Node, primary: Node) -> None:
+        with _root(replica) as conn, conn.cursor() as cur:
+            cur.execute(
+                "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s,"
+                " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
+                (HOST, primary.port, REPL.user, REPL.password),
+            )
+            cur.execute("START SLAVE")
+
+    def _wait_caught_up(self, nodes: list[Node]) -> None:
+        """Return only when every replica has applied the accounts, so callers can log in."""
+        with _root(nodes[0]) as conn, conn.cursor() as cur:
+            cur.execute("SELECT @@gtid_binlog_pos")
+            (position,) = cur.fetchone()
+        for replica in nodes[1:]:
+            with _root(replica, timeout=CATCH_UP_TIMEOUT + 5) as conn, conn.cursor() as cur:
+                cur.execute("SELECT MASTER_GTID_WAIT(%s, %s)", (position, CATCH_UP_TIMEOUT))
+                (result,) = cur.fetchone()
+                if result != 0:
+                    cur.execute("SHOW SLAVE STATUS")
+                    row = dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=True))
+                    raise SandboxError(
+                        f"{replica.name} did not reach {position} in {CATCH_UP_TIMEOUT} s: "
+                        f"IO error {row.get('Last_IO_Error')!r}, "
+                        f"SQL error {row.get('Last_SQL_Error')!r}"
+                    )
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise SandboxError(f"{self.state_path}: unreadable ({e}); remove {self.dir} by hand")
+
+    def _write_state(
+        self, nodes: list[Node], pids: dict[str, int], service_ports: tuple[int, int] | None
+    ) -> None:
+        """Written as soon as pids exist, so a `down` can always find what an `up` started."""
+        proxy_port, metrics_port = service_ports or (None, None)
+        state = {
+            "base_port": nodes[0].port,
+            "servers": [
+                {"name": n.name, "port": n.port, "role": n.role.value, "pid": pids[n.name]}
+                for n in nodes
+            ],
+            "proxy_port": proxy_port,
+            "metrics_port": metrics_port,
+        }
+        _atomic_write(self.state_path, json.dumps(state, indent=2) + "\n")
+
+    def _write_config(self, nodes: list[Node], proxy_port: int, metrics_port: int) -> None:
+        """Write baton.toml in configs/example.toml's format and load it back as a check."""
+        q = json.dumps  # a JSON string is a valid TOML basic string
+        lines = [
+            "# Written by `baton sandbox up`; removed by `baton sandbox down`.",
+            "",
+            "[proxy]",
+            f"listen_host = {q(HOST)}",
+            f"listen_port = {proxy_port}",
+            f"control_socket = {q(str(self.control_socket))}",
+            f"metrics_host = {q(HOST)}",
+            f"metrics_port = {metrics_port}",
+            f"shard = {q(SHARD)}",
+            "",
+            "[backend]",
+            f"user = {q(BACKEND.user)}",
+            f"password = {q(BACKEND.password)}",
+            "",
+            "[admin]",
+            f"user = {q(ADMIN.user)}",
+            f"password = {q(ADMIN.password)}",
+            "",
+            "[[users]]",
+            f"name = {q(APP.user)}",
+            f"password = {q(APP.password)}",
+            "",
+            "[[shards]]",
+            f"name = {q(SHARD)}",
+        ]
+        for node in nodes:
+            lines += [
+                "",
+                "[[shards.servers]]",
+                f"name = {q(node.name)}",
+                f"host = {q(HOST)}",
+                f"port = {node.port}",
+                f"role = {q(node.role.value)}",
+            ]
+        _atomic_write(self.config_path, "\n".join(lines) + "\n")
+        config.load(self.config_path)
+
+    def _remove_files(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            shutil.rmtree(node.home, ignore_errors=True)
+        shutil.rmtree(self.dir / TEMPLATE_DIR, ignore_errors=True)
+        for path in (self.config_path, self.state_path):
+            path.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()  # only if empty: the dir may be the caller's, or hold baton.sock
+        except OSError:
+            pass
+
+    # -- processes -------------------------------------------------------------------------
+
+    @staticmethod
+    def _alive(pid: int, node: Node) -> bool:
+        """True if `pid` is this node's mariadbd: a recycled pid or a zombie does not count."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"--datadir={node.datadir}".encode() in cmdline
+
+    def _stop(self, nodes: list[Node], pids: dict[str, int]) -> None:
+        """SIGTERM all, wait up to STOP_TIMEOUT for a clean shutdown, then SIGKILL the rest.
+
+        Identity is checked once, before any signal; after that we wait for the pid to be gone
+        or a zombie, because an exiting process loses its command line before it closes its
+        sockets and files.
+        """
+        live = [pids[n.name] for n in nodes if n.name in pids and self._alive(pids[n.name], n)]
+        for pid in live:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while live and time.monotonic() < deadline:
+            time.sleep(0.02)
+            live = [pid for pid in live if not _exited(pid)]
+        for pid in live:
+            _signal(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while live and time.monotonic() < deadline:
+            time.sleep(0.02)
+            live = [pid for pid in live if not _exited(pid)]
+        if live:
+            raise SandboxError(f"could not stop pids {live}")
+
+    def _read_only(self, node: Node) -> bool | None:
+        try:
+            with _root(node, timeout=2) as conn, conn.cursor() as cur:
+                cur.execute("SELECT @@global.read_only")
+                return bool(cur.fetchone()[0])
+        except (pymysql.err.Error, OSError):
+            return None
+
+
+def _create_user(cur: pymysql.cursors.Cursor, account: config.Account, host: str) -> None:
+    cur.execute(
+        "CREATE USER %s@%s IDENTIFIED VIA mysql_native_password USING PASSWORD(%s)",
+        (account.user, host, account.password),
+    )
+
+
+def _root(node: Node, timeout: float = 10) -> pymysql.Connection:
+    """Root over the node's Unix socket (unix_socket auth): no password exists to leak."""
+    return pymysql.connect(
+        unix_socket=str(node.socket),
+        user=_os_user(),
+        autocommit=True,
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        write_timeout=timeout,
+    )
+
+
+def _os_user() -> str:
+    """mariadbd runs as us, and install-db maps our OS user to the socket-authenticated root."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _binary(name: str) -> str:
+    # /usr/sbin is not on every user's PATH, and that is where Debian puts mariadbd.
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if found is None:
+        raise SandboxError(f"{name} not found; install mariadb-server (`make setup`)")
+    return found
+
+
+def _exited(pid: int) -> bool:
+    """True once `pid` has released everything: gone, or a zombie waiting for init."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _port_free(port: int) -> bool:
+    # SO_REUSEADDR as the servers use it, so a port in TIME_WAIT still counts as free.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(start: int, count: int, taken: set[int]) -> list[int]:
+    """The first `count` free ports at or after `start`, so sandboxes on other bases don't meet."""
+    found: list[int] = []
+    port = start
+    while len(found) < count:
+        if port > 65535:
+            raise SandboxError(f"no {count} free ports at or after {start}")
+        if port not in taken and _port_free(port):
+            found.append(port)
+        port += 1
+    return found
+
+
+def _address(port: int | None) -> str | None:
+    """None while an `up` is still bootstrapping: the ports are chosen last."""
+    return None if port is None else f"{HOST}:{port}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} not written)"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human table for `baton sandbox status`."""
+    rows = [("NAME", "ADDRESS", "ROLE", "READ_ONLY", "RUNNING", "PID")]
+    for s in status["servers"]:
+        read_only = "-" if s["read_only"] is None else str(int(s["read_only"]))
+        running = "yes" if s["running"] else "no"
+        address = f"{s['host']}:{s['port']}"
+        rows.append((s["name"], address, s["role"], read_only, running, str(s["pid"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    users = status["users"]
+    return "\n".join(
+        [
+            f"sandbox {status['dir']}",
+            *table,
+            f"proxy    {status['proxy']}  (config {status['config']})",
+            f"control  {status['control_socket']}",
+            f"metrics  {status['metrics']}",
+            "users    " + "  ".join(f"{k} {v['user']}/{v['password']}" for k, v in users.items()),
+        ]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`baton sandbox up|down|status`. Exit 0 on success; `status` exits 1 unless all run."""
+    try:
+        box = Sandbox(Path(args.dir), args.base_port, args.replicas)
+        if args.action == "up":
+            started = time.monotonic()
+            if box.up():
+                print(f"sandbox up in {time.monotonic() - started:.1f} s")
+            else:
+                print(f"sandbox in {box.dir} is already running")
+            print(format_status(box.status()))
+            return 0
+        if args.action == "down":
+            started = time.monotonic()
+            if box.down():
+                print(f"sandbox in {box.dir} stopped in {time.monotonic() - started:.1f} s")
+            else:
+                print(f"no sandbox in {box.dir}")
+            return 0
+        status = box.status()
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
+        return 0 if all(s["running"] for s in status["servers"]) else 1
+    except SandboxError as e:
+        print(f"baton sandbox {args.action}: {e}", file=sys.stderr)
+        return 1

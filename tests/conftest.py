@@ -1,0 +1,39 @@
+"""Shared fixtures: one real MariaDB sandbox per test session.
+
+The sandbox is real on purpose: read_only fencing, GTID catch-up and privileges are the facts
+Baton stands on, and a fake would only restate our assumptions. If MariaDB is missing the
+fixture fails loudly rather than skipping, so CI cannot pass without having tested them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from reparent.sandbox import Sandbox
+
+
+def sandbox_base_port() -> int:
+    """A base port per test run, so parallel runs on one machine do not collide.
+
+    Each run owns 20 ports from here (servers at +0..+9, extra sandboxes in tests at +10..+19),
+    all within 24301-25300; Baton's own ports are then searched from +100 and skip taken ones.
+    """
+    return 24301 + (os.getpid() % 50) * 20
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A running primary and two replicas; `sandbox.status()` and `sandbox.config_path` say
+    where they are. Tests must leave its topology as they found it: it is shared."""
+    box = Sandbox(tmp_path_factory.mktemp("sandbox"), base_port=sandbox_base_port(), replicas=2)
+    box.up()
+    try:
+        yield box
+    finally:
+        box.down()
+
+
+pytest_plugins = ("tests.fixtures",)

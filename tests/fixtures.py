@@ -1,0 +1,173 @@
+"""Fixtures that run the real `baton serve` against the sandbox, as a separate process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+
+from reparent.sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(start: int) -> int:
+    """The first port at or after `start` that nothing listens on (within 20000-29999)."""
+    for port in range(start, 29999):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Enough TOML for Baton's config: tables, arrays of tables, scalars."""
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if not isinstance(v, dict | list):
+                lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in d.items():
+            if isinstance(v, dict):
+                lines.append(f"\n[{prefix}{k}]")
+                table(f"{prefix}{k}.", v)
+            elif isinstance(v, list):
+                for item in v:
+                    lines.append(f"\n[[{prefix}{k}]]")
+                    table(f"{prefix}{k}.", item)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Baton:
+    """A running `baton serve`; stopped by its pid."""
+
+    proc: subprocess.Popen[bytes]
+    config: Path
+    port: int
+    metrics_port: int
+    socket: str
+    log: Path
+
+    def connect(self, **kw: Any) -> pymysql.Connection:
+        kw.setdefault("user", "app")
+        kw.setdefault("password", "app-pass")
+        return pymysql.connect(host="127.0.0.1", port=self.port, autocommit=True, **kw)
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "ctl", "--socket", self.socket, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_baton(
+    config_path: Path,
+    workdir: Path,
+    port_hint: int,
+    proxy: dict[str, Any] | None = None,
+    servers: list[dict[str, Any]] | None = None,
+) -> Baton:
+    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
+    data = tomllib.loads(config_path.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port(port_hint)
+    metrics_port = free_port(port + 1)
+    sock = str(workdir / "baton.sock")
+    data["proxy"].update(listen_port=port, metrics_port=metrics_port, control_socket=sock)
+    data["proxy"].update(proxy or {})
+    if servers is not None:
+        data["shards"][0]["servers"] = servers
+    cfg = workdir / "baton.toml"
+    cfg.write_text(dump_toml(data))
+    log = workdir / "baton.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"baton exited: {log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            if os.path.exists(sock):
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"baton did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return Baton(proc, cfg, port, metrics_port, sock, log)
+
+
+def port_hint() -> int:
+    """Ports for Batons of this test run, apart from the sandbox's and other runs'."""
+    return 26000 + (os.getpid() % 100) * 30
+
+
+@pytest.fixture(scope="session")
+def baton(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Baton]:
+    """Baton in front of the sandbox with the sandbox's own config."""
+    b = start_baton(sandbox.config_path, tmp_path_factory.mktemp("baton"), port_hint())
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def primary_port(sandbox: Sandbox) -> int:
+    return next(s["port"] for s in sandbox.status()["servers"] if s["role"] == "primary")
+
+
+@pytest.fixture
+def direct(primary_port: int) -> Iterator[pymysql.Connection]:
+    conn = pymysql.connect(
+        host="127.0.0.1", port=primary_port, user="app", password="app-pass", autocommit=True
+    )
+    try:
+        yield conn
+    finally:
+        conn.close()

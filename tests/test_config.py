@@ -1,0 +1,88 @@
+"""The config loader names the key that is wrong, and `baton serve` exits non-zero on it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reparent.config import ConfigError, Role, load
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "baton.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_loads() -> None:
+    cfg = load(EXAMPLE)
+    assert cfg.shard.name == "main"
+    assert cfg.shard.primary.name == "db1"
+    assert [s.role for s in cfg.shard.servers] == [Role.PRIMARY, Role.REPLICA, Role.REPLICA]
+    assert cfg.proxy.control_socket == str(EXAMPLE.parent / "baton.sock")
+    assert cfg.users[0].user == "app"
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("listen_port = 23400", 'listen_port = "x"'), "proxy.listen_port"),
+        (("listen_port = 23400", "listen_port = 70000"), "proxy.listen_port"),
+        (("metrics_port = 23401", "metrics_port = true"), "proxy.metrics_port"),
+        (
+            ("allow_load_data_local = false", "allow_load_data_local = 1"),
+            "proxy.allow_load_data_local",
+        ),
+        (('shard = "main"', 'shard = "nope"'), "proxy.shard"),
+        (("listen_host", "listen_hots"), "proxy.listen_hots"),
+        (('role = "primary"', 'role = "leader"'), "shards[0].servers[0].role"),
+        (
+            (
+                'role = "replica"\n\n[[shards.servers]]\nname = "db3"',
+                'role = "primary"\n\n[[shards.servers]]\nname = "db3"',
+            ),
+            "shards[0].servers",
+        ),
+        (('password = "baton-pass"', ""), "backend.password"),
+        (("port = 23302", "port = 0"), "shards[0].servers[1].port"),
+    ],
+)
+def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    text = EXAMPLE.read_text()
+    assert edit[0] in text
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text.replace(edit[0], edit[1], 1)))
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
+def test_missing_sections(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^shards:"):
+        load(write(tmp_path, '[backend]\nuser="a"\npassword="b"\n'))
+    text = EXAMPLE.read_text()
+    users = text.index("[[users]]")
+    with pytest.raises(ConfigError, match=r"^users:"):
+        load(write(tmp_path, text[:users] + text[text.index("[[shards]]") :]))
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "[proxy\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.toml")
+
+
+def test_serve_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
+    bad = write(tmp_path, EXAMPLE.read_text().replace("listen_port = 23400", "listen_port = -1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "proxy.listen_port" in proc.stderr
