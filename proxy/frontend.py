@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 from mysql_mimic import packets as mimic_packets
 from mysql_mimic.auth import IdentityProvider, NativePasswordAuthPlugin, User
+from mysql_mimic.charset import CharacterSet
 from mysql_mimic.connection import Connection
 from mysql_mimic.server import MysqlServer
 from mysql_mimic.session import BaseSession
-from mysql_mimic.stream import MysqlStream
+from mysql_mimic.stream import ConnectionClosed, MysqlStream
 from mysql_mimic.types import Capabilities, ServerStatus
 
 from proxy import metrics
@@ -156,13 +157,23 @@ class ClientConnection(Connection):
         self._relayed = False
         self._write: Callable[[bytes], None] = self._transport.write
 
+    # mysql-mimic reads these from its own session variables, which Baton does not keep; they
+    # only encode its login errors and auth-switch requests.
+    @property
+    def server_charset(self) -> CharacterSet:
+        return CharacterSet.utf8mb4
+
+    @property
+    def client_charset(self) -> CharacterSet:
+        return CharacterSet.utf8mb4
+
     # -- login ---------------------------------------------------------------------------
 
     async def _start(self) -> None:
         """Login, then relay; a failed login ends here, before any backend is touched."""
         try:
             await self.connection_phase()
-        except (LoginFailed, ConnectionError, asyncio.IncompleteReadError):
+        except (LoginFailed, ConnectionError, ConnectionClosed, asyncio.IncompleteReadError):
             return
         except Exception as e:
             log.info("session %d: handshake failed: %s", self.connection_id, e)

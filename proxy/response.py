@@ -60,6 +60,10 @@ INFILE_DISABLED = make_err(
 )
 
 
+# What MariaDB (4166) and MySQL (1148) answer when the connection lacks CLIENT_LOCAL_FILES.
+_INFILE_REFUSALS = frozenset({1148, 4166})
+
+
 class ResponseParser:
     """Tracks one command's response at a time; reused across commands to avoid allocation."""
 
@@ -291,7 +295,7 @@ class ResponseParser:
         if self.err.code == 1213:
             # A deadlock rolls the transaction back, and ERR carries no status flags.
             self.status &= ~Status.IN_TRANS
-        if self.err.code == 1148 and self.infile_refused:
+        if self.err.code in _INFILE_REFUSALS and self.infile_refused:
             return INFILE_DISABLED
         return None
 

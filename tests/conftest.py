@@ -8,6 +8,7 @@ fixture fails loudly rather than skipping, so CI cannot pass without having test
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -20,8 +21,23 @@ def sandbox_base_port() -> int:
 
     Each run owns 20 ports from here (servers at +0..+9, extra sandboxes in tests at +10..+19),
     all within 24301-25300; Baton's own ports are then searched from +100 and skip taken ones.
+    The pid picks the first block tried; a block with any port in use is skipped.
     """
-    return 24301 + (os.getpid() % 50) * 20
+    first = os.getpid() % 50
+    for i in range(50):
+        base = 24301 + ((first + i) % 50) * 20
+        if all(_free(p) for p in range(base, base + 20)):
+            return base
+    raise RuntimeError("no free block of 20 ports in 24301-25300")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -112,8 +112,10 @@ class RawClient:
         return e.code, e.sqlstate, e.message
 
     def prepare(self, sql: str) -> tuple[int, bytes]:
+        """The statement id the server gave, and the response with that id zeroed (the parser
+        renumbers it), so responses from two servers compare equal."""
         out = self.command(Command.STMT_PREPARE, sql.encode(), stmt_id=0)
-        return struct.unpack_from("<I", out, 5)[0], out
+        return self.parser.backend_stmt_id, out
 
     def execute(self, stmt: int, cursor: bool = False, params: bytes = b"") -> bytes:
         flags = 1 if cursor else 0
