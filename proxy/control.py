@@ -17,6 +17,9 @@ from proxy.frontend import ProxyContext
 
 log = logging.getLogger(__name__)
 
+# Session tracking reports neither user variables nor the collation after
+# SET NAMES ... COLLATE (only the three character_set_* variables).
+COLLATION_SQL = "SELECT @@collation_connection"
 USER_VARIABLES_SQL = "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.USER_VARIABLES"
 
 
@@ -98,6 +101,7 @@ class ControlServer:
                     if backend is not None and backend.alive:
                         try:
                             rows = await backend.query(USER_VARIABLES_SQL)
+                            collation = await backend.query(COLLATION_SQL)
                         except BackendError as e:
                             log.info(
                                 "session %d: cannot read user variables: %s", state.session_id, e
@@ -107,6 +111,8 @@ class ControlServer:
                                 (name or b"").decode(): None if v is None else v.decode()
                                 for name, v in rows
                             }
+                            value = collation[0][0] or b""
+                            state.variables["collation_connection"] = value.decode()
                             state.user_variables_stale = False
             out.append(state.as_dict())
         return out

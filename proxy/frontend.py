@@ -15,11 +15,13 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mysql_mimic import packets as mimic_packets
 from mysql_mimic.auth import IdentityProvider, NativePasswordAuthPlugin, User
 from mysql_mimic.charset import CharacterSet
 from mysql_mimic.connection import Connection
+from mysql_mimic.errors import ErrorCode
 from mysql_mimic.server import MysqlServer
 from mysql_mimic.session import BaseSession
 from mysql_mimic.stream import ConnectionClosed, MysqlStream
@@ -155,6 +157,7 @@ class ClientConnection(Connection):
         self._transport: asyncio.Transport = stream.writer.transport  # type: ignore[assignment]
         self._parser = ResponseParser(deprecate_eof=False, client_tracks=False)
         self._relayed = False
+        self._login_user = ""
         self._write: Callable[[bytes], None] = self._transport.write
 
     # mysql-mimic reads these from its own session variables, which Baton does not keep; they
@@ -181,7 +184,11 @@ class ClientConnection(Connection):
             return
         self.ctx.sessions[self.connection_id] = self
         try:
-            await self._connect_backend()
+            try:
+                await self._connect_backend()
+            except BackendError as e:
+                # The session stays: each command retries and explains with an error packet.
+                log.info("session %d: no backend yet: %s", self.connection_id, e)
             await self.command_phase()
         finally:
             self.ctx.sessions.pop(self.connection_id, None)
@@ -232,6 +239,7 @@ class ClientConnection(Connection):
     async def authenticate(self, username: str, **kwargs: object) -> None:  # type: ignore[override]
         """mysql-mimic's login, but a refusal always ends the connection."""
         self.session.username = None
+        self._login_user = username
         if await self.identity_provider.get_user(username) is None:
             await self._deny(username)
         await super().authenticate(username=username, **kwargs)  # type: ignore[arg-type]
@@ -241,14 +249,22 @@ class ClientConnection(Connection):
         self.state.user = username
 
     async def _deny(self, username: str) -> None:
-        host = self.state.client_address.rsplit(":", 1)[0]
-        await self.stream.write(
-            ErrorKind.ACCESS_DENIED.packet(
-                f"Access denied for user '{username}'@'{host}' (using password: YES)"
-            )
-        )
+        """An unknown user gets the same answer as a wrong password: nothing to probe."""
+        await self.stream.write(self._access_denied(username))
         metrics.LOGIN_FAILURES.inc()
         raise LoginFailed()
+
+    def _access_denied(self, username: str) -> bytes:
+        host = self.state.client_address.rsplit(":", 1)[0]
+        return ErrorKind.ACCESS_DENIED.packet(
+            f"Access denied for user '{username}'@'{host}' (using password: YES)"
+        )
+
+    def error(self, **kwargs: Any) -> bytes:
+        """mysql-mimic's login errors, with the server's wording and SQLSTATE for a refusal."""
+        if kwargs.get("code") == ErrorCode.ACCESS_DENIED_ERROR:
+            return self._access_denied(self._login_user)
+        return super().error(**kwargs)
 
     # -- backend -------------------------------------------------------------------------------
 

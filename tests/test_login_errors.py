@@ -1,0 +1,179 @@
+"""Login guard, backend failures, malformed and oversized packets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from proxy.packets import Command, frame, make_handshake_response
+from tests.fixtures import Baton, free_port, port_hint, start_baton
+from tests.rawclient import DEFAULT_CAPS, RawClient
+
+
+def database_exists(port: int, name: str) -> bool:
+    conn = pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-pass")
+    cur = conn.cursor()
+    cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,))
+    found = cur.fetchone()[0] == 1
+    conn.close()
+    return found
+
+
+@pytest.mark.parametrize(("user", "password"), [("app", "wrong"), ("nobody", "app-pass")])
+def test_failed_login_is_access_denied(baton: Baton, user: str, password: str) -> None:
+    with pytest.raises(pymysql.err.OperationalError) as exc:
+        baton.connect(user=user, password=password)
+    assert exc.value.args[0] == 1045
+    assert f"'{user}'" in exc.value.args[1]
+
+
+@pytest.mark.parametrize(("user", "password"), [("app", "wrong"), ("nobody", "x")])
+def test_client_ignoring_the_login_error_reaches_nothing(
+    baton: Baton, primary_port: int, user: str, password: str
+) -> None:
+    """mysql-mimic would carry on into the command phase; Baton closes the connection."""
+    name = f"guard_{user}_{int(time.time() * 1000)}"
+    c = RawClient(baton.port, login=False)
+    c.send(
+        make_handshake_response(DEFAULT_CAPS, 45, user, password, c.handshake.auth_data, None),
+        seq=1,
+    )
+    _, reply = c.read_packet()
+    assert reply[:1] == b"\xff" and struct.unpack_from("<H", reply, 1)[0] == 1045
+    try:
+        c.send(bytes((Command.QUERY,)) + f"CREATE DATABASE {name}".encode())
+        c.sock.settimeout(5)
+        assert c.sock.recv(100) == b""
+    except ConnectionError:
+        pass  # reset: closed just as well
+    time.sleep(0.2)
+    assert not database_exists(primary_port, name)
+
+
+def test_handshake_shows_backend_version_and_no_query_attributes(
+    baton: Baton, primary_port: int
+) -> None:
+    proxied = RawClient(baton.port, login=False)
+    direct = RawClient(primary_port, login=False)
+    assert proxied.handshake.version == direct.handshake.version
+    assert proxied.handshake.version.startswith("5.5.5-10.11")
+    assert not proxied.handshake.capabilities & (1 << 27)  # CLIENT_QUERY_ATTRIBUTES
+    assert not proxied.handshake.capabilities & (1 << 5)  # no compression offered
+    assert proxied.handshake.collation == direct.handshake.collation
+    proxied.sock.close()
+    direct.sock.close()
+
+
+def test_backend_unreachable_gives_an_error_and_the_session_stays(
+    sandbox: object, tmp_path: Path
+) -> None:
+    dead = free_port(port_hint() + 20)
+    b = start_baton(
+        sandbox.config_path,
+        tmp_path / "b",
+        port_hint() + 21,
+        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+    )
+    try:
+        c = RawClient(b.port)
+        assert c.logged_in
+        for command, body in (
+            (Command.QUERY, b"SELECT 1"),
+            (Command.PING, b""),
+            (Command.QUERY, b"SELECT 2"),
+        ):
+            # Each command gets the error, and the session is still usable after it.
+            code, state, message = c.error(c.command(command, body))
+            assert (code, state) == (2003, "HY000")
+            assert "gone" in message and "not executed" in message
+        c.close()
+    finally:
+        b.stop()
+
+
+def test_backend_killed_mid_session_then_reconnects(baton: Baton, primary_port: int) -> None:
+    conn = baton.connect()
+    cur = conn.cursor()
+    cur.execute("SELECT CONNECTION_ID()")
+    backend_id = cur.fetchone()[0]
+    admin = pymysql.connect(
+        host="127.0.0.1",
+        port=primary_port,
+        user="baton_admin",
+        password="admin-pass",
+        autocommit=True,
+    )
+
+    def kill() -> None:
+        time.sleep(0.3)
+        admin.cursor().execute(f"KILL {backend_id}")
+
+    t = threading.Thread(target=kill)
+    t.start()
+    with pytest.raises(pymysql.err.OperationalError) as exc:
+        cur.execute("SELECT SLEEP(5)")
+    t.join()
+    # The server's own error passes through (connection killed), or Baton's if it lost the
+    # socket first; either way the client connection is still there.
+    assert exc.value.args[0] in (1927, 2013)
+    cur.execute("SELECT 1")
+    assert cur.fetchone() == (1,)
+    cur.execute("SELECT CONNECTION_ID()")
+    assert cur.fetchone()[0] != backend_id
+    conn.close()
+    admin.close()
+
+
+def test_oversized_packet_closes_only_that_connection(baton: Baton) -> None:
+    other = baton.connect()
+    c = RawClient(baton.port)
+    # Announce a 16 MiB - 1 packet split into a chain longer than max_packet_size (64 MiB).
+    header = struct.pack("<I", 0xFFFFFF)
+    try:
+        for _ in range(5):
+            c.sock.sendall(header + b"\x03" + b"x" * (0xFFFFFF - 1))
+            header = struct.pack("<I", 0xFFFFFF | (1 << 24))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.sock.settimeout(10)
+    data = b""
+    try:
+        while chunk := c.sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    assert b"max_packet_size" in data
+    cur = other.cursor()
+    cur.execute("SELECT 2")
+    assert cur.fetchone() == (2,)
+    other.close()
+
+
+def test_malformed_packet_closes_only_that_connection(baton: Baton) -> None:
+    other = baton.connect()
+    c = RawClient(baton.port)
+    c.sock.sendall(frame(b"\x03SELECT 1", 5))  # a command must start at sequence 0
+    c.sock.settimeout(5)
+    try:
+        assert c.sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s = socket.create_connection(("127.0.0.1", baton.port))
+    s.sendall(b"\x01\x00\x00\x01\xff")  # garbage instead of a handshake response
+    s.settimeout(5)
+    try:
+        while s.recv(100):
+            pass
+    except ConnectionResetError:
+        pass
+    s.close()
+    cur = other.cursor()
+    cur.execute("SELECT 3")
+    assert cur.fetchone() == (3,)
+    other.close()
