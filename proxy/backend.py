@@ -52,7 +52,7 @@ class BackendConnection(asyncio.Protocol):
         self._parser: ResponseParser | None = None
         self._sink: Callable[[bytes], None] | None = None
         self._sink_transport: asyncio.Transport | None = None
-        self._done: asyncio.Future[None] | None = None
+        self._on_done: Callable[[BaseException | None], None] | None = None
         self.address = ""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -80,13 +80,13 @@ class BackendConnection(asyncio.Protocol):
             sink_t = self._sink_transport
             if sink_t is not None and sink_t.get_write_buffer_size() > HIGH_WATER:
                 self._throttle(sink_t)
-        phase = parser.phase
+        phase = parser._phase
         if phase is Phase.DONE or phase is Phase.INFILE:
             self._parser = None
-            done = self._done
-            self._done = None
-            if done is not None and not done.done():
-                done.set_result(None)
+            on_done = self._on_done
+            self._on_done = None
+            if on_done is not None:
+                on_done(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionResetError("backend closed the connection")
@@ -176,23 +176,41 @@ class BackendConnection(asyncio.Protocol):
         packet: bytes,
         parser: ResponseParser,
         sink: Callable[[bytes], None],
+        on_done: Callable[[BaseException | None], None],
         sink_transport: asyncio.Transport | None = None,
-    ) -> asyncio.Future[None]:
-        """Write a framed command and relay its response to `sink` until the parser is done."""
+    ) -> None:
+        """Write a framed command and relay its response to `sink`; `on_done` is called once,
+        from the event loop's callback, when the parser is done or the connection failed."""
         if self._lost is not None:
             raise BackendError(f"lost connection to backend {self.address}: {self._lost}")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._parser = parser
         self._sink = sink
         self._sink_transport = sink_transport
-        self._done = fut
+        self._on_done = on_done
         assert self.transport is not None
-        self.transport.write(packet)
+        if packet:
+            self.transport.write(packet)
         if self._inbox:
             leftover = bytes(self._inbox)
             self._inbox.clear()
             self.data_received(leftover)
-        return fut
+
+    async def send_and_wait(
+        self, packet: bytes, parser: ResponseParser, sink: Callable[[bytes], None]
+    ) -> None:
+        """`send` for Baton's own commands, awaited."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        self.send(packet, parser, sink, done)
+        await fut
 
     def write(self, data: bytes) -> None:
         """Bytes with no response of their own (file content, COM_STMT_CLOSE)."""
@@ -208,7 +226,7 @@ class BackendConnection(asyncio.Protocol):
             deprecate_eof=bool(self.capabilities & Cap.DEPRECATE_EOF), client_tracks=True
         )
         parser.begin(packet[4])
-        await self.send(packet, parser, collected.append)
+        await self.send_and_wait(packet, parser, collected.append)
         if parser.err is not None:
             raise BackendError(f"backend error {parser.err.code}: {parser.err.message}", parser.err)
         return parser, b"".join(collected)
@@ -258,11 +276,11 @@ class BackendConnection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         self._wake()
-        done = self._done
-        self._done = None
+        on_done = self._on_done
+        self._on_done = None
         self._parser = None
-        if done is not None and not done.done():
-            done.set_exception(exc)
+        if on_done is not None:
+            on_done(exc)
 
     @property
     def alive(self) -> bool:

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from proxy.backend import BackendError
-from proxy.frontend import ProxyContext
+from proxy.frontend import ClientConnection, ProxyContext
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +95,28 @@ class ControlServer:
         out = []
         for conn in list(self.ctx.sessions.values()):
             state = conn.state
-            if state.user_variables_stale and not conn.lock.locked():
-                async with conn.lock:
-                    backend = conn.backend
-                    if backend is not None and backend.alive:
-                        try:
-                            rows = await backend.query(USER_VARIABLES_SQL)
-                            collation = await backend.query(COLLATION_SQL)
-                        except BackendError as e:
-                            log.info(
-                                "session %d: cannot read user variables: %s", state.session_id, e
-                            )
-                        else:
-                            state.user_variables = {
-                                (name or b"").decode(): None if v is None else v.decode()
-                                for name, v in rows
-                            }
-                            value = collation[0][0] or b""
-                            state.variables["collation_connection"] = value.decode()
-                            state.user_variables_stale = False
+            if state.user_variables_stale and await conn.exclusive():
+                try:
+                    await self._refresh(conn)
+                finally:
+                    conn.release()
             out.append(state.as_dict())
         return out
+
+    async def _refresh(self, conn: ClientConnection) -> None:
+        """Read back what tracking does not report, on the session's own idle connection."""
+        state = conn.state
+        backend = conn.backend
+        if backend is None or not backend.alive:
+            return
+        try:
+            rows = await backend.query(USER_VARIABLES_SQL)
+            collation = await backend.query(COLLATION_SQL)
+        except BackendError as e:
+            log.info("session %d: cannot read user variables: %s", state.session_id, e)
+            return
+        state.user_variables = {
+            (name or b"").decode(): None if v is None else v.decode() for name, v in rows
+        }
+        state.variables["collation_connection"] = (collation[0][0] or b"").decode()
+        state.user_variables_stale = False

@@ -35,7 +35,6 @@ from proxy.packets import (
     MAX_PAYLOAD,
     Cap,
     Command,
-    PacketError,
     Status,
     frame,
     make_server_handshake,
@@ -47,6 +46,10 @@ from proxy.session import SessionState
 from reparent.config import Config, ServerConfig
 
 log = logging.getLogger(__name__)
+
+# Stop reading a client that sends this much ahead of its answers.
+HIGH_WATER = 1 << 20
+_STATS = metrics.COMMAND_STATS
 
 # Sent once on every backend connection: Baton learns each session's state from OK packets.
 TRACKING_SQL = (
@@ -153,7 +156,17 @@ class ClientConnection(Connection):
         self.backend: BackendConnection | None = None
         self.backend_server: ServerConfig | None = None
         self.client_caps = 0
-        self.lock = asyncio.Lock()
+        # True while a command (or Baton's own query) owns the backend connection.
+        self.busy = False
+        self._inbuf = b""
+        self._infile = False
+        self._paused = False
+        self._feed_stream = False
+        self._started = 0.0
+        self._command_byte = 0
+        self._prepare_sql = b""
+        self._task: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self._transport: asyncio.Transport = stream.writer.transport  # type: ignore[assignment]
         self._parser = ResponseParser(deprecate_eof=False, client_tracks=False)
         self._relayed = False
@@ -320,151 +333,277 @@ class ClientConnection(Connection):
             )
             return None
 
-    # -- command phase -------------------------------------------------------------------------
+    # -- command phase: a callback relay ---------------------------------------------------------
+    #
+    # After login the socket is handed to a Protocol. A command the session can relay as it is
+    # (the backend is up, the statement id is known) goes to the backend from the client's
+    # data_received callback, and the response goes back from the backend's: no task, no future.
+    # Commands that need to wait for something (a reconnect, a re-authentication, Baton's own
+    # queries) run in a task; meanwhile the client's next bytes wait in `_inbuf`.
 
     async def command_phase(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
         reader = self.stream.reader
+        leftover = bytes(reader._buffer)  # type: ignore[attr-defined]  # sent right after login
+        reader._buffer.clear()  # type: ignore[attr-defined]
+        self._transport.set_protocol(_ClientProtocol(self))
+        if leftover:
+            self.on_client_data(leftover)
+        try:
+            await self._closed
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+
+    def on_client_data(self, data: bytes) -> None:
+        if self._feed_stream:
+            # A task is reading through mysql-mimic's stream (COM_CHANGE_USER's auth switch).
+            self.stream.reader.feed_data(data)
+            return
+        self._inbuf = self._inbuf + data if self._inbuf else data
+        if self.busy and len(self._inbuf) > HIGH_WATER and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._pump()
+
+    def on_client_lost(self) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _close(self) -> None:
+        self._transport.close()
+        self.on_client_lost()
+
+    def _pump(self) -> None:
+        """Take whole packets from the client while the session is free to act on them."""
         limit = self.ctx.config.proxy.max_packet_size
-        while True:
-            try:
-                header = await reader.readexactly(4)
-                length = header[0] | header[1] << 8 | header[2] << 16
-                if length > limit:
-                    raise PacketError(f"packet of {length} bytes exceeds max_packet_size {limit}")
-                raw = header + await reader.readexactly(length)
-                while length == MAX_PAYLOAD:
-                    more = await reader.readexactly(4)
-                    length = more[0] | more[1] << 8 | more[2] << 16
-                    if len(raw) + length > limit:
-                        raise PacketError(f"packet exceeds max_packet_size {limit}")
-                    raw += more + await reader.readexactly(length)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            except PacketError as e:
-                log.info("session %d: closing: %s", self.connection_id, e)
-                metrics.CLIENT_PROTOCOL_ERRORS.inc()
-                self._error(
+        while (not self.busy or self._infile) and len(self._inbuf) >= 4:
+            buf = self._inbuf
+            length = buf[0] | buf[1] << 8 | buf[2] << 16
+            end = 4 + length
+            while length == MAX_PAYLOAD:  # a command of 16 MiB or more spans several packets
+                if end - 4 > limit:
+                    break
+                if len(buf) < end + 4:
+                    return
+                length = buf[end] | buf[end + 1] << 8 | buf[end + 2] << 16
+                end += 4 + length
+            if end - 4 > limit:
+                self._protocol_error(
                     ErrorKind.PACKET_TOO_LARGE,
-                    f"Got a packet bigger than "
-                    f"max_packet_size ({limit} bytes); closing the connection",
+                    f"Got a packet bigger than max_packet_size ({limit} bytes); "
+                    "closing the connection",
                 )
                 return
-            if len(raw) == 4 or raw[3] != 0:
-                log.info("session %d: closing: malformed command packet", self.connection_id)
-                metrics.CLIENT_PROTOCOL_ERRORS.inc()
+            if len(buf) < end:
                 return
-            command = raw[4]
-            if command == Command.QUIT:
+            if len(buf) == end:
+                raw, self._inbuf = buf, b""
+            else:
+                raw, self._inbuf = buf[:end], buf[end:]
+            if self._infile:
+                self._infile_packet(raw)
+            elif raw[3] != 0 or length == 0:
+                self._protocol_error(None, "malformed command packet")
                 return
-            started = time.perf_counter()
-            metrics.COMMANDS.labels(COMMAND_NAMES.get(command, hex(command))).inc()
-            async with self.lock:
-                try:
-                    keep_going = await self._dispatch(command, raw)
-                except BackendError as e:
-                    keep_going = self._lost_backend(e)
-            metrics.COMMAND_SECONDS.observe(time.perf_counter() - started)
-            if not keep_going:
+            else:
+                self._command(raw)
+            if self._closed.done():
                 return
+        if self._paused and not self.busy:
+            self._paused = False
+            self._transport.resume_reading()
 
-    async def _dispatch(self, command: int, raw: bytes) -> bool:
+    def _protocol_error(self, kind: ErrorKind | None, message: str) -> None:
+        log.info("session %d: closing: %s", self.connection_id, message)
+        metrics.CLIENT_PROTOCOL_ERRORS.inc()
+        if kind is not None:
+            self._error(kind, message)
+        self._close()
+
+    def _command(self, raw: bytes) -> None:
+        command = raw[4]
+        self._command_byte = command
+        self._started = time.perf_counter()
+        if command == Command.QUIT:
+            self._close()
+            return
+        backend = self.backend
+        ready = backend is not None and backend._lost is None
         if command in _RELAYED:
-            await self._relay(command, raw)
+            if ready:
+                self._send(command, raw)
+                return
         elif command in _STMT_COMMANDS:
-            await self._stmt_command(command, raw)
+            client_id = stmt_id(raw[4:]) if len(raw) >= 9 else -1
+            stmt = self.state.statements.get(client_id)
+            if stmt is None:
+                self._unknown_statement(command, client_id)
+                self._finish()
+                return
+            raw = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
+            if command == Command.STMT_CLOSE or command == Command.STMT_SEND_LONG_DATA:
+                # No response: write it and go on with the next command.
+                if ready:
+                    assert backend is not None
+                    backend.write(raw)
+                if command == Command.STMT_CLOSE:
+                    del self.state.statements[client_id]
+                self._finish()
+                return
+            if ready:
+                self._send(command, raw)
+                return
         elif command == Command.STMT_PREPARE:
-            await self._prepare(raw)
+            if ready:
+                self._send(command, raw, self.state.reserve_statement_id())
+                return
         elif command == Command.RESET_CONNECTION:
-            await self._reset_connection(raw)
-        elif command == Command.CHANGE_USER:
-            return await self._change_user(raw)
-        else:
+            if ready:
+                self._send(command, raw)
+                return
+        elif command != Command.CHANGE_USER:
             name = COMMAND_NAMES.get(command, f"0x{command:02x}")
             self._error(
                 ErrorKind.UNKNOWN_COMMAND,
                 f"Unknown command: Baton does not relay COM_{name.upper()}",
             )
-        return True
+            self._finish()
+            return
+        self.busy = True
+        self._task = asyncio.get_running_loop().create_task(self._slow_command(command, raw))
 
-    async def _relay(self, command: int, raw: bytes, client_stmt_id: int = 0) -> bool:
-        """Send one command and relay its response; True when the backend answered with OK."""
-        backend = await self._ensure_backend()
-        if backend is None:
-            return False
+    async def _slow_command(self, command: int, raw: bytes) -> None:
+        """Commands that must wait: a reconnect first, or a re-authentication."""
+        try:
+            if command == Command.CHANGE_USER:
+                if not await self._change_user(raw):
+                    self._close()
+                    return
+            else:
+                backend = await self._ensure_backend()
+                if backend is not None:
+                    client_id = (
+                        self.state.reserve_statement_id() if command == Command.STMT_PREPARE else 0
+                    )
+                    self._send(command, raw, client_id)
+                    return  # _response_done finishes it
+        except BackendError as e:
+            if not self._lost_backend(e):
+                self._close()
+                return
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._task = None
+        self._finish()
+
+    def _send(self, command: int, raw: bytes, client_stmt_id: int = 0) -> None:
+        """Relay one command; `_response_done` is called back when its response has passed."""
+        self.busy = True
         parser = self._parser
-        self.state.in_flight = COMMAND_NAMES.get(command)
         parser.begin(
             command,
             client_stmt_id=client_stmt_id,
             infile_allowed=self.ctx.config.proxy.allow_load_data_local,
         )
+        self.state.in_flight = COMMAND_NAMES.get(command)
         self._relayed = False
-        await backend.send(raw, parser, self._sink, self._transport)
-        while parser.phase is Phase.INFILE:
-            await self._relay_infile(backend, parser)
-        self.state.in_flight = None
-        self.state.apply(parser.status, parser.tracked)
-        if parser.err is not None:
-            metrics.ERRORS.labels(str(parser.err.code), "backend").inc()
-            return False
-        return True
+        if command == Command.STMT_PREPARE:
+            self._prepare_sql = raw[5:]
+        assert self.backend is not None
+        self.backend.send(raw, parser, self._sink, self._response_done, self._transport)
 
     def _sink(self, data: bytes) -> None:
         self._relayed = True
         self._write(data)
 
-    async def _relay_infile(self, backend: BackendConnection, parser: ResponseParser) -> None:
-        """LOAD DATA LOCAL: the client's file packets go to the server until the empty one."""
-        reader = self.stream.reader
-        while True:
-            header = await reader.readexactly(4)
-            length = header[0] | header[1] << 8 | header[2] << 16
-            raw = header + await reader.readexactly(length)
-            if length == 0:
-                parser.resume_after_infile()
-                await backend.send(raw, parser, self._sink, self._transport)
-                return
+    def _infile_packet(self, raw: bytes) -> None:
+        """LOAD DATA LOCAL: the client's file goes to the server, up to the empty packet."""
+        backend = self.backend
+        if backend is None or backend._lost is not None:
+            return  # _response_done has already reported the loss
+        if len(raw) > 4:
             backend.write(raw)
+            return
+        self._infile = False
+        self._parser.resume_after_infile()
+        backend.send(raw, self._parser, self._sink, self._response_done, self._transport)
 
-    async def _prepare(self, raw: bytes) -> None:
-        client_id = self.state.reserve_statement_id()
-        if await self._relay(Command.STMT_PREPARE, raw, client_stmt_id=client_id):
-            p = self._parser
-            self.state.add_statement(
-                client_id, p.backend_stmt_id, raw[5:], p.prepare_params, p.prepare_columns
+    def _response_done(self, exc: BaseException | None) -> None:
+        parser = self._parser
+        if exc is not None:
+            self._infile = False
+            if not self._lost_backend(exc):  # type: ignore[arg-type]
+                self._close()
+                return
+            self._finish()
+            return
+        if parser._phase is Phase.INFILE:
+            self._infile = True
+            self._pump()
+            return
+        state = self.state
+        state.in_flight = None
+        state.apply(parser.status, parser.tracked)
+        err = parser.err
+        command = parser.command
+        if err is not None:
+            metrics.ERRORS.labels(str(err.code), "backend").inc()
+        elif command == Command.STMT_PREPARE:
+            state.add_statement(
+                parser.client_stmt_id,
+                parser.backend_stmt_id,
+                self._prepare_sql,
+                parser.prepare_params,
+                parser.prepare_columns,
             )
+        elif command == Command.RESET_CONNECTION:
+            state.reset(state.schema)
+            self._task = asyncio.get_running_loop().create_task(self._retrack())
+            return
+        self._finish()
 
-    async def _stmt_command(self, command: int, raw: bytes) -> None:
-        """COM_STMT_* name Baton's client-side id; the backend gets its own id instead."""
+    async def _retrack(self) -> None:
+        """After COM_RESET_CONNECTION the server forgot Baton's tracking settings too."""
         try:
-            client_id = stmt_id(raw[4:])
-        except PacketError:
-            client_id = -1
-        stmt = self.state.statements.get(client_id)
-        if stmt is None:
-            if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
-                return  # the server answers neither, not even with an error
-            self._error(
-                ErrorKind.UNKNOWN_STATEMENT,
-                f"Unknown prepared statement handler ({client_id}) given to "
-                f"{COMMAND_NAMES[command].replace('stmt_', 'mysqld_stmt_')}",
-            )
-            return
-        packet = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
-        if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
-            backend = await self._ensure_backend()
-            if backend is not None:
-                backend.write(packet)
-            if command == Command.STMT_CLOSE:
-                del self.state.statements[client_id]
-            return
-        await self._relay(command, packet)
-
-    async def _reset_connection(self, raw: bytes) -> None:
-        if await self._relay(Command.RESET_CONNECTION, raw):
-            self.state.reset(self.state.schema)
             assert self.backend is not None
             await self.backend.query(TRACKING_SQL)
+        except BackendError as e:
+            log.info("session %d: lost backend after reset: %s", self.connection_id, e)
+            self._close_backend()
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._task = None
+        self._finish()
+
+    def _finish(self) -> None:
+        """The command is over: account for it and take the next one."""
+        _STATS.observe(self._command_byte, time.perf_counter() - self._started)
+        self.busy = False
+        self._pump()
+
+    async def exclusive(self) -> bool:
+        """Claim an idle session for Baton's own queries; False when a command is running."""
+        if self.busy:
+            return False
+        self.busy = True
+        return True
+
+    def release(self) -> None:
+        self.busy = False
+        self._pump()
+
+    def _unknown_statement(self, command: int, client_id: int) -> None:
+        if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
+            return  # the server answers neither, not even with an error
+        self._error(
+            ErrorKind.UNKNOWN_STATEMENT,
+            f"Unknown prepared statement handler ({client_id}) given to "
+            f"{COMMAND_NAMES[command].replace('stmt_', 'mysqld_stmt_')}",
+        )
 
     async def _change_user(self, raw: bytes) -> bool:
         """Re-authenticate against Baton's users, then give the backend session a clean slate."""
@@ -472,6 +611,7 @@ class ClientConnection(Connection):
         change = mimic_packets.parse_com_change_user(
             capabilities=self.capabilities, client_charset=self.client_charset, data=raw[5:]
         )
+        self._feed_stream = True
         try:
             await self.authenticate(
                 username=change.username,
@@ -482,6 +622,7 @@ class ClientConnection(Connection):
         except LoginFailed:
             return False
         finally:
+            self._feed_stream = False
             self.stream.reset_seq()
         self.state.reset(change.database or None)
         backend = self.backend
@@ -516,6 +657,25 @@ class ClientConnection(Connection):
             "have been executed. The session's state on the server is gone; reconnect.",
         )
         return True
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """The client socket's protocol after login; everything goes to the ClientConnection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.on_client_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.on_client_lost()
+
+    def eof_received(self) -> bool:
+        self.conn.on_client_lost()
+        return False
 
 
 class ProxyServer(MysqlServer):

@@ -60,6 +60,14 @@ INFILE_DISABLED = make_err(
 )
 
 
+_DONE = Phase.DONE
+_INFILE = Phase.INFILE
+# Plain ints: IntFlag arithmetic costs a Python call per operation on the hot path.
+_MORE_RESULTS = int(Status.MORE_RESULTS)
+_CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
+_STATE_CHANGED = int(Status.SESSION_STATE_CHANGED)
+_IN_TRANS = int(Status.IN_TRANS)
+
 # What MariaDB (4166) and MySQL (1148) answer when the connection lacks CLIENT_LOCAL_FILES.
 _INFILE_REFUSALS = frozenset({1148, 4166})
 
@@ -146,7 +154,12 @@ class ResponseParser:
         pos = 0
         out_start = 0
         pieces: list[bytes] | None = None
-        while pos + 4 <= n and self._phase is not Phase.DONE and self._phase is not Phase.INFILE:
+        rows = Phase.ROWS
+        columns = Phase.COLUMNS
+        while pos + 4 <= n:
+            phase = self._phase
+            if phase is _DONE or phase is _INFILE:
+                break
             length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
             end = pos + 4 + length
             if end > n:
@@ -156,7 +169,18 @@ class ResponseParser:
                 self._continued = length == MAX_PAYLOAD
                 pos = end
                 continue
-            self._continued = length == MAX_PAYLOAD
+            if length == MAX_PAYLOAD:
+                self._continued = True
+            # The hot path, inline: a row, or a column definition that is not the last.
+            if phase is rows:
+                first = data[pos + 4] if length else 0
+                if first != 0xFE and first != 0xFF or (first == 0xFE and length >= MAX_PAYLOAD):
+                    pos = end
+                    continue
+            elif phase is columns and self._count > 1:
+                self._count -= 1
+                pos = end
+                continue
             replacement = self._packet(data, pos + 4, end, length)
             if replacement is not None:
                 if pieces is None:
@@ -213,7 +237,7 @@ class ResponseParser:
             status = parse_eof_status(payload)
             self.status = status
             # A cursor was opened: the rows come later, through COM_STMT_FETCH.
-            self._phase = Phase.DONE if status & Status.CURSOR_EXISTS else Phase.ROWS
+            self._phase = Phase.DONE if status & _CURSOR_EXISTS else Phase.ROWS
             return self._eof_for_client(payload, status)
         if phase is Phase.PREPARE_OK:
             return self._prepare_ok(data[start:end])
@@ -263,13 +287,13 @@ class ResponseParser:
             return self._ok(payload)
         status = parse_eof_status(payload)
         self.status = status
-        self._phase = Phase.FIRST if status & Status.MORE_RESULTS else Phase.DONE
+        self._phase = Phase.FIRST if status & _MORE_RESULTS else Phase.DONE
         return self._eof_for_client(payload, status)
 
     def _eof_for_client(self, payload: bytes, status: int) -> bytes | None:
         """An EOF without the state-changed flag that Baton's own tracking caused."""
-        if status & Status.SESSION_STATE_CHANGED and not self.client_tracks:
-            cleared = status & ~Status.SESSION_STATE_CHANGED
+        if status & _STATE_CHANGED and not self.client_tracks:
+            cleared = status & ~_STATE_CHANGED
             return payload[:3] + cleared.to_bytes(2, "little") + payload[5:]
         return None
 
@@ -279,13 +303,13 @@ class ResponseParser:
         self.status = ok.status
         if ok.tracked:
             self.tracked.extend(ok.tracked)
-        more = ok.status & Status.MORE_RESULTS
+        more = ok.status & _MORE_RESULTS
         if self.command == Command.STMT_FETCH or (
-            self._phase is Phase.ROWS and ok.status & Status.CURSOR_EXISTS
+            self._phase is Phase.ROWS and ok.status & _CURSOR_EXISTS
         ):
             more = 0
         self._phase = Phase.FIRST if more else Phase.DONE
-        if ok.status & Status.SESSION_STATE_CHANGED and not self.client_tracks:
+        if ok.status & _STATE_CHANGED and not self.client_tracks:
             return strip_session_track(payload, ok)
         return None
 
@@ -294,7 +318,7 @@ class ResponseParser:
         self._phase = Phase.DONE
         if self.err.code == 1213:
             # A deadlock rolls the transaction back, and ERR carries no status flags.
-            self.status &= ~Status.IN_TRANS
+            self.status &= ~_IN_TRANS
         if self.err.code in _INFILE_REFUSALS and self.infile_refused:
             return INFILE_DISABLED
         return None
