@@ -23,6 +23,7 @@ from proxy.packets import (
     make_handshake_response,
     parse_err,
     parse_server_handshake,
+    split_packets,
 )
 from proxy.response import Phase, ResponseParser
 
@@ -234,12 +235,7 @@ class BackendConnection(asyncio.Protocol):
     async def query(self, sql: str) -> list[list[bytes | None]]:
         """Run one statement of Baton's own and return its text rows (small results only)."""
         parser, data = await self.command(frame(b"\x03" + sql.encode(), 0))
-        items = []
-        pos = 0
-        while pos + 4 <= len(data):
-            length = int.from_bytes(data[pos : pos + 3], "little")
-            items.append(data[pos + 4 : pos + 4 + length])
-            pos += 4 + length
+        items = split_packets(data)
         if not items or items[0][:1] == b"\x00":
             return []
         ncols = items[0][0]

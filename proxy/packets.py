@@ -169,6 +169,17 @@ def frame(payload: bytes, seq: int) -> bytes:
             return b"".join(parts)
 
 
+def split_packets(data: bytes) -> list[bytes]:
+    """The payloads of whole packets in `data`, for the small results Baton reads itself."""
+    out = []
+    pos = 0
+    while pos + 4 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "little")
+        out.append(data[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    return out
+
+
 def read_lenenc(buf: bytes, pos: int) -> tuple[int | None, int]:
     """A length-encoded integer at `pos`; None stands for SQL NULL (0xFB)."""
     try:

@@ -164,10 +164,23 @@ def primary_port(sandbox: Sandbox) -> int:
 
 @pytest.fixture
 def direct(primary_port: int) -> Iterator[pymysql.Connection]:
-    conn = pymysql.connect(
-        host="127.0.0.1", port=primary_port, user="app", password="app-pass", autocommit=True
-    )
+    conn = app_conn(primary_port)
     try:
         yield conn
     finally:
         conn.close()
+
+
+def app_conn(port: int, **kw: Any) -> pymysql.Connection:
+    """The application user over TCP (text protocol), autocommit unless said otherwise."""
+    kw.setdefault("autocommit", True)
+    return pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-pass", **kw)
+
+
+def app_connector(port: int, **kw: Any) -> Any:
+    """The application user through connector/python in pure Python (binary protocol)."""
+    import mysql.connector
+
+    return mysql.connector.connect(
+        host="127.0.0.1", port=port, user="app", password="app-pass", use_pure=True, **kw
+    )

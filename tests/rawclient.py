@@ -17,8 +17,11 @@ from proxy.packets import (
     make_handshake_response,
     parse_err,
     parse_server_handshake,
+    split_packets,
 )
 from proxy.response import Phase, ResponseParser
+
+__all__ = ["DEFAULT_CAPS", "RawClient", "split_packets"]
 
 DEFAULT_CAPS = (
     Cap.LONG_PASSWORD
@@ -130,13 +133,3 @@ class RawClient:
         except OSError:
             pass
         self.sock.close()
-
-
-def split_packets(data: bytes) -> list[bytes]:
-    out = []
-    pos = 0
-    while pos + 4 <= len(data):
-        length = int.from_bytes(data[pos : pos + 3], "little")
-        out.append(data[pos + 4 : pos + 4 + length])
-        pos += 4 + length
-    return out

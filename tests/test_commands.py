@@ -14,7 +14,7 @@ import pymysql
 import pytest
 
 from proxy.packets import Cap, Command, lenenc_bytes
-from tests.fixtures import Baton, port_hint, start_baton
+from tests.fixtures import Baton, app_conn, app_connector, port_hint, start_baton
 from tests.rawclient import DEFAULT_CAPS, RawClient, split_packets
 
 DB = "baton_cmds"
@@ -22,13 +22,8 @@ DB = "baton_cmds"
 
 @pytest.fixture(scope="module", autouse=True)
 def schema(primary_port: int, sandbox: object) -> Iterator[None]:
-    conn = pymysql.connect(
-        host="127.0.0.1",
-        port=primary_port,
-        user="app",
-        password="app-pass",
-        autocommit=True,
-        client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS,
+    conn = app_conn(
+        primary_port, autocommit=True, client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS
     )
     cur = conn.cursor()
     cur.execute(f"DROP DATABASE IF EXISTS {DB}")
@@ -126,14 +121,7 @@ def baton_sessions(baton: Baton) -> list[dict]:
 
 
 def test_change_user(baton: Baton) -> None:
-    conn = mysql.connector.connect(
-        host="127.0.0.1",
-        port=baton.port,
-        user="app",
-        password="app-pass",
-        database=DB,
-        use_pure=True,
-    )
+    conn = app_connector(baton.port, database=DB)
     cur = conn.cursor()
     cur.execute("SET @x = 1")
     conn.cmd_change_user(username="app", password="app-pass", database="mysql")
@@ -148,15 +136,7 @@ def test_change_user(baton: Baton) -> None:
 
 def test_prepared_statements_long_data_reset_close(baton: Baton, primary_port: int) -> None:
     for port in (primary_port, baton.port):
-        conn = mysql.connector.connect(
-            host="127.0.0.1",
-            port=port,
-            user="app",
-            password="app-pass",
-            database=DB,
-            use_pure=True,
-            autocommit=True,
-        )
+        conn = app_connector(port, database=DB, autocommit=True)
         cur = conn.cursor(prepared=True)
         blob = bytes(range(256)) * 1000
         # A file-like parameter is sent with COM_STMT_SEND_LONG_DATA.

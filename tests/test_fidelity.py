@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import mysql.connector
 import pymysql
 import pytest
 
 from proxy.packets import Cap
-from tests.fixtures import Baton
+from tests.fixtures import Baton, app_conn, app_connector
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 DB = "baton_fidelity"
@@ -39,14 +38,7 @@ VALUES = (
 
 @pytest.fixture(scope="module")
 def table(primary_port: int, sandbox: Any) -> Iterator[None]:
-    conn = pymysql.connect(
-        host="127.0.0.1",
-        port=primary_port,
-        user="app",
-        password="app-pass",
-        autocommit=True,
-        charset="utf8mb4",
-    )
+    conn = app_conn(primary_port, autocommit=True, charset="utf8mb4")
     cur = conn.cursor()
     cur.execute(f"CREATE DATABASE IF NOT EXISTS {DB}")
     cur.execute(f"DROP TABLE IF EXISTS {DB}.fid")
@@ -90,15 +82,7 @@ def test_text_protocol_values_and_metadata(
 ) -> None:
     results = []
     for port in (primary_port, baton.port):
-        conn = pymysql.connect(
-            host="127.0.0.1",
-            port=port,
-            user="app",
-            password="app-pass",
-            autocommit=True,
-            charset="utf8mb4",
-            binary_prefix=True,
-        )
+        conn = app_conn(port, autocommit=True, charset="utf8mb4", binary_prefix=True)
         cur = conn.cursor()
         cur.execute(sql)
         results.append(
@@ -127,15 +111,7 @@ def test_blob_keeps_all_256_byte_values(baton: Baton, table: None) -> None:
 
 
 def binary_rows(port: int, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
-    conn = mysql.connector.connect(
-        host="127.0.0.1",
-        port=port,
-        user="app",
-        password="app-pass",
-        use_pure=True,
-        charset="utf8mb4",
-        collation="utf8mb4_general_ci",
-    )
+    conn = app_connector(port, charset="utf8mb4", collation="utf8mb4_general_ci")
     cur = conn.cursor(prepared=True)
     cur.execute(sql, params)
     rows = cur.fetchall()

@@ -12,12 +12,12 @@ import pymysql
 import pytest
 
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import Baton, free_port, port_hint, start_baton
+from tests.fixtures import Baton, app_conn, free_port, port_hint, start_baton
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
 def database_exists(port: int, name: str) -> bool:
-    conn = pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-pass")
+    conn = app_conn(port)
     cur = conn.cursor()
     cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,))
     found = cur.fetchone()[0] == 1

@@ -12,7 +12,7 @@ import mysql.connector
 import pymysql
 import pytest
 
-from tests.fixtures import Baton
+from tests.fixtures import Baton, app_connector
 
 
 def sessions(baton: Baton) -> dict[int, dict]:
@@ -33,14 +33,7 @@ def session_of(baton: Baton, conn: mysql.connector.MySQLConnection) -> dict:
 
 
 def test_session_state_is_tracked(baton: Baton) -> None:
-    conn = mysql.connector.connect(
-        host="127.0.0.1",
-        port=baton.port,
-        user="app",
-        password="app-pass",
-        use_pure=True,
-        autocommit=True,
-    )
+    conn = app_connector(baton.port, autocommit=True)
     cur = conn.cursor()
     cur.execute("CREATE DATABASE IF NOT EXISTS baton_state")
     cur.execute("USE baton_state")
