@@ -66,6 +66,8 @@ class Config:
     backend: Account
     admin: Account
     users: tuple[Account, ...]
+    # The account replicas use to replicate from a new primary; the admin account if absent.
+    replication: Account
     shards: tuple[ShardConfig, ...]
     path: Path | None = field(default=None, compare=False)
 
@@ -196,7 +198,7 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
 
 def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     """Build a Config from parsed TOML, or raise ConfigError naming the key."""
-    _unknown(data, {"proxy", "backend", "admin", "users", "shards"}, "config")
+    _unknown(data, {"proxy", "backend", "admin", "replication", "users", "shards"}, "config")
     shards = _shards(data.get("shards"))
     proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
     if proxy.shard not in {s.name for s in shards}:
@@ -208,11 +210,16 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         _account(u, f"users[{i}]", user_key="name") if isinstance(u, dict) else _bad(f"users[{i}]")
         for i, u in enumerate(users_raw)
     )
+    admin = _account(_table(data, "admin"), "admin")
+    replication = (
+        _account(_table(data, "replication"), "replication") if "replication" in data else admin
+    )
     return Config(
         proxy=proxy,
         backend=_account(_table(data, "backend"), "backend"),
-        admin=_account(_table(data, "admin"), "admin"),
+        admin=admin,
         users=users,
+        replication=replication,
         shards=shards,
         path=path,
     )

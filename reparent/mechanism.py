@@ -1,0 +1,115 @@
+"""The contract between the orchestrator and the revocation and establishment mechanisms.
+
+A reparent moves leadership in two steps. Each step is a swappable mechanism with one job and
+a check that proves its job is done. The orchestrator never asks how a mechanism works, only
+for the facts the next step needs. Mechanisms are synchronous, because they talk to MariaDB over
+PyMySQL; the orchestrator's shell runs them in a worker thread, away from the proxy's event
+loop. A mechanism raises `MechanismError` to fail its step. The orchestrator decides what
+happens next (undo, or roll forward); a mechanism never does.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from reparent.config import Account, ServerConfig
+
+
+class FailureKind(enum.StrEnum):
+    """Why a step failed; a metrics label and the first word of the report's reason."""
+
+    UNREACHABLE = "unreachable"  # a server did not answer in time
+    LAGGING = "lagging"  # the candidate is too far behind
+    ERRANT = "errant"  # the candidate has transactions the primary never had
+    TIMEOUT = "timeout"  # a wait (catch-up, drain) ran past its limit
+    REFUSED = "refused"  # the server returned an error
+    INVALID = "invalid"  # the request cannot be met (unknown server, no candidate)
+
+
+class MechanismError(Exception):
+    def __init__(self, kind: FailureKind, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ReparentContext:
+    """Everything a mechanism may use. It is built by the orchestrator for one reparent."""
+
+    shard: str
+    servers: tuple[ServerConfig, ...]
+    old_primary: ServerConfig
+    candidate: ServerConfig | None  # None: the establishment picks one
+    admin: Account
+    replication: Account
+    timeout: float  # seconds for any one wait (catch-up, drain)
+    # Blocks until every registered proxy reports that no transaction or statement is in flight
+    # on the old primary, or until the grace period ends; True when all reported drained.
+    wait_drained: Callable[[float], bool] = field(default=lambda grace: True)
+    grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """Proof that the old primary can no longer complete a write."""
+
+    old_primary: str
+    gtid_position: str  # the old primary's final @@gtid_binlog_pos ("" when unreachable)
+    # Each replica's position (@@gtid_current_pos) when it was fenced (emergency only).
+    replica_positions: dict[str, str] = field(default_factory=dict)
+    killed_connections: int = 0
+    drained: bool = True  # False when the grace period ended with work still in flight
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    gtid_position: str
+
+
+@dataclass(frozen=True)
+class Established:
+    new_primary: str
+    gtid_position: str  # the new primary's @@gtid_binlog_pos once writable
+    repointed: tuple[str, ...]  # servers now replicating from the new primary
+    unreachable: tuple[str, ...] = ()  # servers that could not be repointed (e.g. a dead old one)
+
+
+class Revocation(Protocol):
+    """Makes the old primary lose every condition that lets it complete a write."""
+
+    name: str
+
+    def revoke(self, ctx: ReparentContext) -> Revoked:
+        """Act and verify; raise MechanismError if revocation does not hold."""
+        ...
+
+    def undo(self, ctx: ReparentContext, revoked: Revoked | None) -> None:
+        """Give the old primary back what `revoke` took (a failed planned reparent)."""
+        ...
+
+
+class Establishment(Protocol):
+    """Makes the new primary gain those conditions and points everyone else at it."""
+
+    name: str
+
+    def choose(self, ctx: ReparentContext) -> Candidate:
+        """Pick or validate the candidate before anything is revoked: reachable, not lagging
+        beyond the threshold, no errant transactions. Raise MechanismError to refuse."""
+        ...
+
+    def prepare(self, ctx: ReparentContext, candidate: Candidate) -> None:
+        """Catch the candidate up while the old primary still serves, so that only the last
+        few transactions remain after revocation."""
+        ...
+
+    def establish(
+        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
+    ) -> Established:
+        """Catch up to `revoked.gtid_position` (or the most advanced fenced replica), stop
+        replicating, become writable, repoint every other server including the old primary."""
+        ...
