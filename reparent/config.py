@@ -61,6 +61,15 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class ControllerConfig:
+    store: str = "baton-state.json"  # the embedded topology store; relative to the config
+    grace: float = 5.0  # seconds a planned demotion waits for proxies to drain
+    timeout: float = 10.0  # seconds for any one wait of a reparent (catch-up, drain)
+    max_lag: float = 30.0  # seconds a candidate may lag before a planned reparent refuses it
+    lock_ttl: float = 120.0  # seconds a shard lock lives unless renewed
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
     backend: Account
@@ -68,6 +77,7 @@ class Config:
     users: tuple[Account, ...]
     # The account replicas use to replicate from a new primary; the admin account if absent.
     replication: Account
+    controller: ControllerConfig
     shards: tuple[ShardConfig, ...]
     path: Path | None = field(default=None, compare=False)
 
@@ -152,6 +162,24 @@ def _proxy(table: dict[str, Any], default_shard: str) -> ProxyConfig:
     return ProxyConfig(**values)
 
 
+def _controller(table: Any) -> ControllerConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("controller: expected a table")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "store": str,
+        "grace": (int, float),
+        "timeout": (int, float),
+        "max_lag": (int, float),
+        "lock_ttl": (int, float),
+    }
+    _unknown(table, set(kinds), "controller")
+    values = {k: _typed(table, k, kind, "controller") for k, kind in kinds.items() if k in table}
+    for key, value in values.items():
+        if key != "store" and value <= 0:
+            raise ConfigError(f"controller.{key}: must be positive, got {value}")
+    return ControllerConfig(**values)
+
+
 def _shards(items: Any) -> tuple[ShardConfig, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError("shards: expected at least one [[shards]] table")
@@ -198,7 +226,11 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
 
 def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     """Build a Config from parsed TOML, or raise ConfigError naming the key."""
-    _unknown(data, {"proxy", "backend", "admin", "replication", "users", "shards"}, "config")
+    _unknown(
+        data,
+        {"proxy", "backend", "admin", "replication", "controller", "users", "shards"},
+        "config",
+    )
     shards = _shards(data.get("shards"))
     proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
     if proxy.shard not in {s.name for s in shards}:
@@ -220,6 +252,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         admin=admin,
         users=users,
         replication=replication,
+        controller=_controller(data.get("controller", {})),
         shards=shards,
         path=path,
     )
@@ -243,6 +276,8 @@ def load(path: str | Path) -> Config:
     cfg = parse(data, path=p)
     sock = Path(cfg.proxy.control_socket)
     if not sock.is_absolute():
-        sock = p.parent / sock
-        cfg = replace(cfg, proxy=replace(cfg.proxy, control_socket=str(sock)))
+        cfg = replace(cfg, proxy=replace(cfg.proxy, control_socket=str(p.parent / sock)))
+    store = Path(cfg.controller.store)
+    if not store.is_absolute():
+        cfg = replace(cfg, controller=replace(cfg.controller, store=str(p.parent / store)))
     return cfg

@@ -1,0 +1,238 @@
+"""The reparent orchestrator's pure core: which step comes next, given what just happened.
+
+Like etcd's raft, it does no I/O: it reads a journal record and the outcome of the last call, and
+returns an `Action`. An action says what to journal, what to publish and which mechanism call to
+make next. The shell (`controller.py`) carries actions out and feeds back each call's result.
+Because every decision is a function of the record, a controller that restarts with a
+half-finished record (`resume`) decides the same way every time.
+
+The invariant it enforces: establishment starts only after revocation returned a `Revoked`
+(the mechanisms verify it). A planned reparent that fails before establishment has promoted
+anyone is undone. An emergency reparent cannot give a dead primary back, so it rolls forward
+or fails loudly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from reparent.mechanism import Candidate, Established, MechanismError, Revoked
+from reparent.topology import (
+    Aborted,
+    Outcome,
+    PhaseTiming,
+    ReparentKind,
+    ReparentRecord,
+    ReparentStarted,
+    Step,
+    TopologyEvent,
+)
+from reparent.topology import (
+    Established as EstablishedEvent,
+)
+from reparent.topology import (
+    Revoked as RevokedEvent,
+)
+
+
+class Call(enum.StrEnum):
+    """A mechanism call the shell makes on the orchestrator's behalf."""
+
+    CHOOSE = "choose"
+    PREPARE = "prepare"
+    REVOKE = "revoke"
+    ESTABLISH = "establish"
+    ABANDON = "abandon"  # make the candidate read-only again before giving the old one back
+    UNDO = "undo"
+    COMMIT = "commit"  # compare-and-set the shard's topology: new primary, term + 1
+
+
+@dataclass(frozen=True)
+class Action:
+    """Journal `record` first, then publish `events`, then make `call` (or stop)."""
+
+    record: ReparentRecord
+    call: Call | None = None
+    events: tuple[TopologyEvent, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.record.outcome is not None
+
+
+@dataclass
+class Progress:
+    """What a reparent has learnt so far; rebuilt from the record on resume."""
+
+    candidate: Candidate | None = None
+    revoked: Revoked | None = None
+    established: Established | None = None
+
+
+def _with(record: ReparentRecord, step: Step, **changes: object) -> ReparentRecord:
+    return replace(record, step=step, **changes)  # type: ignore[arg-type]
+
+
+class Orchestrator:
+    """Decides one reparent. `start` or `resume`, then `done(result)` / `failed(error)`."""
+
+    def __init__(self, record: ReparentRecord) -> None:
+        self.record = record
+        self.progress = Progress()
+        self._call: Call | None = None
+
+    @property
+    def planned(self) -> bool:
+        return self.record.kind is ReparentKind.PRS
+
+    @property
+    def new_term(self) -> int:
+        return self.record.term_before + 1
+
+    # -- entry points ------------------------------------------------------------------------
+
+    def start(self) -> Action:
+        """A new reparent. Planned: choose first, nothing is touched until the candidate is
+        known to be fit. Emergency: fence first, then choose among the fenced replicas."""
+        if self.planned:
+            return self._act(Step.STARTED, Call.CHOOSE)
+        return self._hold_then_revoke()
+
+    def resume(self) -> Action:
+        """A record found in the journal at start-up: finish or undo it, by its last step."""
+        r = self.record
+        self._restore()
+        step = r.step
+        if step in (Step.STARTED, Step.CANDIDATE_CHOSEN, Step.PREPARED) and self.planned:
+            return self._finish(Outcome.ABORTED, "controller restarted before revocation")
+        if step is Step.UNDOING or (self.planned and step in (Step.HOLDING, Step.REVOKING)):
+            # Revocation may be half done: give the old primary back.
+            return self._undo("controller restarted during revocation")
+        if step in (Step.STARTED, Step.HOLDING, Step.REVOKING):
+            # Emergency: fencing is idempotent, so do it again and go on.
+            return self._act(Step.REVOKING, Call.REVOKE)
+        if step in (Step.REVOKED, Step.ESTABLISHING):
+            if self.progress.revoked is None:
+                return self._finish(Outcome.FAILED, "journal lacks the revocation's position")
+            if self.progress.candidate is None:
+                return self._act(Step.REVOKED, Call.CHOOSE)
+            return self._act(Step.ESTABLISHING, Call.ESTABLISH)
+        if step is Step.ESTABLISHED:
+            return self._act(Step.ESTABLISHED, Call.COMMIT)
+        # PUBLISHED (or DONE): the new primary is public; only the record is left to close.
+        return self._finish(Outcome.SUCCEEDED)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def done(self, result: object = None) -> Action:
+        call = self._call
+        if call is Call.CHOOSE:
+            assert isinstance(result, Candidate)
+            self.progress.candidate = result
+            positions = dict(self.record.positions)
+            positions[f"{result.name}_chosen"] = result.gtid_position
+            self.record = replace(self.record, candidate=result.name, positions=positions)
+            if self.planned:
+                return self._act(Step.CANDIDATE_CHOSEN, Call.PREPARE)
+            return self._act(Step.ESTABLISHING, Call.ESTABLISH)
+        if call is Call.PREPARE:
+            return self._hold_then_revoke()
+        if call is Call.REVOKE:
+            assert isinstance(result, Revoked)
+            self.progress.revoked = result
+            positions = dict(self.record.positions)
+            positions["old_primary_final"] = result.gtid_position
+            positions.update({f"{k}_fenced": v for k, v in result.replica_positions.items()})
+            self.record = replace(self.record, positions=positions)
+            event = RevokedEvent(self.record.shard, self.record.old_primary, result.gtid_position)
+            if self.planned:
+                return self._act(Step.REVOKED, Call.ESTABLISH, (event,))
+            return self._act(Step.REVOKED, Call.CHOOSE, (event,))
+        if call is Call.ESTABLISH:
+            assert isinstance(result, Established)
+            self.progress.established = result
+            positions = dict(self.record.positions)
+            positions["new_primary_writable"] = result.gtid_position
+            self.record = replace(self.record, new_primary=result.new_primary, positions=positions)
+            return self._act(Step.ESTABLISHED, Call.COMMIT)
+        if call is Call.COMMIT:
+            new = self.record.new_primary or self.record.candidate
+            assert new is not None
+            self.record = replace(self.record, new_primary=new, term_after=self.new_term)
+            event = EstablishedEvent(self.record.shard, new, self.new_term)
+            return self._finish(Outcome.SUCCEEDED, events=(event,))
+        if call is Call.ABANDON:
+            return self._act(Step.UNDOING, Call.UNDO)
+        if call is Call.UNDO:
+            reason = self.record.reason or "undone"
+            return self._finish(
+                Outcome.UNDONE, reason, events=(Aborted(self.record.shard, reason),)
+            )
+        raise AssertionError(f"no call in flight (got {result!r})")
+
+    def failed(self, error: MechanismError) -> Action:
+        call = self._call
+        reason = f"{call}: {error}"
+        if call in (Call.CHOOSE, Call.PREPARE) and self.planned:
+            # Nothing was revoked or published: the old primary never stopped serving.
+            return self._finish(Outcome.ABORTED, reason)
+        if call is Call.REVOKE:
+            if self.planned:
+                return self._undo(reason)
+            return self._finish(
+                Outcome.FAILED, reason, events=(Aborted(self.record.shard, reason),)
+            )
+        if call is Call.ESTABLISH and self.planned:
+            # The candidate may be writable already: fence it before giving the old one back.
+            self.record = replace(self.record, reason=reason)
+            return self._act(Step.UNDOING, Call.ABANDON)
+        if call in (Call.ESTABLISH, Call.CHOOSE, Call.COMMIT):
+            return self._finish(
+                Outcome.FAILED, reason, events=(Aborted(self.record.shard, reason),)
+            )
+        # UNDO or ABANDON failed: a human must look; proxies keep the old term.
+        return self._finish(
+            Outcome.FAILED,
+            f"{self.record.reason}; then {reason}",
+            events=(Aborted(self.record.shard, reason),),
+        )
+
+    def timed(self, step: Step, started_at: float, duration_ms: float) -> None:
+        """Add a finished call's timing to the report."""
+        self.record.phases.append(PhaseTiming(step, started_at, duration_ms))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _act(self, step: Step, call: Call, events: tuple[TopologyEvent, ...] = ()) -> Action:
+        self._call = call
+        self.record = _with(self.record, step)
+        return Action(self.record, call, events)
+
+    def _hold_then_revoke(self) -> Action:
+        """Tell the proxies to hold new work before anything is revoked."""
+        event = ReparentStarted(self.record.shard, self.new_term)
+        return self._act(Step.HOLDING, Call.REVOKE, (event,))
+
+    def _undo(self, reason: str) -> Action:
+        self.record = replace(self.record, reason=reason)
+        return self._act(Step.UNDOING, Call.UNDO)
+
+    def _finish(
+        self, outcome: Outcome, reason: str = "", events: tuple[TopologyEvent, ...] = ()
+    ) -> Action:
+        """Close the record; it is journaled (as DONE) before the events are published."""
+        self._call = None
+        reason = reason or self.record.reason
+        self.record = _with(self.record, Step.DONE, outcome=outcome, reason=reason)
+        return Action(self.record, None, events)
+
+    def _restore(self) -> None:
+        """Rebuild what the journal knows, so a resumed reparent can go on."""
+        r = self.record
+        pos = r.positions
+        if r.candidate is not None:
+            self.progress.candidate = Candidate(r.candidate, pos.get(f"{r.candidate}_chosen", ""))
+        if "old_primary_final" in pos:
+            fenced = {k[: -len("_fenced")]: v for k, v in pos.items() if k.endswith("_fenced")}
+            self.progress.revoked = Revoked(r.old_primary, pos["old_primary_final"], fenced)
