@@ -29,6 +29,7 @@ from reparent.topology import (
     ReparentKind,
     ReparentRecord,
     Step,
+    TopologyEvent,
     TopologyStore,
 )
 
@@ -134,11 +135,10 @@ class Controller:
     ) -> ReparentRecord:
         while True:
             record = action.record
+            # Journal writes fsync: keep them off the proxy's event loop too.
             if action.finished:
                 record = replace(record, finished_at=self.clock())
-                self.store.journal_finish(record)
-                for event in action.events:
-                    self.store.publish(event)
+                await asyncio.to_thread(self._journal, record, action.events, True)
                 metrics.observe(record)
                 log.info(
                     "reparent %s %s of %s: %s -> %s, %s%s",
@@ -151,9 +151,7 @@ class Controller:
                     f" ({record.reason})" if record.reason else "",
                 )
                 return record
-            self.store.journal_put(record)
-            for event in action.events:
-                self.store.publish(event)
+            await asyncio.to_thread(self._journal, record, action.events, False)
             assert action.call is not None
             started = self.clock()
             t0 = time.perf_counter()
@@ -168,6 +166,17 @@ class Controller:
             if progress is not None:
                 progress(timing)
             action = orch.done(result) if error is None else orch.failed(error)
+
+    def _journal(
+        self, record: ReparentRecord, events: tuple[TopologyEvent, ...], finished: bool
+    ) -> None:
+        """Journal first, then publish: an event is never ahead of the journal."""
+        if finished:
+            self.store.journal_finish(record)
+        else:
+            self.store.journal_put(record)
+        for event in events:
+            self.store.publish(event)
 
     def _call(self, call: Call, orch: Orchestrator, timeout: float | None) -> object:
         """One mechanism call, in a worker thread."""
