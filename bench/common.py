@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ STARTUP_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 # sysbench gets this much longer than --time before it is killed: start-up plus a slow drain.
 SYSBENCH_GRACE = 30
+PREPARE_TIMEOUT = 600
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -59,8 +61,6 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, what: str) -> None:
     """Return once `port` accepts connections; raise with the log if `proc` dies or is slow."""
-    import socket
-
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         if proc.poll() is not None:
@@ -190,7 +190,8 @@ def running_stack(base_port: int, replicas: int) -> Iterator[Stack]:
         ok = True
     finally:
         # A second Ctrl-C must not cut the clean-up short and leave servers behind.
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in stopping}
         try:
             for proxy in (haproxy, baton):
                 if proxy is not None:
@@ -305,12 +306,11 @@ class SysbenchRun:
     problem: str | None  # why there is no result: exit code, kill or unparsable output
 
 
-def run_sysbench(command: list[str], timeout_s: int) -> SysbenchRun:
-    """Run under `timeout -s KILL`, in its own session so that an interrupted benchmark can kill
-    the whole group (timeout and sysbench) instead of orphaning sysbench."""
-    full = ["timeout", "-s", "KILL", str(timeout_s), *command]
+def _run_killable(command: list[str], timeout_s: int) -> tuple[int, str]:
+    """Run `command` under `timeout -s KILL`, in its own session, so that an interrupted
+    benchmark kills the whole group (timeout and sysbench) instead of orphaning sysbench."""
     proc = subprocess.Popen(
-        full,
+        ["timeout", "-s", "KILL", str(timeout_s), *command],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -325,14 +325,30 @@ def run_sysbench(command: list[str], timeout_s: int) -> SysbenchRun:
             pass
         proc.wait()
         raise
-    output = raw.decode(errors="replace")
-    if proc.returncode != 0:
-        reason = "killed by timeout" if proc.returncode in (124, 137) else "failed"
-        return SysbenchRun(full, proc.returncode, output, None, f"{reason}, rc {proc.returncode}")
+    return proc.returncode, raw.decode(errors="replace")
+
+
+def run_sysbench(command: list[str], duration_s: int) -> SysbenchRun:
+    """One `sysbench ... run` of `duration_s` seconds; a failure is recorded, not raised, so
+    one broken path does not cost the numbers of the others."""
+    timeout_s = duration_s + SYSBENCH_GRACE
+    full = ["timeout", "-s", "KILL", str(timeout_s), *command]
+    returncode, output = _run_killable(command, timeout_s)
+    if returncode != 0:
+        reason = f"killed after {timeout_s} s" if returncode in (124, 137) else "failed"
+        return SysbenchRun(full, returncode, output, None, f"{reason}, rc {returncode}")
     try:
         return SysbenchRun(full, 0, output, parse_sysbench(output), None)
     except ValueError as e:
         return SysbenchRun(full, 0, output, None, str(e))
+
+
+def sysbench_prepare(command: list[str]) -> None:
+    """Create and fill the tables; raise with sysbench's output if it fails, since every run
+    after a failed prepare would measure errors."""
+    returncode, output = _run_killable(command, PREPARE_TIMEOUT)
+    if returncode != 0:
+        raise RuntimeError(f"sysbench prepare failed (rc {returncode}):\n{output[-2000:]}")
 
 
 # -- the record ------------------------------------------------------------------------------

@@ -1,0 +1,333 @@
+"""`python -m bench.steady`: steady-state throughput and latency, direct vs Baton vs HAProxy.
+
+sysbench runs each workload x threads x ps-mode against the primary of a private sandbox three
+ways: directly, through Baton, and through HAProxy in TCP mode. The table gives qps and p95
+latency per path and qps as a ratio to direct (the cost of any hop) and to HAProxy (the cost of
+Baton over a proxy that only copies bytes). It goes to stdout and, with the machine, the exact
+commands and every raw run, to OUT/steady.md and OUT/steady.json.
+
+Why it is built this way:
+- The three paths of one combination run back to back, and repeats cycle through all three, so
+  drift (a neighbour's load, a warming cache) falls on every path alike instead of on one.
+- Everything shares 2 cores here (sysbench, servers, proxies), so a ratio on this machine is
+  only a ratio on this machine; the load average is recorded at the start of every run so that
+  noise from other work can be seen in the record.
+- Both `--db-ps-mode` values: `disable` sends text queries, `auto` server-side prepared
+  statements, which Baton must relay with its own statement ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    ROOT,
+    SysbenchRun,
+    exit_on_signals,
+    load_average,
+    machine_info,
+    progress,
+    run_sysbench,
+    running_stack,
+    sysbench_command,
+    sysbench_prepare,
+)
+
+PATHS = ("direct", "baton", "haproxy")
+PS_MODES = ("disable", "auto")
+PORT_RANGE = range(20000, 30000)  # the ports this machine's benchmarks may use
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _subset(value: str, allowed: tuple[str, ...]) -> list[str]:
+    items = _csv(value)
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {value!r}")
+    return items
+
+
+def _thread_counts(value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in _csv(value)]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers; got {value!r}")
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.steady", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--duration", type=int, help="seconds per run (default 10, --quick 3)")
+    parser.add_argument(
+        "--threads", type=_thread_counts, help="sysbench thread counts (default 8,16, --quick 8)"
+    )
+    parser.add_argument(
+        "--workloads", type=_csv, default="oltp_point_select,oltp_read_write", help="sysbench tests"
+    )
+    parser.add_argument(
+        "--ps-modes",
+        type=lambda v: _subset(v, PS_MODES),
+        default="disable,auto",
+        help="sysbench --db-ps-mode values",
+    )
+    parser.add_argument(
+        "--paths",
+        type=lambda v: _subset(v, PATHS),
+        default=",".join(PATHS),
+        help="where sysbench connects",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per path; the median counts")
+    parser.add_argument("--tables", type=int, default=4, help="sysbench --tables")
+    parser.add_argument("--table-size", type=int, default=10000, help="rows per table")
+    parser.add_argument("--out", type=Path, help="results dir (default bench/results)")
+    parser.add_argument("--base-port", type=int, default=22301, help="port of the primary")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the primary")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 3 s, 8 threads, results to a temp dir"
+    )
+    return parser
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Apply the --quick defaults, then refuse what would fail only minutes into the run."""
+    # argparse applies `type` to string defaults, so these are lists already.
+    if args.duration is None:
+        args.duration = 3 if args.quick else 10
+    if args.threads is None:
+        args.threads = [8] if args.quick else [8, 16]
+    if args.out is None:
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="steady-quick-")) if args.quick else ROOT / "bench/results"
+        )
+    if args.duration < 1 or args.repeat < 1 or args.tables < 1 or args.table_size < 1:
+        parser.error("--duration, --repeat, --tables and --table-size must be at least 1")
+    if args.base_port not in PORT_RANGE or args.base_port + args.replicas not in PORT_RANGE:
+        parser.error(f"servers must fit in ports {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+    return args
+
+
+def sysbench_options(args: argparse.Namespace, threads: int, ps_mode: str) -> dict[str, str | int]:
+    return {
+        "tables": args.tables,
+        "table-size": args.table_size,
+        "threads": threads,
+        "time": args.duration,
+        "events": 0,
+        "report-interval": 0,
+        "percentile": 95,
+        "rand-type": "uniform",
+        "db-ps-mode": ps_mode,
+    }
+
+
+def run_all(
+    args: argparse.Namespace, ports: dict[str, int], check: Callable[[], None]
+) -> list[dict[str, Any]]:
+    """Every run, in the interleaved order; `check` raises if a proxy has died."""
+    combos = [
+        (w, t, m, r, p)
+        for w in args.workloads
+        for t in args.threads
+        for m in args.ps_modes
+        for r in range(args.repeat)
+        for p in args.paths
+    ]
+    runs: list[dict[str, Any]] = []
+    for i, (workload, threads, ps_mode, rep, path) in enumerate(combos, 1):
+        load = load_average()[0]
+        options = sysbench_options(args, threads, ps_mode)
+        run: SysbenchRun = run_sysbench(
+            sysbench_command(workload, ports[path], "run", options), args.duration
+        )
+        check()
+        r = run.result
+        label = f"[{i}/{len(combos)}] {workload} t={threads} ps={ps_mode} #{rep + 1} {path:7}"
+        if r is None:
+            progress(f"{label} FAILED: {run.problem}: {run.output.strip()[-300:]}")
+        else:
+            progress(
+                f"{label} {r.qps:9.0f} qps  p95 {r.p95_ms:6.2f} ms  errors {r.errors}"
+                f"  reconnects {r.reconnects}  (load {load})"
+            )
+        runs.append(
+            {
+                "workload": workload,
+                "threads": threads,
+                "ps_mode": ps_mode,
+                "repeat": rep + 1,
+                "path": path,
+                "load_1m_before": load,
+                "command": shlex.join(run.command),
+                "returncode": run.returncode,
+                "problem": run.problem,
+                "result": None if r is None else asdict(r),
+                "output_tail": None if r is not None else run.output[-2000:],
+            }
+        )
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per workload x threads x ps-mode x path: medians of the good runs, sums of
+    errors and reconnects, and qps relative to direct and to HAProxy in the same combination."""
+    groups: dict[tuple[str, int, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        key = (run["workload"], run["threads"], run["ps_mode"], run["path"])
+        groups.setdefault(key, []).append(run)
+    rows: list[dict[str, Any]] = []
+    for (workload, threads, ps_mode, path), group in groups.items():
+        good = [g["result"] for g in group if g["result"] is not None]
+        rows.append(
+            {
+                "workload": workload,
+                "threads": threads,
+                "ps_mode": ps_mode,
+                "path": path,
+                "runs": len(group),
+                "failed": len(group) - len(good),
+                "qps": statistics.median(g["qps"] for g in good) if good else None,
+                "tps": statistics.median(g["tps"] for g in good) if good else None,
+                "p95_ms": statistics.median(g["p95_ms"] for g in good) if good else None,
+                "errors": sum(g["errors"] for g in good),
+                "reconnects": sum(g["reconnects"] for g in good),
+            }
+        )
+    by_key = {(r["workload"], r["threads"], r["ps_mode"], r["path"]): r for r in rows}
+    for row in rows:
+        for base in ("direct", "haproxy"):
+            ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], base))
+            ok = ref is not None and ref["qps"] and row["qps"] is not None
+            row[f"ratio_{base}"] = row["qps"] / ref["qps"] if ok else None
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table; '-' where a number does not exist (a failed run, a path not run)."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [
+        "| workload | threads | ps-mode | path | qps | p95 ms | ratio to direct "
+        "| ratio to HAProxy | errors | reconnects |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        qps = "FAILED" if r["qps"] is None else f"{r['qps']:,.0f}"
+        if r["failed"] and r["qps"] is not None:
+            qps += f" ({r['failed']} of {r['runs']} failed)"
+        lines.append(
+            f"| {r['workload']} | {r['threads']} | {r['ps_mode']} | {r['path']} | {qps} "
+            f"| {num(r['p95_ms'], '.2f')} | {num(r['ratio_direct'], '.2f')} "
+            f"| {num(r['ratio_haproxy'], '.2f')} | {r['errors']} | {r['reconnects']} |"
+        )
+    return "\n".join(lines)
+
+
+def report(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """steady.md: enough to judge and to repeat the numbers without the JSON."""
+    m = record["machine"]
+    s = record["settings"]
+    failures = [r for r in record["runs"] if r["result"] is None]
+    lines = [
+        "# Steady state: direct vs Baton vs HAProxy",
+        "",
+        f"- Date: {m['date']}",
+        f"- Machine: {m['nproc']} CPUs, {m['host']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- Versions: {m['mariadb']}; {m['sysbench']}; {m['haproxy']}",
+        f"- Baton commit: {m['commit']}",
+        f"- Load average (1/5/15 min): {m['load_average_start']} at start, "
+        f"{record['load_average_end']} at end",
+        "",
+        "Command:",
+        "",
+        f"    {record['command']}",
+        "",
+        "Prepared once, directly against the primary:",
+        "",
+        f"    {record['prepare_command']}",
+        "",
+        "First run (the others differ only in workload, --threads, --db-ps-mode and port; "
+        "every run's command is in steady.json):",
+        "",
+        f"    {record['runs'][0]['command']}",
+        "",
+        f"Ports: {', '.join(f'{k} {v}' for k, v in record['ports'].items())}. "
+        f"One sandbox (1 primary, {s['replicas']} replica(s)), `baton serve` with the sandbox's "
+        "config, HAProxy `mode tcp`, `balance first`, no health check. sysbench, servers and "
+        f"proxies share the same CPUs. {s['duration']} s per run, median of {s['repeat']} "
+        "run(s) per path; the paths of one combination run back to back. Ratios are qps "
+        "over the qps of the direct (HAProxy) path in the same combination.",
+        "",
+        table(rows),
+    ]
+    if failures:
+        lines += ["", "Failed runs:", ""]
+        lines += [
+            f"- {f['workload']} t={f['threads']} ps={f['ps_mode']} #{f['repeat']} {f['path']}: "
+            f"{f['problem']}"
+            for f in failures
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = resolve(parser.parse_args(argv), parser)
+    command = shlex.join(
+        ["python", "-m", "bench.steady", *(sys.argv[1:] if argv is None else argv)]
+    )
+    machine = machine_info()
+    with exit_on_signals(), running_stack(args.base_port, args.replicas) as stack:
+        ports = stack.ports()
+        prepare = sysbench_command(
+            "oltp_read_write",
+            ports["direct"],
+            "prepare",
+            {"tables": args.tables, "table-size": args.table_size, "threads": args.tables},
+        )
+        progress(f"prepare: {args.tables} tables x {args.table_size} rows")
+        sysbench_prepare(prepare)
+        runs = run_all(args, ports, stack.check_alive)
+        load_end = load_average()
+    record = {
+        "command": command,
+        "machine": machine,
+        "settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+        "ports": ports,
+        "prepare_command": shlex.join(prepare),
+        "runs": runs,
+        "load_average_end": load_end,
+    }
+    rows = summarize(runs)
+    record["summary"] = rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "steady.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "steady.md").write_text(report(record, rows))
+    print(table(rows))
+    progress(f"wrote {args.out / 'steady.md'} and {args.out / 'steady.json'}")
+    return 1 if any(r["result"] is None for r in runs) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted; everything started was stopped")
+        sys.exit(130)
