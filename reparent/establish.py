@@ -1,0 +1,295 @@
+"""Establishment by MariaDB GTID replication: choose a replica, catch it up, make it the source.
+
+The rules it stands on (design.md, "Facts we rely on"; gtid.py for the arithmetic):
+- A candidate is fit when it is reachable, its replication runs, it has no transaction the old
+  primary lacks (errant: under gtid_strict_mode it would break every server that replicates
+  from it), and it is not lagging.
+- Lag is measured as what it costs: the candidate is lagging when it cannot apply everything
+  the old primary has committed *now* within `max_lag_seconds` (a bounded MASTER_GTID_WAIT).
+  Seconds_Behind_Master is not used: it is NULL whenever the IO thread is stopped, 0 while
+  the IO thread itself is behind, and jumps by the length of one long transaction. A GTID
+  distance is exact but counts transactions, not time. The wait is free for a healthy
+  candidate and bounds a refusal to `max_lag_seconds`, during which nothing is revoked yet.
+- In an emergency (the old primary does not answer) only the replicas can be compared. The new
+  primary must have received everything any reachable replica received, or that replica would
+  hold transactions the new primary lacks; how fast it applies them does not matter, because
+  no other replica can do better, so the lag threshold does not apply.
+- MASTER_GTID_WAIT waits on gtid_slave_pos only (measured: on a server that is no replica, a
+  GTID in its own binlog is never "reached"), so every wait targets a position that arrives
+  through the SQL thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from reparent import gtid
+from reparent.admin import PROBE_TIMEOUT, AdminConnection, AdminPool, Replication
+from reparent.admin import GtidVariable as Var
+from reparent.config import ServerConfig
+from reparent.mechanism import (
+    Candidate,
+    Established,
+    FailureKind,
+    MechanismError,
+    ReparentContext,
+    Revoked,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LAG_SECONDS = 5.0
+# Every repointing statement must answer within this: the proxies hold clients until the
+# reparent is published, and a hung server must not hold them longer. A healthy server answers
+# in milliseconds; STOP SLAVE may wait for the event group being applied.
+REPOINT_TIMEOUT = 2.0
+
+
+class GtidEstablishment:
+    name = "gtid"
+
+    def __init__(
+        self,
+        max_lag_seconds: float = MAX_LAG_SECONDS,
+        pool: AdminPool | None = None,
+        repoint_timeout: float = REPOINT_TIMEOUT,
+    ) -> None:
+        self.max_lag_seconds = max_lag_seconds
+        self.pool = pool or AdminPool()
+        self.repoint_timeout = repoint_timeout
+
+    # -- choose --------------------------------------------------------------------------------
+
+    def choose(self, ctx: ReparentContext) -> Candidate:
+        """The requested candidate if it is fit, else the fittest replica (see the module's
+        rules); MechanismError with the reason of the refusal otherwise."""
+        replicas = [s for s in ctx.servers if s.name != ctx.old_primary.name]
+        requested = ctx.candidate.name if ctx.candidate is not None else None
+        if requested is not None and requested not in {s.name for s in replicas}:
+            raise MechanismError(FailureKind.INVALID, f"{requested} is not a replica in the shard")
+        states = self.pool.each(replicas, ctx.admin, AdminConnection.replication)
+        reachable = {n: s for n, s in states.items() if isinstance(s, Replication)}
+        primary = self._probe(ctx)
+        if primary is None:
+            received = {n: s.final_position for n, s in reachable.items() if s.status}
+            refusals = {n: _unfit_emergency(s, received) for n, s in reachable.items()}
+        else:
+            refusals = {n: _unfit_planned(s, primary) for n, s in reachable.items()}
+        refusals.update((n, s) for n, s in states.items() if isinstance(s, MechanismError))
+        fit = [n for n in states if refusals[n] is None]  # in the config's order
+        if requested is not None:
+            refusal = refusals[requested]
+            if refusal is not None:
+                raise refusal
+            name = requested
+        elif not fit:
+            reasons = "; ".join(str(r) for r in refusals.values())
+            raise MechanismError(FailureKind.INVALID, f"no replica can be promoted: {reasons}")
+        elif primary is None:
+            name = fit[0]  # all fit ones received the same: everything
+        else:
+            name = min(fit, key=lambda n: gtid.behind(reachable[n].slave_pos, primary.binlog_pos))
+        if primary is None:
+            return Candidate(name, reachable[name].final_position)
+        return self._within_lag(ctx, name, primary.binlog_pos, reachable[name].slave_pos)
+
+    def _probe(self, ctx: ReparentContext) -> Replication | None:
+        try:
+            conn = self.pool.get(ctx.old_primary, ctx.admin, PROBE_TIMEOUT)
+            with conn.timeout(PROBE_TIMEOUT):
+                return conn.replication()
+        except MechanismError as e:
+            log.info("old primary %s not reached: %s", ctx.old_primary.name, e)
+            return None
+
+    def _within_lag(self, ctx: ReparentContext, name: str, target: str, applied: str) -> Candidate:
+        conn = self.pool.get(_server(ctx, name), ctx.admin)
+        if not conn.master_gtid_wait(target, self.max_lag_seconds):
+            raise MechanismError(
+                FailureKind.LAGGING,
+                f"{name} did not apply the primary's {target} within {self.max_lag_seconds} s"
+                f" (it was {gtid.behind(applied, target)} transactions behind)",
+            )
+        return Candidate(name, conn.gtid(Var.CURRENT_POS))
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    def prepare(self, ctx: ReparentContext, candidate: Candidate) -> None:
+        """Wait, while the old primary still serves, until the candidate has applied what the
+        old primary had committed when the wait began: afterwards only the transactions
+        committed during this wait are left for the blocked window."""
+        position = self.pool.get(ctx.old_primary, ctx.admin).gtid(Var.BINLOG_POS)
+        self._catch_up(ctx, candidate.name, position)
+
+    def _catch_up(self, ctx: ReparentContext, name: str, position: str) -> AdminConnection:
+        conn = self.pool.get(_server(ctx, name), ctx.admin)
+        if not conn.master_gtid_wait(position, ctx.timeout):
+            raise MechanismError(
+                FailureKind.TIMEOUT, f"{name} did not reach {position} within {ctx.timeout} s"
+            )
+        return conn
+
+    # -- establish -----------------------------------------------------------------------------
+
+    def establish(
+        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
+    ) -> Established:
+        """Catch up, stop replicating, become writable, then repoint everyone else. Running it
+        again (a controller resuming from its journal) changes nothing and returns the same.
+
+        Once the candidate is writable nothing raises any more: a server that cannot be
+        repointed is reported in `unreachable` (with the reason in the log), because undoing a
+        promotion for the sake of one replica would cost every client another outage.
+        """
+        # Only an emergency fences replicas, and it always fences at least one.
+        if revoked.replica_positions:
+            target = self._emergency_target(ctx, candidate, revoked)
+        else:
+            target = revoked.gtid_position
+        conn = self._catch_up(ctx, candidate.name, target)
+        conn.stop_replica()
+        conn.reset_replica_all()
+        conn.set_read_only(False)
+        position = conn.gtid(Var.BINLOG_POS)
+        repointed, failed = self._follow_all(ctx, conn.server, was_primary=ctx.old_primary.name)
+        return Established(candidate.name, position, repointed, failed)
+
+    def _emergency_target(
+        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
+    ) -> str:
+        """What the candidate's SQL thread must apply before it is promoted: everything its IO
+        thread received before the fence, provided no fenced replica received more."""
+        fenced = revoked.replica_positions
+        if candidate.name not in fenced:
+            raise MechanismError(FailureKind.INVALID, f"{candidate.name} was not fenced")
+        behind = _behind_others(candidate.name, fenced[candidate.name], fenced)
+        if behind is not None:
+            raise behind
+        status = self.pool.get(_server(ctx, candidate.name), ctx.admin).replica_status()
+        # None: an earlier attempt already promoted it (a resumed reparent), after catching up.
+        return "" if status is None else status["Gtid_IO_Pos"]
+
+    # -- abandon -------------------------------------------------------------------------------
+
+    def abandon(self, ctx: ReparentContext, candidate: Candidate) -> None:
+        """Take back a promotion that may have happened (a planned `establish` failed part-way):
+        the candidate is made read_only first, the old primary stops replicating, and every
+        other server replicates from the old primary again. The old primary stays read_only;
+        the revocation's `undo` gives it back its writes."""
+        conn = self.pool.get(_server(ctx, candidate.name), ctx.admin)
+        conn.set_read_only(True)
+        old = self.pool.get(ctx.old_primary, ctx.admin)
+        old.stop_replica()
+        old.reset_replica_all()
+        # A server that cannot be pointed back is logged, not raised: it is read_only or
+        # unreachable either way, and the old primary is what the undo needs.
+        self._follow_all(ctx, ctx.old_primary, was_primary=candidate.name)
+
+    # -- repointing ----------------------------------------------------------------------------
+
+    def _follow_all(
+        self, ctx: ReparentContext, source: ServerConfig, was_primary: str
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Point every server but `source` at it, all at once; (repointed, failed) names."""
+        reference = self.pool.get(source, ctx.admin).gtid(Var.CURRENT_POS)
+
+        def follow(conn: AdminConnection) -> None:
+            with conn.timeout(self.repoint_timeout):
+                self._follow(ctx, conn, source, reference, conn.server.name == was_primary)
+
+        others = [s for s in ctx.servers if s.name != source.name]
+        results = self.pool.each(others, ctx.admin, follow, self.repoint_timeout)
+        for result in results.values():
+            if result is not None:
+                log.warning("not repointed to %s: %s", source.name, result)
+        repointed = tuple(n for n, r in results.items() if r is None)
+        return repointed, tuple(n for n, r in results.items() if r is not None)
+
+    @staticmethod
+    def _follow(
+        ctx: ReparentContext,
+        conn: AdminConnection,
+        source: ServerConfig,
+        reference: str,
+        was_primary: bool,
+    ) -> None:
+        """read_only first, so that whatever happens next this server takes no writes.
+
+        A server holding transactions the source lacks is left alone (read_only, replicating
+        from nobody): under gtid_strict_mode it could not replicate anyway, and its extra
+        transactions are for a human to look at.
+
+        A server that was primary adopts its own binlog as its replication position first:
+        its own transactions reached it through no SQL thread, so gtid_slave_pos does not have
+        them, and it would ask the source for them again.
+        """
+        conn.set_read_only(True)
+        conn.stop_replica()
+        own = conn.gtid(Var.CURRENT_POS)
+        if not gtid.contains(reference, own):
+            raise MechanismError(
+                FailureKind.ERRANT, f"{conn.server.name} has {own}, {source.name} only {reference}"
+            )
+        if was_primary:
+            conn.set_gtid_slave_pos(conn.gtid(Var.BINLOG_POS))
+        conn.change_master(source, ctx.replication)
+        conn.start_replica()
+
+
+def _unfit_planned(state: Replication, primary: Replication) -> MechanismError | None:
+    """Why a replica cannot be promoted while the old primary answers, judged without waiting
+    (the lag is judged after, on the one chosen). Nothing the old primary committed may be
+    lost: a replica whose IO thread is stopped (an emergency's fence, when the old primary
+    turns out to answer) is fit only if it already received all of it."""
+    refusal = _not_applying(state)
+    if refusal is not None:
+        return refusal
+    extra = gtid.errant(state.binlog_state, primary.binlog_state)
+    if extra:
+        return MechanismError(
+            FailureKind.ERRANT,
+            f"{state.server} has {gtid.format(extra)}, which the primary never had",
+        )
+    status = state.status  # not None: _not_applying refused that
+    if status["Slave_IO_Running"] == "No" and not gtid.contains(
+        state.final_position, primary.binlog_pos
+    ):
+        return MechanismError(
+            FailureKind.LAGGING,
+            f"{state.server}: IO thread stopped ({status['Last_IO_Error'] or 'by a STOP SLAVE'})"
+            f" {gtid.behind(state.final_position, primary.binlog_pos)} transactions short of"
+            f" the primary's {primary.binlog_pos}",
+        )
+    return None
+
+
+def _unfit_emergency(state: Replication, received: dict[str, str]) -> MechanismError | None:
+    """Why a replica cannot be promoted when the old primary is gone: it must be able to apply
+    its relay log, and must have received what every other reachable replica received."""
+    return _not_applying(state) or _behind_others(state.server, state.final_position, received)
+
+
+def _not_applying(state: Replication) -> MechanismError | None:
+    reason = state.not_applying()
+    if reason is None:
+        return None
+    kind = FailureKind.INVALID if state.status is None else FailureKind.LAGGING
+    return MechanismError(kind, f"{state.server}: {reason}")
+
+
+def _behind_others(name: str, position: str, others: dict[str, str]) -> MechanismError | None:
+    ahead = gtid.ahead_of(position, others)
+    if not ahead:
+        return None
+    return MechanismError(
+        FailureKind.LAGGING,
+        f"{name} received {position or 'nothing'}; others received more: "
+        + ", ".join(f"{n} {p}" for n, p in ahead.items()),
+    )
+
+
+def _server(ctx: ReparentContext, name: str) -> ServerConfig:
+    found = next((s for s in ctx.servers if s.name == name), None)
+    if found is None:
+        raise MechanismError(FailureKind.INVALID, f"{name} is not among the shard's live servers")
+    return found
