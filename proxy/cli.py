@@ -48,8 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--socket", help="control socket (default: $BATON_SOCKET or the config's)")
     ctl.add_argument("--config", help="read the socket path from this config")
     ctl.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ctl.add_argument("ctl_command", choices=["status", "sessions"], help="what to ask")
     ctl.set_defaults(func=_ctl)
+    commands = ctl.add_subparsers(dest="ctl_command", required=True)
+    commands.add_parser("status", help="shards, primaries, terms, reparent in flight")
+    commands.add_parser("sessions", help="every client session's state")
+    history = commands.add_parser("history", help="past reparents with their reports")
+    history.add_argument("--shard")
+    history.add_argument("--limit", type=int, default=20)
+    for name, text in (("prs", "planned reparent"), ("ers", "emergency reparent")):
+        reparent = commands.add_parser(name, help=text)
+        reparent.add_argument("--shard", help="default: the proxy's shard")
+        reparent.add_argument("--to", help="the new primary (default: the best replica)")
+        if name == "prs":
+            reparent.add_argument("--timeout", type=float, help="seconds for any one wait")
     return parser
 
 

@@ -1,7 +1,8 @@
 """The control socket: one JSON object per line each way, on a Unix socket of mode 0600.
 
-It is how operators (through `baton ctl`) and tests see inside a running Baton. Later issues add
-the reparent commands here; every command is a method named `cmd_<name>`.
+It is how operators (through `baton ctl`) and tests see inside a running Baton and run reparents.
+Every command is a method named `cmd_<name>`. A reparent streams a `{"progress": ...}` line per
+finished step before its final `{"ok": ..., "result": report}` line.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
+
+from reparent.topology import ReparentKind
 
 from proxy.backend import BackendError
 from proxy.frontend import ClientConnection, ProxyContext
+from reparent.controller import Controller, ReparentRefused
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +32,13 @@ class ControlError(Exception):
     """A command that cannot be carried out; its message goes back to the caller."""
 
 
+Emit = Callable[[dict[str, Any]], None]
+
+
 class ControlServer:
-    def __init__(self, ctx: ProxyContext, path: str) -> None:
+    def __init__(self, ctx: ProxyContext, controller: Controller, path: str) -> None:
         self.ctx = ctx
+        self.controller = controller
         self.path = path
         self._server: asyncio.AbstractServer | None = None
 
@@ -52,14 +61,18 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(json.dumps(await self.handle(line)).encode() + b"\n")
+
+                def emit(obj: dict[str, Any]) -> None:
+                    writer.write(json.dumps(obj).encode() + b"\n")
+
+                emit(await self.handle(line, emit))
                 await writer.drain()
         except ConnectionError:
             pass
         finally:
             writer.close()
 
-    async def handle(self, line: bytes) -> dict[str, Any]:
+    async def handle(self, line: bytes, emit: Emit | None = None) -> dict[str, Any]:
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -67,30 +80,71 @@ class ControlServer:
             method = getattr(self, f"cmd_{request['cmd']}", None)
             if method is None:
                 raise ControlError(f"unknown command {request['cmd']!r}")
-            return {"ok": True, "result": await method(request)}
+            return {"ok": True, "result": await method(request, emit or (lambda _: None))}
         except json.JSONDecodeError as e:
             return {"ok": False, "error": f"not JSON: {e}"}
-        except ControlError as e:
+        except (ControlError, ReparentRefused) as e:
             return {"ok": False, "error": str(e)}
 
-    async def cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        shard = self.ctx.config.shard
-        return {
-            "shards": [
+    async def cmd_status(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        store = self.controller.store
+        shards = []
+        for shard in self.ctx.config.shards:
+            topo = store.read(shard.name).value
+            in_flight = store.journal_get(shard.name)
+            shards.append(
                 {
                     "name": shard.name,
-                    "primary": shard.primary.name,
+                    "primary": topo.primary,
+                    "term": topo.term,
+                    "reparent": in_flight.to_dict() if in_flight else None,
                     "servers": [
-                        {"name": s.name, "host": s.host, "port": s.port, "role": str(s.role)}
+                        {
+                            "name": s.name,
+                            "host": s.host,
+                            "port": s.port,
+                            "role": "primary" if s.name == topo.primary else "replica",
+                            "quarantined": s.name in topo.quarantined,
+                        }
                         for s in shard.servers
                     ],
                 }
-            ],
+            )
+        return {
+            "shards": shards,
             "sessions": len(self.ctx.sessions),
             "version": self.ctx.identity.version,
         }
 
-    async def cmd_sessions(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+    async def cmd_prs(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self._reparent(ReparentKind.PRS, request, emit)
+
+    async def cmd_ers(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self._reparent(ReparentKind.ERS, request, emit)
+
+    async def _reparent(
+        self, kind: ReparentKind, request: dict[str, Any], emit: Emit
+    ) -> dict[str, Any]:
+        shard = request.get("shard") or self.ctx.config.proxy.shard
+        timeout = request.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ControlError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        report = await self.controller.reparent(
+            kind,
+            shard,
+            request.get("to"),
+            timeout,
+            progress=lambda t: emit(
+                {"progress": {"step": str(t.step), "duration_ms": round(t.duration_ms, 3)}}
+            ),
+        )
+        return report.to_dict()
+
+    async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        limit = request.get("limit", 50)
+        return [r.to_dict() for r in self.controller.store.history(request.get("shard"), limit)]
+
+    async def cmd_sessions(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         """Every session's state; stale user variables are read back from idle sessions."""
         out = []
         for conn in list(self.ctx.sessions.values()):

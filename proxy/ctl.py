@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from reparent.config import ConfigError, load
@@ -23,21 +24,26 @@ def socket_path(args: argparse.Namespace) -> str:
     raise ConfigError("no control socket: pass --socket, --config or set BATON_SOCKET")
 
 
-def request(path: str, cmd: str, **params: Any) -> Any:
-    """One command over the socket; raises RuntimeError with Baton's reason on failure."""
+def request(
+    path: str, cmd: str, on_progress: Callable[[dict[str, Any]], None] | None = None, **params: Any
+) -> Any:
+    """One command over the socket; raises RuntimeError with Baton's reason on failure.
+
+    Progress lines (a reparent's finished steps) go to `on_progress` as they arrive."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(path)
         s.sendall(json.dumps({"cmd": cmd, **params}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        raise RuntimeError(reply.get("error", "unknown error"))
-    return reply["result"]
+        stream = s.makefile("rb")
+        for line in stream:
+            reply = json.loads(line)
+            if "progress" in reply:
+                if on_progress is not None:
+                    on_progress(reply["progress"])
+                continue
+            if not reply.get("ok"):
+                raise RuntimeError(reply.get("error", "unknown error"))
+            return reply["result"]
+    raise RuntimeError("baton closed the control connection without an answer")
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -45,6 +51,19 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def render_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['kind']} {r['id']} of shard {r['shard']}: {r['old_primary']} -> "
+        f"{r['new_primary'] or '-'}, term {r['term_before']} -> {r['term_after'] or '-'}: "
+        f"{r['outcome']}" + (f" ({r['reason']})" if r["reason"] else ""),
+    ]
+    total = sum(p["duration_ms"] for p in r["phases"])
+    lines.append(f"  total {total:.1f} ms over {len(r['phases'])} steps")
+    for name, pos in r["positions"].items():
+        lines.append(f"  {name}: {pos}")
     return "\n".join(lines)
 
 
@@ -74,20 +93,39 @@ def render(cmd: str, result: Any) -> str:
                 "user_variables",
             ],
         )
+    if cmd in ("prs", "ers"):
+        return render_report(result)
+    if cmd == "history":
+        return "\n".join(render_report(r) for r in result) or "no reparents yet"
     lines = []
     for shard in result["shards"]:
-        lines.append(f"shard {shard['name']}: primary {shard['primary']}")
-        lines.append(table(shard["servers"], ["name", "host", "port", "role"]))
+        lines.append(f"shard {shard['name']}: primary {shard['primary']}, term {shard['term']}")
+        if shard["reparent"]:
+            rp = shard["reparent"]
+            lines.append(f"  reparent in flight: {rp['kind']} {rp['id']} at {rp['step']}")
+        lines.append(table(shard["servers"], ["name", "host", "port", "role", "quarantined"]))
     lines.append(f"sessions: {result['sessions']}   version: {result['version']}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    for key in ("shard", "to", "timeout", "limit"):
+        value = getattr(args, key, None)
+        if value is not None:
+            params[key] = value
+
+    def progress(step: dict[str, Any]) -> None:
+        if not args.json:
+            print(f"  {step['step']:<18} {step['duration_ms']:9.1f} ms", flush=True)
+
     try:
         path = socket_path(args)
-        result = request(path, args.ctl_command)
+        result = request(path, args.ctl_command, on_progress=progress, **params)
     except (ConfigError, OSError, RuntimeError, ValueError) as e:
         print(f"baton ctl: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else render(args.ctl_command, result))
+    if args.ctl_command in ("prs", "ers") and result.get("outcome") != "succeeded":
+        return 1
     return 0

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from proxy.packets import (
     with_stmt_id,
 )
 from proxy.response import Phase, ResponseParser
+from proxy.router import Router
 from proxy.session import SessionState
 from reparent.config import Config, ServerConfig
 
@@ -94,11 +95,16 @@ class ProxyContext:
 
     config: Config
     identity: BackendIdentity
+    router: Router
     sessions: dict[int, ClientConnection] = field(default_factory=dict)
     next_id: int = 1
 
     def primary(self) -> ServerConfig:
-        return self.config.shard.primary
+        return self.router.primary(self.config.proxy.shard)
+
+    def busy_sessions(self, shard: str) -> Iterator[ClientConnection]:
+        """Sessions with a transaction open or a command in flight (one shard per proxy)."""
+        return (c for c in self.sessions.values() if c.busy or c.state.in_transaction)
 
 
 class ConfigIdentityProvider(IdentityProvider):

@@ -16,8 +16,11 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from proxy.packets import COMMAND_NAMES
+from reparent import metrics as reparent_metrics
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+for _collector in reparent_metrics.COLLECTORS:
+    REGISTRY.register(_collector)
 
 CLIENT_CONNECTIONS = Gauge(
     "baton_client_connections_open", "Client connections open now", registry=REGISTRY

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 
@@ -14,7 +15,13 @@ from proxy.backend import BackendConnection, BackendError
 from proxy.control import ControlServer
 from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
+from proxy.router import Router
+from reparent.admin import AdminPool
 from reparent.config import Config, ConfigError, ServerConfig, load
+from reparent.controller import Controller
+from reparent.establish import GtidEstablishment
+from reparent.revoke import FollowerFencing, GracefulDemotion
+from reparent.topology import FileStore, ReparentKind
 
 log = logging.getLogger("baton")
 
@@ -50,12 +57,24 @@ async def run(config: Config) -> None:
             "primary %s unreachable at start (%s); presenting %s", primary.name, e, FALLBACK.version
         )
         identity = FALLBACK
-    ctx = ProxyContext(config=config, identity=identity)
+    store = FileStore.open(Path(config.controller.store), config)
+    pool = AdminPool()  # one admin connection per server, shared by every mechanism
+    controller = Controller(
+        config,
+        store,
+        {ReparentKind.PRS: GracefulDemotion(pool), ReparentKind.ERS: FollowerFencing(pool)},
+        GtidEstablishment(max_lag_seconds=config.controller.max_lag, pool=pool),
+    )
+    router = Router(config, store, controller.owner, lambda shard: ctx.busy_sessions(shard))
+    ctx = ProxyContext(config=config, identity=identity, router=router)
+    await router.start()
+    for report in await controller.resume():
+        log.info("resumed reparent %s: %s", report.id, report.outcome)
     server = ProxyServer(ctx)
     await server.start_server(
         host=config.proxy.listen_host, port=config.proxy.listen_port, reuse_address=True
     )
-    control = ControlServer(ctx, config.proxy.control_socket)
+    control = ControlServer(ctx, controller, config.proxy.control_socket)
     await control.start()
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
@@ -76,6 +95,7 @@ async def run(config: Config) -> None:
     log.info("baton stopping")
     server.close()
     control.close()
+    router.close()
 
 
 def main(config_path: str) -> int:

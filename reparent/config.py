@@ -65,7 +65,7 @@ class ControllerConfig:
     store: str = "baton-state.json"  # the embedded topology store; relative to the config
     grace: float = 5.0  # seconds a planned demotion waits for proxies to drain
     timeout: float = 10.0  # seconds for any one wait of a reparent (catch-up, drain)
-    max_lag: float = 30.0  # seconds a candidate may lag before a planned reparent refuses it
+    max_lag: float = 5.0  # seconds a candidate may take to apply what the primary has now
     lock_ttl: float = 120.0  # seconds a shard lock lives unless renewed
 
 

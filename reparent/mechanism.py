@@ -58,7 +58,8 @@ class Revoked:
 
     old_primary: str
     gtid_position: str  # the old primary's final @@gtid_binlog_pos ("" when unreachable)
-    # Each replica's position (@@gtid_current_pos) when it was fenced (emergency only).
+    # Each fenced replica's final position: what it had received (Gtid_IO_Pos) joined with
+    # what it had applied, since its relay log may still be applying (emergency only).
     replica_positions: dict[str, str] = field(default_factory=dict)
     killed_connections: int = 0
     drained: bool = True  # False when the grace period ended with work still in flight

@@ -104,6 +104,7 @@ def start_baton(
     port_hint: int,
     proxy: dict[str, Any] | None = None,
     servers: list[dict[str, Any]] | None = None,
+    controller: dict[str, Any] | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
     data = tomllib.loads(config_path.read_text())
@@ -113,6 +114,7 @@ def start_baton(
     sock = str(workdir / "baton.sock")
     data["proxy"].update(listen_port=port, metrics_port=metrics_port, control_socket=sock)
     data["proxy"].update(proxy or {})
+    data.setdefault("controller", {}).update(controller or {})
     if servers is not None:
         data["shards"][0]["servers"] = servers
     cfg = workdir / "baton.toml"
@@ -174,6 +176,7 @@ def direct(primary_port: int) -> Iterator[pymysql.Connection]:
 def app_conn(port: int, **kw: Any) -> pymysql.Connection:
     """The application user over TCP (text protocol), autocommit unless said otherwise."""
     kw.setdefault("autocommit", True)
+    kw.setdefault("ssl_disabled", True)  # PyMySQL builds a TLS context per connect otherwise
     return pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-pass", **kw)
 
 

@@ -7,15 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from reparent.topology import (
-    EventKind,
-    FileStore,
-    Outcome,
-    ReparentKind,
-    ReparentRecord,
-    Step,
-    TopologyEvent,
-)
 
 from reparent.config import load
 from reparent.controller import Controller, ReparentRefused
@@ -28,6 +19,15 @@ from reparent.mechanism import (
     Revoked,
 )
 from reparent.orchestrator import Orchestrator
+from reparent.topology import (
+    EventKind,
+    FileStore,
+    Outcome,
+    ReparentKind,
+    ReparentRecord,
+    Step,
+    TopologyEvent,
+)
 
 CONFIG = load(Path(__file__).resolve().parent.parent / "configs" / "example.toml")
 

@@ -1,0 +1,87 @@
+"""Which server a session goes to, and the proxy's side of the topology contracts.
+
+The router reads the shard's primary from the topology store, so a session that connects (or
+reconnects) after a reparent reaches the new primary. It registers this proxy with the store and,
+when a planned reparent starts, reports "drained" once none of its sessions has a transaction or
+a statement in flight on the old primary. Holding new work and moving sessions belong to the
+buffer; until it exists, a session's next command after the switch reconnects to the new primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from reparent.topology import EventKind, ReparentStarted, TopologyEvent, TopologyStore
+
+from reparent.config import Config, ServerConfig
+
+log = logging.getLogger(__name__)
+
+DRAIN_POLL = 0.002  # seconds between looks at the sessions while a demotion waits
+HEARTBEAT = 1.0  # seconds between registrations; the registration lives three times as long
+
+
+class Router:
+    def __init__(
+        self,
+        config: Config,
+        store: TopologyStore,
+        proxy_id: str,
+        busy_sessions: Callable[[str], Iterable[object]],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.proxy_id = proxy_id
+        self._busy_sessions = busy_sessions
+        self._servers = {(shard.name, s.name): s for shard in config.shards for s in shard.servers}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unwatch: Callable[[], None] | None = None
+
+    def primary(self, shard: str) -> ServerConfig:
+        return self._servers[(shard, self.store.read(shard).value.primary)]
+
+    def term(self, shard: str) -> int:
+        return self.store.read(shard).value.term
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._unwatch = self.store.watch(self._on_event)
+        self._spawn(self._heartbeat())
+
+    def close(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+        for task in self._tasks:
+            task.cancel()
+
+    def _on_event(self, event: TopologyEvent) -> None:
+        """Called from the controller's thread: hop onto the proxy's loop."""
+        if event.kind is EventKind.REPARENT_STARTED and self._loop is not None:
+            assert isinstance(event, ReparentStarted)
+            self._loop.call_soon_threadsafe(self._spawn, self._report_drained(event))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.store.register_proxy(self.proxy_id, HEARTBEAT * 3)
+            await asyncio.sleep(HEARTBEAT)
+
+    async def _report_drained(self, event: ReparentStarted) -> None:
+        """Report once nothing of this proxy is in flight on the shard's old primary; give up
+        when the demotion's grace period is surely over (it goes ahead without us then)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.controller.grace + 1.0
+        while any(True for _ in self._busy_sessions(event.shard)):
+            if loop.time() > deadline:
+                log.info("shard %s: still busy when the grace period ended", event.shard)
+                return
+            await asyncio.sleep(DRAIN_POLL)
+        self.store.report_drained(self.proxy_id, event.shard, event.term, True)
+        log.info("shard %s: drained for term %d", event.shard, event.term)
