@@ -14,18 +14,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from reparent.topology import ReparentKind
-
 from proxy.backend import BackendError
 from proxy.frontend import ClientConnection, ProxyContext
 from reparent.controller import Controller, ReparentRefused
+from reparent.topology import ReparentKind
 
 log = logging.getLogger(__name__)
-
-# Session tracking reports neither user variables nor the collation after
-# SET NAMES ... COLLATE (only the three character_set_* variables).
-COLLATION_SQL = "SELECT @@collation_connection"
-USER_VARIABLES_SQL = "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.USER_VARIABLES"
 
 
 class ControlError(Exception):
@@ -158,19 +152,7 @@ class ControlServer:
         return out
 
     async def _refresh(self, conn: ClientConnection) -> None:
-        """Read back what tracking does not report, on the session's own idle connection."""
-        state = conn.state
-        backend = conn.backend
-        if backend is None or not backend.alive:
-            return
         try:
-            rows = await backend.query(USER_VARIABLES_SQL)
-            collation = await backend.query(COLLATION_SQL)
+            await conn.refresh_state()
         except BackendError as e:
-            log.info("session %d: cannot read user variables: %s", state.session_id, e)
-            return
-        state.user_variables = {
-            (name or b"").decode(): None if v is None else v.decode() for name, v in rows
-        }
-        state.variables["collation_connection"] = (collation[0][0] or b"").decode()
-        state.user_variables_stale = False
+            log.info("session %d: cannot read its state back: %s", conn.state.session_id, e)

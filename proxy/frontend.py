@@ -43,7 +43,7 @@ from proxy.packets import (
 )
 from proxy.response import Phase, ResponseParser
 from proxy.router import Router
-from proxy.session import SessionState
+from proxy.session import READ_BACK_SQL, SessionState
 from reparent.config import Config, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,12 @@ log = logging.getLogger(__name__)
 HIGH_WATER = 1 << 20
 _STATS = metrics.COMMAND_STATS
 
-# Sent once on every backend connection: Baton learns each session's state from OK packets.
-TRACKING_SQL = (
-    "SET session_track_schema=1, session_track_state_change=1, "
+# Set on every backend connection: Baton learns each session's state from OK packets.
+TRACKING_ASSIGNMENTS = (
+    "session_track_schema=1, session_track_state_change=1, "
     "session_track_system_variables='*', session_track_transaction_info='STATE'"
 )
+TRACKING_SQL = "SET " + TRACKING_ASSIGNMENTS
 # Commands relayed to the backend with a response; anything else is refused with 1047.
 _RELAYED = frozenset(
     {
@@ -302,7 +303,7 @@ class ClientConnection(Connection):
                 self.state.schema,
                 cfg.proxy.backend_connect_timeout,
             )
-            await backend.query(TRACKING_SQL)
+            await self._restore(backend)
         except BackendError:
             metrics.BACKEND_CONNECT_FAILURES.labels(label).inc()
             metrics.BACKEND_UP.labels(label).set(0)
@@ -313,6 +314,33 @@ class ClientConnection(Connection):
         self.backend_server = server
         self.state.backend = f"{server.name} ({server.host}:{server.port})"
         return backend
+
+    async def _restore(self, backend: BackendConnection) -> None:
+        """Give a new server session this session's state: Baton's tracking, the variables
+        (character set, sql_mode, time zone, ...), user variables, prepared statements. The
+        schema and collation went with the login. One round trip, plus one per statement."""
+        assignments = [TRACKING_ASSIGNMENTS, *self.state.restore_assignments()]
+        try:
+            await backend.query("SET " + ", ".join(assignments))
+            for stmt in self.state.statements.values():
+                parser, _ = await backend.command(
+                    frame(bytes((Command.STMT_PREPARE,)) + stmt.sql, 0)
+                )
+                stmt.backend_id = parser.backend_stmt_id
+        except BackendError as e:
+            backend.close()
+            raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
+
+    async def refresh_state(self) -> None:
+        """Read back what tracking does not report (user variables, collation) while the
+        session is idle; needed before its state can move to another server."""
+        backend = self.backend
+        if backend is None or not backend.alive:
+            return
+        self.state.read_back(await backend.query(READ_BACK_SQL))
+        exact = self.state.exact_strings_sql()
+        if exact is not None:
+            self.state.exact_strings((await backend.query(exact))[0])
 
     def _close_backend(self) -> None:
         if self.backend is not None:
@@ -501,6 +529,9 @@ class ClientConnection(Connection):
                 return
         except asyncio.CancelledError:
             return
+        except Exception:
+            self.crashed()
+            return
         finally:
             self._task = None
         self._finish()
@@ -537,7 +568,18 @@ class ClientConnection(Connection):
         self._parser.resume_after_infile()
         backend.send(raw, self._parser, self._sink, self._response_done, self._transport)
 
+    def crashed(self) -> None:
+        """A bug must cost this one connection, never leave its client waiting."""
+        log.exception("session %d: closing after an internal error", self.connection_id)
+        self._close()
+
     def _response_done(self, exc: BaseException | None) -> None:
+        try:
+            self._response_finished(exc)
+        except Exception:
+            self.crashed()
+
+    def _response_finished(self, exc: BaseException | None) -> None:
         parser = self._parser
         if exc is not None:
             self._infile = False
@@ -674,7 +716,10 @@ class _ClientProtocol(asyncio.Protocol):
         self.conn = conn
 
     def data_received(self, data: bytes) -> None:
-        self.conn.on_client_data(data)
+        try:
+            self.conn.on_client_data(data)
+        except Exception:
+            self.conn.crashed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.on_client_lost()

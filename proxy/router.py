@@ -13,9 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from reparent.topology import EventKind, ReparentStarted, TopologyEvent, TopologyStore
-
 from reparent.config import Config, ServerConfig
+from reparent.topology import EventKind, ReparentStarted, TopologyEvent, TopologyStore
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ statements are Baton's own record, because Baton maps their ids.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,65 @@ BATON_VARIABLES = frozenset(
 class TxState(enum.StrEnum):
     IDLE = "idle"
     IN_TRANSACTION = "in_transaction"
+
+
+# One round trip reads back what tracking does not report: user variables (with their types, to
+# restore them exactly) and the collation after SET NAMES ... COLLATE. The collation row is the
+# one without a name.
+READ_BACK_SQL = (
+    "SELECT VARIABLE_NAME, VARIABLE_VALUE, VARIABLE_TYPE, CHARACTER_SET_NAME"
+    " FROM information_schema.USER_VARIABLES"
+    " UNION ALL SELECT NULL, @@collation_connection, NULL, NULL"
+)
+# Restored first and in this order: each SET of a character set resets the collation after it.
+_CHARSET_ORDER = (
+    "character_set_client",
+    "character_set_results",
+    "character_set_connection",
+    "collation_connection",
+)
+_NUMERIC_TYPES = frozenset({"INT", "INT UNSIGNED", "DOUBLE", "DECIMAL"})
+_NUMBER = re.compile(r"-?\d+(\.\d+)?(e[+-]?\d+)?", re.I)
+
+
+def _quote(value: str) -> str:
+    """A string literal under the default sql_mode, where a new backend session parses it."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _system_literal(value: str) -> str:
+    # Numeric variables refuse a quoted value (1232); everything else is given as a string.
+    return value if _NUMBER.fullmatch(value) else _quote(value)
+
+
+@dataclass(slots=True)
+class UserVariable:
+    value: str | None  # as information_schema shows it (converted, so not exact for strings)
+    type: str  # INT, INT UNSIGNED, DOUBLE, DECIMAL or VARCHAR (information_schema's words)
+    charset: str | None
+    data: bytes | None = None  # a string's exact bytes, read with HEX(@name)
+
+    def literal(self) -> str:
+        """The value as SQL that gives back the same type, bytes and character set."""
+        if self.value is None:
+            return "NULL"
+        if _NUMBER.fullmatch(self.value):
+            if self.type == "INT":
+                return self.value
+            if self.type == "INT UNSIGNED":
+                return f"CAST({self.value} AS UNSIGNED)"
+            if self.type == "DOUBLE":
+                return self.value if "e" in self.value.lower() else f"{self.value}e0"
+            if self.type == "DECIMAL":
+                return self.value if "." in self.value else f"CAST({self.value} AS DECIMAL(65))"
+        raw = self.data if self.data is not None else self.value.encode("utf-8", "surrogateescape")
+        if not self.charset or self.charset == "binary":
+            return f"X'{raw.hex()}'"
+        return f"CONVERT(X'{raw.hex()}' USING {self.charset})"
+
+
+def _user_variable(name: str) -> str:
+    return "@`" + name.replace("`", "``") + "`"
 
 
 @dataclass(slots=True)
@@ -53,7 +113,7 @@ class SessionState:
     # GTID of the session's last write, reported by the server: what a replica must have applied.
     last_gtid: str = ""
     state_changed: bool = False
-    user_variables: dict[str, str | None] = field(default_factory=dict)
+    user_variables: dict[str, UserVariable] = field(default_factory=dict)
     user_variables_stale: bool = False
     statements: dict[int, PreparedStatement] = field(default_factory=dict)
     next_statement_id: int = 1
@@ -87,6 +147,50 @@ class SessionState:
                 self.user_variables_stale = True
             elif kind is Track.TRANSACTION_STATE:
                 self.transaction_state = value
+
+    def read_back(self, rows: list[list[bytes | None]]) -> None:
+        """Take the answer to READ_BACK_SQL."""
+        variables = {}
+        for name, value, kind, charset in rows:
+            text = None if value is None else value.decode("utf-8", "surrogateescape")
+            if name is None:
+                self.variables["collation_connection"] = text or ""
+            else:
+                variables[name.decode()] = UserVariable(
+                    text, (kind or b"VARCHAR").decode(), charset.decode() if charset else None
+                )
+        self.user_variables = variables
+        self.user_variables_stale = False
+
+    def exact_strings_sql(self) -> str | None:
+        """information_schema converts string values to its own character set; this reads
+        their bytes exactly, one column per string variable (None: there are none)."""
+        names = self._string_names()
+        if not names:
+            return None
+        return "SELECT " + ", ".join(f"HEX({_user_variable(n)})" for n in names)
+
+    def exact_strings(self, row: list[bytes | None]) -> None:
+        for name, hexed in zip(self._string_names(), row, strict=True):
+            if hexed is not None:
+                self.user_variables[name].data = bytes.fromhex(hexed.decode())
+
+    def _string_names(self) -> list[str]:
+        return [
+            n
+            for n, v in self.user_variables.items()
+            if v.type not in _NUMERIC_TYPES and v.value is not None
+        ]
+
+    def restore_assignments(self) -> list[str]:
+        """SET assignments that give a new server session this session's variables."""
+        names = [n for n in _CHARSET_ORDER if n in self.variables]
+        names += sorted(n for n in self.variables if n not in _CHARSET_ORDER)
+        out = [f"SESSION {n} = {_system_literal(self.variables[n])}" for n in names]
+        out += [
+            f"@`{n.replace('`', '``')}` = {v.literal()}" for n, v in self.user_variables.items()
+        ]
+        return out
 
     def reset(self, schema: str | None) -> None:
         """COM_RESET_CONNECTION / COM_CHANGE_USER: the server forgot everything."""
@@ -125,7 +229,7 @@ class SessionState:
             "state_changed": self.state_changed,
             "in_flight": self.in_flight,
             "variables": dict(sorted(self.variables.items())),
-            "user_variables": dict(sorted(self.user_variables.items())),
+            "user_variables": {k: v.value for k, v in sorted(self.user_variables.items())},
             "prepared_statements": [
                 {
                     "id": s.client_id,
