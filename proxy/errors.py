@@ -20,6 +20,10 @@ class ErrorKind(enum.Enum):
     UNKNOWN_COMMAND = (1047, "08S01")
     UNKNOWN_STATEMENT = (1243, "HY000")
     PACKET_TOO_LARGE = (1153, "08S01")
+    # Serialization failure: the transaction was rolled back and may be retried whole.
+    TRANSACTION_LOST = (1213, "40001")
+    # vtgate's choice too: no MySQL code says "held by a proxy, never run".
+    HELD_EVICTED = (1105, "HY000")
 
     @property
     def code(self) -> int:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,9 @@ from mysql_mimic.types import Capabilities, ServerStatus
 
 from proxy import metrics
 from proxy.backend import BackendConnection, BackendError
+from proxy.buffer import EvictReason
 from proxy.errors import ErrorKind
+from proxy.hold import Holder
 from proxy.packets import (
     COMMAND_NAMES,
     MAX_PAYLOAD,
@@ -45,6 +47,8 @@ from proxy.response import Phase, ResponseParser
 from proxy.router import Router
 from proxy.session import READ_BACK_SQL, SessionState
 from reparent.config import Config, ServerConfig
+from reparent.topology import Aborted, ReparentStarted, TopologyEvent
+from reparent.topology import Established as EstablishedEvent
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +101,51 @@ class ProxyContext:
     config: Config
     identity: BackendIdentity
     router: Router
+    holder: Holder
     sessions: dict[int, ClientConnection] = field(default_factory=dict)
     next_id: int = 1
+    # Grows with every published switch; a session's backend from an older epoch is stale.
+    epoch: int = 0
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
 
-    def busy_sessions(self, shard: str) -> Iterator[ClientConnection]:
-        """Sessions with a transaction open or a command in flight (one shard per proxy)."""
-        return (c for c in self.sessions.values() if c.busy or c.state.in_transaction)
+    # -- the router's listener: topology events, on the proxy's loop ---------------------------
+
+    def busy(self, shard: str) -> bool:
+        """Any session with a transaction open or a statement in flight on the old primary?
+        A held session counts as idle: its command has not been sent."""
+        return any(
+            (c.busy and c.held_entry is None) or c.state.in_transaction
+            for c in self.sessions.values()
+        )
+
+    async def prepare_move(self, shard: str) -> None:
+        """Read back what tracking does not report, while the old primary still answers."""
+        for conn in list(self.sessions.values()):
+            if not conn.state.user_variables_stale or conn.state.in_transaction:
+                continue
+            # A held session's backend is idle; an idle session is claimed first.
+            claimed = conn.held_entry is None
+            if claimed and not await conn.exclusive():
+                continue
+            try:
+                await conn.refresh_state()
+            except BackendError as e:
+                log.info("session %d: cannot read its state: %s", conn.connection_id, e)
+            finally:
+                if claimed:
+                    conn.release()
+
+    def topology_event(self, event: TopologyEvent) -> None:
+        if isinstance(event, ReparentStarted):
+            self.holder.reparent_started(event.shard, event.term)
+        elif isinstance(event, EstablishedEvent):
+            self.epoch += 1
+            self.holder.established(event.shard, event.term)
+        elif isinstance(event, Aborted):
+            self.epoch += 1
+            self.holder.aborted(event.shard)
 
 
 class ConfigIdentityProvider(IdentityProvider):
@@ -172,6 +212,12 @@ class ClientConnection(Connection):
         self._started = 0.0
         self._command_byte = 0
         self._prepare_sql = b""
+        # Holding: the buffer's entry for a held command, and for one being flushed.
+        self.held_entry: int | None = None
+        self._held_raw = b""
+        self._flushing: int | None = None
+        self._epoch = 0
+        self._backend_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self._transport: asyncio.Transport = stream.writer.transport  # type: ignore[assignment]
@@ -312,6 +358,7 @@ class ClientConnection(Connection):
         metrics.BACKEND_CONNECTIONS.labels(label).inc()
         self.backend = backend
         self.backend_server = server
+        self._epoch = self.ctx.epoch
         self.state.backend = f"{server.name} ({server.host}:{server.port})"
         return backend
 
@@ -332,15 +379,16 @@ class ClientConnection(Connection):
             raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
 
     async def refresh_state(self) -> None:
-        """Read back what tracking does not report (user variables, collation) while the
-        session is idle; needed before its state can move to another server."""
-        backend = self.backend
-        if backend is None or not backend.alive:
-            return
-        self.state.read_back(await backend.query(READ_BACK_SQL))
-        exact = self.state.exact_strings_sql()
-        if exact is not None:
-            self.state.exact_strings((await backend.query(exact))[0])
+        """Read back what tracking does not report (user variables, collation); needed before
+        its state can move to another server. The caller makes sure no command is in flight."""
+        async with self._backend_lock:
+            backend = self.backend
+            if backend is None or not backend.alive:
+                return
+            self.state.read_back(await backend.query(READ_BACK_SQL))
+            exact = self.state.exact_strings_sql()
+            if exact is not None:
+                self.state.exact_strings((await backend.query(exact))[0])
 
     def _close_backend(self) -> None:
         if self.backend is not None:
@@ -351,11 +399,23 @@ class ClientConnection(Connection):
         self.state.backend = ""
 
     async def _ensure_backend(self) -> BackendConnection | None:
-        """The session's backend, reconnecting if it was lost; None after sending an error."""
-        if self.backend is not None and self.backend.alive:
+        """The session's backend, reconnecting (with the session's state) to the current
+        primary if it was lost or belongs to an older epoch; None after sending an error."""
+        if self.backend is not None and self.backend.alive and self._epoch == self.ctx.epoch:
             return self.backend
         if self.backend is not None:
             self._close_backend()
+        if self.state.in_transaction:
+            # The server rolled the transaction back when the connection went. Going on
+            # silently would let the client COMMIT a transaction that no longer exists.
+            self.state.status &= ~Status.IN_TRANS
+            self._error(
+                ErrorKind.TRANSACTION_LOST,
+                "The transaction was rolled back: its connection to the primary was closed "
+                "(for a switch of the primary, the transaction outlived the grace period). "
+                "This statement was not executed; retry the whole transaction.",
+            )
+            return None
         try:
             return await self._connect_backend()
         except BackendError as e:
@@ -402,6 +462,9 @@ class ClientConnection(Connection):
         self._pump()
 
     def on_client_lost(self) -> None:
+        if self.held_entry is not None:
+            entry, self.held_entry = self.held_entry, None
+            self.ctx.holder.cancel(entry)
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -441,6 +504,8 @@ class ClientConnection(Connection):
             elif raw[3] != 0 or length == 0:
                 self._protocol_error(None, "malformed command packet")
                 return
+            elif self._should_hold():
+                self._hold(raw)
             else:
                 self._command(raw)
             if self._closed.done():
@@ -464,7 +529,7 @@ class ClientConnection(Connection):
             self._close()
             return
         backend = self.backend
-        ready = backend is not None and backend._lost is None
+        ready = backend is not None and backend._lost is None and self._epoch == self.ctx.epoch
         if command in _RELAYED:
             if ready:
                 self._send(command, raw)
@@ -631,7 +696,59 @@ class ClientConnection(Connection):
         """The command is over: account for it and take the next one."""
         _STATS.observe(self._command_byte, time.perf_counter() - self._started)
         self.busy = False
+        if self._flushing is not None:
+            entry, self._flushing = self._flushing, None
+            self.ctx.holder.flushed(entry)
         self._pump()
+
+    # -- holding -------------------------------------------------------------------------------
+
+    def _should_hold(self) -> bool:
+        """Hold at the next command while the shard switches; a transaction runs to its end
+        on the old primary first (up to the demotion's grace period)."""
+        return self.ctx.holder.should_hold(self.ctx.config.proxy.shard) and not (
+            self.state.in_transaction
+        )
+
+    def _hold(self, raw: bytes) -> None:
+        self.busy = True
+        self._held_raw = raw
+        self._started = time.perf_counter()
+        self._command_byte = raw[4]
+        self.held_entry = -1  # the buffer may answer within hold()
+        entry = self.ctx.holder.hold(self, self.connection_id, self.ctx.config.proxy.shard)
+        if self.held_entry == -1:
+            self.held_entry = entry
+
+    def resume_held(self, entry: int, to_new: bool) -> None:
+        """The buffer let this command go: move to the current primary, then run it."""
+        raw, self._held_raw = self._held_raw, b""
+        self.held_entry = None
+        self._flushing = entry
+        self._task = asyncio.get_running_loop().create_task(self._run_held(raw))
+
+    async def _run_held(self, raw: bytes) -> None:
+        try:
+            async with self._backend_lock:
+                backend = await self._ensure_backend()
+            if backend is None:
+                self._finish()
+            else:
+                self._command(raw)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            self.crashed()
+
+    def evict_held(self, entry: int, reason: EvictReason, message: str) -> None:
+        self._held_raw = b""
+        self.held_entry = None
+        self._error(
+            ErrorKind.HELD_EVICTED,
+            f"Baton held this statement while the primary was switched and gave up: {message}. "
+            "The statement was never executed; it is safe to retry.",
+        )
+        self._finish()
 
     async def exclusive(self) -> bool:
         """Claim an idle session for Baton's own queries; False when a command is running."""

@@ -10,6 +10,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -118,6 +119,12 @@ BACKEND_UP = Gauge(
     "1 when the last attempt to reach the server succeeded",
     ["server"],
     registry=REGISTRY,
+)
+HOLD_SECONDS = Histogram(
+    "baton_buffer_hold_seconds",
+    "How long a held command waited before it was flushed",
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0),
 )
 CLIENT_PROTOCOL_ERRORS = Counter(
     "baton_client_protocol_errors",

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from typing import Protocol
 
 from reparent.config import Config, ServerConfig
-from reparent.topology import EventKind, ReparentStarted, TopologyEvent, TopologyStore
+from reparent.topology import ReparentStarted, TopologyEvent, TopologyStore
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +23,22 @@ DRAIN_POLL = 0.002  # seconds between looks at the sessions while a demotion wai
 HEARTBEAT = 1.0  # seconds between registrations; the registration lives three times as long
 
 
+class Listener(Protocol):
+    """The proxy's side: its sessions, and what it does with topology events."""
+
+    def busy(self, shard: str) -> bool: ...
+
+    async def prepare_move(self, shard: str) -> None: ...
+
+    def topology_event(self, event: TopologyEvent) -> None: ...
+
+
 class Router:
-    def __init__(
-        self,
-        config: Config,
-        store: TopologyStore,
-        proxy_id: str,
-        busy_sessions: Callable[[str], Iterable[object]],
-    ) -> None:
+    def __init__(self, config: Config, store: TopologyStore, proxy_id: str) -> None:
         self.config = config
         self.store = store
         self.proxy_id = proxy_id
-        self._busy_sessions = busy_sessions
+        self.listener: Listener | None = None
         self._servers = {(shard.name, s.name): s for shard in config.shards for s in shard.servers}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -58,9 +63,14 @@ class Router:
 
     def _on_event(self, event: TopologyEvent) -> None:
         """Called from the controller's thread: hop onto the proxy's loop."""
-        if event.kind is EventKind.REPARENT_STARTED and self._loop is not None:
-            assert isinstance(event, ReparentStarted)
-            self._loop.call_soon_threadsafe(self._spawn, self._report_drained(event))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: TopologyEvent) -> None:
+        if self.listener is not None:
+            self.listener.topology_event(event)
+        if isinstance(event, ReparentStarted):
+            self._spawn(self._report_drained(event))
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -77,10 +87,13 @@ class Router:
         when the demotion's grace period is surely over (it goes ahead without us then)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.controller.grace + 1.0
-        while any(True for _ in self._busy_sessions(event.shard)):
+        listener = self.listener
+        assert listener is not None
+        while listener.busy(event.shard):
             if loop.time() > deadline:
                 log.info("shard %s: still busy when the grace period ended", event.shard)
                 return
             await asyncio.sleep(DRAIN_POLL)
+        await listener.prepare_move(event.shard)
         self.store.report_drained(self.proxy_id, event.shard, event.term, True)
         log.info("shard %s: drained for term %d", event.shard, event.term)

@@ -14,6 +14,7 @@ from proxy import metrics
 from proxy.backend import BackendConnection, BackendError
 from proxy.control import ControlServer
 from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
+from proxy.hold import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
 from proxy.router import Router
 from reparent.admin import AdminPool
@@ -65,8 +66,11 @@ async def run(config: Config) -> None:
         {ReparentKind.PRS: GracefulDemotion(pool), ReparentKind.ERS: FollowerFencing(pool)},
         GtidEstablishment(max_lag_seconds=config.controller.max_lag, pool=pool),
     )
-    router = Router(config, store, controller.owner, lambda shard: ctx.busy_sessions(shard))
-    ctx = ProxyContext(config=config, identity=identity, router=router)
+    router = Router(config, store, controller.owner)
+    holder = Holder(config.buffer)
+    metrics.REGISTRY.register(holder)
+    ctx = ProxyContext(config=config, identity=identity, router=router, holder=holder)
+    router.listener = ctx
     await router.start()
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)

@@ -70,6 +70,19 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class BufferSettings:
+    """The failover buffer's bounds (proxy.buffer.BufferConfig checks them further)."""
+
+    enabled: bool = True
+    size: int = 1000
+    window: float = 10.0
+    max_failover: float = 20.0
+    min_between: float = 0.0
+    drain_concurrency: int = 16
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
     backend: Account
@@ -78,6 +91,7 @@ class Config:
     # The account replicas use to replicate from a new primary; the admin account if absent.
     replication: Account
     controller: ControllerConfig
+    buffer: BufferSettings
     shards: tuple[ShardConfig, ...]
     path: Path | None = field(default=None, compare=False)
 
@@ -180,6 +194,29 @@ def _controller(table: Any) -> ControllerConfig:
     return ControllerConfig(**values)
 
 
+def _buffer(table: Any) -> BufferSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("buffer: expected a table")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "enabled": bool,
+        "size": int,
+        "window": (int, float),
+        "max_failover": (int, float),
+        "min_between": (int, float),
+        "drain_concurrency": int,
+        "dry_run": bool,
+    }
+    _unknown(table, set(kinds), "buffer")
+    values = {k: _typed(table, k, kind, "buffer") for k, kind in kinds.items() if k in table}
+    for key in ("size", "window", "max_failover", "drain_concurrency"):
+        if key in values and values[key] <= 0:
+            raise ConfigError(f"buffer.{key}: must be positive, got {values[key]}")
+    settings = BufferSettings(**values)
+    if settings.window > settings.max_failover:
+        raise ConfigError("buffer.window: must not exceed buffer.max_failover")
+    return settings
+
+
 def _shards(items: Any) -> tuple[ShardConfig, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError("shards: expected at least one [[shards]] table")
@@ -228,7 +265,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     """Build a Config from parsed TOML, or raise ConfigError naming the key."""
     _unknown(
         data,
-        {"proxy", "backend", "admin", "replication", "controller", "users", "shards"},
+        {"proxy", "backend", "admin", "replication", "controller", "buffer", "users", "shards"},
         "config",
     )
     shards = _shards(data.get("shards"))
@@ -253,6 +290,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         users=users,
         replication=replication,
         controller=_controller(data.get("controller", {})),
+        buffer=_buffer(data.get("buffer", {})),
         shards=shards,
         path=path,
     )

@@ -1,0 +1,170 @@
+"""The buffer's asyncio shell: feeds `proxy.buffer.Buffer` events and time, carries out its
+actions on the sessions, and exports its figures.
+
+Topology events arrive here on the proxy's loop (the router hops them over). A session asks
+`should_hold` before each command. A held command waits in its session, untouched, until the
+buffer says `Flush` (move the session to the current primary, then run it) or `Evict` (answer
+with an error saying it never ran).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy import metrics
+from proxy.buffer import (
+    Action,
+    Buffer,
+    BufferConfig,
+    Evict,
+    EvictReason,
+    Flush,
+    Skipped,
+    Started,
+    Stopped,
+)
+from reparent.config import BufferSettings
+
+log = logging.getLogger(__name__)
+
+
+class HeldSession(Protocol):
+    """What the holder needs of a client session."""
+
+    def resume_held(self, entry: int, to_new: bool) -> None: ...
+
+    def evict_held(self, entry: int, reason: EvictReason, message: str) -> None: ...
+
+
+EVICTION_MESSAGES = {
+    EvictReason.BUFFER_FULL: "the failover buffer is full ({size} commands held)",
+    EvictReason.WINDOW_EXCEEDED: "it waited longer than the {window:g} s window",
+    EvictReason.MAX_DURATION: "the switch took longer than {max_failover:g} s",
+    EvictReason.CLIENT_GONE: "the client went away",
+    EvictReason.SHUTDOWN: "Baton is shutting down",
+}
+
+
+class Holder(Collector):
+    def __init__(self, settings: BufferSettings) -> None:
+        self.settings = settings
+        self.config = BufferConfig(
+            size=settings.size,
+            window=settings.window,
+            max_failover=settings.max_failover,
+            min_between=settings.min_between,
+            drain_concurrency=settings.drain_concurrency,
+            dry_run=settings.dry_run,
+        )
+        self.buffer = Buffer(self.config)
+        self._sessions: dict[int, HeldSession] = {}
+        self._held_at: dict[int, float] = {}
+        self._next_entry = 1
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- topology events (on the loop) ---------------------------------------------------------
+
+    def reparent_started(self, shard: str, term: int) -> None:
+        if self.settings.enabled:
+            self._apply(self.buffer.reparent_started(shard, term, self._now()))
+
+    def established(self, shard: str, term: int) -> None:
+        if self.settings.enabled:
+            self._apply(self.buffer.established(shard, term, self._now()))
+
+    def aborted(self, shard: str) -> None:
+        if self.settings.enabled:
+            self._apply(self.buffer.aborted(shard, self._now()))
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def should_hold(self, shard: str) -> bool:
+        return self.settings.enabled and self.buffer.buffering(shard)
+
+    def hold(self, session: HeldSession, session_id: int, shard: str) -> int:
+        """Hold a session's next command; the buffer may answer at once (evict, or flush)."""
+        entry = self._next_entry
+        self._next_entry += 1
+        self._sessions[entry] = session
+        now = self._now()
+        self._held_at[entry] = now
+        self._apply(self.buffer.hold(entry, session_id, shard, now))
+        return entry
+
+    def flushed(self, entry: int) -> None:
+        self._apply(self.buffer.flushed(entry, self._now()))
+
+    def cancel(self, entry: int) -> None:
+        self._apply(self.buffer.cancel(entry, self._now()))
+
+    # -- the shell -----------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Flush):
+                session = self._sessions.pop(action.entry)
+                metrics.HOLD_SECONDS.observe(self._now() - self._held_at.pop(action.entry))
+                session.resume_held(action.entry, action.to_new)
+            elif isinstance(action, Evict):
+                session = self._sessions.pop(action.entry)
+                self._held_at.pop(action.entry, None)
+                why = EVICTION_MESSAGES[action.reason].format(**vars(self.config))
+                session.evict_held(action.entry, action.reason, why)
+            elif isinstance(action, Started):
+                log.info("shard %s: holding commands for term %d", action.shard, action.term)
+            elif isinstance(action, Stopped):
+                log.info("shard %s: stopped holding (%s)", action.shard, action.reason)
+            elif isinstance(action, Skipped):
+                log.info("shard %s: not holding (%s)", action.shard, action.reason)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.buffer.next_deadline()
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._apply(self.buffer.tick(self._now()))
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.buffer.counters
+        held = CounterMetricFamily("baton_buffer_held", "Commands held during a switch")
+        held.add_metric([], c.held)
+        yield held
+        flushed = CounterMetricFamily("baton_buffer_flushed", "Held commands run after a switch")
+        flushed.add_metric([], c.flushed)
+        yield flushed
+        evicted = CounterMetricFamily(
+            "baton_buffer_evicted", "Held commands failed without running", labels=["reason"]
+        )
+        for reason, n in c.evicted_by_reason.items():
+            evicted.add_metric([str(reason)], n)
+        yield evicted
+        stops = CounterMetricFamily(
+            "baton_buffer_stops", "Times holding stopped, by reason", labels=["reason"]
+        )
+        for reason, n in c.stops_by_reason.items():
+            stops.add_metric([str(reason)], n)
+        yield stops
+        starts = CounterMetricFamily("baton_buffer_starts", "Times holding started")
+        starts.add_metric([], c.starts)
+        yield starts
+        used = GaugeMetricFamily("baton_buffer_utilization", "Share of buffer slots in use")
+        used.add_metric([], self.buffer.slots_used() / self.config.size)
+        yield used
