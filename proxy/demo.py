@@ -1,8 +1,10 @@
-"""`make demo`: a sandbox, Baton in front of it, and a client whose queries go through.
+"""`make demo`: a sandbox, Baton in front of it, a client whose queries go through, and two
+planned switchovers under a write load that the clients see only as a short pause.
 
-It shows the point of the data path as it stands: the client talks to Baton exactly as to
-MariaDB, and Baton knows the session's state. With --keep, everything stays up for you to try
-(`mariadb -h127.0.0.1 -P<port> -uapp -papp-pass`); otherwise it stops what it started.
+It shows the point: the client talks to Baton exactly as to MariaDB, Baton knows the session's
+state, and moving the primary costs the applications no error. With --keep, everything stays
+up for you to try (`mariadb -h127.0.0.1 -P<port> -uapp -papp-pass`); otherwise it stops what it
+started.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +40,69 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20)
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+def switch_under_load(port: int, control_socket: str) -> None:
+    """Four clients write while the primary moves to db2 and back; they should see a pause."""
+    step("4 clients insert rows while `baton ctl prs` moves the primary to db2, then back")
+    stop = threading.Event()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        c = pymysql.connect(
+            host="127.0.0.1",
+            port=port,
+            user="app",
+            password="app-pass",
+            autocommit=True,
+            ssl_disabled=True,
+        )
+        cur = c.cursor()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                cur.execute("INSERT INTO demo.visits (at) VALUES (NOW(6))")
+            except pymysql.err.MySQLError as e:
+                errors.append(str(e))
+            latencies.append(time.perf_counter() - t0)
+        c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for target in ("db2", "db1"):
+            time.sleep(1.0)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "proxy.cli",
+                    "ctl",
+                    "--socket",
+                    control_socket,
+                    "prs",
+                    "--to",
+                    target,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            print(out.stdout.rstrip() or out.stderr.rstrip())
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    latencies.sort()
+    print(
+        f"\nclients: {len(latencies)} inserts, {len(errors)} errors, "
+        f"median {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+        f"worst {latencies[-1] * 1000:.1f} ms (the pause they saw)"
+    )
+    for e in errors[:5]:
+        print(f"  error: {e}")
 
 
 def main() -> int:
@@ -100,6 +166,7 @@ def main() -> int:
             keep = ("id", "user", "backend", "schema", "variables", "user_variables", "last_gtid")
             print(json.dumps({k: s[k] for k in keep}, indent=2))
         conn.close()
+        switch_under_load(cfg.proxy.listen_port, cfg.proxy.control_socket)
         step(f"metrics: curl http://{cfg.proxy.metrics_host}:{cfg.proxy.metrics_port}/metrics")
         if args.keep:
             print(f"\nleft running: baton pid {baton.pid}, sandbox in {box.dir}")
