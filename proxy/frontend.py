@@ -374,6 +374,7 @@ class ClientConnection(Connection):
                     frame(bytes((Command.STMT_PREPARE,)) + stmt.sql, 0)
                 )
                 stmt.backend_id = parser.backend_stmt_id
+                stmt.rebound = False
         except BackendError as e:
             backend.close()
             raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
@@ -541,17 +542,21 @@ class ClientConnection(Connection):
                 self._unknown_statement(command, client_id)
                 self._finish()
                 return
-            raw = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
             if command == Command.STMT_CLOSE or command == Command.STMT_SEND_LONG_DATA:
                 # No response: write it and go on with the next command.
                 if ready:
                     assert backend is not None
-                    backend.write(raw)
+                    backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
                 if command == Command.STMT_CLOSE:
                     del self.state.statements[client_id]
                 self._finish()
                 return
             if ready:
+                if command == Command.STMT_EXECUTE:
+                    payload = stmt.execute_payload(raw[4:])
+                    raw = frame(payload, 0) if len(payload) != len(raw) - 4 else raw[:4] + payload
+                else:
+                    raw = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
                 self._send(command, raw)
                 return
         elif command == Command.STMT_PREPARE:
@@ -581,13 +586,9 @@ class ClientConnection(Connection):
                     self._close()
                     return
             else:
-                backend = await self._ensure_backend()
-                if backend is not None:
-                    client_id = (
-                        self.state.reserve_statement_id() if command == Command.STMT_PREPARE else 0
-                    )
-                    self._send(command, raw, client_id)
-                    return  # _response_done finishes it
+                if await self._ensure_backend() is not None:
+                    self._command(raw)  # the backend is ready now: the usual path
+                    return
         except BackendError as e:
             if not self._lost_backend(e):
                 self._close()

@@ -98,6 +98,28 @@ class PreparedStatement:
     sql: bytes
     params: int
     columns: int
+    # The parameter types the client bound last. Clients send them with the first execute
+    # only; a statement prepared again on another server must be given them once more.
+    param_types: bytes = b""
+    rebound: bool = True
+
+    def execute_payload(self, payload: bytes) -> bytes:
+        """A COM_STMT_EXECUTE for the backend: its statement id, and the parameter types if
+        this server has not seen them yet."""
+        head = payload[:1] + self.backend_id.to_bytes(4, "little") + payload[5:10]
+        if not self.params:
+            return head + payload[10:]
+        flag_at = 10 + (self.params + 7) // 8
+        if flag_at >= len(payload):
+            return head + payload[10:]
+        if payload[flag_at] == 1:
+            self.param_types = payload[flag_at + 1 : flag_at + 1 + 2 * self.params]
+            self.rebound = True
+            return head + payload[10:]
+        if self.rebound or not self.param_types:
+            return head + payload[10:]
+        self.rebound = True
+        return head + payload[10:flag_at] + b"\x01" + self.param_types + payload[flag_at + 1 :]
 
 
 @dataclass

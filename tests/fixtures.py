@@ -187,3 +187,58 @@ def app_connector(port: int, **kw: Any) -> Any:
     return mysql.connector.connect(
         host="127.0.0.1", port=port, user="app", password="app-pass", use_pure=True, **kw
     )
+
+
+def admin_conn(port: int) -> pymysql.Connection:
+    """The controller's account: for checks the application user may not make."""
+    return pymysql.connect(
+        host="127.0.0.1",
+        port=port,
+        user="baton_admin",
+        password="admin-pass",
+        autocommit=True,
+        connect_timeout=2,
+        ssl_disabled=True,
+    )
+
+
+def admin_query(port: int, sql: str) -> list[dict[str, Any]]:
+    """One statement as admin; rows as dicts."""
+    conn = admin_conn(port)
+    try:
+        cur = conn.cursor(pymysql.cursors.DictCursor)
+        cur.execute(sql)
+        return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def server_ports(box: Sandbox) -> dict[str, int]:
+    return {s["name"]: s["port"] for s in box.status()["servers"]}
+
+
+def private_sandbox(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+    """A sandbox of a test module's own, for tests that move the primary: the shared one
+    must stay as it is."""
+    from tests.conftest import sandbox_base_port
+
+    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=2)
+    sb.up()
+    try:
+        yield sb
+    finally:
+        sb.down()
+
+
+# sysbench against the sandbox's sbtest schema, as the application user.
+SYSBENCH = [
+    "sysbench",
+    "--db-driver=mysql",
+    "--mysql-host=127.0.0.1",
+    "--mysql-user=app",
+    "--mysql-password=app-pass",
+    "--mysql-db=sbtest",
+    "--tables=4",
+    "--table-size=10000",
+    "--rand-type=uniform",
+]

@@ -14,32 +14,24 @@ import pymysql
 import pytest
 
 from reparent.sandbox import Sandbox
-from tests.conftest import sandbox_base_port
-from tests.fixtures import Baton, app_connector, port_hint, start_baton
+from tests.fixtures import (
+    SYSBENCH,
+    Baton,
+    admin_query,
+    app_connector,
+    port_hint,
+    private_sandbox,
+    server_ports,
+    start_baton,
+)
 
-SYSBENCH = [
-    "sysbench",
-    "--db-driver=mysql",
-    "--mysql-host=127.0.0.1",
-    "--mysql-user=app",
-    "--mysql-password=app-pass",
-    "--mysql-db=sbtest",
-    "--tables=4",
-    "--table-size=10000",
-    "--rand-type=uniform",
-]
 DURATION = 60
 SWITCHES = 10
 
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    sb = Sandbox(tmp_path_factory.mktemp("hold-sandbox"), base_port=sandbox_base_port(), replicas=2)
-    sb.up()
-    try:
-        yield sb
-    finally:
-        sb.down()
+    yield from private_sandbox(tmp_path_factory, "hold-sandbox")
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +43,8 @@ def hbaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         b.stop()
 
 
-def ports(box: Sandbox) -> dict[str, int]:
-    return {s["name"]: s["port"] for s in box.status()["servers"]}
-
-
-def admin_query(port: int, sql: str) -> Any:
-    conn = pymysql.connect(
-        host="127.0.0.1",
-        port=port,
-        user="baton_admin",
-        password="admin-pass",
-        autocommit=True,
-        ssl_disabled=True,
-    )
-    try:
-        cur = conn.cursor()
-        cur.execute(sql)
-        return cur.fetchall()
-    finally:
-        conn.close()
+def scalar(port: int, sql: str) -> Any:
+    return next(iter(admin_query(port, sql)[0].values()))
 
 
 def primary(b: Baton) -> str:
@@ -78,19 +53,21 @@ def primary(b: Baton) -> str:
 
 
 def checksums_equal(box: Sandbox, b: Baton) -> None:
-    p = ports(box)
-    pos = admin_query(p[primary(b)], "SELECT @@gtid_binlog_pos")[0][0]
+    p = server_ports(box)
+    current = primary(b)
+    pos = scalar(p[current], "SELECT @@gtid_binlog_pos")
     sums = set()
-    for port in p.values():
-        assert admin_query(port, f"SELECT MASTER_GTID_WAIT('{pos}', 30)")[0][0] == 0
+    for name, port in p.items():
+        if name != current:  # MASTER_GTID_WAIT reads gtid_slave_pos: replicas only
+            assert scalar(port, f"SELECT MASTER_GTID_WAIT('{pos}', 30)") == 0
         tables = ", ".join(f"sbtest.sbtest{i}" for i in range(1, 5))
-        sums.add(tuple(row[1] for row in admin_query(port, f"CHECKSUM TABLE {tables}")))
+        sums.add(tuple(row["Checksum"] for row in admin_query(port, f"CHECKSUM TABLE {tables}")))
     assert len(sums) == 1, sums
 
 
 @pytest.fixture(scope="module")
 def prepared(box: Sandbox) -> None:
-    port = ports(box)["db1"]
+    port = server_ports(box)["db1"]
     subprocess.run(
         [
             "timeout",

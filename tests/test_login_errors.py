@@ -12,7 +12,7 @@ import pymysql
 import pytest
 
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import Baton, app_conn, free_port, port_hint, start_baton
+from tests.fixtures import Baton, admin_conn, app_conn, free_port, port_hint, start_baton
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -102,13 +102,7 @@ def test_backend_killed_mid_session_then_reconnects(baton: Baton, primary_port: 
     cur = conn.cursor()
     cur.execute("SELECT CONNECTION_ID()")
     backend_id = cur.fetchone()[0]
-    admin = pymysql.connect(
-        host="127.0.0.1",
-        port=primary_port,
-        user="baton_admin",
-        password="admin-pass",
-        autocommit=True,
-    )
+    admin = admin_conn(primary_port)
 
     def kill() -> None:
         time.sleep(0.3)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pymysql
-
-from tests.fixtures import Baton, app_connector
+from tests.fixtures import Baton, admin_conn, app_connector
 
 
 def backend_id(cur: object) -> int:
@@ -34,13 +32,7 @@ def test_lost_idle_backend_is_replaced_with_the_session_state(
     # Baton reads back what tracking does not report (done before a reparent demotes).
     assert baton.ctl("--json", "sessions").returncode == 0
     old = backend_id(cur)
-    admin = pymysql.connect(
-        host="127.0.0.1",
-        port=primary_port,
-        user="baton_admin",
-        password="admin-pass",
-        autocommit=True,
-    )
+    admin = admin_conn(primary_port)
     admin.cursor().execute(f"KILL {old}")
     admin.close()
 

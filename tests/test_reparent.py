@@ -16,37 +16,26 @@ import pymysql
 import pytest
 
 from reparent.sandbox import Sandbox
-from tests.conftest import sandbox_base_port
-from tests.fixtures import Baton, app_conn, port_hint, start_baton
-
-ADMIN = {"user": "baton_admin", "password": "admin-pass"}
-
-
-def admin(port: int) -> pymysql.Connection:
-    return pymysql.connect(host="127.0.0.1", port=port, autocommit=True, connect_timeout=2, **ADMIN)
+from tests.fixtures import (
+    Baton,
+    admin_conn,
+    admin_query,
+    app_conn,
+    port_hint,
+    private_sandbox,
+    server_ports,
+    start_baton,
+)
 
 
 def one(port: int, sql: str) -> Any:
-    conn = admin(port)
-    try:
-        cur = conn.cursor(pymysql.cursors.DictCursor)
-        cur.execute(sql)
-        return cur.fetchone()
-    finally:
-        conn.close()
+    rows = admin_query(port, sql)
+    return rows[0] if rows else None
 
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """A sandbox these tests may reparent at will; the shared one stays untouched."""
-    sb = Sandbox(
-        tmp_path_factory.mktemp("reparent-sandbox"), base_port=sandbox_base_port(), replicas=2
-    )
-    sb.up()
-    try:
-        yield sb
-    finally:
-        sb.down()
+    yield from private_sandbox(tmp_path_factory, "reparent-sandbox")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +52,7 @@ def rbaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         b.stop()
 
 
-def ports(box: Sandbox) -> dict[str, int]:
-    return {s["name"]: s["port"] for s in box.status()["servers"]}
+ports = server_ports
 
 
 def ctl_json(b: Baton, *args: str) -> tuple[int, Any]:
@@ -183,7 +171,7 @@ def test_lagging_candidate_aborts_before_demotion(box: Sandbox, rbaton: Baton) -
     p = ports(box)
     primary = status(rbaton)["primary"]
     lagger = next(n for n in p if n != primary)
-    c = admin(p[lagger])
+    c = admin_conn(p[lagger])
     c.cursor().execute("STOP SLAVE SQL_THREAD")
     try:
         conn = app_conn(p[primary])
@@ -230,7 +218,7 @@ def test_never_two_writable_servers_during_planned_reparents_under_load(
     polls = [0]
 
     def poll() -> None:
-        conns = {name: admin(port) for name, port in p.items()}
+        conns = {name: admin_conn(port) for name, port in p.items()}
         while not stop.is_set():
             rw = set()
             for name, c in conns.items():

@@ -5,21 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 
-import pymysql
 import pytest
 
-from tests.fixtures import Baton
-
-SYSBENCH = [
-    "sysbench",
-    "--db-driver=mysql",
-    "--mysql-host=127.0.0.1",
-    "--mysql-user=app",
-    "--mysql-password=app-pass",
-    "--mysql-db=sbtest",
-    "--tables=2",
-    "--table-size=2000",
-]
+from tests.fixtures import SYSBENCH, Baton, admin_query
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +76,5 @@ def test_oltp_read_write_has_no_errors(
 
 
 def innodb_deadlocks(port: int) -> int:
-    conn = pymysql.connect(host="127.0.0.1", port=port, user="baton_admin", password="admin-pass")
-    cur = conn.cursor()
-    cur.execute("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'")
-    value = int(cur.fetchone()[1])
-    conn.close()
-    return value
+    (row,) = admin_query(port, "SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'")
+    return int(row["Value"])
