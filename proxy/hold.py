@@ -67,11 +67,14 @@ class Holder(Collector):
         self._held_at: dict[int, float] = {}
         self._next_entry = 1
         self._timer: asyncio.TimerHandle | None = None
+        self._shards: set[str] = set()
+        self.active = False  # some shard holds (or drains a backlog) right now
 
     # -- topology events (on the loop) ---------------------------------------------------------
 
     def reparent_started(self, shard: str, term: int) -> None:
         if self.settings.enabled:
+            self._shards.add(shard)
             self._apply(self.buffer.reparent_started(shard, term, self._now()))
 
     def established(self, shard: str, term: int) -> None:
@@ -85,7 +88,8 @@ class Holder(Collector):
     # -- sessions ------------------------------------------------------------------------------
 
     def should_hold(self, shard: str) -> bool:
-        return self.settings.enabled and self.buffer.buffering(shard)
+        # Asked before every command: a plain attribute answers the common case.
+        return self.active and self.buffer.buffering(shard)
 
     def hold(self, session: HeldSession, session_id: int, shard: str) -> int:
         """Hold a session's next command; the buffer may answer at once (evict, or flush)."""
@@ -125,6 +129,7 @@ class Holder(Collector):
                 log.info("shard %s: stopped holding (%s)", action.shard, action.reason)
             elif isinstance(action, Skipped):
                 log.info("shard %s: not holding (%s)", action.shard, action.reason)
+        self.active = any(self.buffer.buffering(shard) for shard in self._shards)
         self._schedule()
 
     def _schedule(self) -> None:
