@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test lint bench-steady clean
+.PHONY: setup system-packages demo test lint bench-steady bench-hold clean
 
 setup: system-packages $(STAMP)
 
@@ -38,6 +38,9 @@ demo: setup
 
 bench-steady: setup
 	$(PY) -m bench.steady
+
+bench-hold: setup
+	$(PY) -m bench.hold
 
 clean:
 	-$(VENV)/bin/baton sandbox down

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from reparent.sandbox import APP, HOST, Sandbox
 from tests.fixtures import Baton, free_port, start_baton
@@ -306,34 +306,56 @@ class SysbenchRun:
     problem: str | None  # why there is no result: exit code, kill or unparsable output
 
 
-def _run_killable(command: list[str], timeout_s: int) -> tuple[int, str]:
-    """Run `command` under `timeout -s KILL`, in its own session, so that an interrupted
-    benchmark kills the whole group (timeout and sysbench) instead of orphaning sysbench."""
-    proc = subprocess.Popen(
-        ["timeout", "-s", "KILL", str(timeout_s), *command],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        raw, _ = proc.communicate()
-    except BaseException:
+@dataclass
+class Background:
+    """A command started by `in_background`; `wait` returns its exit code and output."""
+
+    command: list[str]  # as started, inside its `timeout -s KILL` wrapper
+    proc: subprocess.Popen[bytes]
+    output: IO[bytes]
+
+    def wait(self) -> tuple[int, str]:
+        self.proc.wait()
+        self.output.seek(0)
+        return self.proc.returncode, self.output.read().decode(errors="replace")
+
+
+@contextmanager
+def in_background(command: list[str], timeout_s: int) -> Iterator[Background]:
+    """Run `command` under `timeout -s KILL`, in its own session, while the block runs.
+
+    If the block is left before the command has ended (an error, Ctrl-C), the whole group
+    (timeout and sysbench) is killed instead of orphaning sysbench. Output goes to a temporary
+    file, not a pipe, so a run that reports every second cannot stall on a full pipe while the
+    caller is busy with something else (switchovers, say).
+    """
+    full = ["timeout", "-s", "KILL", str(timeout_s), *command]
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(
+            full,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        raise
-    return proc.returncode, raw.decode(errors="replace")
+            yield Background(full, proc, output)
+        finally:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
 
 
 def run_sysbench(command: list[str], duration_s: int) -> SysbenchRun:
     """One `sysbench ... run` of `duration_s` seconds; a failure is recorded, not raised, so
     one broken path does not cost the numbers of the others."""
     timeout_s = duration_s + SYSBENCH_GRACE
-    full = ["timeout", "-s", "KILL", str(timeout_s), *command]
-    returncode, output = _run_killable(command, timeout_s)
+    with in_background(command, timeout_s) as run:
+        returncode, output = run.wait()
+    full = run.command
     if returncode != 0:
         reason = f"killed after {timeout_s} s" if returncode in (124, 137) else "failed"
         return SysbenchRun(full, returncode, output, None, f"{reason}, rc {returncode}")
@@ -346,7 +368,8 @@ def run_sysbench(command: list[str], duration_s: int) -> SysbenchRun:
 def sysbench_prepare(command: list[str]) -> None:
     """Create and fill the tables; raise with sysbench's output if it fails, since every run
     after a failed prepare would measure errors."""
-    returncode, output = _run_killable(command, PREPARE_TIMEOUT)
+    with in_background(command, PREPARE_TIMEOUT) as run:
+        returncode, output = run.wait()
     if returncode != 0:
         raise RuntimeError(f"sysbench prepare failed (rc {returncode}):\n{output[-2000:]}")
 
