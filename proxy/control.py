@@ -143,7 +143,7 @@ class ControlServer:
         out = []
         for conn in list(self.ctx.sessions.values()):
             state = conn.state
-            if state.user_variables_stale and await conn.exclusive():
+            if state.user_variables_stale and conn.claim():
                 try:
                     await self._refresh(conn)
                 finally:

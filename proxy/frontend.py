@@ -127,7 +127,7 @@ class ProxyContext:
                 continue
             # A held session's backend is idle; an idle session is claimed first.
             claimed = conn.held_entry is None
-            if claimed and not await conn.exclusive():
+            if claimed and not conn.claim():
                 continue
             try:
                 await conn.refresh_state()
@@ -751,7 +751,7 @@ class ClientConnection(Connection):
         )
         self._finish()
 
-    async def exclusive(self) -> bool:
+    def claim(self) -> bool:
         """Claim an idle session for Baton's own queries; False when a command is running."""
         if self.busy:
             return False

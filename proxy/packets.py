@@ -308,18 +308,6 @@ def make_err(code: int, sqlstate: str, message: str) -> bytes:
     return b"\xff" + _U16.pack(code) + b"#" + sqlstate.encode("ascii")[:5] + message.encode()
 
 
-def make_ok(
-    status: int, affected_rows: int = 0, last_insert_id: int = 0, warnings: int = 0
-) -> bytes:
-    return (
-        b"\x00"
-        + lenenc(affected_rows)
-        + lenenc(last_insert_id)
-        + _U16.pack(status & ~Status.SESSION_STATE_CHANGED)
-        + _U16.pack(warnings)
-    )
-
-
 def parse_eof_status(payload: bytes) -> int:
     """Status flags of a classic EOF packet (0xFE, warnings, status)."""
     if len(payload) < 5:

@@ -47,9 +47,6 @@ class Router:
     def primary(self, shard: str) -> ServerConfig:
         return self._servers[(shard, self.store.read(shard).value.primary)]
 
-    def term(self, shard: str) -> int:
-        return self.store.read(shard).value.term
-
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._unwatch = self.store.watch(self._on_event)
