@@ -217,6 +217,7 @@ class ClientConnection(Connection):
         self._held_raw = b""
         self._flushing: int | None = None
         self._epoch = 0
+        self._connected_before = False  # a later connect moves the session's state
         self._backend_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
@@ -338,6 +339,7 @@ class ClientConnection(Connection):
         server = self.ctx.primary()
         label = server.name
         cfg = self.ctx.config
+        moving = self._connected_before
         try:
             backend = await BackendConnection.connect(
                 server.host,
@@ -353,7 +355,12 @@ class ClientConnection(Connection):
         except BackendError:
             metrics.BACKEND_CONNECT_FAILURES.labels(label).inc()
             metrics.BACKEND_UP.labels(label).set(0)
+            if moving:
+                metrics.SESSIONS_MOVED.labels("failed").inc()
             raise
+        if moving:
+            metrics.SESSIONS_MOVED.labels("moved").inc()
+        self._connected_before = True
         metrics.BACKEND_UP.labels(label).set(1)
         metrics.BACKEND_CONNECTIONS.labels(label).inc()
         self.backend = backend

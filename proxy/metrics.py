@@ -120,6 +120,13 @@ BACKEND_UP = Gauge(
     ["server"],
     registry=REGISTRY,
 )
+SESSIONS_MOVED = Counter(
+    "baton_sessions_moved",
+    "Sessions whose state was moved to a new server connection (after a switch or a lost "
+    "connection), by outcome",
+    ["outcome"],
+    registry=REGISTRY,
+)
 HOLD_SECONDS = Histogram(
     "baton_buffer_hold_seconds",
     "How long a held command waited before it was flushed",
