@@ -769,13 +769,13 @@ def metrics_lines(m: dict[str, list[dict[str, Any]]]) -> list[str]:
         "",
         "`baton_reparent_phase_seconds` (every reparent of the run):",
         "",
-        "| step | count | mean ms | 99% within |",
+        "| call | count | mean ms | 99% within |",
         "|---|---:|---:|---|",
     ]
     phase = "baton_reparent_phase_seconds"
     for c in [s for s in m.get(phase, []) if s["name"] == f"{phase}_count"]:
         label = c["labels"]
-        # One histogram per label set (kind, step); its buckets add `le` to those labels.
+        # One histogram per label set (kind, call); its buckets add `le` to those labels.
         one = {
             phase: [
                 s for s in m[phase] if {k: v for k, v in s["labels"].items() if k != "le"} == label
@@ -783,7 +783,7 @@ def metrics_lines(m: dict[str, list[dict[str, Any]]]) -> list[str]:
         }
         total = _sample(one, phase, "_sum")
         lines.append(
-            f"| {label['step']} | {c['value']:g} | {1000 * total / c['value']:.1f} "
+            f"| {label['call']} | {c['value']:g} | {1000 * total / c['value']:.1f} "
             f"| {bucket_bound(one, phase, 0.99)} |"
         )
     return lines

@@ -129,7 +129,13 @@ class ControlServer:
             request.get("to"),
             timeout,
             progress=lambda t: emit(
-                {"progress": {"step": str(t.step), "duration_ms": round(t.duration_ms, 3)}}
+                {
+                    "progress": {
+                        "step": str(t.step),
+                        "call": t.call,
+                        "duration_ms": round(t.duration_ms, 3),
+                    }
+                }
             ),
         )
         return report.to_dict()

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(step: dict[str, Any]) -> None:
         if not args.json:
-            print(f"  {step['step']:<18} {step['duration_ms']:9.1f} ms", flush=True)
+            print(f"  {step['call']:<10} {step['duration_ms']:9.1f} ms", flush=True)
 
     try:
         path = socket_path(args)

@@ -161,8 +161,10 @@ class Controller:
                 result, error = None, e
             else:
                 error = None
-            timing = PhaseTiming(record.step, started, (time.perf_counter() - t0) * 1000)
-            orch.timed(timing.step, timing.started_at, timing.duration_ms)
+            timing = PhaseTiming(
+                record.step, started, (time.perf_counter() - t0) * 1000, str(action.call)
+            )
+            orch.timed(timing)
             if progress is not None:
                 progress(timing)
             action = orch.done(result) if error is None else orch.failed(error)

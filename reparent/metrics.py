@@ -12,8 +12,8 @@ REPARENTS = Counter(
 )
 PHASE_SECONDS = Histogram(
     "baton_reparent_phase_seconds",
-    "Duration of each journaled step of a reparent",
-    ["kind", "step"],
+    "Duration of each call of a reparent (choose, prepare, revoke, establish, commit, ...)",
+    ["kind", "call"],
     registry=None,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
@@ -23,4 +23,4 @@ COLLECTORS = (REPARENTS, PHASE_SECONDS)
 def observe(record: ReparentRecord) -> None:
     REPARENTS.labels(str(record.kind), str(record.outcome)).inc()
     for phase in record.phases:
-        PHASE_SECONDS.labels(str(record.kind), str(phase.step)).observe(phase.duration_ms / 1000)
+        PHASE_SECONDS.labels(str(record.kind), phase.call).observe(phase.duration_ms / 1000)

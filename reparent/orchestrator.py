@@ -198,9 +198,9 @@ class Orchestrator:
             events=(Aborted(self.record.shard, reason),),
         )
 
-    def timed(self, step: Step, started_at: float, duration_ms: float) -> None:
+    def timed(self, timing: PhaseTiming) -> None:
         """Add a finished call's timing to the report."""
-        self.record.phases.append(PhaseTiming(step, started_at, duration_ms))
+        self.record.phases.append(timing)
 
     # -- helpers -------------------------------------------------------------------------------
 

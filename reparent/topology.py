@@ -160,23 +160,27 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class PhaseTiming:
-    step: Step
+    step: Step  # the journaled step the call ran under
     started_at: float  # wall-clock seconds
     duration_ms: float
+    call: str = ""  # what ran: choose, prepare, revoke, establish, commit, abandon, undo
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": str(self.step),
+            "call": self.call,
             "started_at": self.started_at,
             "duration_ms": self.duration_ms,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PhaseTiming:
+        call = d.get("call", "")
         return cls(
             step=_enum(d, "step", Step),
             started_at=_float(d, "started_at"),
             duration_ms=_float(d, "duration_ms"),
+            call=call if isinstance(call, str) else "",
         )
 
 

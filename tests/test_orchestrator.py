@@ -118,6 +118,7 @@ def test_planned_reparent_happy_path() -> None:
         Step.ESTABLISHED,
     ]
     assert [p.step for p in report.phases] == steps
+    assert [p.call for p in report.phases] == ["choose", "prepare", "revoke", "establish", "commit"]
     assert report.positions["old_primary_final"] == "0-1-12"
     assert store.journal_get("main") is None
     assert store.history("main")[0].id == report.id
