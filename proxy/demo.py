@@ -42,6 +42,15 @@ def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def ctl(control_socket: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`baton ctl`, as an operator would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "ctl", "--socket", control_socket, *args],
+        capture_output=True,
+        text=True,
+    )
+
+
 def switch_under_load(port: int, control_socket: str) -> None:
     """Four clients write while the primary moves to db2 and back; they should see a pause."""
     step("4 clients insert rows while `baton ctl prs` moves the primary to db2, then back")
@@ -74,21 +83,7 @@ def switch_under_load(port: int, control_socket: str) -> None:
     try:
         for target in ("db2", "db1"):
             time.sleep(1.0)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "proxy.cli",
-                    "ctl",
-                    "--socket",
-                    control_socket,
-                    "prs",
-                    "--to",
-                    target,
-                ],
-                capture_output=True,
-                text=True,
-            )
+            out = ctl(control_socket, "prs", "--to", target)
             print(out.stdout.rstrip() or out.stderr.rstrip())
         time.sleep(1.0)
     finally:
@@ -147,21 +142,7 @@ def main() -> int:
             rows = cur.fetchall()
             print(f"  {sql}\n    -> {rows if rows else f'OK, {cur.rowcount} row(s)'}")
         step("baton ctl sessions: what Baton knows about that session")
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy.cli",
-                "ctl",
-                "--socket",
-                cfg.proxy.control_socket,
-                "--json",
-                "sessions",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        out = ctl(cfg.proxy.control_socket, "--json", "sessions")
         for s in json.loads(out.stdout):
             keep = ("id", "user", "backend", "schema", "variables", "user_variables", "last_gtid")
             print(json.dumps({k: s[k] for k in keep}, indent=2))
