@@ -52,6 +52,7 @@ APP = config.Account("app", "app-pass")
 BACKEND = config.Account("baton", "baton-pass")
 ADMIN = config.Account("baton_admin", "admin-pass")
 REPL = config.Account("repl", "repl-pass")
+STORE_FILE = "baton-state.json"  # the controller's store, beside the config
 DATABASES = ("sbtest", "baton_test")
 
 # Explicit, so that neither SUPER nor READ_ONLY ADMIN slips in: read_only must fence these users.
@@ -497,6 +498,9 @@ class Sandbox:
             f"user = {q(REPL.user)}",
             f"password = {q(REPL.password)}",
             "",
+            "[controller]",
+            f"store = {q(STORE_FILE)}",
+            "",
             "[[users]]",
             f"name = {q(APP.user)}",
             f"password = {q(APP.password)}",
@@ -520,7 +524,8 @@ class Sandbox:
         for node in nodes:
             shutil.rmtree(node.home, ignore_errors=True)
         shutil.rmtree(self.dir / TEMPLATE_DIR, ignore_errors=True)
-        for path in (self.config_path, self.state_path):
+        # The topology store describes these servers only: a new sandbox starts from its config.
+        for path in (self.config_path, self.state_path, self.dir / STORE_FILE):
             path.unlink(missing_ok=True)
         try:
             self.dir.rmdir()  # only if empty: the dir may be the caller's, or hold baton.sock

@@ -299,3 +299,18 @@ def test_a_used_port_is_refused_before_anything_starts(tmp_path, sandbox, status
         box.up()
     assert not (tmp_path / "clash").exists()
     assert os.path.exists(sandbox.state_path)
+
+
+def test_down_forgets_the_topology_store(tmp_path: Path) -> None:
+    """A new sandbox starts with db1 as primary: a store left from the last one must not say
+    otherwise, so `down` removes it with the config that names it."""
+    from tests.conftest import sandbox_base_port
+
+    box = Sandbox(tmp_path / "sb", base_port=sandbox_base_port(), replicas=1)
+    box.up()
+    try:
+        assert config.load(box.config_path).controller.store == str(box.dir / "baton-state.json")
+        (box.dir / "baton-state.json").write_text("{}")
+    finally:
+        box.down()
+    assert not (box.dir / "baton-state.json").exists()
