@@ -487,11 +487,10 @@ class ClientConnection(Connection):
             buf = self._inbuf
             length = buf[0] | buf[1] << 8 | buf[2] << 16
             end = 4 + length
-            while length == MAX_PAYLOAD:  # a command of 16 MiB or more spans several packets
-                if end - 4 > limit:
-                    break
+            while length == MAX_PAYLOAD and end - 4 <= limit:
+                # A command of 16 MiB or more spans several packets.
                 if len(buf) < end + 4:
-                    return
+                    break
                 length = buf[end] | buf[end + 1] << 8 | buf[end + 2] << 16
                 end += 4 + length
             if end - 4 > limit:
@@ -501,15 +500,15 @@ class ClientConnection(Connection):
                     "closing the connection",
                 )
                 return
-            if len(buf) < end:
-                return
+            if len(buf) < end or length == MAX_PAYLOAD:
+                break  # the rest of the command has not arrived yet
             if len(buf) == end:
                 raw, self._inbuf = buf, b""
             else:
                 raw, self._inbuf = buf[:end], buf[end:]
             if self._infile:
                 self._infile_packet(raw)
-            elif raw[3] != 0 or length == 0:
+            elif raw[3] != 0 or end == 4:
                 self._protocol_error(None, "malformed command packet")
                 return
             elif self._should_hold():

@@ -87,20 +87,22 @@ class RawClient:
 
     def command(self, command: int, body: bytes = b"", stmt_id: int = 0) -> bytes:
         """Send a command and return the raw bytes of its whole response."""
+        self.send(bytes((command,)) + body)
+        return self.response(command, stmt_id)
+
+    def response(self, command: int, stmt_id: int = 0) -> bytes:
+        """The raw bytes of the whole response to a command already sent."""
         parser = ResponseParser(
             deprecate_eof=bool(self.caps & Cap.DEPRECATE_EOF),
             client_tracks=bool(self.caps & Cap.SESSION_TRACK),
         )
-        if not parser.begin(command, client_stmt_id=stmt_id):
-            self.send(bytes((command,)) + body)
-            return b""
-        self.send(bytes((command,)) + body)
         out = b""
-        while not parser.done and parser.phase is not Phase.INFILE:
-            if not self.buf:
-                self._recv()
-            data, self.buf = self.buf, b""
-            out += parser.feed(data)
+        if parser.begin(command, client_stmt_id=stmt_id):
+            while not parser.done and parser.phase is not Phase.INFILE:
+                if not self.buf:
+                    self._recv()
+                data, self.buf = self.buf, b""
+                out += parser.feed(data)
         self.parser = parser
         return out
 

@@ -171,3 +171,32 @@ def test_malformed_packet_closes_only_that_connection(baton: Baton) -> None:
     cur.execute("SELECT 3")
     assert cur.fetchone() == (3,)
     other.close()
+
+
+def test_command_of_exactly_16_mib_is_relayed(baton: Baton) -> None:
+    """A payload of 0xFFFFFF bytes is followed by an empty packet; that empty tail is part of
+    the command, not a malformed one."""
+    c = RawClient(baton.port)
+    head = b"\x03SELECT 7 /*"
+    payload = head + b"x" * (0xFFFFFF - len(head) - 2) + b"*/"
+    assert len(payload) == 0xFFFFFF
+    c.sock.sendall(frame(payload, 0))  # frame() adds the empty continuation packet
+    _, first = c.read_packet()
+    assert first[:1] != b"\xff", first  # a result set: the server got the whole statement
+    c.close()
+
+
+def test_client_paused_mid_command_is_resumed(baton: Baton) -> None:
+    """A client that sends a large command while its previous one runs is paused once 1 MiB
+    waits; when the first finishes, reading resumes although the second is still partial."""
+    c = RawClient(baton.port)
+    c.send(b"\x03SELECT SLEEP(0.5)")
+    big = b"\x03SELECT LENGTH('" + b"y" * (3 << 20) + b"')"
+    sender = threading.Thread(target=c.sock.sendall, args=(frame(big, 0),))
+    sender.start()
+    c.sock.settimeout(10)
+    responses = [c.response(Command.QUERY), c.response(Command.QUERY)]
+    sender.join(10)
+    assert responses[0][4:5] == b"\x01"  # SLEEP's result set: one column
+    assert str(3 << 20).encode() in responses[1]
+    c.close()
