@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -230,8 +231,7 @@ def private_sandbox(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iter
         sb.down()
 
 
-# sysbench against the sandbox's sbtest schema, as the application user.
-SYSBENCH = [
+_SYSBENCH = [
     "sysbench",
     "--db-driver=mysql",
     "--mysql-host=127.0.0.1",
@@ -242,3 +242,15 @@ SYSBENCH = [
     "--table-size=10000",
     "--rand-type=uniform",
 ]
+
+
+def sysbench(port: int, *args: str, timeout: int = 120) -> list[str]:
+    """sysbench against the sandbox's sbtest schema as the application user, killed if it
+    outlives `timeout` (Debian's 1.0.20 can spin past --time on errors)."""
+    return ["timeout", "-s", "KILL", str(timeout), *_SYSBENCH, f"--mysql-port={port}", *args]
+
+
+def sysbench_counts(output: str) -> dict[str, int]:
+    """transactions, ignored errors and reconnects from sysbench's summary."""
+    names = {"transactions": "transactions", "errors": "ignored errors", "reconnects": "reconnects"}
+    return {k: int(re.search(rf"{v}:\s+(\d+)", output).group(1)) for k, v in names.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import threading
 import time
@@ -15,7 +14,6 @@ import pytest
 
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
-    SYSBENCH,
     Baton,
     admin_query,
     app_connector,
@@ -23,6 +21,8 @@ from tests.fixtures import (
     private_sandbox,
     server_ports,
     start_baton,
+    sysbench,
+    sysbench_counts,
 )
 
 DURATION = 60
@@ -69,17 +69,7 @@ def checksums_equal(box: Sandbox, b: Baton) -> None:
 def prepared(box: Sandbox) -> None:
     port = server_ports(box)["db1"]
     subprocess.run(
-        [
-            "timeout",
-            "-s",
-            "KILL",
-            "120",
-            *SYSBENCH,
-            f"--mysql-port={port}",
-            "--threads=4",
-            "oltp_read_write",
-            "prepare",
-        ],
+        sysbench(port, "--threads=4", "oltp_read_write", "prepare"),
         check=True,
         capture_output=True,
     )
@@ -91,20 +81,16 @@ def test_sysbench_sees_no_error_across_planned_switchovers(
     box: Sandbox, hbaton: Baton, prepared: None, workload: str, ps_mode: str
 ) -> None:
     proc = subprocess.Popen(
-        [
-            "timeout",
-            "-s",
-            "KILL",
-            str(DURATION + 60),
-            *SYSBENCH,
-            f"--mysql-port={hbaton.port}",
+        sysbench(
+            hbaton.port,
             "--threads=8",
             f"--time={DURATION}",
             f"--db-ps-mode={ps_mode}",
             "--mysql-ignore-errors=none",
             workload,
             "run",
-        ],
+            timeout=DURATION + 60,
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -122,11 +108,9 @@ def test_sysbench_sees_no_error_across_planned_switchovers(
     finally:
         output, _ = proc.communicate(timeout=DURATION + 90)
     assert proc.returncode == 0, output
-    errors = int(re.search(r"ignored errors:\s+(\d+)", output).group(1))
-    reconnects = int(re.search(r"reconnects:\s+(\d+)", output).group(1))
-    transactions = int(re.search(r"transactions:\s+(\d+)", output).group(1))
-    assert (errors, reconnects) == (0, 0), output
-    assert transactions > 1000
+    counts = sysbench_counts(output)
+    assert (counts["errors"], counts["reconnects"]) == (0, 0), output
+    assert counts["transactions"] > 1000
     assert len(reports) == SWITCHES and all(r["outcome"] == "succeeded" for r in reports)
     checksums_equal(box, hbaton)
 

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 
 import pytest
 
-from tests.fixtures import SYSBENCH, Baton, admin_query
+from tests.fixtures import Baton, admin_query, sysbench, sysbench_counts
 
 
 @pytest.fixture(scope="module")
 def prepared(primary_port: int) -> None:
+    subprocess.run(sysbench(primary_port, "oltp_read_write", "cleanup"), capture_output=True)
     subprocess.run(
-        [
-            "timeout",
-            "-s",
-            "KILL",
-            "120",
-            *SYSBENCH,
-            f"--mysql-port={primary_port}",
-            "oltp_read_write",
-            "cleanup",
-        ],
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            "timeout",
-            "-s",
-            "KILL",
-            "120",
-            *SYSBENCH,
-            f"--mysql-port={primary_port}",
-            "oltp_read_write",
-            "prepare",
-        ],
+        sysbench(primary_port, "oltp_read_write", "prepare"),
         check=True,
         capture_output=True,
     )
@@ -50,29 +28,23 @@ def test_oltp_read_write_has_no_errors(
     ones must all be deadlocks the server reports: nothing may come from Baton."""
     deadlocks_before = innodb_deadlocks(primary_port)
     out = subprocess.run(
-        [
-            "timeout",
-            "-s",
-            "KILL",
-            "60",
-            *SYSBENCH,
-            f"--mysql-port={baton.port}",
+        sysbench(
+            baton.port,
             "--threads=8",
             "--time=4",
             f"--db-ps-mode={ps_mode}",
             "oltp_read_write",
             "run",
-        ],
+            timeout=60,
+        ),
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    transactions = int(re.search(r"transactions:\s+(\d+)", out.stdout).group(1))
-    errors = int(re.search(r"ignored errors:\s+(\d+)", out.stdout).group(1))
-    reconnects = int(re.search(r"reconnects:\s+(\d+)", out.stdout).group(1))
-    assert transactions > 100
-    assert reconnects == 0
-    assert errors == innodb_deadlocks(primary_port) - deadlocks_before
+    counts = sysbench_counts(out.stdout)
+    assert counts["transactions"] > 100
+    assert counts["reconnects"] == 0
+    assert counts["errors"] == innodb_deadlocks(primary_port) - deadlocks_before
 
 
 def innodb_deadlocks(port: int) -> int:
