@@ -14,8 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from proxy.backend import BackendError
-from proxy.frontend import ClientConnection, ProxyContext
+from proxy.frontend import ProxyContext
 from reparent.controller import Controller, ReparentRefused
 from reparent.topology import ReparentKind
 
@@ -148,17 +147,6 @@ class ControlServer:
         """Every session's state; stale user variables are read back from idle sessions."""
         out = []
         for conn in list(self.ctx.sessions.values()):
-            state = conn.state
-            if state.user_variables_stale and conn.claim():
-                try:
-                    await self._refresh(conn)
-                finally:
-                    conn.release()
-            out.append(state.as_dict())
+            await conn.refresh_if_stale()
+            out.append(conn.state.as_dict())
         return out
-
-    async def _refresh(self, conn: ClientConnection) -> None:
-        try:
-            await conn.refresh_state()
-        except BackendError as e:
-            log.info("session %d: cannot read its state back: %s", conn.state.session_id, e)

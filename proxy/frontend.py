@@ -121,21 +121,10 @@ class ProxyContext:
         )
 
     async def prepare_move(self, shard: str) -> None:
-        """Read back what tracking does not report, while the old primary still answers."""
+        """Read back what tracking does not report, while the old primary still answers.
+        The router calls this once no session is in a transaction or mid-statement."""
         for conn in list(self.sessions.values()):
-            if not conn.state.user_variables_stale or conn.state.in_transaction:
-                continue
-            # A held session's backend is idle; an idle session is claimed first.
-            claimed = conn.held_entry is None
-            if claimed and not conn.claim():
-                continue
-            try:
-                await conn.refresh_state()
-            except BackendError as e:
-                log.info("session %d: cannot read its state: %s", conn.connection_id, e)
-            finally:
-                if claimed:
-                    conn.release()
+            await conn.refresh_if_stale()
 
     def topology_event(self, event: TopologyEvent) -> None:
         if isinstance(event, ReparentStarted):
@@ -385,6 +374,22 @@ class ClientConnection(Connection):
         except BackendError as e:
             backend.close()
             raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
+
+    async def refresh_if_stale(self) -> None:
+        """Read the state back if tracking marked it stale and no command is in flight; a
+        held session's backend is idle, any other session is claimed for the time."""
+        if not self.state.user_variables_stale:
+            return
+        claimed = self.held_entry is None
+        if claimed and not self.claim():
+            return
+        try:
+            await self.refresh_state()
+        except BackendError as e:
+            log.info("session %d: cannot read its state back: %s", self.connection_id, e)
+        finally:
+            if claimed:
+                self.release()
 
     async def refresh_state(self) -> None:
         """Read back what tracking does not report (user variables, collation); needed before
