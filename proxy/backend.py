@@ -27,9 +27,6 @@ from proxy.packets import (
 )
 from proxy.response import Phase, ResponseParser
 
-# Pause reading from the backend while this much is still queued for a slow client.
-HIGH_WATER = 1 << 20
-
 
 class BackendError(Exception):
     """The backend could not be reached or dropped the connection."""
@@ -52,7 +49,6 @@ class BackendConnection(asyncio.Protocol):
         self._lost: BaseException | None = None
         self._parser: ResponseParser | None = None
         self._sink: Callable[[bytes], None] | None = None
-        self._sink_transport: asyncio.Transport | None = None
         self._on_done: Callable[[BaseException | None], None] | None = None
         self.address = ""
 
@@ -78,9 +74,6 @@ class BackendConnection(asyncio.Protocol):
         if out:
             assert self._sink is not None
             self._sink(out)
-            sink_t = self._sink_transport
-            if sink_t is not None and sink_t.get_write_buffer_size() > HIGH_WATER:
-                self._throttle(sink_t)
         phase = parser._phase
         if phase is Phase.DONE or phase is Phase.INFILE:
             self._parser = None
@@ -178,7 +171,6 @@ class BackendConnection(asyncio.Protocol):
         parser: ResponseParser,
         sink: Callable[[bytes], None],
         on_done: Callable[[BaseException | None], None],
-        sink_transport: asyncio.Transport | None = None,
     ) -> None:
         """Write a framed command and relay its response to `sink`; `on_done` is called once,
         from the event loop's callback, when the parser is done or the connection failed."""
@@ -186,7 +178,6 @@ class BackendConnection(asyncio.Protocol):
             raise BackendError(f"lost connection to backend {self.address}: {self._lost}")
         self._parser = parser
         self._sink = sink
-        self._sink_transport = sink_transport
         self._on_done = on_done
         assert self.transport is not None
         if packet:
@@ -244,25 +235,13 @@ class BackendConnection(asyncio.Protocol):
             body = body[1:]
         return [decode_text_row(item, ncols) for item in body[:-1]]
 
-    def _throttle(self, sink_transport: asyncio.Transport) -> None:
-        """A slow client: stop reading the backend until the client's buffer drains."""
-        assert self.transport is not None
-        self.transport.pause_reading()
-        protocol = sink_transport.get_protocol()
-        drain_waiter = getattr(protocol, "_drain_helper", None)
-        loop = asyncio.get_running_loop()
-
-        async def resume() -> None:
-            try:
-                if drain_waiter is not None:
-                    await drain_waiter()
-            except ConnectionError:
-                pass
-            finally:
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.resume_reading()
-
-        loop.create_task(resume())
+    def pause_reading(self, paused: bool) -> None:
+        """Back-pressure from a slow client: stop taking its results from the server."""
+        if self.transport is not None and not self.transport.is_closing():
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def _wake(self) -> None:
         w = self._waiter

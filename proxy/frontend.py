@@ -207,6 +207,7 @@ class ClientConnection(Connection):
         self._flushing: int | None = None
         self._epoch = 0
         self._connected_before = False  # a later connect moves the session's state
+        self._client_slow = False
         self._backend_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
@@ -354,6 +355,8 @@ class ClientConnection(Connection):
         metrics.BACKEND_CONNECTIONS.labels(label).inc()
         self.backend = backend
         self.backend_server = server
+        if self._client_slow:
+            backend.pause_reading(True)
         self._epoch = self.ctx.epoch
         self.state.backend = f"{server.name} ({server.host}:{server.port})"
         return backend
@@ -455,6 +458,7 @@ class ClientConnection(Connection):
         leftover = bytes(reader._buffer)  # type: ignore[attr-defined]  # sent right after login
         reader._buffer.clear()  # type: ignore[attr-defined]
         self._transport.set_protocol(_ClientProtocol(self))
+        self._transport.set_write_buffer_limits(high=HIGH_WATER)
         if leftover:
             self.on_client_data(leftover)
         try:
@@ -473,6 +477,11 @@ class ClientConnection(Connection):
             self._paused = True
             self._transport.pause_reading()
         self._pump()
+
+    def client_slow(self, slow: bool) -> None:
+        self._client_slow = slow
+        if self.backend is not None:
+            self.backend.pause_reading(slow)
 
     def on_client_lost(self) -> None:
         if self.held_entry is not None:
@@ -627,7 +636,7 @@ class ClientConnection(Connection):
         if command == Command.STMT_PREPARE:
             self._prepare_sql = raw[5:]
         assert self.backend is not None
-        self.backend.send(raw, parser, self._sink, self._response_done, self._transport)
+        self.backend.send(raw, parser, self._sink, self._response_done)
 
     def _sink(self, data: bytes) -> None:
         self._relayed = True
@@ -643,7 +652,7 @@ class ClientConnection(Connection):
             return
         self._infile = False
         self._parser.resume_after_infile()
-        backend.send(raw, self._parser, self._sink, self._response_done, self._transport)
+        backend.send(raw, self._parser, self._sink, self._response_done)
 
     def crashed(self) -> None:
         """A bug must cost this one connection, never leave its client waiting."""
@@ -856,6 +865,14 @@ class _ClientProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.conn.on_client_lost()
         return False
+
+    # The transport calls these around its write-buffer limits: a client that reads slowly
+    # stops the server's results at the backend socket instead of in Baton's memory.
+    def pause_writing(self) -> None:
+        self.conn.client_slow(True)
+
+    def resume_writing(self) -> None:
+        self.conn.client_slow(False)
 
 
 class ProxyServer(MysqlServer):

@@ -200,3 +200,23 @@ def test_client_paused_mid_command_is_resumed(baton: Baton) -> None:
     assert responses[0][4:5] == b"\x01"  # SLEEP's result set: one column
     assert str(3 << 20).encode() in responses[1]
     c.close()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_slow_client_holds_back_the_server_not_batons_memory(baton: Baton) -> None:
+    """64 MiB of rows to a client that does not read: Baton stops reading the backend rather
+    than keeping the result in memory, and everything arrives once the client reads."""
+    c = RawClient(baton.port)
+    c.send(b"\x03SELECT REPEAT('x', 1048576) FROM sbtest.seq_1_to_64")
+    before = rss_kib(baton.proc.pid)
+    time.sleep(1.5)
+    grown = rss_kib(baton.proc.pid) - before
+    assert grown < 16 * 1024, f"Baton grew by {grown} KiB for a client that does not read"
+    c.sock.settimeout(30)
+    out = c.response(Command.QUERY)
+    assert out.count(b"x" * 1024) >= 64 * 1024
+    c.close()
