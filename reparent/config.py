@@ -83,6 +83,18 @@ class BufferSettings:
 
 
 @dataclass(frozen=True)
+class DetectorConfig:
+    """The failure detector (`reparent/detector.py`): how often it probes and when it acts."""
+
+    enabled: bool = True  # false: no probing, no automatic emergency reparent, no repairs
+    interval: float = 0.5  # seconds between probe rounds
+    failures: int = 3  # consecutive failed probes of the primary before it may be dead
+    probe_timeout: float = 0.4  # seconds to connect to, and hear from, one server
+    cooldown: float = 30.0  # seconds after a recovery before the shard gets another
+    repair: bool = True  # fix small faults (stopped replication, writable replica, rejoin)
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
     backend: Account
@@ -94,6 +106,7 @@ class Config:
     buffer: BufferSettings
     shards: tuple[ShardConfig, ...]
     path: Path | None = field(default=None, compare=False)
+    detector: DetectorConfig = DetectorConfig()
 
     @property
     def shard(self) -> ShardConfig:
@@ -217,6 +230,27 @@ def _buffer(table: Any) -> BufferSettings:
     return settings
 
 
+def _detector(table: Any) -> DetectorConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("detector: expected a table")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "enabled": bool,
+        "interval": (int, float),
+        "failures": int,
+        "probe_timeout": (int, float),
+        "cooldown": (int, float),
+        "repair": bool,
+    }
+    _unknown(table, set(kinds), "detector")
+    values = {k: _typed(table, k, kind, "detector") for k, kind in kinds.items() if k in table}
+    for key in ("interval", "failures", "probe_timeout"):
+        if key in values and values[key] <= 0:
+            raise ConfigError(f"detector.{key}: must be positive, got {values[key]}")
+    if values.get("cooldown", 0) < 0:
+        raise ConfigError(f"detector.cooldown: must not be negative, got {values['cooldown']}")
+    return DetectorConfig(**values)
+
+
 def _shards(items: Any) -> tuple[ShardConfig, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError("shards: expected at least one [[shards]] table")
@@ -265,7 +299,17 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     """Build a Config from parsed TOML, or raise ConfigError naming the key."""
     _unknown(
         data,
-        {"proxy", "backend", "admin", "replication", "controller", "buffer", "users", "shards"},
+        {
+            "proxy",
+            "backend",
+            "admin",
+            "replication",
+            "controller",
+            "buffer",
+            "detector",
+            "users",
+            "shards",
+        },
         "config",
     )
     shards = _shards(data.get("shards"))
@@ -293,6 +337,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         buffer=_buffer(data.get("buffer", {})),
         shards=shards,
         path=path,
+        detector=_detector(data.get("detector", {})),
     )
 
 

@@ -106,6 +106,7 @@ def start_baton(
     proxy: dict[str, Any] | None = None,
     servers: list[dict[str, Any]] | None = None,
     controller: dict[str, Any] | None = None,
+    detector: dict[str, Any] | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
     data = tomllib.loads(config_path.read_text())
@@ -116,6 +117,8 @@ def start_baton(
     data["proxy"].update(listen_port=port, metrics_port=metrics_port, control_socket=sock)
     data["proxy"].update(proxy or {})
     data.setdefault("controller", {}).update(controller or {})
+    if detector is not None:
+        data.setdefault("detector", {}).update(detector)
     if servers is not None:
         data["shards"][0]["servers"] = servers
     cfg = workdir / "baton.toml"

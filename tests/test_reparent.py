@@ -27,6 +27,10 @@ from tests.fixtures import (
     start_baton,
 )
 
+# These tests stop replication and kill servers on purpose and reparent by hand: the failure
+# detector would repair or reparent under them (tests/test_failure.py tests it).
+NO_DETECTOR = {"enabled": False}
+
 
 def one(port: int, sql: str) -> Any:
     rows = admin_query(port, sql)
@@ -45,6 +49,7 @@ def rbaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         tmp_path_factory.mktemp("reparent-baton"),
         port_hint() + 40,
         controller={"max_lag": 2.0, "grace": 1.0, "timeout": 5.0},
+        detector=NO_DETECTOR,
     )
     try:
         yield b
@@ -307,7 +312,7 @@ def test_restarted_controller_finishes_a_reparent_from_the_journal(
             finished_at=None,
         )
     )
-    b2 = start_baton(box.config_path, workdir2, port_hint() + 50)
+    b2 = start_baton(box.config_path, workdir2, port_hint() + 50, detector=NO_DETECTOR)
     try:
         st = status(b2)
         assert (st["primary"], st["term"], st["reparent"]) == ("db2", 2, None)
@@ -323,7 +328,7 @@ def test_restarted_controller_finishes_a_reparent_from_the_journal(
 
 def test_emergency_reparent_after_kill_9(box: Sandbox, workdir2: Path) -> None:
     """The primary dies; ERS fences the replicas and promotes the most advanced one."""
-    b3 = start_baton(box.config_path, workdir2, port_hint() + 60)
+    b3 = start_baton(box.config_path, workdir2, port_hint() + 60, detector=NO_DETECTOR)
     try:
         before = status(b3)
         old = before["primary"]
