@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,30 @@ class Sandbox:
         self._stop(nodes, pids)
         self._remove_files(nodes)
         return True
+
+    def start(self, name: str, read_only: bool | None = None) -> int:
+        """Start one stopped (killed, crashed) server again on its own datadir, as its role
+        says (a "primary" comes back writable, as a crashed primary restarted by its service
+        manager would) unless `read_only` says otherwise; return its new pid. For fault tests.
+        """
+        saved = self._read_state()
+        if saved is None:
+            raise SandboxError(f"no sandbox in {self.dir}")
+        nodes = self.nodes()
+        pids = {n.name: s["pid"] for n, s in zip(nodes, saved["servers"], strict=True)}
+        node = next((n for n in nodes if n.name == name), None)
+        if node is None:
+            raise SandboxError(f"no server {name} in the sandbox")
+        if self._alive(pids[name], node):
+            raise SandboxError(f"{name} is running (pid {pids[name]})")
+        if read_only is not None:
+            node = replace(node, role=Role.REPLICA if read_only else Role.PRIMARY)
+        pids[name] = self._launch(node)
+        saved["servers"] = [{**s, "pid": pids[s["name"]]} for s in saved["servers"]]
+        _atomic_write(self.state_path, json.dumps(saved, indent=2) + "\n")
+        if self._wait_ready([node], pids):
+            raise SandboxError(f"{name} did not answer root in time:\n{_tail(node.error_log)}")
+        return pids[name]
 
     def status(self) -> dict[str, Any]:
         """The sandbox as scripts see it (`status --json`): servers with live read_only, pids,
