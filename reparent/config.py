@@ -23,6 +23,13 @@ class Role(enum.StrEnum):
     REPLICA = "replica"
 
 
+class Durability(enum.StrEnum):
+    """`[replication] durability`: what acknowledging a commit promises (reparent/durability.py)."""
+
+    ASYNC = "async"  # the primary's own commit; a crash may lose what no replica received
+    SEMI_SYNC = "semi_sync"  # also received by a replica: an emergency reparent keeps it
+
+
 @dataclass(frozen=True)
 class Account:
     user: str
@@ -35,6 +42,16 @@ class ServerConfig:
     host: str
     port: int
     role: Role
+    # Where replicas connect to replicate from this server; host/port when not set. Differs
+    # when replication takes another path than Baton's (a fault-injecting shim in the tests).
+    replication_host: str = ""
+    replication_port: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.replication_host:
+            object.__setattr__(self, "replication_host", self.host)
+        if not self.replication_port:
+            object.__setattr__(self, "replication_port", self.port)
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,7 @@ class Config:
     shards: tuple[ShardConfig, ...]
     path: Path | None = field(default=None, compare=False)
     detector: DetectorConfig = DetectorConfig()
+    durability: Durability = Durability.ASYNC
 
     @property
     def shard(self) -> ShardConfig:
@@ -269,7 +287,9 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
             sw = f"{where}.servers[{j}]"
             if not isinstance(s, dict):
                 raise ConfigError(f"{sw}: expected a table")
-            _unknown(s, {"name", "host", "port", "role"}, sw)
+            _unknown(
+                s, {"name", "host", "port", "role", "replication_host", "replication_port"}, sw
+            )
             role_text = _typed(s, "role", str, sw)
             try:
                 role = Role(role_text)
@@ -281,6 +301,14 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
                     host=_typed(s, "host", str, sw),
                     port=_port(_typed(s, "port", int, sw), f"{sw}.port"),
                     role=role,
+                    replication_host=(
+                        _typed(s, "replication_host", str, sw) if "replication_host" in s else ""
+                    ),
+                    replication_port=(
+                        _port(_typed(s, "replication_port", int, sw), f"{sw}.replication_port")
+                        if "replication_port" in s
+                        else 0
+                    ),
                 )
             )
         primaries = [s for s in servers if s.role is Role.PRIMARY]
@@ -324,9 +352,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         for i, u in enumerate(users_raw)
     )
     admin = _account(_table(data, "admin"), "admin")
-    replication = (
-        _account(_table(data, "replication"), "replication") if "replication" in data else admin
-    )
+    replication, durability = _replication(data.get("replication", {}), admin)
     return Config(
         proxy=proxy,
         backend=_account(_table(data, "backend"), "backend"),
@@ -338,7 +364,29 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         shards=shards,
         path=path,
         detector=_detector(data.get("detector", {})),
+        durability=durability,
     )
+
+
+def _replication(table: Any, admin: Account) -> tuple[Account, Durability]:
+    """`[replication]`: the account replicas use (the admin's when user and password are both
+    absent) and the durability policy."""
+    if not isinstance(table, dict):
+        raise ConfigError("replication: expected a table")
+    _unknown(table, {"user", "password", "durability"}, "replication")
+    account = admin
+    if "user" in table or "password" in table:
+        account = _account({k: v for k, v in table.items() if k != "durability"}, "replication")
+    durability = Durability.ASYNC
+    if "durability" in table:
+        text = _typed(table, "durability", str, "replication")
+        try:
+            durability = Durability(text)
+        except ValueError:
+            raise ConfigError(
+                f"replication.durability: expected 'async' or 'semi_sync', got {text!r}"
+            )
+    return account, durability
 
 
 def _bad(where: str) -> Account:

@@ -86,3 +86,60 @@ def test_serve_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "proxy.listen_port" in proc.stderr
+
+
+def test_durability_and_replication_address(tmp_path: Path) -> None:
+    from reparent.config import Durability
+
+    cfg = load(EXAMPLE)
+    assert cfg.durability is Durability.ASYNC
+    db1 = cfg.shard.servers[0]
+    assert (db1.replication_host, db1.replication_port) == (db1.host, db1.port)
+    text = EXAMPLE.read_text().replace(
+        'password = "repl-pass"', 'password = "repl-pass"\ndurability = "semi_sync"', 1
+    )
+    text = text.replace("port = 23301", 'port = 23301\nreplication_host = "10.0.0.1"', 1)
+    text = text.replace("port = 23302", "port = 23302\nreplication_port = 29999", 1)
+    cfg = load(write(tmp_path, text))
+    assert cfg.durability is Durability.SEMI_SYNC
+    assert cfg.replication.user == "repl"
+    db1, db2, _ = cfg.shard.servers
+    assert (db1.replication_host, db1.replication_port) == ("10.0.0.1", 23301)
+    assert (db2.replication_host, db2.replication_port) == ("127.0.0.1", 29999)
+    # durability alone: the replication account is the admin's
+    start, end = text.index("[replication]"), text.index("[controller]")
+    alone = text[:start] + '[replication]\ndurability = "async"\n\n' + text[end:]
+    cfg = load(write(tmp_path, alone))
+    assert cfg.replication == cfg.admin and cfg.durability is Durability.ASYNC
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        ('durability = "quorum"', "replication.durability"),
+        ("durability = 1", "replication.durability"),
+        ('durabilty = "async"', "replication.durabilty"),
+    ],
+)
+def test_bad_durability_is_named(tmp_path: Path, edit: str, key: str) -> None:
+    text = EXAMPLE.read_text().replace(
+        'password = "repl-pass"', f'password = "repl-pass"\n{edit}', 1
+    )
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text))
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        ("replication_port = 0", "shards[0].servers[1].replication_port"),
+        ('replication_port = "x"', "shards[0].servers[1].replication_port"),
+        ("replication_host = 5", "shards[0].servers[1].replication_host"),
+    ],
+)
+def test_bad_replication_address_is_named(tmp_path: Path, edit: str, key: str) -> None:
+    text = EXAMPLE.read_text().replace("port = 23302", f"port = 23302\n{edit}", 1)
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text))
+    assert str(exc.value).startswith(key), str(exc.value)
