@@ -24,6 +24,12 @@ Choices the brief left open:
   began has been flushed (or evicted): later arrivals must not overtake the backlog, but if they
   kept the shard draining for as long as any command was queued, a load needing more than
   `drain_concurrency` would keep the shard throttled forever.
+- A command that failed for want of a writable primary (`hold_failed`: its connection to the
+  primary broke, or the primary answered read_only, before any byte of the result reached the
+  client) is held without a `reparent_started`. The shard becomes SUSPECT: only such failed
+  commands wait, every other session goes on as usual (one killed connection must not stall the
+  shard). A `reparent_started` turns SUSPECT into BUFFERING; `established` or `aborted` drains it;
+  when its last failed command has been evicted it is IDLE again.
 - A `reparent_started` while DRAINING starts buffering again at once. Entries not yet flushed
   are held again (they keep their window and their place ahead of new arrivals) and go to
   whichever primary the new reparent ends with; entries already flushing finish where they were
@@ -40,8 +46,16 @@ from dataclasses import dataclass, field
 
 class BufferState(enum.StrEnum):
     IDLE = "idle"
+    SUSPECT = "suspect"  # only commands that failed on the primary wait
     BUFFERING = "buffering"
     DRAINING = "draining"
+
+
+class StartReason(enum.StrEnum):
+    """Why a shard started holding commands."""
+
+    REPARENT = "reparent"  # the controller announced a reparent
+    FAILURE = "failure"  # a command failed on the primary before any reparent was announced
 
 
 class StopReason(enum.StrEnum):
@@ -51,6 +65,7 @@ class StopReason(enum.StrEnum):
     ABORTED = "aborted"
     MAX_DURATION = "max_duration"
     SHUTDOWN = "shutdown"
+    EMPTIED = "emptied"  # SUSPECT: every failed command held has been evicted
 
 
 class EvictReason(enum.StrEnum):
@@ -122,6 +137,7 @@ class Evict:
 class Started:
     shard: str
     term: int
+    reason: StartReason
 
 
 @dataclass(frozen=True)
@@ -136,7 +152,18 @@ class Skipped:
     reason: SkipReason
 
 
-Action = Flush | Evict | Started | Stopped | Skipped
+@dataclass(frozen=True)
+class Finished:
+    """A shard is idle again: what it held from its start, for the reparent's report."""
+
+    shard: str
+    term: int  # the term it held for (for a failure that no reparent followed, the next term)
+    held: int
+    flushed: int
+    evicted: int
+
+
+Action = Flush | Evict | Started | Stopped | Skipped | Finished
 
 
 @dataclass
@@ -146,7 +173,9 @@ class Counters:
 
     held: int = 0  # hold() calls, a newcomer rejected for a full buffer included
     flushed: int = 0  # Flush actions issued
-    starts: int = 0
+    starts_by_reason: dict[StartReason, int] = field(
+        default_factory=lambda: dict.fromkeys(StartReason, 0)
+    )
     evicted_by_reason: dict[EvictReason, int] = field(
         default_factory=lambda: dict.fromkeys(EvictReason, 0)
     )
@@ -159,6 +188,9 @@ class Counters:
 
 
 # -- the state machine ------------------------------------------------------------------------
+
+# States in which entries wait for a primary to be published, under a deadline.
+_HOLDING = frozenset({BufferState.SUSPECT, BufferState.BUFFERING})
 
 
 @dataclass(eq=False)
@@ -185,6 +217,10 @@ class _Shard:
     drain_from: int = 0
     queue: dict[int, _Entry] = field(default_factory=dict)  # waiting, in hold order
     in_flight: int = 0
+    # This episode's counts, from its start until the shard is idle again.
+    held: int = 0
+    flushed: int = 0
+    evicted: int = 0
 
 
 class Buffer:
@@ -242,7 +278,7 @@ class Buffer:
 
     def next_deadline(self) -> float | None:
         """When the shell must call `tick` next; None when nothing is waiting on time."""
-        times = [sh.deadline for sh in self._shards.values() if sh.state is BufferState.BUFFERING]
+        times = [sh.deadline for sh in self._shards.values() if sh.state in _HOLDING]
         if self._waiting:
             times.append(next(iter(self._waiting.values())).held_at + self.config.window)
         return min(times, default=None)
@@ -260,14 +296,16 @@ class Buffer:
             sh.term = max(sh.term, term)
         if sh.state is BufferState.BUFFERING or term <= sh.established:
             return out + self._settle()
-        if sh.last_end is not None and now - sh.last_end < self.config.min_between:
+        suspect = sh.state is BufferState.SUSPECT
+        # Failed commands already wait: the announced reparent is what they wait for.
+        if not suspect and sh.last_end is not None and now - sh.last_end < self.config.min_between:
             self.counters.skips_by_reason[SkipReason.TOO_RECENT] += 1
             return [*out, Skipped(shard, SkipReason.TOO_RECENT), *self._settle()]
         sh.state = BufferState.BUFFERING
-        sh.term = term
+        sh.term = max(sh.term, term) if suspect else term
         sh.deadline = now + self.config.max_failover
-        self.counters.starts += 1
-        out.append(Started(shard, term))
+        self.counters.starts_by_reason[StartReason.REPARENT] += 1
+        out.append(Started(shard, sh.term, StartReason.REPARENT))
         if self.config.dry_run:
             self.counters.skips_by_reason[SkipReason.DRY_RUN] += 1
             out.append(Skipped(shard, SkipReason.DRY_RUN))
@@ -278,16 +316,16 @@ class Buffer:
         being established: a replayed old event must not release commands early."""
         out = self._advance(now)
         sh = self._shards.get(shard)
-        if sh is not None and sh.state is BufferState.BUFFERING and term >= sh.term:
+        if sh is not None and sh.state in _HOLDING and term >= sh.term:
             sh.established = term
             out += self._stop(sh, StopReason.ESTABLISHED, now)
         return out + self._settle()
 
     def aborted(self, shard: str, now: float) -> list[Action]:
-        """Flush back to the old primary, which leads again. Ignored unless buffering."""
+        """Flush back to the old primary, which leads again. Ignored unless holding."""
         out = self._advance(now)
         sh = self._shards.get(shard)
-        if sh is not None and sh.state is BufferState.BUFFERING:
+        if sh is not None and sh.state in _HOLDING:
             out += self._stop(sh, StopReason.ABORTED, now)
         return out + self._settle()
 
@@ -296,7 +334,7 @@ class Buffer:
         flushing finish and are reported with `flushed` as usual."""
         out = self._advance(now)
         for sh in self._shards.values():
-            if sh.state is BufferState.BUFFERING:
+            if sh.state in _HOLDING:
                 out += self._stop(sh, StopReason.SHUTDOWN, now)
             else:
                 out += self._evict_waiting(sh, EvictReason.SHUTDOWN)
@@ -314,9 +352,36 @@ class Buffer:
         """
         if not self.buffering(shard):
             raise ValueError(f"shard {shard!r} is not buffering: send entry {entry} instead")
+        return self._enqueue(entry, session, self._shards[shard], now)
+
+    def can_hold_failed(self, shard: str) -> bool:
+        """Whether a command that failed on the primary may wait here for a new primary. Not
+        while draining (the command failed on the primary just published: nothing better is
+        coming) and not in dry-run (which never holds)."""
+        return not self.config.dry_run and self.state(shard) is not BufferState.DRAINING
+
+    def hold_failed(
+        self, entry: int, session: int, shard: str, term: int, now: float
+    ) -> list[Action]:
+        """Hold a command that failed on the primary of `term` before any of its result
+        reached the client, until a newer primary is published (or aborted back). The shard
+        becomes SUSPECT if it was idle: the other sessions are not held."""
+        if not self.can_hold_failed(shard):
+            raise ValueError(f"shard {shard!r} cannot hold failed commands now")
+        out = self._advance(now)
+        sh = self._shards.setdefault(shard, _Shard(shard))
+        if sh.state is BufferState.IDLE:
+            sh.state = BufferState.SUSPECT
+            sh.term = max(term, sh.established) + 1
+            sh.deadline = now + self.config.max_failover
+            self.counters.starts_by_reason[StartReason.FAILURE] += 1
+            out.append(Started(shard, sh.term, StartReason.FAILURE))
+        return out + self._enqueue(entry, session, sh, now)
+
+    def _enqueue(self, entry: int, session: int, sh: _Shard, now: float) -> list[Action]:
         if entry in self._entries:
             raise ValueError(f"entry {entry} is already held")
-        sh = self._shards[shard]
+        shard = sh.name
         e = _Entry(entry, session, shard, now, self._seq)
         self._seq += 1
         self._entries[entry] = e
@@ -324,6 +389,7 @@ class Buffer:
         sh.queue[entry] = e
         self._sessions.setdefault(session, {})[entry] = None
         self.counters.held += 1
+        sh.held += 1
         self._dirty[shard] = None
         # Added before time moves on, so that a deadline already passed evicts it too.
         out = self._advance(now)
@@ -368,10 +434,10 @@ class Buffer:
         out: list[Action] = []
         for e in expired:
             sh = self._shards[e.shard]
-            if not (sh.state is BufferState.BUFFERING and sh.deadline < e.held_at + window):
+            if not (sh.state in _HOLDING and sh.deadline < e.held_at + window):
                 out.append(self._evict(e, EvictReason.WINDOW_EXCEEDED))
         for sh in self._shards.values():
-            if sh.state is BufferState.BUFFERING and sh.deadline <= now:
+            if sh.state in _HOLDING and sh.deadline <= now:
                 out += self._stop(sh, StopReason.MAX_DURATION, sh.deadline)
         return out
 
@@ -396,6 +462,7 @@ class Buffer:
     def _evict(self, e: _Entry, reason: EvictReason) -> Evict:
         self._release(e)
         self.counters.evicted_by_reason[reason] += 1
+        self._shards[e.shard].evicted += 1
         return Evict(e.id, reason)
 
     def _release(self, e: _Entry) -> None:
@@ -423,12 +490,22 @@ class Buffer:
             name = next(iter(self._dirty))
             del self._dirty[name]
             sh = self._shards[name]
+            if sh.state is BufferState.SUSPECT and not sh.queue:
+                self.counters.stops_by_reason[StopReason.EMPTIED] += 1
+                out += [Stopped(name, StopReason.EMPTIED), self._finish(sh)]
             if sh.state is not BufferState.DRAINING:
                 continue
             out += self._pump(sh)
             if not sh.queue and sh.in_flight == 0:
-                sh.state = BufferState.IDLE
+                out.append(self._finish(sh))
         return out
+
+    def _finish(self, sh: _Shard) -> Finished:
+        """The episode is over: report its counts and start the next one from zero."""
+        sh.state = BufferState.IDLE
+        done = Finished(sh.name, sh.term, sh.held, sh.flushed, sh.evicted)
+        sh.held = sh.flushed = sh.evicted = 0
+        return done
 
     def _pump(self, sh: _Shard) -> list[Action]:
         """Flush waiting entries in hold order up to the concurrency limit, skipping any whose
@@ -447,6 +524,7 @@ class Buffer:
             del self._waiting[e.id]
             e.flushing = True
             sh.in_flight += 1
+            sh.flushed += 1
             self.counters.flushed += 1
             out.append(Flush(e.id, sh.name, sh.to_new))
         return out

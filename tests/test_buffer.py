@@ -15,19 +15,46 @@ from proxy.buffer import (
     BufferState,
     Evict,
     EvictReason,
+    Finished,
     Flush,
     Skipped,
     SkipReason,
     Started,
+    StartReason,
     Stopped,
     StopReason,
 )
 
 IDLE, BUFFERING, DRAINING = BufferState.IDLE, BufferState.BUFFERING, BufferState.DRAINING
+SUSPECT = BufferState.SUSPECT
+REPARENT, FAILURE = StartReason.REPARENT, StartReason.FAILURE
+
+
+class Quiet:
+    """A buffer whose episode reports (`Finished`) are set aside in `finished`, so the tests of
+    transitions compare only the actions they are about; the episode tests read `finished`."""
+
+    def __init__(self, buf: Buffer) -> None:
+        self._buf = buf
+        self.finished: list[Finished] = []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._buf, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            out = attr(*args, **kwargs)
+            if not isinstance(out, list):
+                return out
+            self.finished += [a for a in out if isinstance(a, Finished)]
+            return [a for a in out if not isinstance(a, Finished)]
+
+        return call
 
 
 def make(**kw) -> Buffer:
-    return Buffer(BufferConfig(**kw))
+    return Quiet(Buffer(BufferConfig(**kw)))  # type: ignore[return-value]
 
 
 def flushes(actions: list[Action]) -> list[int]:
@@ -39,7 +66,7 @@ def evicts(actions: list[Action]) -> dict[int, EvictReason]:
 
 
 def started(buf: Buffer, shard: str = "s1", term: int = 2, now: float = 0.0) -> None:
-    assert buf.reparent_started(shard, term, now) == [Started(shard, term)]
+    assert buf.reparent_started(shard, term, now) == [Started(shard, term, REPARENT)]
 
 
 def hold_all(buf: Buffer, entries: list[int], shard: str = "s1", now: float = 0.0) -> None:
@@ -156,7 +183,7 @@ def test_duplicate_reparent_started_keeps_the_deadline_and_raises_the_term():
     buf = make(window=5, max_failover=10)
     started(buf, term=3, now=0.0)
     assert buf.reparent_started("s1", 4, 5.0) == []
-    assert buf.counters.starts == 1
+    assert buf.counters.starts_by_reason[REPARENT] == 1
     assert buf.next_deadline() == 10.0
     assert buf.established("s1", 3, 6.0) == []  # the term being established is now 4
     assert buf.established("s1", 4, 6.0) == [Stopped("s1", StopReason.ESTABLISHED)]
@@ -167,10 +194,11 @@ def test_reparent_started_for_a_term_already_established_is_a_replay():
     started(buf, term=2)
     buf.established("s1", 2, 1.0)
     assert buf.reparent_started("s1", 2, 2.0) == []
-    assert buf.state("s1") is IDLE and buf.counters.starts == 1
-    assert buf.reparent_started("s1", 3, 3.0) == [Started("s1", 3)]
+    assert buf.state("s1") is IDLE and buf.counters.starts_by_reason[REPARENT] == 1
+    assert buf.reparent_started("s1", 3, 3.0) == [Started("s1", 3, REPARENT)]
     buf.aborted("s1", 4.0)
-    assert buf.reparent_started("s1", 3, 5.0) == [Started("s1", 3)]  # a retry after an abort
+    # A retry after an abort:
+    assert buf.reparent_started("s1", 3, 5.0) == [Started("s1", 3, REPARENT)]
 
 
 def test_reparent_started_while_draining_holds_the_unflushed_again():
@@ -179,7 +207,7 @@ def test_reparent_started_while_draining_holds_the_unflushed_again():
     hold_all(buf, [1, 2, 3])
     assert flushes(buf.established("s1", 2, 1.0)) == [1]
     # A new reparent: 1 keeps flushing where it went, 2 and 3 wait for the new primary.
-    assert buf.reparent_started("s1", 3, 2.0) == [Started("s1", 3)]
+    assert buf.reparent_started("s1", 3, 2.0) == [Started("s1", 3, REPARENT)]
     assert buf.state("s1") is BUFFERING and buf.buffering("s1")
     assert buf.flushed(1, 2.1) == []  # no flush while buffering
     hold_all(buf, [4], now=2.2)
@@ -425,7 +453,7 @@ def test_min_between_skips_a_reparent_too_soon_after_the_last_failover():
     assert buf.reparent_started("s1", 3, 64.9) == [Skipped("s1", SkipReason.TOO_RECENT)]
     assert buf.state("s1") is IDLE and not buf.buffering("s1")
     assert buf.counters.skips_by_reason[SkipReason.TOO_RECENT] == 1
-    assert buf.reparent_started("s1", 3, 65.0) == [Started("s1", 3)]
+    assert buf.reparent_started("s1", 3, 65.0) == [Started("s1", 3, REPARENT)]
 
 
 def test_min_between_counts_from_the_deadline_after_a_timeout():
@@ -433,7 +461,7 @@ def test_min_between_counts_from_the_deadline_after_a_timeout():
     started(buf, now=0.0)
     buf.tick(25.0)  # stopped at 10, not 25
     assert buf.reparent_started("s1", 3, 39.9)[0] == Skipped("s1", SkipReason.TOO_RECENT)
-    assert buf.reparent_started("s1", 3, 40.0) == [Started("s1", 3)]
+    assert buf.reparent_started("s1", 3, 40.0) == [Started("s1", 3, REPARENT)]
 
 
 def test_min_between_skip_while_draining_keeps_draining():
@@ -450,13 +478,13 @@ def test_min_between_is_per_shard():
     buf = make(min_between=60)
     started(buf, "a")
     buf.aborted("a", 1.0)
-    assert buf.reparent_started("b", 2, 2.0) == [Started("b", 2)]
+    assert buf.reparent_started("b", 2, 2.0) == [Started("b", 2, REPARENT)]
 
 
 def test_dry_run_counts_and_stops_as_usual_but_holds_nothing():
     buf = make(dry_run=True, window=5, max_failover=10)
     assert buf.reparent_started("s1", 2, 0.0) == [
-        Started("s1", 2),
+        Started("s1", 2, REPARENT),
         Skipped("s1", SkipReason.DRY_RUN),
     ]
     assert buf.state("s1") is BUFFERING and not buf.buffering("s1")
@@ -467,7 +495,8 @@ def test_dry_run_counts_and_stops_as_usual_but_holds_nothing():
     buf.reparent_started("s1", 3, 11.0)
     assert buf.established("s1", 3, 12.0) == [Stopped("s1", StopReason.ESTABLISHED)]
     c = buf.counters
-    assert c.starts == 2 and c.skips_by_reason[SkipReason.DRY_RUN] == 2 and c.held == 0
+    assert c.starts_by_reason[REPARENT] == 2 and c.held == 0
+    assert c.skips_by_reason[SkipReason.DRY_RUN] == 2
     assert c.stops_by_reason[StopReason.MAX_DURATION] == 1
 
 
@@ -532,6 +561,109 @@ def test_next_deadline_follows_windows_and_failover_deadlines():
     assert buf.next_deadline() is None
 
 
+# -- commands that failed on the primary (the unplanned path) ----------------------------------
+
+
+def test_a_failed_command_waits_for_the_next_term_while_the_shard_flows():
+    buf = make()
+    assert buf.hold_failed(1, 1, "s1", 1, 0.0) == [Started("s1", 2, FAILURE)]
+    assert buf.state("s1") is SUSPECT and not buf.buffering("s1")  # other sessions go on
+    assert buf.next_deadline() == 10.0  # its window comes before the 20 s deadline
+    assert buf.established("s1", 1, 0.5) == []  # a replay of the term it failed in
+    assert buf.established("s1", 2, 1.0) == [
+        Stopped("s1", StopReason.ESTABLISHED),
+        Flush(1, "s1", True),
+    ]
+    assert buf.flushed(1, 1.1) == []
+    assert buf.state("s1") is IDLE
+    assert buf.finished == [Finished("s1", 2, held=1, flushed=1, evicted=0)]
+    assert buf.counters.starts_by_reason == {REPARENT: 0, FAILURE: 1}
+
+
+def test_a_reparent_announced_after_a_failure_holds_everyone_and_keeps_the_order():
+    buf = make(min_between=60.0)
+    buf.hold_failed(1, 1, "s1", 1, 0.0)
+    assert buf.reparent_started("s1", 2, 1.0) == [Started("s1", 2, REPARENT)]
+    assert buf.buffering("s1") and buf.next_deadline() == 10.0
+    assert buf.hold(2, 1, "s1", 2.0) == []
+    # The deadline counts from the announcement, not from the failure.
+    buf2 = make(window=5.0, max_failover=6.0)
+    buf2.hold_failed(1, 1, "s1", 1, 0.0)
+    buf2.reparent_started("s1", 2, 4.0)
+    assert buf2.next_deadline() == 5.0  # entry 1's window
+    assert buf2.aborted("s1", 4.5) == [Stopped("s1", StopReason.ABORTED), Flush(1, "s1", False)]
+
+
+def test_failed_commands_are_flushed_in_session_order_with_later_held_ones():
+    buf = make()
+    buf.hold_failed(1, 7, "s1", 1, 0.0)
+    buf.reparent_started("s1", 2, 0.5)
+    buf.hold(2, 7, "s1", 0.6)
+    buf.hold(3, 8, "s1", 0.7)
+    out = buf.established("s1", 2, 1.0)
+    assert flushes(out) == [1, 3]  # 2 waits for its session's earlier command
+    assert buf.flushed(1, 1.1) == [Flush(2, "s1", True)]
+
+
+def test_a_suspect_shard_is_idle_again_once_its_failed_commands_expire():
+    buf = make(window=2.0, min_between=60.0)
+    buf.hold_failed(1, 1, "s1", 1, 0.0)
+    buf.hold_failed(2, 2, "s1", 1, 1.0)
+    assert buf.state("s1") is SUSPECT
+    assert buf.tick(2.0) == [Evict(1, EvictReason.WINDOW_EXCEEDED)]
+    assert buf.cancel(2, 2.5) == [
+        Evict(2, EvictReason.CLIENT_GONE),
+        Stopped("s1", StopReason.EMPTIED),
+    ]
+    assert buf.state("s1") is IDLE
+    assert buf.finished == [Finished("s1", 2, held=2, flushed=0, evicted=2)]
+    # No failover happened: min_between does not apply to the next reparent.
+    assert buf.reparent_started("s1", 2, 3.0) == [Started("s1", 2, REPARENT)]
+
+
+def test_a_suspect_shard_past_its_deadline_evicts_what_failed():
+    buf = make(window=10.0, max_failover=12.0)
+    buf.hold_failed(1, 1, "s1", 1, 0.0)
+    buf.hold_failed(2, 2, "s1", 1, 5.0)
+    assert buf.tick(12.0) == [
+        Evict(1, EvictReason.WINDOW_EXCEEDED),
+        Stopped("s1", StopReason.MAX_DURATION),
+        Evict(2, EvictReason.MAX_DURATION),
+    ]
+    assert buf.state("s1") is IDLE
+
+
+def test_failed_commands_are_not_held_while_draining_nor_in_dry_run():
+    buf = make()
+    started(buf)
+    hold_all(buf, [1])
+    buf.established("s1", 2, 1.0)
+    assert buf.state("s1") is DRAINING and not buf.can_hold_failed("s1")
+    with pytest.raises(ValueError, match="cannot hold failed"):
+        buf.hold_failed(2, 2, "s1", 2, 1.1)
+    dry = make(dry_run=True)
+    assert not dry.can_hold_failed("s1")
+    # While buffering for a reparent a failed command joins the held ones.
+    buf3 = make()
+    started(buf3)
+    assert buf3.can_hold_failed("s1") and buf3.hold_failed(1, 1, "s1", 1, 0.1) == []
+    assert buf3.established("s1", 2, 0.2)[1:] == [Flush(1, "s1", True)]
+
+
+def test_every_episode_reports_its_counts_once_it_is_idle():
+    buf = make(size=2)
+    started(buf)
+    hold_all(buf, [1, 2])
+    assert buf.hold(3, 3, "s1", 0.0) == [Evict(1, EvictReason.BUFFER_FULL)]
+    buf.established("s1", 2, 1.0)
+    buf.flushed(2, 1.1)
+    buf.flushed(3, 1.2)
+    assert buf.finished == [Finished("s1", 2, held=3, flushed=2, evicted=1)]
+    started(buf, term=3, now=2.0)
+    buf.established("s1", 3, 2.5)
+    assert buf.finished[1:] == [Finished("s1", 3, held=0, flushed=0, evicted=0)]
+
+
 # -- randomized timelines ----------------------------------------------------------------------
 
 
@@ -555,6 +687,8 @@ class Shell:
     started_at: dict[str, float] = field(default_factory=dict)  # while buffering, per shard
     last_stop: dict[str, StopReason] = field(default_factory=dict)
     drain_mark: dict[str, int] = field(default_factory=dict)  # entries below it: the backlog
+    # This episode's counts per shard, [held, flushed, evicted], checked against Finished.
+    episode: dict[str, list[int]] = field(default_factory=lambda: {"a": [0, 0, 0], "b": [0, 0, 0]})
 
     def apply(self, actions: list[Action]) -> None:
         cfg = self.buf.config
@@ -568,12 +702,14 @@ class Shell:
                 assert a.to_new == (self.last_stop[shard] is StopReason.ESTABLISHED)
                 self.flushing[a.entry] = (session, shard)
                 self.flush_order.setdefault(session, []).append(a.entry)
+                self.episode[shard][1] += 1
             elif isinstance(a, Evict):
                 assert a.entry in self.waiting, f"evict of an entry not waiting: {a}"
                 session, shard, held_at = self.waiting.pop(a.entry)
                 if a.reason is EvictReason.WINDOW_EXCEEDED:
                     assert self.now >= held_at + cfg.window
                 self.ended.add(a.entry)
+                self.episode[shard][2] += 1
             elif isinstance(a, Started):
                 self.started_at[a.shard] = self.now
             elif isinstance(a, Stopped):
@@ -582,6 +718,10 @@ class Shell:
                 self.started_at.pop(a.shard)
                 self.last_stop[a.shard] = a.reason
                 self.drain_mark[a.shard] = self.next_entry
+            elif isinstance(a, Finished):
+                assert self.buf.state(a.shard) is IDLE
+                assert [a.held, a.flushed, a.evicted] == self.episode[a.shard]
+                self.episode[a.shard] = [0, 0, 0]
         for shard in ("a", "b"):
             per_shard = sum(1 for _, s in self.flushing.values() if s == shard)
             assert per_shard <= cfg.drain_concurrency
@@ -603,6 +743,11 @@ class Shell:
                 # New commands queue behind the backlog, and only while it is there.
                 backlog = any(e < self.drain_mark[shard] for e in in_shard)
                 assert buf.buffering(shard) is backlog
+            elif state is SUSPECT:
+                # Only failed commands wait; the rest of the shard's traffic flows.
+                assert self.now < self.started_at[shard] + cfg.max_failover
+                assert not buf.buffering(shard) and in_shard
+                assert all(s != shard for _, s in self.flushing.values())
             elif state is IDLE:
                 assert not buf.buffering(shard) and not in_shard
                 assert all(s != shard for _, s in self.flushing.values())
@@ -618,7 +763,7 @@ class Shell:
             assert flushed == sorted(flushed, key=order.index)
 
     def step(self) -> None:
-        rng, buf = self.rng, self.buf
+        rng, buf, cfg = self.rng, self.buf, self.buf.config
         shard = rng.choice(("a", "b"))
         roll = rng.random()
         if roll < 0.08:
@@ -640,8 +785,22 @@ class Shell:
                 return
             self.waiting[entry] = (session, shard, self.now)
             self.hold_order.setdefault(session, []).append(entry)
+            self.episode[shard][0] += 1
             self.apply(buf.hold(entry, session, shard, self.now))
-        elif roll < 0.60:
+        elif roll < 0.56:
+            entry = self.next_entry
+            self.next_entry += 1
+            session = rng.randrange(6)
+            if not buf.can_hold_failed(shard):
+                assert cfg.dry_run or buf.state(shard) is DRAINING
+                with pytest.raises(ValueError):
+                    buf.hold_failed(entry, session, shard, self.terms[shard], self.now)
+                return
+            self.waiting[entry] = (session, shard, self.now)
+            self.hold_order.setdefault(session, []).append(entry)
+            self.episode[shard][0] += 1
+            self.apply(buf.hold_failed(entry, session, shard, self.terms[shard], self.now))
+        elif roll < 0.64:
             live = sorted([*self.waiting, *self.flushing, self.next_entry])
             entry = rng.choice(live)
             was_flushing = entry in self.flushing
