@@ -74,6 +74,7 @@ async def run(config: Config) -> None:
     await router.start()
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)
+    await controller.apply_durability()
     server = ProxyServer(ctx)
     await server.start_server(
         host=config.proxy.listen_host, port=config.proxy.listen_port, reuse_address=True

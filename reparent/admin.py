@@ -242,7 +242,8 @@ class AdminConnection:
         self.query("RESET SLAVE ALL")
 
     def change_master(self, source: ServerConfig, account: Account) -> None:
-        """Replicate from `source` by GTID from this server's gtid_slave_pos.
+        """Replicate from `source` (at its replication address) by GTID from this server's
+        gtid_slave_pos.
 
         MASTER_CONNECT_RETRY=1 because the default 60 s would leave a replica that raced the
         new primary's first start a minute behind.
@@ -250,7 +251,7 @@ class AdminConnection:
         self.query(
             "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s,"
             " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-            (source.host, source.port, account.user, account.password),
+            (source.replication_host, source.replication_port, account.user, account.password),
         )
 
     def set_gtid_slave_pos(self, position: str) -> None:

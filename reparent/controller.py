@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
-from reparent import metrics
+from reparent import durability, metrics
+from reparent.admin import AdminPool
 from reparent.config import Config, ServerConfig
 from reparent.mechanism import (
     Establishment,
@@ -123,6 +124,26 @@ class Controller:
             finally:
                 self.store.unlock(lease)
         return done
+
+    async def apply_durability(self) -> None:
+        """At start, after `resume`: every shard's reachable servers get the configured
+        durability for the role the store gives them (reparent/durability.py)."""
+        pool = AdminPool()
+        try:
+            for shard in self.config.shards:
+                topo = self.store.read(shard.name).value
+                servers = [s for s in shard.servers if s.name not in topo.quarantined]
+                await asyncio.to_thread(
+                    durability.apply,
+                    pool,
+                    servers,
+                    topo.primary,
+                    self.config.admin,
+                    self.config.replication,
+                    self.config.durability,
+                )
+        finally:
+            pool.close()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -236,6 +257,7 @@ class Controller:
             timeout=timeout or cfg.timeout,
             wait_drained=lambda grace: self.store.wait_drained(r.shard, term, grace),
             grace=cfg.grace,
+            durability=self.config.durability,
         )
 
     def _servers(self, shard: str) -> dict[str, ServerConfig]:

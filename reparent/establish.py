@@ -14,6 +14,12 @@ The rules it stands on (design.md, "Facts we rely on"; gtid.py for the arithmeti
   primary must have received everything any reachable replica received, or that replica would
   hold transactions the new primary lacks; how fast it applies them does not matter, because
   no other replica can do better, so the lag threshold does not apply.
+- With `durability = semi_sync` every acknowledged write reached at least one replica's relay
+  log, so the replica that received the most (Gtid_IO_Pos) holds all of them once its relay
+  log is applied; but only if every replica is compared: one that cannot be reached may hold
+  the only copy, and an emergency reparent then refuses rather than lose it. The new primary
+  gets master-side semi-sync before it is writable, every follower slave-side before its IO
+  thread starts (durability.py).
 - MASTER_GTID_WAIT waits on gtid_slave_pos only (measured: on a server that is no replica, a
   GTID in its own binlog is never "reached"), so every wait targets a position that arrives
   through the SQL thread.
@@ -23,10 +29,10 @@ from __future__ import annotations
 
 import logging
 
-from reparent import gtid
+from reparent import durability, gtid
 from reparent.admin import PROBE_TIMEOUT, AdminConnection, AdminPool, Replication
 from reparent.admin import GtidVariable as Var
-from reparent.config import ServerConfig
+from reparent.config import Durability, ServerConfig
 from reparent.mechanism import (
     Candidate,
     Established,
@@ -71,6 +77,7 @@ class GtidEstablishment:
         reachable = {n: s for n, s in states.items() if isinstance(s, Replication)}
         primary = self._probe(ctx)
         if primary is None:
+            _all_compared(ctx, [n for n, s in states.items() if isinstance(s, MechanismError)])
             received = {n: s.final_position for n, s in reachable.items() if s.status}
             refusals = {n: _unfit_emergency(s, received) for n, s in reachable.items()}
         else:
@@ -149,6 +156,7 @@ class GtidEstablishment:
         conn = self._catch_up(ctx, candidate.name, target)
         conn.stop_replica()
         conn.reset_replica_all()
+        durability.as_primary(conn, ctx.durability)
         conn.set_read_only(False)
         position = conn.gtid(Var.BINLOG_POS)
         repointed, failed = self._follow_all(ctx, conn.server, was_primary=ctx.old_primary.name)
@@ -162,6 +170,8 @@ class GtidEstablishment:
         fenced = revoked.replica_positions
         if candidate.name not in fenced:
             raise MechanismError(FailureKind.INVALID, f"{candidate.name} was not fenced")
+        replicas = (s.name for s in ctx.servers if s.name != ctx.old_primary.name)
+        _all_compared(ctx, [n for n in replicas if n not in fenced])
         behind = _behind_others(candidate.name, fenced[candidate.name], fenced)
         if behind is not None:
             raise behind
@@ -181,6 +191,7 @@ class GtidEstablishment:
         old = self.pool.get(ctx.old_primary, ctx.admin)
         old.stop_replica()
         old.reset_replica_all()
+        durability.as_primary(old, ctx.durability)  # it followed the candidate for a while
         # A server that cannot be pointed back is logged, not raised: it is read_only or
         # unreachable either way, and the old primary is what the undo needs.
         self._follow_all(ctx, ctx.old_primary, was_primary=candidate.name)
@@ -232,6 +243,7 @@ class GtidEstablishment:
             )
         if was_primary:
             conn.set_gtid_slave_pos(conn.gtid(Var.BINLOG_POS))
+        durability.as_replica(conn, ctx.durability, {ctx.admin.user, ctx.replication.user})
         conn.change_master(source, ctx.replication)
         conn.start_replica()
 
@@ -267,6 +279,17 @@ def _unfit_emergency(state: Replication, received: dict[str, str]) -> MechanismE
     """Why a replica cannot be promoted when the old primary is gone: it must be able to apply
     its relay log, and must have received what every other reachable replica received."""
     return _not_applying(state) or _behind_others(state.server, state.final_position, received)
+
+
+def _all_compared(ctx: ReparentContext, missing: list[str]) -> None:
+    """With semi_sync, an emergency must compare every replica: an acknowledged write may sit
+    in the relay log of only one, and promoting without it would lose that write."""
+    if ctx.durability is Durability.SEMI_SYNC and missing:
+        raise MechanismError(
+            FailureKind.UNREACHABLE,
+            f"durability semi_sync: {', '.join(sorted(missing))} not reached; it may hold the"
+            " only copy of an acknowledged write",
+        )
 
 
 def _not_applying(state: Replication) -> MechanismError | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from reparent.config import Account, ServerConfig
+from reparent.config import Account, Durability, ServerConfig
 
 
 class FailureKind(enum.StrEnum):
@@ -50,6 +50,7 @@ class ReparentContext:
     # on the old primary, or until the grace period ends; True when all reported drained.
     wait_drained: Callable[[float], bool] = field(default=lambda grace: True)
     grace: float = 5.0
+    durability: Durability = Durability.ASYNC
 
 
 @dataclass(frozen=True)
