@@ -23,6 +23,7 @@ from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
 from reparent.revoke import FollowerFencing, GracefulDemotion
 from reparent.topology import FileStore, ReparentKind
+from reparent.watch import Watch
 
 log = logging.getLogger("baton")
 
@@ -81,6 +82,9 @@ async def run(config: Config) -> None:
     )
     control = ControlServer(ctx, controller, config.proxy.control_socket)
     await control.start()
+    watch = Watch(config, store, controller) if config.detector.enabled else None
+    if watch is not None:
+        watch.start()
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
         "baton serving %s:%d -> %s (%s); control %s; metrics %s:%d",
@@ -98,6 +102,8 @@ async def run(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("baton stopping")
+    if watch is not None:
+        watch.close()
     server.close()
     control.close()
     router.close()

@@ -196,6 +196,19 @@ class GtidEstablishment:
         # unreachable either way, and the old primary is what the undo needs.
         self._follow_all(ctx, ctx.old_primary, was_primary=candidate.name)
 
+    # -- rejoin --------------------------------------------------------------------------------
+
+    def rejoin(self, ctx: ReparentContext, server: ServerConfig, source: ServerConfig) -> None:
+        """Make `server` a read_only replica of `source`, the way a reparent repoints an old
+        primary: read_only first, its own binlog as its replication position, then GTID
+        replication. For a server that came back after an emergency reparent, or one that
+        replicates from nobody; one holding transactions the source lacks is refused (ERRANT)
+        and left read_only."""
+        reference = self.pool.get(source, ctx.admin).gtid(Var.CURRENT_POS)
+        conn = self.pool.get(server, ctx.admin)
+        with conn.timeout(self.repoint_timeout):
+            self._follow(ctx, conn, source, reference, was_primary=True)
+
     # -- repointing ----------------------------------------------------------------------------
 
     def _follow_all(

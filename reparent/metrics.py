@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from reparent.topology import ReparentRecord
 
@@ -17,7 +17,46 @@ PHASE_SECONDS = Histogram(
     registry=None,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-COLLECTORS = (REPARENTS, PHASE_SECONDS)
+# The failure detector (reparent/watch.py).
+DETECTIONS = Counter(
+    "baton_detector_detections",
+    "What the failure detector found, by shard and reason (acted on or only reported)",
+    ["shard", "reason"],
+    registry=None,
+)
+PROBE_FAILURES = Counter(
+    "baton_detector_probe_failures",
+    "Probes of a server that got no answer",
+    ["server"],
+    registry=None,
+)
+DETECTOR_ACTIONS = Counter(
+    "baton_detector_actions",
+    "Actions the failure detector carried out (run_ers, restart_replication, ...) by outcome",
+    ["action", "outcome"],
+    registry=None,
+)
+LAST_DETECTION = Gauge(
+    "baton_detector_last_detection_timestamp_seconds",
+    "When the detector last found a shard's primary dead (Unix time)",
+    ["shard"],
+    registry=None,
+)
+DETECTION_SECONDS = Gauge(
+    "baton_detector_detection_seconds",
+    "For the last dead primary: seconds from its first failed probe to the decision to reparent",
+    ["shard"],
+    registry=None,
+)
+COLLECTORS = (
+    REPARENTS,
+    PHASE_SECONDS,
+    DETECTIONS,
+    PROBE_FAILURES,
+    DETECTOR_ACTIONS,
+    LAST_DETECTION,
+    DETECTION_SECONDS,
+)
 
 
 def observe(record: ReparentRecord) -> None:

@@ -1,0 +1,412 @@
+"""The failure detector's pure core: what to do about a shard, given one round of probes.
+
+Like the orchestrator and the buffer it does no I/O and reads no clock: the shell
+(`reparent/watch.py`) probes every server of a shard each round, hands the result over as a
+`ShardView` with the time, and carries out the actions it gets back.
+
+What it decides:
+- **Dead primary** (`RunERS`): Baton failed to reach the primary in `failures` consecutive
+  rounds, *and* no replica still streams from it (each replica is unreachable, replicates from
+  someone else, or its IO thread is not `Yes`: `Connecting` after a crash, `No` after a stop).
+  A primary that only Baton cannot reach while a replica's IO thread still runs is a blip on
+  Baton's side (`Report(PRIMARY_UNREACHABLE)`): promoting another server then would only cost a
+  switch, and the replicas are the better witnesses of the primary's health.
+- **Small faults**, once seen in `CONFIRM` consecutive rounds (a reparent's transient states
+  last less): a replica whose replication was stopped without an error is restarted; a writable
+  replica is set read_only; a read_only primary is made writable; a server that replicates from
+  nobody or from another server (an old primary back after an emergency reparent) rejoins as a
+  replica of the primary. With `repair = false` each of these is only reported.
+- **Errant transactions** (`Quarantine`): a server holding GTIDs the primary never had cannot
+  replicate from it under gtid_strict_mode, and must never be promoted. GTIDs of the primary's
+  own server_id are not counted: the two servers are probed at nearly but not exactly the same
+  moment, so a replica may show a transaction the primary committed after its own probe.
+
+Rules that hold throughout: nothing is decided about a shard while a reparent is in flight, or
+while a recovery or repair this detector asked for has not `finished`; after each emergency
+reparent the shard waits `cooldown` seconds before another; the same repair of the same server
+is not repeated within `cooldown` either, so a fault that comes back at once is reported, not
+fought. Every report is made once per episode, not once per round.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from reparent import gtid
+from reparent.config import DetectorConfig
+
+# Consecutive rounds a small fault must be seen in before it is repaired.
+CONFIRM = 2
+
+
+class Reason(enum.StrEnum):
+    """Why the detector acts or reports; printed in logs and used as a metrics label."""
+
+    PRIMARY_DEAD = "primary_dead"  # Baton and every replica lost the primary
+    PRIMARY_UNREACHABLE = "primary_unreachable"  # only Baton lost it; replicas still stream
+    COOLDOWN = "cooldown"  # the primary looks dead, but the shard recovered too recently
+    PRIMARY_READ_ONLY = "primary_read_only"  # read_only with no reparent in flight
+    PRIMARY_REPLICATES = "primary_replicates"  # the primary is itself somebody's replica
+    REPLICATION_STOPPED = "replication_stopped"  # stopped without an error (a STOP SLAVE)
+    REPLICATION_BROKEN = "replication_broken"  # stopped on an error a restart will not fix
+    REPLICA_LOST_PRIMARY = "replica_lost_primary"  # its IO thread keeps reconnecting
+    REPLICA_WRITABLE = "replica_writable"
+    STRAY = "stray"  # replicates from nobody or from another server: rejoin it
+    ERRANT = "errant"  # has transactions the primary never had: quarantine it
+    QUARANTINED_WRITABLE = "quarantined_writable"
+    HEALED = "healed"  # a quarantined server replicates from the primary cleanly again
+    UNREACHABLE = "unreachable"  # a server other than the primary does not answer
+    UNREADABLE = "unreadable"  # a GTID state that does not parse
+    REPEATED = "repeated"  # the fault came back within the cooldown of its repair
+
+
+# -- what the shell observes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One server in one probe round, as Baton's admin account saw it."""
+
+    name: str
+    reachable: bool
+    read_only: bool = False
+    server_id: int = 0
+    binlog_pos: str = ""
+    binlog_state: str = ""  # @@gtid_binlog_state: what errant transactions are judged by
+    # The server it replicates from, by name ("host:port" if not one of the shard's); None
+    # when it replicates from nobody (no SHOW SLAVE STATUS row).
+    source: str | None = None
+    io_running: str = ""  # Slave_IO_Running: Yes, No or Connecting
+    sql_running: str = ""  # Slave_SQL_Running: Yes or No
+    io_errno: int = 0  # Last_IO_Errno
+    sql_errno: int = 0  # Last_SQL_Errno
+    error: str = ""  # why it was not reachable
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """One probe round of a shard: the store's view, and every server's."""
+
+    shard: str
+    primary: str
+    term: int
+    servers: tuple[ServerView, ...]  # the primary's too
+    quarantined: frozenset[str] = frozenset()
+    reparent_in_flight: bool = False
+
+    def server(self, name: str) -> ServerView:
+        return next(s for s in self.servers if s.name == name)
+
+
+# -- what the detector asks for ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    shard: str
+    server: str
+    reason: Reason
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        """The action's kind, as a metrics label: run_ers, restart_replication, ..."""
+        return _snake(type(self).__name__)
+
+    def __str__(self) -> str:
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{self.name} {self.shard}/{self.server} [{self.reason}]{detail}"
+
+
+@dataclass(frozen=True)
+class RunERS(Action):
+    """Emergency reparent of the shard; `server` is the dead primary."""
+
+    unreachable_for: float = 0.0  # seconds from the first failed probe to this decision
+
+
+@dataclass(frozen=True)
+class RestartReplication(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class SetReadOnly(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class MakeWritable(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class Rejoin(Action):
+    """Make `server` a read_only replica of the shard's primary (it has no errant GTIDs)."""
+
+    primary: str = ""
+
+
+@dataclass(frozen=True)
+class Quarantine(Action):
+    """Mark `server` quarantined in the store (never routed to, chosen or replicated from) and
+    set it read_only if it answers."""
+
+
+@dataclass(frozen=True)
+class Release(Action):
+    """Lift `server`'s quarantine: it replicates from the primary with nothing errant."""
+
+
+@dataclass(frozen=True)
+class Report(Action):
+    """Nothing to do, or nothing Baton may do: log it and count it."""
+
+
+def _snake(name: str) -> str:
+    special = {"RunERS": "run_ers"}
+    if name in special:
+        return special[name]
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+# -- the state machine -------------------------------------------------------------------------
+
+
+@dataclass
+class _Shard:
+    primary: str = ""
+    term: int = 0
+    failures: int = 0  # consecutive rounds the primary did not answer
+    first_failure: float | None = None
+    busy: bool = False  # actions handed out and not finished yet
+    busy_ers: bool = False
+    cooled_until: float = -math.inf  # no emergency reparent before this
+    faults: dict[tuple[str, Reason], int] = field(default_factory=dict)  # consecutive rounds
+    repaired: dict[tuple[str, Reason], float] = field(default_factory=dict)  # when last done
+    reported: set[tuple[str, Reason]] = field(default_factory=set)  # reported this episode
+
+
+class Detector:
+    def __init__(self, settings: DetectorConfig) -> None:
+        self.settings = settings
+        self._shards: dict[str, _Shard] = {}
+
+    def busy(self, shard: str) -> bool:
+        return self._state(shard).busy
+
+    def observe(self, view: ShardView, now: float) -> list[Action]:
+        """One probe round of one shard; the actions to carry out (Reports included)."""
+        st = self._state(view.shard)
+        if st.busy:
+            return []  # never two recoveries of one shard at once
+        if (st.primary, st.term) != (view.primary, view.term):
+            # A new primary or term: what was counted was about another topology.
+            st.primary, st.term = view.primary, view.term
+            st.failures, st.first_failure = 0, None
+            st.faults, st.reported = {}, set()
+        if view.reparent_in_flight:
+            st.failures, st.first_failure, st.faults = 0, None, {}
+            return []
+        round_ = _Round(self, st, view, now)
+        out = round_.decide()
+        st.faults, st.reported = round_.seen, round_.present
+        if any(not isinstance(a, Report) for a in out):
+            st.busy = True
+            st.busy_ers = any(isinstance(a, RunERS) for a in out)
+        return out
+
+    def finished(self, shard: str, now: float) -> None:
+        """The actions of the last round that returned some are carried out (or failed)."""
+        st = self._state(shard)
+        if st.busy_ers:
+            st.cooled_until = now + self.settings.cooldown
+            st.failures, st.first_failure = 0, None
+        st.busy = st.busy_ers = False
+
+    def _state(self, shard: str) -> _Shard:
+        return self._shards.setdefault(shard, _Shard())
+
+
+class _Round:
+    """The decisions of one round; `seen` and `present` become the shard's counters."""
+
+    def __init__(self, detector: Detector, st: _Shard, view: ShardView, now: float) -> None:
+        self.settings = detector.settings
+        self.st = st
+        self.view = view
+        self.now = now
+        self.out: list[Action] = []
+        self.seen: dict[tuple[str, Reason], int] = {}
+        self.present: set[tuple[str, Reason]] = set()
+
+    def decide(self) -> list[Action]:
+        view, st = self.view, self.st
+        primary = view.server(view.primary)
+        if not primary.reachable:
+            st.failures += 1
+            if st.first_failure is None:
+                st.first_failure = self.now
+            if st.failures >= self.settings.failures:
+                self._primary_unreachable(primary)
+            return self.out
+        st.failures, st.first_failure = 0, None
+        if primary.read_only:
+            self._repair(
+                MakeWritable, primary.name, Reason.PRIMARY_READ_ONLY, "no reparent in flight"
+            )
+        if primary.source is not None:
+            self._report(primary.name, Reason.PRIMARY_REPLICATES, f"from {primary.source}")
+        for server in view.servers:
+            if server.name != primary.name:
+                self._follower(server, primary)
+        return self.out
+
+    # -- the primary -------------------------------------------------------------------------
+
+    def _primary_unreachable(self, primary: ServerView) -> None:
+        view, st = self.view, self.st
+        replicas = [
+            s for s in view.servers if s.name != primary.name and s.name not in view.quarantined
+        ]
+        streaming = [
+            s.name
+            for s in replicas
+            if s.reachable and s.source == primary.name and s.io_running == "Yes"
+        ]
+        probes = f"{st.failures} probes failed ({primary.error or 'no answer'})"
+        if streaming:
+            self._report(
+                primary.name,
+                Reason.PRIMARY_UNREACHABLE,
+                f"{probes}, but {', '.join(streaming)} still replicate from it",
+            )
+            return
+        witnesses = ", ".join(_witness(s, primary.name) for s in replicas) or "no replicas"
+        if self.now < st.cooled_until:
+            self._report(
+                primary.name,
+                Reason.COOLDOWN,
+                f"{probes}; {witnesses}; no emergency reparent until the cooldown ends in "
+                f"{st.cooled_until - self.now:.1f} s",
+            )
+            return
+        assert st.first_failure is not None
+        self.out.append(
+            RunERS(
+                view.shard,
+                primary.name,
+                Reason.PRIMARY_DEAD,
+                f"{probes}; {witnesses}",
+                unreachable_for=self.now - st.first_failure,
+            )
+        )
+
+    # -- every other server ------------------------------------------------------------------
+
+    def _follower(self, s: ServerView, primary: ServerView) -> None:
+        if s.name in self.view.quarantined:
+            self._quarantined(s, primary)
+            return
+        if not s.reachable:
+            self._report(s.name, Reason.UNREACHABLE, s.error)
+            return
+        errant = self._errant(s, primary)
+        if errant is None:
+            return
+        if errant:
+            self._repair(Quarantine, s.name, Reason.ERRANT, errant, gated=False)
+            return
+        if s.source != primary.name:
+            where = "nobody" if s.source is None else s.source
+            self._repair(
+                Rejoin,
+                s.name,
+                Reason.STRAY,
+                f"replicates from {where}, {'read_only' if s.read_only else 'writable'}",
+                primary=primary.name,
+            )
+            return
+        if s.io_running == "No" or s.sql_running == "No":
+            threads = f"IO {s.io_running}, SQL {s.sql_running}"
+            if s.io_errno or s.sql_errno:
+                errors = f"IO error {s.io_errno}, SQL error {s.sql_errno}"
+                self._report(s.name, Reason.REPLICATION_BROKEN, f"{threads}; {errors}")
+            else:
+                self._repair(RestartReplication, s.name, Reason.REPLICATION_STOPPED, threads)
+        elif s.io_running == "Connecting" and self._fault(s.name, Reason.REPLICA_LOST_PRIMARY) > 1:
+            self._report(s.name, Reason.REPLICA_LOST_PRIMARY, f"IO error {s.io_errno}")
+        if not s.read_only:
+            self._repair(SetReadOnly, s.name, Reason.REPLICA_WRITABLE, "a replica takes no writes")
+
+    def _quarantined(self, s: ServerView, primary: ServerView) -> None:
+        if not s.reachable:
+            return
+        if not s.read_only:
+            self._repair(
+                SetReadOnly, s.name, Reason.QUARANTINED_WRITABLE, "quarantined", gated=False
+            )
+            return
+        errant = self._errant(s, primary)
+        healthy = s.source == primary.name and s.io_running == "Yes" and s.sql_running == "Yes"
+        if errant == "" and healthy:
+            self._repair(Release, s.name, Reason.HEALED, "replicates from the primary, no errant")
+
+    def _errant(self, s: ServerView, primary: ServerView) -> str | None:
+        """The GTIDs `s` has and the primary lacks ("" if none), None if unreadable."""
+        try:
+            extra = gtid.errant(s.binlog_state, primary.binlog_state)
+        except gtid.GtidError as e:
+            self._report(s.name, Reason.UNREADABLE, str(e))
+            return None
+        return gtid.format(g for g in extra if g.server_id != primary.server_id)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _fault(self, server: str, reason: Reason) -> int:
+        key = (server, reason)
+        n = self.seen[key] = self.st.faults.get(key, 0) + 1
+        return n
+
+    def _repair(
+        self,
+        kind: type[Action],
+        server: str,
+        reason: Reason,
+        detail: str,
+        gated: bool = True,
+        **extra: str,
+    ) -> None:
+        if self._fault(server, reason) < CONFIRM:
+            return
+        if gated and not self.settings.repair:
+            self._report(server, reason, f"{detail} (detector.repair is off)")
+            return
+        key = (server, reason)
+        last = self.st.repaired.get(key)
+        if last is not None and self.now - last < self.settings.cooldown:
+            self._report(
+                server,
+                Reason.REPEATED,
+                f"{reason} again {self.now - last:.1f} s after its repair; leaving it",
+            )
+            return
+        self.st.repaired[key] = self.now
+        self.out.append(kind(self.view.shard, server, reason, detail, **extra))
+
+    def _report(self, server: str, reason: Reason, detail: str) -> None:
+        key = (server, reason)
+        self.present.add(key)
+        if key not in self.st.reported:
+            self.out.append(Report(self.view.shard, server, reason, detail))
+
+
+def _witness(s: ServerView, primary: str) -> str:
+    """What one replica says about the primary, for the log."""
+    if not s.reachable:
+        return f"{s.name} unreachable"
+    if s.source != primary:
+        return f"{s.name} replicates from {s.source or 'nobody'}"
+    return f"{s.name} IO {s.io_running} (error {s.io_errno})"
