@@ -10,10 +10,11 @@ with a relay that forwards each command to the session's backend connection.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,30 @@ _STMT_COMMANDS = frozenset(
 )
 
 
+# Commands that may wait for the next primary after failing on this one: they carry everything
+# needed to send them again (a cursor's FETCH does not: its cursor died with the connection).
+_RETRYABLE = frozenset(
+    {
+        Command.QUERY,
+        Command.INIT_DB,
+        Command.PING,
+        Command.FIELD_LIST,
+        Command.SET_OPTION,
+        Command.STATISTICS,
+        Command.STMT_PREPARE,
+        Command.STMT_EXECUTE,
+    }
+)
+
+
+class FailureCause(enum.StrEnum):
+    """Why a command failed on the primary before any of its result reached the client."""
+
+    READ_ONLY = "read_only"  # the server answered 1290: it is not the writable primary
+    LOST = "lost"  # the connection broke; the server may have run the command
+    UNREACHABLE = "unreachable"  # no connection could be made: it never ran
+
+
 @dataclass
 class BackendIdentity:
     """How Baton presents itself: the backend's version, collation and capabilities."""
@@ -106,9 +131,48 @@ class ProxyContext:
     next_id: int = 1
     # Grows with every published switch; a session's backend from an older epoch is stale.
     epoch: int = 0
+    _probe: asyncio.Future[bool] | None = None
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
+
+    def term(self) -> int:
+        return self.router.store.read(self.config.proxy.shard).value.term
+
+    async def primary_writable(self) -> bool:
+        """Does the primary still take a new connection and writes? Asked after a session
+        lost its connection: yes means the loss was that connection's alone (a KILL, a
+        timeout), so its client gets the error at once instead of waiting for a switch that
+        is not coming. Sessions that fail together share one probe."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_primary())
+        return await asyncio.shield(self._probe)
+
+    async def _probe_primary(self) -> bool:
+        server = self.primary()
+        cfg = self.config
+        try:
+            backend = await BackendConnection.connect(
+                server.host,
+                server.port,
+                cfg.backend.user,
+                cfg.backend.password,
+                0,
+                self.identity.collation,
+                None,
+                cfg.proxy.backend_connect_timeout,
+            )
+        except BackendError:
+            return False
+        try:
+            rows = await asyncio.wait_for(
+                backend.query("SELECT @@read_only"), cfg.proxy.backend_connect_timeout
+            )
+            return rows[0][0] == b"0"
+        except (BackendError, TimeoutError):
+            return False
+        finally:
+            backend.close()
 
     # -- the router's listener: topology events, on the proxy's loop ---------------------------
 
@@ -205,6 +269,13 @@ class ClientConnection(Connection):
         self.held_entry: int | None = None
         self._held_raw = b""
         self._flushing: int | None = None
+        # The unplanned path: the client's bytes of the command in progress, whether it has
+        # already waited once after failing, the error it would have had, and the server
+        # that may have run it (never sent there again).
+        self._raw = b""
+        self._failed_once = False
+        self._failure: tuple[bytes, str] | None = None  # (error packet, origin)
+        self._avoid: str | None = None
         self._epoch = 0
         self._connected_before = False  # a later connect moves the session's state
         self._client_slow = False
@@ -414,9 +485,10 @@ class ClientConnection(Connection):
         self.backend = None
         self.state.backend = ""
 
-    async def _ensure_backend(self) -> BackendConnection | None:
-        """The session's backend, reconnecting (with the session's state) to the current
-        primary if it was lost or belongs to an older epoch; None after sending an error."""
+    async def _ensure_backend(self, raw: bytes) -> BackendConnection | None:
+        """The session's backend for the command `raw`, reconnecting (with the session's state)
+        to the current primary if it was lost or belongs to an older epoch; None when the
+        command was answered with an error or is held for the next primary."""
         if self.backend is not None and self.backend.alive and self._epoch == self.ctx.epoch:
             return self.backend
         if self.backend is not None:
@@ -436,11 +508,13 @@ class ClientConnection(Connection):
             return await self._connect_backend()
         except BackendError as e:
             server = self.ctx.primary()
-            self._error(
+            error = self._error_packet(
                 ErrorKind.BACKEND_UNREACHABLE,
                 f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
                 f"{e}. The statement was not executed; retry when the primary is back.",
             )
+            if not (self._may_retry(raw[4]) and self._failed(FailureCause.UNREACHABLE, error)):
+                self._write_error(error)
             return None
 
     # -- command phase: a callback relay ---------------------------------------------------------
@@ -525,10 +599,12 @@ class ClientConnection(Connection):
             elif raw[3] != 0 or end == 4:
                 self._protocol_error(None, "malformed command packet")
                 return
-            elif self._should_hold():
-                self._hold(raw)
             else:
-                self._command(raw)
+                self._failed_once = False  # a new command from the client
+                if self._should_hold():
+                    self._hold(raw)
+                else:
+                    self._command(raw)
             if self._closed.done():
                 return
         if self._paused and not self.busy:
@@ -544,6 +620,7 @@ class ClientConnection(Connection):
 
     def _command(self, raw: bytes) -> None:
         command = raw[4]
+        self._raw = raw
         self._command_byte = command
         self._started = time.perf_counter()
         if command == Command.QUIT:
@@ -596,7 +673,7 @@ class ClientConnection(Connection):
             self._finish()
             return
         self.busy = True
-        self._task = asyncio.get_running_loop().create_task(self._slow_command(command, raw))
+        self._spawn(self._slow_command(command, raw))
 
     async def _slow_command(self, command: int, raw: bytes) -> None:
         """Commands that must wait: a reconnect first, or a re-authentication."""
@@ -606,9 +683,11 @@ class ClientConnection(Connection):
                     self._close()
                     return
             else:
-                if await self._ensure_backend() is not None:
+                if await self._ensure_backend(raw) is not None:
                     self._command(raw)  # the backend is ready now: the usual path
                     return
+                if self.held_entry is not None:
+                    return  # held for the next primary: not finished yet
         except BackendError as e:
             if not self._lost_backend(e):
                 self._close()
@@ -630,6 +709,7 @@ class ClientConnection(Connection):
             command,
             client_stmt_id=client_stmt_id,
             infile_allowed=self.ctx.config.proxy.allow_load_data_local,
+            withhold_read_only=self._may_retry(command),
         )
         self.state.in_flight = COMMAND_NAMES.get(command)
         self._relayed = False
@@ -668,7 +748,12 @@ class ClientConnection(Connection):
     def _response_finished(self, exc: BaseException | None) -> None:
         parser = self._parser
         if exc is not None:
+            retry = not self._relayed and not self._infile and self._may_retry(parser.command)
             self._infile = False
+            if retry:
+                self._drop_backend()
+                self._spawn(self._after_loss(exc))  # type: ignore[arg-type]
+                return
             if not self._lost_backend(exc):  # type: ignore[arg-type]
                 self._close()
                 return
@@ -680,6 +765,12 @@ class ClientConnection(Connection):
             return
         state = self.state
         state.in_flight = None
+        if parser.withheld is not None:
+            error = frame(parser.withheld, 1)
+            if not self._failed(FailureCause.READ_ONLY, error, origin="backend"):
+                self._write_error(error, "backend")
+                self._finish()
+            return
         state.apply(parser.status, parser.tracked)
         err = parser.err
         command = parser.command
@@ -695,7 +786,7 @@ class ClientConnection(Connection):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
-            self._task = asyncio.get_running_loop().create_task(self._retrack())
+            self._spawn(self._retrack())
             return
         self._finish()
 
@@ -732,26 +823,100 @@ class ClientConnection(Connection):
         )
 
     def _hold(self, raw: bytes) -> None:
-        self.busy = True
-        self._held_raw = raw
         self._started = time.perf_counter()
         self._command_byte = raw[4]
+        self._wait(raw, lambda: self.ctx.holder.hold(self, self.connection_id, self._shard))
+
+    def _wait(self, raw: bytes, hold: Callable[[], int | None]) -> bool:
+        """Keep `raw` until the buffer flushes or evicts it; False if the buffer refused."""
+        self.busy = True
+        self._held_raw = raw
         self.held_entry = -1  # the buffer may answer within hold()
-        entry = self.ctx.holder.hold(self, self.connection_id, self.ctx.config.proxy.shard)
+        entry = hold()
+        if entry is None:
+            self.held_entry = None
+            self._held_raw = b""
+            return False
         if self.held_entry == -1:
             self.held_entry = entry
+        return True
+
+    @property
+    def _shard(self) -> str:
+        return self.ctx.config.proxy.shard
+
+    # -- the unplanned path: a command that failed for want of a writable primary --------------
+
+    def _may_retry(self, command: int) -> bool:
+        """Could this command wait for the next primary if it fails on this one? Only once,
+        only outside a transaction (the server rolled the rest of it back), and only commands
+        that can be sent again as they are."""
+        return command in _RETRYABLE and not self._failed_once and not self.state.in_transaction
+
+    def _failed(
+        self,
+        cause: FailureCause,
+        error: bytes,
+        avoid: str | None = None,
+        origin: str = "baton",
+        hopeless: bool = False,
+    ) -> bool:
+        """Hold the command that just failed (nothing of its result reached the client) until
+        a newer primary is published; its client gets `error` if none comes in time. `avoid`
+        names the server that may have run it: it is never sent there again. False (nothing
+        held) when `hopeless`, or during a flush: it failed on the primary just published."""
+        raw = self._raw
+        term = self.ctx.term()
+        held = (
+            not hopeless
+            and self._flushing is None
+            and self._wait(
+                raw,
+                lambda: self.ctx.holder.hold_failed(self, self.connection_id, self._shard, term),
+            )
+        )
+        metrics.FAILED_COMMANDS.labels(str(cause), "held" if held else "passed").inc()
+        if held:
+            self._failed_once = True
+            self._failure = (error, origin)
+            self._avoid = avoid
+            log.info("session %d: holding a command that failed (%s)", self.connection_id, cause)
+        return held
+
+    async def _after_loss(self, exc: BackendError) -> None:
+        """The connection broke before any of the result reached the client. If the primary
+        still takes writes the loss was this connection's alone: the client hears of it now.
+        Otherwise the command waits for the next primary, which the server that may have run
+        it is not."""
+        server = self.backend_server
+        error = self._error_packet(ErrorKind.BACKEND_LOST, self._loss_message(exc))
+        try:
+            alone = await self.ctx.primary_writable()
+        except asyncio.CancelledError:
+            return
+        if not self._failed(
+            FailureCause.LOST, error, server.name if server else None, hopeless=alone
+        ):
+            self._write_error(error)
+            self._finish()
 
     def resume_held(self, entry: int, to_new: bool) -> None:
         """The buffer let this command go: move to the current primary, then run it."""
         raw, self._held_raw = self._held_raw, b""
         self.held_entry = None
         self._flushing = entry
-        self._task = asyncio.get_running_loop().create_task(self._run_held(raw))
+        self._spawn(self._run_held(raw))
 
     async def _run_held(self, raw: bytes) -> None:
         try:
+            failure, self._failure = self._failure, None
+            if failure is not None and self.ctx.primary().name == self._avoid:
+                # The reparent was aborted: the only primary is the server that may have run it.
+                self._write_error(*failure)
+                self._finish()
+                return
             async with self._backend_lock:
-                backend = await self._ensure_backend()
+                backend = await self._ensure_backend(raw)
             if backend is None:
                 self._finish()
             else:
@@ -762,14 +927,23 @@ class ClientConnection(Connection):
             self.crashed()
 
     def evict_held(self, entry: int, reason: EvictReason, message: str) -> None:
+        """Give up on a held command. One that failed on the primary gets the error it had
+        then; one held before it was sent gets Baton's own, saying it never ran."""
         self._held_raw = b""
         self.held_entry = None
-        self._error(
-            ErrorKind.HELD_EVICTED,
-            f"Baton held this statement while the primary was switched and gave up: {message}. "
-            "The statement was never executed; it is safe to retry.",
-        )
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            self._write_error(*failure)
+        else:
+            self._error(
+                ErrorKind.HELD_EVICTED,
+                f"Baton held this statement while the primary was switched and gave up: "
+                f"{message}. The statement was never executed; it is safe to retry.",
+            )
         self._finish()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(coro)
 
     def claim(self) -> bool:
         """Claim an idle session for Baton's own queries; False when a command is running."""
@@ -824,24 +998,38 @@ class ClientConnection(Connection):
     # -- errors ----------------------------------------------------------------------------------
 
     def _error(self, kind: ErrorKind, message: str) -> None:
-        metrics.ERRORS.labels(str(kind.code), "baton").inc()
-        self._write(frame(kind.packet(message), 1))
+        self._write_error(self._error_packet(kind, message))
 
-    def _lost_backend(self, e: BackendError) -> bool:
-        """The backend died under a command: tell the client if the protocol still allows it."""
+    @staticmethod
+    def _error_packet(kind: ErrorKind, message: str) -> bytes:
+        return frame(kind.packet(message), 1)
+
+    def _write_error(self, packet: bytes, origin: str = "baton") -> None:
+        """Send an error packet, Baton's own or one the backend sent (counted by origin)."""
+        metrics.ERRORS.labels(str(int.from_bytes(packet[5:7], "little")), origin).inc()
+        self._write(packet)
+
+    def _drop_backend(self) -> None:
         server = self.backend_server
         if server is not None:
             metrics.BACKEND_LOST.labels(server.name).inc()
         self._close_backend()
         self.state.in_flight = None
+
+    @staticmethod
+    def _loss_message(e: BackendError) -> str:
+        return (
+            f"Lost connection to the primary during the statement ({e}); it may or may not "
+            "have been executed. The session's state on the server is gone; reconnect."
+        )
+
+    def _lost_backend(self, e: BackendError) -> bool:
+        """The backend died under a command: tell the client if the protocol still allows it."""
+        self._drop_backend()
         if self._relayed:
             log.info("session %d: backend lost mid-response, closing: %s", self.connection_id, e)
             return False
-        self._error(
-            ErrorKind.BACKEND_LOST,
-            f"Lost connection to the primary during the statement ({e}); it may or may not "
-            "have been executed. The session's state on the server is gone; reconnect.",
-        )
+        self._error(ErrorKind.BACKEND_LOST, self._loss_message(e))
         return True
 
 

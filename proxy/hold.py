@@ -22,8 +22,10 @@ from proxy.buffer import (
     Action,
     Buffer,
     BufferConfig,
+    BufferState,
     Evict,
     EvictReason,
+    Finished,
     Flush,
     Skipped,
     Started,
@@ -32,6 +34,8 @@ from proxy.buffer import (
 from reparent.config import BufferSettings
 
 log = logging.getLogger(__name__)
+
+EPISODES_KEPT = 100  # finished episodes remembered for reports
 
 
 class HeldSession(Protocol):
@@ -69,6 +73,9 @@ class Holder(Collector):
         self._timer: asyncio.TimerHandle | None = None
         self._shards: set[str] = set()
         self.active = False  # some shard holds (or drains a backlog) right now
+        # The counts of each finished episode by (shard, term), for the reparent's report.
+        self.episodes: dict[tuple[str, int], Finished] = {}
+        self._episode_waiters: dict[tuple[str, int], asyncio.Event] = {}
 
     # -- topology events (on the loop) ---------------------------------------------------------
 
@@ -101,6 +108,34 @@ class Holder(Collector):
         self._apply(self.buffer.hold(entry, session_id, shard, now))
         return entry
 
+    def hold_failed(
+        self, session: HeldSession, session_id: int, shard: str, term: int
+    ) -> int | None:
+        """Hold a command that failed on the primary of `term` until a newer primary is
+        published; None when it cannot wait (disabled, dry run, or a drain is under way)."""
+        if not self.settings.enabled or not self.buffer.can_hold_failed(shard):
+            return None
+        entry = self._next_entry
+        self._next_entry += 1
+        self._sessions[entry] = session
+        now = self._now()
+        self._held_at[entry] = now
+        self._shards.add(shard)
+        self._apply(self.buffer.hold_failed(entry, session_id, shard, term, now))
+        return entry
+
+    async def episode(self, shard: str, term: int, timeout: float) -> Finished | None:
+        """What the shard held for `term`, once it is idle again; None if not within timeout
+        (or if it never held for that term)."""
+        key = (shard, term)
+        if key not in self.episodes and self.buffer.state(shard) is not BufferState.IDLE:
+            waiter = self._episode_waiters.setdefault(key, asyncio.Event())
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self.episodes.get(key)
+
     def flushed(self, entry: int) -> None:
         self._apply(self.buffer.flushed(entry, self._now()))
 
@@ -124,7 +159,20 @@ class Holder(Collector):
                 why = EVICTION_MESSAGES[action.reason].format(**vars(self.config))
                 session.evict_held(action.entry, action.reason, why)
             elif isinstance(action, Started):
-                log.info("shard %s: holding commands for term %d", action.shard, action.term)
+                log.info(
+                    "shard %s: holding commands for term %d (%s)",
+                    action.shard,
+                    action.term,
+                    action.reason,
+                )
+            elif isinstance(action, Finished):
+                key = (action.shard, action.term)
+                self.episodes[key] = action
+                while len(self.episodes) > EPISODES_KEPT:
+                    del self.episodes[next(iter(self.episodes))]
+                waiter = self._episode_waiters.pop(key, None)
+                if waiter is not None:
+                    waiter.set()
             elif isinstance(action, Stopped):
                 log.info("shard %s: stopped holding (%s)", action.shard, action.reason)
             elif isinstance(action, Skipped):
@@ -167,8 +215,11 @@ class Holder(Collector):
         for reason, n in c.stops_by_reason.items():
             stops.add_metric([str(reason)], n)
         yield stops
-        starts = CounterMetricFamily("baton_buffer_starts", "Times holding started")
-        starts.add_metric([], c.starts)
+        starts = CounterMetricFamily(
+            "baton_buffer_starts", "Times holding started, by reason", labels=["reason"]
+        )
+        for start_reason, n in c.starts_by_reason.items():
+            starts.add_metric([str(start_reason)], n)
         yield starts
         used = GaugeMetricFamily("baton_buffer_utilization", "Share of buffer slots in use")
         used.add_metric([], self.buffer.slots_used() / self.config.size)

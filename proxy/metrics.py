@@ -127,6 +127,26 @@ SESSIONS_MOVED = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+FAILED_COMMANDS = Counter(
+    "baton_failed_commands",
+    "Commands that failed on the primary before any of their result reached the client, by "
+    "cause (read_only, lost, unreachable) and outcome (held for the next primary, or passed)",
+    ["cause", "outcome"],
+    registry=REGISTRY,
+)
+SESSIONS_REFUSED = Counter(
+    "baton_sessions_refused",
+    "Sessions that could not move to a new primary, by the state that could not move",
+    ["reason"],
+    registry=REGISTRY,
+)
+SWITCH_SESSIONS = Counter(
+    "baton_switch_sessions",
+    "Sessions when a switch began, by what they were doing (idle, in_statement, "
+    "in_transaction), and transactions the demotion rolled back (rolled_back)",
+    ["case"],
+    registry=REGISTRY,
+)
 HOLD_SECONDS = Histogram(
     "baton_buffer_hold_seconds",
     "How long a held command waited before it was flushed",

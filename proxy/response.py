@@ -68,6 +68,8 @@ _CURSOR_EXISTS = int(Status.CURSOR_EXISTS)
 _STATE_CHANGED = int(Status.SESSION_STATE_CHANGED)
 _IN_TRANS = int(Status.IN_TRANS)
 
+# "The MariaDB server is running with the --read-only option so it cannot execute this statement"
+ER_OPTION_PREVENTS_STATEMENT = 1290
 # What MariaDB (4166) and MySQL (1148) answer when the connection lacks CLIENT_LOCAL_FILES.
 _INFILE_REFUSALS = frozenset({1148, 4166})
 
@@ -94,6 +96,8 @@ class ResponseParser:
         "prepare_columns",
         "results",
         "infile_refused",
+        "withhold_read_only",
+        "withheld",
     )
 
     def __init__(self, deprecate_eof: bool, client_tracks: bool) -> None:
@@ -115,6 +119,8 @@ class ResponseParser:
         self.prepare_columns = 0
         self.results = 0
         self.infile_refused = False
+        self.withhold_read_only = False
+        self.withheld: bytes | None = None
 
     @property
     def phase(self) -> Phase:
@@ -124,9 +130,21 @@ class ResponseParser:
     def done(self) -> bool:
         return self._phase is Phase.DONE
 
-    def begin(self, command: int, client_stmt_id: int = 0, infile_allowed: bool = True) -> bool:
-        """Expect the response to `command`; False when the command has none (CLOSE, LONG_DATA)."""
+    def begin(
+        self,
+        command: int,
+        client_stmt_id: int = 0,
+        infile_allowed: bool = True,
+        withhold_read_only: bool = False,
+    ) -> bool:
+        """Expect the response to `command`; False when the command has none (CLOSE, LONG_DATA).
+
+        With `withhold_read_only`, a read-only refusal (1290) that is the whole response is not
+        relayed but kept in `withheld`: the command never ran, and the proxy may hold it for the
+        next primary instead."""
         self.command = command
+        self.withhold_read_only = withhold_read_only
+        self.withheld = None
         self.ok = None
         self.err = None
         self.tracked = []
@@ -142,8 +160,10 @@ class ResponseParser:
         return True
 
     def resume_after_infile(self) -> None:
-        """The client has sent its file; the server now answers with OK or ERR."""
+        """The client has sent its file; the server now answers with OK or ERR. The file is
+        gone, so the command could not be sent again: nothing is withheld."""
         self._phase = Phase.FIRST
+        self.withhold_read_only = False
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from the backend; return the bytes to relay to the client now."""
@@ -321,6 +341,14 @@ class ResponseParser:
             self.status &= ~_IN_TRANS
         if self.err.code in _INFILE_REFUSALS and self.infile_refused:
             return INFILE_DISABLED
+        if (
+            self.withhold_read_only
+            and self.err.code == ER_OPTION_PREVENTS_STATEMENT
+            and self.ok is None
+            and self.results == 0
+        ):
+            self.withheld = payload
+            return b""  # dropped: nothing of this response reaches the client
         return None
 
     def _infile(self) -> bytes | None:

@@ -107,6 +107,7 @@ def start_baton(
     servers: list[dict[str, Any]] | None = None,
     controller: dict[str, Any] | None = None,
     detector: dict[str, Any] | None = None,
+    buffer: dict[str, Any] | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
     data = tomllib.loads(config_path.read_text())
@@ -119,6 +120,8 @@ def start_baton(
     data.setdefault("controller", {}).update(controller or {})
     if detector is not None:
         data.setdefault("detector", {}).update(detector)
+    if buffer is not None:
+        data.setdefault("buffer", {}).update(buffer)
     if servers is not None:
         data["shards"][0]["servers"] = servers
     cfg = workdir / "baton.toml"

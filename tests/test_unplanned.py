@@ -1,0 +1,193 @@
+"""The unplanned path: a command that fails on the primary before any of its result reached the
+client waits (once) for the next primary instead of failing, unless the failure was its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pymysql
+import pytest
+
+from reparent.sandbox import Sandbox
+from tests.fixtures import (
+    Baton,
+    admin_query,
+    port_hint,
+    private_sandbox,
+    server_ports,
+    start_baton,
+)
+
+WINDOW = 3.0  # seconds a held command waits: short, so giving up is quick to see
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    yield from private_sandbox(tmp_path_factory, "unplanned-sandbox")
+
+
+@pytest.fixture(scope="module")
+def ubaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Baton]:
+    b = start_baton(
+        box.config_path,
+        tmp_path_factory.mktemp("unplanned-baton"),
+        port_hint() + 100,
+        controller={"grace": 1.0},
+        detector={"enabled": False},  # these tests fail the primary and switch by hand
+        buffer={"window": WINDOW, "max_failover": 2 * WINDOW},
+    )
+    try:
+        conn = b.connect()
+        conn.cursor().execute("CREATE DATABASE IF NOT EXISTS unplanned")
+        conn.cursor().execute(
+            "CREATE TABLE IF NOT EXISTS unplanned.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+        )
+        conn.close()
+        yield b
+    finally:
+        b.stop()
+
+
+@dataclass
+class Outcome:
+    elapsed: float = 0.0
+    error: pymysql.MySQLError | None = None
+    rows: Any = None
+
+
+def in_thread(conn: pymysql.Connection, sql: str) -> tuple[threading.Thread, Outcome]:
+    """Run `sql` on `conn` in a thread; the outcome says how long it took and how it ended."""
+    out = Outcome()
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                out.rows = cur.fetchall()
+        except pymysql.MySQLError as e:
+            out.error = e
+        out.elapsed = time.monotonic() - start
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def primary(b: Baton) -> str:
+    return json.loads(b.ctl("--json", "status").stdout)["shards"][0]["primary"]
+
+
+def metric(b: Baton, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics").read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not want and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def count(box: Sandbox, server: str, v: int) -> int:
+    port = server_ports(box)[server]
+    rows = admin_query(port, f"SELECT COUNT(*) AS n FROM unplanned.t WHERE v={v}")
+    return int(rows[0]["n"])
+
+
+def test_a_write_refused_as_read_only_waits_for_the_switch_and_runs_once(box, ubaton):
+    """The primary turned read_only under a session (another controller, an operator): the
+    server's 1290 is not relayed; the insert waits and runs on the primary published next."""
+    old = primary(ubaton)
+    conn = ubaton.connect()
+    admin_query(server_ports(box)[old], "SET GLOBAL read_only = 1")
+    t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (1)")
+    time.sleep(0.5)
+    assert t.is_alive(), f"not held: {out}"
+    result = ubaton.ctl("--json", "prs")
+    assert result.returncode == 0, result.stderr
+    t.join(10)
+    assert out.error is None and not t.is_alive(), out
+    new = primary(ubaton)
+    assert new != old
+    assert count(box, new, 1) == 1
+    assert metric(ubaton, "baton_failed_commands_total", cause="read_only", outcome="held") >= 1
+    conn.close()
+
+
+def test_read_only_with_no_switch_gives_the_servers_own_error_after_the_window(box, ubaton):
+    current = primary(ubaton)
+    port = server_ports(box)[current]
+    conn = ubaton.connect()
+    admin_query(port, "SET GLOBAL read_only = 1")
+    try:
+        t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (2)")
+        t.join(3 * WINDOW)
+    finally:
+        admin_query(port, "SET GLOBAL read_only = 0")
+    assert isinstance(out.error, pymysql.err.OperationalError | pymysql.err.InternalError), out
+    assert out.error.args[0] == 1290, out.error  # the server's error, unchanged
+    assert WINDOW - 0.5 < out.elapsed < 2 * WINDOW, out.elapsed
+    assert count(box, current, 2) == 0
+    conn.close()
+
+
+def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
+    """A KILL of one backend connection is that session's failure, not the primary's: the
+    client hears of it at once instead of waiting for a switch that is not coming."""
+    current = primary(ubaton)
+    port = server_ports(box)[current]
+    conn = ubaton.connect()
+    t, out = in_thread(conn, "SELECT SLEEP(5) AS unplanned_kill_me")
+    deadline = time.monotonic() + 5
+    while True:
+        rows = admin_query(
+            port,
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE '%unplanned_kill_me%'"
+            " AND INFO NOT LIKE '%PROCESSLIST%'",
+        )
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert rows, "the statement never reached the primary"
+    admin_query(port, f"KILL CONNECTION {rows[0]['ID']}")
+    t.join(10)
+    assert out.error is not None and out.elapsed < 2.0, out
+    # The session goes on: its next statement runs on a new connection.
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    conn.close()
+
+
+def test_a_command_for_a_dead_primary_waits_for_the_emergency_reparent(box, ubaton):
+    """kill -9 of the primary: a session's next insert cannot connect; it waits, and runs on
+    the primary that ERS establishes. Last in this module: the old primary stays down."""
+    old = primary(ubaton)
+    conn = ubaton.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")  # the session has a backend on the old primary
+    pid = next(s["pid"] for s in box.status()["servers"] if s["name"] == old)
+    os.kill(pid, signal.SIGKILL)
+    t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (3)")
+    time.sleep(0.5)
+    assert t.is_alive(), f"not held: {out}"
+    result = ubaton.ctl("--json", "ers")
+    assert result.returncode == 0, result.stdout + result.stderr
+    t.join(10)
+    assert out.error is None and not t.is_alive(), out
+    new = primary(ubaton)
+    assert new != old and count(box, new, 3) == 1
+    # Lost (the idle connection's end was not seen yet) or unreachable (it was): either way held.
+    held = sum(
+        metric(ubaton, "baton_failed_commands_total", cause=cause, outcome="held")
+        for cause in ("lost", "unreachable")
+    )
+    assert held >= 1
+    conn.close()
