@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from reparent.config import Config, ServerConfig
-from reparent.topology import ReparentStarted, TopologyEvent, TopologyStore
+from reparent.topology import Established, ReparentStarted, TopologyEvent, TopologyStore
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,34 @@ class Router:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._unwatch: Callable[[], None] | None = None
+        self._newest: dict[str, tuple[int, str]] = {}  # shard -> (term, primary)
 
     def primary(self, shard: str) -> ServerConfig:
-        return self._servers[(shard, self.store.read(shard).value.primary)]
+        """The primary of the newest term this proxy knows, from the store or an event.
+
+        Fence by term: a store that answers with an older term than one already seen (a
+        stale read, once the store is remote) does not send sessions back to a server that
+        was demoted since. A demoted server becomes a replica and is only ever routed to again
+        when a later reparent makes it primary at a newer term.
+        """
+        topo = self.store.read(shard).value
+        self._learn(shard, topo.term, topo.primary)
+        return self._servers[(shard, self._newest[shard][1])]
+
+    def _learn(self, shard: str, term: int, primary: str) -> None:
+        known = self._newest.get(shard)
+        if known is None or term > known[0]:
+            self._newest[shard] = (term, primary)
+        elif term < known[0]:
+            log.warning(
+                "shard %s: the store names %s at term %d, older than term %d (%s); "
+                "routing stays with the newer term",
+                shard,
+                primary,
+                term,
+                known[0],
+                known[1],
+            )
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -64,6 +89,8 @@ class Router:
             self._loop.call_soon_threadsafe(self._deliver, event)
 
     def _deliver(self, event: TopologyEvent) -> None:
+        if isinstance(event, Established):
+            self._learn(event.shard, event.term, event.new_primary)
         if self.listener is not None:
             self.listener.topology_event(event)
         if isinstance(event, ReparentStarted):

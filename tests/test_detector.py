@@ -1,0 +1,359 @@
+"""The failure detector's pure core, the [detector] config, and the router's fence by term."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from proxy.router import Router
+from reparent.config import ConfigError, DetectorConfig, load
+from reparent.detector import (
+    CONFIRM,
+    Detector,
+    MakeWritable,
+    Quarantine,
+    Reason,
+    Rejoin,
+    Release,
+    Report,
+    RestartReplication,
+    RunERS,
+    ServerView,
+    SetReadOnly,
+    ShardView,
+)
+from reparent.topology import Established, FileStore, ShardTopology
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.toml"
+SETTINGS = DetectorConfig(interval=0.5, failures=3, cooldown=30.0)
+STATE = "0-1-10"
+
+
+def primary(**kw: object) -> ServerView:
+    base = ServerView("db1", True, read_only=False, server_id=1, binlog_state=STATE)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def replica(name: str, **kw: object) -> ServerView:
+    base = ServerView(
+        name,
+        True,
+        read_only=True,
+        server_id=int(name[2:]),
+        binlog_state=STATE,
+        source="db1",
+        io_running="Yes",
+        sql_running="Yes",
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+DOWN = ServerView("db1", False, error="connect refused")
+CONNECTING = {"io_running": "Connecting", "io_errno": 2003}
+
+
+def view(*servers: ServerView, **kw: object) -> ShardView:
+    names = {s.name for s in servers}
+    full = list(servers)
+    for default in (primary(), replica("db2"), replica("db3")):
+        if default.name not in names:
+            full.append(default)
+    full.sort(key=lambda s: s.name)
+    return ShardView("main", kw.pop("primary", "db1"), kw.pop("term", 1), tuple(full), **kw)  # type: ignore[arg-type]
+
+
+def rounds(d: Detector, v: ShardView, n: int, start: float = 0.0, step: float = 0.5) -> list:
+    out = []
+    for i in range(n):
+        out += d.observe(v, start + i * step)
+    return out
+
+
+def work(actions: list) -> list:
+    return [a for a in actions if not isinstance(a, Report)]
+
+
+def test_healthy_shard_needs_nothing() -> None:
+    d = Detector(SETTINGS)
+    assert rounds(d, view(), 10) == []
+
+
+def test_dead_primary_runs_ers_after_failures_rounds() -> None:
+    d = Detector(SETTINGS)
+    dead = view(DOWN, replica("db2", **CONNECTING), replica("db3", io_running="No"))
+    assert d.observe(dead, 0.0) == [] and d.observe(dead, 0.5) == []
+    (action,) = d.observe(dead, 1.0)
+    assert isinstance(action, RunERS)
+    assert (action.shard, action.server, action.reason) == ("main", "db1", Reason.PRIMARY_DEAD)
+    assert action.unreachable_for == 1.0
+    assert "db2 IO Connecting" in action.detail and "run_ers main/db1" in str(action)
+    assert d.busy("main")
+
+
+def test_dead_primary_when_replicas_are_unreachable_or_none() -> None:
+    d = Detector(SETTINGS)
+    gone = view(DOWN, ServerView("db2", False), ServerView("db3", False))
+    assert isinstance(rounds(d, gone, 3)[-1], RunERS)
+    alone = ShardView("solo", "db1", 1, (DOWN,))
+    assert isinstance(rounds(Detector(SETTINGS), alone, 3)[-1], RunERS)
+
+
+def test_blip_seen_only_by_baton_is_reported_once_not_reparented() -> None:
+    d = Detector(SETTINGS)
+    blip = view(DOWN, replica("db2"), replica("db3", **CONNECTING))
+    out = rounds(d, blip, 10)
+    assert len(out) == 1 and isinstance(out[0], Report)
+    assert out[0].reason is Reason.PRIMARY_UNREACHABLE and "db2" in out[0].detail
+    assert not d.busy("main")
+
+
+def test_a_successful_probe_resets_the_count() -> None:
+    d = Detector(SETTINGS)
+    dead = view(DOWN, replica("db2", **CONNECTING), replica("db3", **CONNECTING))
+    assert rounds(d, dead, 2) == []
+    assert d.observe(view(replica("db2", **CONNECTING), replica("db3", **CONNECTING)), 1.0) == []
+    assert rounds(d, dead, 2, start=1.5) == []
+    assert isinstance(d.observe(dead, 2.5)[0], RunERS)
+
+
+def test_never_two_recoveries_at_once_and_cooldown_after_each() -> None:
+    d = Detector(SETTINGS)
+    dead = view(DOWN, replica("db2", **CONNECTING), replica("db3", **CONNECTING))
+    assert isinstance(rounds(d, dead, 3)[-1], RunERS)
+    # Until the shell says the reparent finished, nothing more is decided about the shard.
+    assert rounds(d, dead, 20, start=1.5) == []
+    d.finished("main", 12.0)
+    # Still dead (the reparent failed): within the cooldown only a report, once.
+    out = rounds(d, dead, 40, start=12.5)
+    assert [a.reason for a in out] == [Reason.COOLDOWN]
+    assert "cooldown" in out[0].detail
+    # After the cooldown, another try.
+    out = rounds(d, dead, 3, start=42.5)
+    assert isinstance(out[-1], RunERS)
+
+
+def test_a_new_primary_resets_the_counters() -> None:
+    d = Detector(SETTINGS)
+    dead = view(DOWN, replica("db2", **CONNECTING), replica("db3", **CONNECTING))
+    assert isinstance(rounds(d, dead, 3)[-1], RunERS)
+    d.finished("main", 1.2)
+    new = view(
+        ServerView("db1", False),
+        replica("db2", source=None, read_only=False, io_running="", sql_running=""),
+        replica("db3", source="db2"),
+        primary="db2",
+        term=2,
+    )
+    assert rounds(d, new, 5, start=1.5) == [Report("main", "db1", Reason.UNREACHABLE, "")]
+
+
+def test_nothing_is_decided_during_a_reparent() -> None:
+    d = Detector(SETTINGS)
+    odd = view(DOWN, replica("db2", read_only=False, source=None))
+    assert rounds(d, replace(odd, reparent_in_flight=True), 10) == []
+
+
+def test_stopped_replication_is_restarted_after_confirmation() -> None:
+    d = Detector(SETTINGS)
+    stopped = view(replica("db2", io_running="No", sql_running="No"))
+    assert d.observe(stopped, 0.0) == []
+    (action,) = d.observe(stopped, 0.5)
+    assert isinstance(action, RestartReplication) and action.server == "db2"
+    assert action.reason is Reason.REPLICATION_STOPPED
+    assert d.observe(stopped, 1.0) == []  # busy until finished
+    d.finished("main", 1.0)
+    # Stopped again at once: reported, not fought, within the cooldown.
+    out = rounds(d, stopped, 4, start=1.5)
+    assert [a.reason for a in out] == [Reason.REPEATED]
+    assert not d.busy("main")
+    assert isinstance(rounds(d, stopped, 2, start=40.0)[-1], RestartReplication)
+
+
+def test_replication_stopped_on_an_error_is_only_reported() -> None:
+    d = Detector(SETTINGS)
+    broken = view(replica("db3", sql_running="No", sql_errno=1062))
+    out = rounds(d, broken, 5)
+    assert [a.reason for a in out] == [Reason.REPLICATION_BROKEN]
+
+
+def test_writable_replica_is_set_read_only() -> None:
+    d = Detector(SETTINGS)
+    (action,) = rounds(d, view(replica("db3", read_only=False)), CONFIRM)
+    assert isinstance(action, SetReadOnly) and action.server == "db3"
+    assert action.reason is Reason.REPLICA_WRITABLE
+
+
+def test_read_only_primary_is_made_writable() -> None:
+    d = Detector(SETTINGS)
+    (action,) = rounds(d, view(primary(read_only=True)), CONFIRM)
+    assert isinstance(action, MakeWritable) and action.server == "db1"
+    assert action.reason is Reason.PRIMARY_READ_ONLY
+
+
+def test_two_faults_in_one_round_are_one_batch() -> None:
+    d = Detector(SETTINGS)
+    v = view(replica("db2", io_running="No", sql_running="No"), replica("db3", read_only=False))
+    out = rounds(d, v, CONFIRM)
+    assert {type(a) for a in out} == {RestartReplication, SetReadOnly}
+    assert d.busy("main")
+
+
+def test_repair_off_reports_instead() -> None:
+    d = Detector(replace(SETTINGS, repair=False))
+    v = view(replica("db2", io_running="No", sql_running="No"), replica("db3", read_only=False))
+    out = rounds(d, v, 6)
+    assert work(out) == [] and {a.reason for a in out} == {
+        Reason.REPLICATION_STOPPED,
+        Reason.REPLICA_WRITABLE,
+    }
+    assert all("repair is off" in a.detail for a in out)
+
+
+def test_old_primary_back_without_errant_rejoins() -> None:
+    d = Detector(SETTINGS)
+    back = replica("db1", server_id=1, source=None, read_only=False, io_running="")
+    v = view(
+        back,
+        replica("db2", source=None, server_id=2, read_only=False, io_running="", sql_running=""),
+        replica("db3", source="db2"),
+        primary="db2",
+        term=2,
+    )
+    (action,) = rounds(d, v, CONFIRM)
+    assert isinstance(action, Rejoin) and action.server == "db1" and action.primary == "db2"
+    assert action.reason is Reason.STRAY and "writable" in action.detail
+
+
+def test_server_with_errant_transactions_is_quarantined() -> None:
+    d = Detector(SETTINGS)
+    errant = replica("db1", server_id=1, source=None, binlog_state="0-1-12", io_running="")
+    v = view(
+        errant,
+        replica("db2", source=None, server_id=2, binlog_state="0-1-10,0-2-11", read_only=False),
+        replica("db3", source="db2", binlog_state="0-1-10,0-2-11"),
+        primary="db2",
+        term=2,
+    )
+    (action,) = rounds(d, v, CONFIRM)
+    assert isinstance(action, Quarantine) and action.server == "db1"
+    assert action.reason is Reason.ERRANT and action.detail == "0-1-12"
+
+
+def test_gtids_of_the_primary_itself_are_not_errant() -> None:
+    """A replica probed a moment after the primary may have its newer transactions."""
+    d = Detector(SETTINGS)
+    v = view(primary(binlog_state="0-1-10"), replica("db2", binlog_state="0-1-11"))
+    assert rounds(d, v, 5) == []
+
+
+def test_quarantined_server_is_fenced_and_released_when_healed() -> None:
+    d = Detector(SETTINGS)
+    q = frozenset({"db3"})
+    writable = view(replica("db3", read_only=False, source=None), quarantined=q)
+    (action,) = rounds(d, writable, CONFIRM)
+    assert isinstance(action, SetReadOnly) and action.reason is Reason.QUARANTINED_WRITABLE
+    d.finished("main", 1.0)
+    # Read-only but still errant or not replicating: left alone, never rejoined.
+    assert rounds(d, view(replica("db3", source=None), quarantined=q), 5, start=2) == []
+    errant = view(replica("db3", binlog_state="0-1-10,0-3-1"), quarantined=q)
+    assert rounds(d, errant, 5, start=5) == []
+    (action,) = rounds(d, view(replica("db3"), quarantined=q), CONFIRM, start=10)
+    assert isinstance(action, Release) and action.reason is Reason.HEALED
+
+
+def test_unreachable_replica_and_lost_primary_are_reported_once() -> None:
+    d = Detector(SETTINGS)
+    v = view(ServerView("db2", False, error="timed out"), replica("db3", **CONNECTING))
+    out = rounds(d, v, 8)
+    assert sorted(a.reason for a in out) == [Reason.REPLICA_LOST_PRIMARY, Reason.UNREACHABLE]
+    assert not d.busy("main")
+    # The episode ends, then starts again: reported again.
+    d.observe(view(), 5.0)
+    assert [a.reason for a in d.observe(v, 5.5)] == [Reason.UNREACHABLE]
+
+
+def test_unreadable_gtid_state_is_reported() -> None:
+    d = Detector(SETTINGS)
+    out = rounds(d, view(replica("db2", binlog_state="garbage")), 3)
+    assert [a.reason for a in out] == [Reason.UNREADABLE]
+
+
+def test_reasons_and_action_names_print() -> None:
+    assert str(Reason.PRIMARY_DEAD) == "primary_dead"
+    assert RunERS("s", "db1", Reason.PRIMARY_DEAD).name == "run_ers"
+    assert RestartReplication("s", "db2", Reason.REPLICATION_STOPPED).name == (
+        "restart_replication"
+    )
+    assert SetReadOnly("s", "db2", Reason.REPLICA_WRITABLE).name == "set_read_only"
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_detector_config_defaults_and_example(tmp_path: Path) -> None:
+    cfg = load(EXAMPLE)
+    assert cfg.detector == DetectorConfig()
+    assert (cfg.detector.enabled, cfg.detector.interval, cfg.detector.failures) == (True, 0.5, 3)
+    assert cfg.detector.cooldown == 30.0 and cfg.detector.repair is True
+    text = EXAMPLE.read_text()
+    start = text.index("[detector]")
+    end = text.index("\n\n", start)
+    p = tmp_path / "no-detector.toml"
+    p.write_text(text[:start] + text[end:])
+    assert load(p).detector == DetectorConfig()
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("enabled = 1", "detector.enabled"),
+        ("interval = 0", "detector.interval"),
+        ("failures = 1.5", "detector.failures"),
+        ("probe_timeout = -1", "detector.probe_timeout"),
+        ("cooldown = -1", "detector.cooldown"),
+        ("bogus = 1", "detector.bogus"),
+    ],
+)
+def test_detector_config_errors_name_the_key(tmp_path: Path, line: str, key: str) -> None:
+    text = EXAMPLE.read_text()
+    start = text.index("[detector]")
+    end = text.index("\n\n", start)
+    p = tmp_path / "bad.toml"
+    p.write_text(text[:start] + text[end:] + f"\n[detector]\n{line}\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(p)
+
+
+# -- fence by term at the router ---------------------------------------------------------------
+
+
+class StaleStore(FileStore):
+    """A store whose reads can be made to lag, as a remote one's may."""
+
+    stale: ShardTopology | None = None
+
+    def read(self, shard: str):  # type: ignore[no-untyped-def]
+        current = super().read(shard)
+        if self.stale is not None:
+            return replace(current, value=self.stale)
+        return current
+
+
+def test_router_routes_only_to_the_primary_of_the_newest_term() -> None:
+    cfg = load(EXAMPLE)
+    store = StaleStore.open(None, cfg)
+    router = Router(cfg, store, "proxy-1")
+    assert router.primary("main").name == "db1"
+    topo = store.read("main")
+    assert store.compare_and_set("main", topo.version, replace(topo.value, primary="db2", term=2))
+    assert router.primary("main").name == "db2"
+    # The store now answers with the older term (db1 writable again would not matter).
+    store.stale = topo.value
+    assert router.primary("main").name == "db2"
+    # An event of a newer term wins over what the store says, too.
+    router._deliver(Established("main", "db3", 3))
+    assert router.primary("main").name == "db3"
+    store.stale = None
+    assert router.primary("main").name == "db3"  # the store's term 2 is older than 3
