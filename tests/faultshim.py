@@ -257,6 +257,50 @@ class FaultShim:
         await asyncio.sleep(0)
 
 
-def shims(targets: dict[str, int]) -> dict[str, FaultShim]:
-    """One started shim per name, in front of each target port."""
-    return {name: FaultShim(port).start() for name, port in targets.items()}
+class ShimmedGroup:
+    """Two shims in front of every server of a sandbox: `baton[name]` for Baton's traffic
+    (admin and clients), `replication[name]` for replicas replicating from it. `servers()` is
+    the `[[shards.servers]]` list that routes each path through its shim; `route_replicas()`
+    repoints the sandbox's replicas at the primary's replication shim (the sandbox starts them
+    replicating directly)."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+        ports = {s["name"]: s["port"] for s in status["servers"]}
+        self.ports = ports
+        self.baton = {name: FaultShim(port).start() for name, port in ports.items()}
+        self.replication = {name: FaultShim(port).start() for name, port in ports.items()}
+
+    def servers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s["name"],
+                "host": s["host"],
+                "port": self.baton[s["name"]].port,
+                "role": s["role"],
+                "replication_port": self.replication[s["name"]].port,
+            }
+            for s in self.status["servers"]
+        ]
+
+    def route_replicas(self, admin: tuple[str, str]) -> None:
+        import pymysql
+
+        primary = next(s["name"] for s in self.status["servers"] if s["role"] == "primary")
+        for s in self.status["servers"]:
+            if s["name"] == primary:
+                continue
+            conn = pymysql.connect(
+                host=HOST, port=s["port"], user=admin[0], password=admin[1], autocommit=True
+            )
+            with conn, conn.cursor() as cur:
+                cur.execute("STOP SLAVE")
+                cur.execute(
+                    "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s",
+                    (HOST, self.replication[primary].port),
+                )
+                cur.execute("START SLAVE")
+
+    def close(self) -> None:
+        for shim in (*self.baton.values(), *self.replication.values()):
+            shim.close()
