@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.frontend import ProxyContext
 from reparent.controller import Controller, ReparentRefused
-from reparent.topology import ReparentKind
+from reparent.topology import ReparentKind, ReparentRecord
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,30 @@ class ControlServer:
                 }
             ),
         )
+        await self._add_buffer_counts(report)
         return report.to_dict()
+
+    async def _add_buffer_counts(self, report: ReparentRecord) -> None:
+        """What this proxy held for the reparent goes into its report, here and in the
+        history. The drain ends moments after the reparent; it is waited for up to a window."""
+        holder = self.ctx.holder
+        episode = await holder.episode(
+            report.shard, report.term_before + 1, holder.settings.window
+        )
+        if episode is None:
+            return
+        report.held, report.flushed, report.evicted = (
+            episode.held,
+            episode.flushed,
+            episode.evicted,
+        )
+        await asyncio.to_thread(
+            self.controller.store.annotate,
+            report.id,
+            episode.held,
+            episode.flushed,
+            episode.evicted,
+        )
 
     async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         limit = request.get("limit", 50)

@@ -22,6 +22,8 @@ class ErrorKind(enum.Enum):
     PACKET_TOO_LARGE = (1153, "08S01")
     # Serialization failure: the transaction was rolled back and may be retried whole.
     TRANSACTION_LOST = (1213, "40001")
+    # ER_CONNECTION_KILLED: the session's server-side state is gone and it must reconnect.
+    SESSION_NOT_MOVABLE = (1927, "70100")
     # vtgate's choice too: no MySQL code says "held by a proxy, never run".
     HELD_EVICTED = (1105, "HY000")
 

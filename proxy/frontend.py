@@ -46,7 +46,7 @@ from proxy.packets import (
 )
 from proxy.response import Phase, ResponseParser
 from proxy.router import Router
-from proxy.session import READ_BACK_SQL, SessionState
+from proxy.session import READ_BACK_SQL, SessionState, Unmovable
 from reparent.config import Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
 from reparent.topology import Established as EstablishedEvent
@@ -100,6 +100,14 @@ _RETRYABLE = frozenset(
         Command.STMT_EXECUTE,
     }
 )
+
+
+_UNMOVABLE_LABELS = {
+    Unmovable.TEMPORARY_TABLES: "temporary tables",
+    Unmovable.USER_LOCKS: "user locks from GET_LOCK",
+    Unmovable.TABLE_LOCKS: "table locks from LOCK TABLES",
+    Unmovable.XA: "XA transaction",
+}
 
 
 class FailureCause(enum.StrEnum):
@@ -192,6 +200,14 @@ class ProxyContext:
 
     def topology_event(self, event: TopologyEvent) -> None:
         if isinstance(event, ReparentStarted):
+            for conn in self.sessions.values():
+                if conn.state.in_transaction:
+                    case = "in_transaction"  # runs to its end first, within the grace period
+                elif conn.busy and conn.held_entry is None:
+                    case = "in_statement"  # its statement ends on the old primary
+                else:
+                    case = "idle"  # held at its next command
+                metrics.SWITCH_SESSIONS.labels(case).inc()
             self.holder.reparent_started(event.shard, event.term)
         elif isinstance(event, EstablishedEvent):
             self.epoch += 1
@@ -452,7 +468,7 @@ class ClientConnection(Connection):
     async def refresh_if_stale(self) -> None:
         """Read the state back if tracking marked it stale and no command is in flight; a
         held session's backend is idle, any other session is claimed for the time."""
-        if not self.state.user_variables_stale:
+        if not self.state.user_variables_stale and self.state.held_locks_sql() is None:
             return
         claimed = self.held_entry is None
         if claimed and not self.claim():
@@ -476,6 +492,9 @@ class ClientConnection(Connection):
             exact = self.state.exact_strings_sql()
             if exact is not None:
                 self.state.exact_strings((await backend.query(exact))[0])
+            locks = self.state.held_locks_sql()
+            if locks is not None:
+                self.state.held_locks((await backend.query(locks))[0])
 
     def _close_backend(self) -> None:
         if self.backend is not None:
@@ -493,10 +512,13 @@ class ClientConnection(Connection):
             return self.backend
         if self.backend is not None:
             self._close_backend()
+        if self._connected_before and self._refuse_move():
+            return None
         if self.state.in_transaction:
             # The server rolled the transaction back when the connection went. Going on
             # silently would let the client COMMIT a transaction that no longer exists.
             self.state.status &= ~Status.IN_TRANS
+            metrics.SWITCH_SESSIONS.labels("rolled_back").inc()
             self._error(
                 ErrorKind.TRANSACTION_LOST,
                 "The transaction was rolled back: its connection to the primary was closed "
@@ -516,6 +538,28 @@ class ClientConnection(Connection):
             if not (self._may_retry(raw[4]) and self._failed(FailureCause.UNREACHABLE, error)):
                 self._write_error(error)
             return None
+
+    def _refuse_move(self) -> bool:
+        """A session whose server-side state cannot follow it to a new connection is ended
+        with an error naming that state, rather than going on without it."""
+        found = self.state.unmovable()
+        if not found:
+            return False
+        parts = []
+        for reason, names in found.items():
+            metrics.SESSIONS_REFUSED.labels(str(reason)).inc()
+            label = _UNMOVABLE_LABELS[reason]
+            parts.append(f"{label} ({', '.join(names)})" if names else label)
+        server = self.ctx.primary()
+        self._error(
+            ErrorKind.SESSION_NOT_MOVABLE,
+            f"This session's connection to the primary was replaced (now {server.name}), and "
+            f"its {'; '.join(parts)} existed only there and cannot move with it. The "
+            "statement was not executed and Baton closes the session: reconnect and set them "
+            "up again.",
+        )
+        self._close()
+        return True
 
     # -- command phase: a callback relay ---------------------------------------------------------
     #
@@ -570,6 +614,8 @@ class ClientConnection(Connection):
 
     def _pump(self) -> None:
         """Take whole packets from the client while the session is free to act on them."""
+        if self._closed.done():
+            return
         limit = self.ctx.config.proxy.max_packet_size
         while (not self.busy or self._infile) and len(self._inbuf) >= 4:
             buf = self._inbuf
@@ -771,11 +817,14 @@ class ClientConnection(Connection):
                 self._write_error(error, "backend")
                 self._finish()
             return
-        state.apply(parser.status, parser.tracked)
-        err = parser.err
         command = parser.command
+        if state.apply(parser.status, parser.tracked) and command == Command.QUERY:
+            state.note_statement(self._raw[5:])
+        err = parser.err
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
+        elif command == Command.QUERY:
+            state.note_locks(self._raw, 5)
         elif command == Command.STMT_PREPARE:
             state.add_statement(
                 parser.client_stmt_id,

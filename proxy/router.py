@@ -113,6 +113,11 @@ class Router:
         deadline = loop.time() + self.config.controller.grace + 1.0
         listener = self.listener
         assert listener is not None
+        if listener.busy(event.shard):
+            # The sessions already held read their state back now, while the old primary
+            # surely answers: a transaction that outlives the grace period must not cost them
+            # that. The busy ones follow once they end.
+            await listener.prepare_move(event.shard)
         while listener.busy(event.shard):
             if loop.time() > deadline:
                 log.info("shard %s: still busy when the grace period ended", event.shard)

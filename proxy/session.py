@@ -32,6 +32,32 @@ class TxState(enum.StrEnum):
     IN_TRANSACTION = "in_transaction"
 
 
+class Unmovable(enum.StrEnum):
+    """Session state that lives only in the server session and cannot be given to another."""
+
+    TEMPORARY_TABLES = "temporary_tables"
+    USER_LOCKS = "user_locks"  # GET_LOCK
+    TABLE_LOCKS = "table_locks"  # LOCK TABLES
+    XA = "xa"
+
+
+# Statements are read only where the server's reports leave a gap: a state change that no
+# variable explains (temporary tables), a transaction-state change (XA), and any statement that
+# may take or free a user lock, which the server reports nowhere. The cheap pattern screens
+# every query; the full ones run on the few it lets through.
+_LOCK_HINT = re.compile(rb"_[lL][oO][cC][kK]")
+_LOCK_CALL = re.compile(
+    rb"(?i)\b(get_lock|release_lock|release_all_locks)\s*\(\s*(?:'((?:[^'\\]|\\.)*)'|\))?"
+)
+_TEMP_CREATE = re.compile(
+    rb"(?is)^\s*create\s+(?:or\s+replace\s+)?temporary\s+table\s+(?:if\s+not\s+exists\s+)?"
+    rb"([`\w$.]+)"
+)
+_TABLE_DROP = re.compile(rb"(?is)^\s*drop\s+(?:temporary\s+)?tables?\s+(?:if\s+exists\s+)?(.*)")
+_XA_START = re.compile(rb"(?is)^\s*xa\s+(?:start|begin)\b")
+UNKNOWN_LOCK = "?"  # GET_LOCK of an expression: which lock is not known
+
+
 # One round trip reads back what tracking does not report: user variables (with their types, to
 # restore them exactly) and the collation after SET NAMES ... COLLATE. The collation row is the
 # one without a name.
@@ -141,6 +167,10 @@ class SessionState:
     next_statement_id: int = 1
     in_flight: str | None = None
     backend: str = ""
+    # State that cannot move to another server: names as the statements gave them.
+    temporary_tables: set[str] = field(default_factory=set)
+    user_locks: set[str] = field(default_factory=set)
+    xa: bool = False
 
     @property
     def autocommit(self) -> bool:
@@ -150,11 +180,15 @@ class SessionState:
     def in_transaction(self) -> bool:
         return bool(self.status & Status.IN_TRANS)
 
-    def apply(self, status: int, tracked: list[tuple[int, bytes]]) -> None:
-        """Fold one response's status flags and session-state entries into the record."""
+    def apply(self, status: int, tracked: list[tuple[int, bytes]]) -> bool:
+        """Fold one response's status flags and session-state entries into the record; True
+        when they report a change the statement itself must explain (see `note_statement`)."""
         self.status = status
+        if self.xa and not status & Status.IN_TRANS:
+            self.xa = False
         if not tracked:
-            return
+            return False
+        unexplained = False
         for kind, name, value in decode_tracked(tracked):
             if kind is Track.SYSTEM_VARIABLES:
                 if name == "last_gtid":
@@ -167,8 +201,73 @@ class SessionState:
                 self.state_changed = value == "1"
                 # User variables, temporary tables and the like are not reported one by one.
                 self.user_variables_stale = True
+                unexplained = True
             elif kind is Track.TRANSACTION_STATE:
                 self.transaction_state = value
+                unexplained = True
+        return unexplained
+
+    def note_statement(self, sql: bytes) -> None:
+        """A statement whose OK reported a change tracking cannot name: temporary tables
+        created or dropped, an XA transaction begun."""
+        if m := _TEMP_CREATE.match(sql):
+            self.temporary_tables.add(self._table_name(m.group(1)))
+        elif m := _TABLE_DROP.match(sql):
+            for name in m.group(1).split(b","):
+                words = name.split()
+                if words:
+                    self.temporary_tables.discard(self._table_name(words[0]))
+        elif _XA_START.match(sql):
+            self.xa = True
+
+    def note_locks(self, sql: bytes, start: int = 0) -> None:
+        """Any query (its text from `start`, so the hot path copies nothing): GET_LOCK and
+        RELEASE_LOCK are function calls the server reports nowhere. A name given as an
+        expression is recorded as unknown; `held_locks_sql` checks, while the server still
+        answers, which of the named ones the session really holds."""
+        if _LOCK_HINT.search(sql, start) is None:
+            return
+        for m in _LOCK_CALL.finditer(sql, start):
+            call, name = m.group(1).lower(), m.group(2)
+            text = UNKNOWN_LOCK if name is None else name.decode("utf-8", "surrogateescape")
+            if call == b"get_lock":
+                self.user_locks.add(text)
+            elif call == b"release_all_locks":
+                self.user_locks.clear()
+            else:
+                self.user_locks.discard(text)
+
+    def held_locks_sql(self) -> str | None:
+        """Which of the named locks this session holds now; None if no name is known."""
+        names = sorted(n for n in self.user_locks if n != UNKNOWN_LOCK)
+        if not names:
+            return None
+        return "SELECT " + ", ".join(
+            f"IS_USED_LOCK({_quote(n)}) <=> CONNECTION_ID()" for n in names
+        )
+
+    def held_locks(self, row: list[bytes | None]) -> None:
+        names = sorted(n for n in self.user_locks if n != UNKNOWN_LOCK)
+        for name, held in zip(names, row, strict=True):
+            if held != b"1":
+                self.user_locks.discard(name)
+
+    def unmovable(self) -> dict[Unmovable, list[str]]:
+        """What of this session cannot move to another server, with names where known."""
+        found: dict[Unmovable, list[str]] = {}
+        if self.temporary_tables:
+            found[Unmovable.TEMPORARY_TABLES] = sorted(self.temporary_tables)
+        if self.user_locks:
+            found[Unmovable.USER_LOCKS] = sorted(self.user_locks)
+        if self.transaction_state[7:8] == "L":
+            found[Unmovable.TABLE_LOCKS] = []
+        if self.xa:
+            found[Unmovable.XA] = []
+        return found
+
+    def _table_name(self, name: bytes) -> str:
+        text = name.decode("utf-8", "surrogateescape").replace("`", "").lower()
+        return text if "." in text or not self.schema else f"{self.schema.lower()}.{text}"
 
     def read_back(self, rows: list[list[bytes | None]]) -> None:
         """Take the answer to READ_BACK_SQL."""
@@ -224,6 +323,9 @@ class SessionState:
         self.user_variables.clear()
         self.user_variables_stale = False
         self.statements.clear()
+        self.temporary_tables.clear()
+        self.user_locks.clear()
+        self.xa = False
 
     def reserve_statement_id(self) -> int:
         """A client-facing statement id of Baton's, stable across backend changes."""
@@ -250,6 +352,7 @@ class SessionState:
             "last_gtid": self.last_gtid,
             "state_changed": self.state_changed,
             "in_flight": self.in_flight,
+            "unmovable": {str(k): v for k, v in self.unmovable().items()},
             "variables": dict(sorted(self.variables.items())),
             "user_variables": {k: v.value for k, v in sorted(self.user_variables.items())},
             "prepared_statements": [

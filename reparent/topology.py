@@ -394,6 +394,11 @@ class TopologyStore(ABC):
         """Finished reparents, newest first; of one shard, or of all."""
 
     @abstractmethod
+    def annotate(self, record_id: str, held: int, flushed: int, evicted: int) -> bool:
+        """Add a proxy's buffer counts to a finished reparent's report (added to what other
+        proxies reported); False if the report is no longer kept."""
+
+    @abstractmethod
     def watch(self, callback: Callable[[TopologyEvent], None]) -> Callable[[], None]:
         """Subscribe to every shard's events; returns the unsubscribe function. An event being
         published while unsubscribing may still arrive."""
@@ -580,6 +585,18 @@ class FileStore(TopologyStore):
         with self._lock:
             found = [r for r in reversed(self._history) if shard is None or r.shard == shard]
             return copy.deepcopy(found[: max(0, limit)])
+
+    def annotate(self, record_id: str, held: int, flushed: int, evicted: int) -> bool:
+        with self._lock:
+            history = copy.deepcopy(self._history)
+            for record in history:
+                if record.id == record_id:
+                    record.held += held
+                    record.flushed += flushed
+                    record.evicted += evicted
+                    self._commit(self._topology, self._in_flight, history)
+                    return True
+            return False
 
     def _check_in_flight(self, record: ReparentRecord) -> None:
         current = self._in_flight.get(record.shard)

@@ -253,6 +253,16 @@ def test_history_keeps_a_bounded_number_per_shard(monkeypatch: pytest.MonkeyPatc
     assert [r.id for r in store.history()] == ["m3", "m2", "o1"]
 
 
+def test_annotate_adds_each_proxys_buffer_counts_to_a_kept_report(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store, _ = fake_store(path)
+    store.journal_finish(finished("r1"))
+    assert store.annotate("r1", 3, 2, 1) and store.annotate("r1", 1, 1, 0)
+    assert not store.annotate("gone", 1, 1, 0)
+    (again,) = fake_store(path)[0].history()
+    assert (again.held, again.flushed, again.evicted) == (4, 3, 1)
+
+
 # -- the file -------------------------------------------------------------------------------
 
 

@@ -114,6 +114,15 @@ def test_a_write_refused_as_read_only_waits_for_the_switch_and_runs_once(box, ub
     assert result.returncode == 0, result.stderr
     t.join(10)
     assert out.error is None and not t.is_alive(), out
+    # The report counts what this Baton held for the switch, and the history keeps it.
+    report = json.loads(result.stdout)
+    assert report["held"] >= 1 and report["flushed"] == report["held"], report
+    (last,) = json.loads(ubaton.ctl("--json", "history", "--limit", "1").stdout)
+    assert (last["id"], last["held"], last["flushed"]) == (
+        report["id"],
+        report["held"],
+        report["flushed"],
+    )
     new = primary(ubaton)
     assert new != old
     assert count(box, new, 1) == 1
@@ -164,6 +173,46 @@ def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
         cur.execute("SELECT 1")
         assert cur.fetchone() == (1,)
     conn.close()
+
+
+def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
+    """Temporary tables, user locks, LOCK TABLES and XA exist only in the server session:
+    after a switch such a session gets an error naming them and is closed. Sessions that
+    released theirs, or only mentioned a lock in a string, move as usual."""
+    setup = ubaton.connect()
+    setup.cursor().execute("CREATE TABLE IF NOT EXISTS unplanned.l (a INT)")
+    setup.close()
+    stuck = {
+        "temporary_tables": ["CREATE TEMPORARY TABLE unplanned.tmp1 (a INT)"],
+        "user_locks": ["SELECT GET_LOCK('unplanned-lock', 1)"],
+        "table_locks": ["LOCK TABLES unplanned.l READ"],
+        "xa": ["XA START 'unplanned-xa'", "INSERT INTO unplanned.t (v) VALUES (7)"],
+    }
+    free = [
+        ["SELECT GET_LOCK('unplanned-free', 1)", "SELECT RELEASE_LOCK('unplanned-free')"],
+        ["SELECT 'no get_lock(''unplanned-str'', 0) here'"],
+        ["CREATE TEMPORARY TABLE unplanned.tmp2 (a INT)", "DROP TEMPORARY TABLE unplanned.tmp2"],
+    ]
+    conns: dict[str, pymysql.Connection] = {}
+    for name, statements in [*stuck.items(), *((f"free{i}", f) for i, f in enumerate(free))]:
+        conns[name] = ubaton.connect()
+        with conns[name].cursor() as cur:
+            for sql in statements:
+                cur.execute(sql)
+    result = ubaton.ctl("--json", "prs")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, conn in conns.items():
+        with conn.cursor() as cur:
+            if name in stuck:
+                with pytest.raises(pymysql.MySQLError) as e:
+                    cur.execute("SELECT 1")
+                assert e.value.args[0] == 1927, e.value
+                assert name.replace("_", " ") in e.value.args[1].lower(), e.value
+                assert metric(ubaton, "baton_sessions_refused_total", reason=name) == 1
+            else:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+        conn.close()
 
 
 def test_a_command_for_a_dead_primary_waits_for_the_emergency_reparent(box, ubaton):
