@@ -62,6 +62,7 @@ def render_report(r: dict[str, Any]) -> str:
     ]
     total = sum(p["duration_ms"] for p in r["phases"])
     lines.append(f"  total {total:.1f} ms over {len(r['phases'])} steps")
+    lines.append(f"  commands held {r['held']}, flushed {r['flushed']}, evicted {r['evicted']}")
     for name, pos in r["positions"].items():
         lines.append(f"  {name}: {pos}")
     return "\n".join(lines)
