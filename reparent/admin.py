@@ -44,6 +44,9 @@ STATEMENT_TIMEOUT = 5.0
 SERVER_MARGIN = 1.0
 # How long an emergency waits for the old primary to answer before treating it as gone.
 PROBE_TIMEOUT = 0.5
+# Seconds between heartbeats a source sends an idle replica (CHANGE MASTER's
+# MASTER_HEARTBEAT_PERIOD); the failure detector reads a replica's silence by it.
+HEARTBEAT_PERIOD = 1.0
 # A pooled connection idle for longer is pinged before reuse; within a reparent the steps are
 # milliseconds apart, so the ping is only paid between reparents.
 REVALIDATE_AFTER = 1.0
@@ -246,12 +249,22 @@ class AdminConnection:
         gtid_slave_pos.
 
         MASTER_CONNECT_RETRY=1 because the default 60 s would leave a replica that raced the
-        new primary's first start a minute behind.
+        new primary's first start a minute behind. A heartbeat every HEARTBEAT_PERIOD, because
+        a replica that hears nothing for longer is how the failure detector tells a hung
+        primary from one only Baton cannot reach (the default is half of slave_net_timeout,
+        30 s).
         """
         self.query(
             "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s,"
-            " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-            (source.replication_host, source.replication_port, account.user, account.password),
+            " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1,"
+            " MASTER_HEARTBEAT_PERIOD=%s",
+            (
+                source.replication_host,
+                source.replication_port,
+                account.user,
+                account.password,
+                HEARTBEAT_PERIOD,
+            ),
         )
 
     def set_gtid_slave_pos(self, position: str) -> None:

@@ -7,7 +7,8 @@ Like the orchestrator and the buffer it does no I/O and reads no clock: the shel
 What it decides:
 - **Dead primary** (`RunERS`): Baton failed to reach the primary in `failures` consecutive
   rounds, *and* no replica still streams from it (each replica is unreachable, replicates from
-  someone else, or its IO thread is not `Yes`: `Connecting` after a crash, `No` after a stop).
+  someone else, or its IO thread is not `Yes`: `Connecting` after a crash, `No` after a stop;
+  or it has heard nothing, not even a heartbeat, for two heartbeat periods: a hung primary).
   A primary that only Baton cannot reach while a replica's IO thread still runs is a blip on
   Baton's side (`Report(PRIMARY_UNREACHABLE)`): promoting another server then would only cost a
   switch, and the replicas are the better witnesses of the primary's health.
@@ -82,6 +83,10 @@ class ServerView:
     sql_running: str = ""  # Slave_SQL_Running: Yes or No
     io_errno: int = 0  # Last_IO_Errno
     sql_errno: int = 0  # Last_SQL_Errno
+    # Anything that changes whenever its IO thread hears from the source (heartbeats received,
+    # read position), and how often the source sends a heartbeat when idle (0: never).
+    received: str = ""
+    heartbeat_period: float = 0.0
     error: str = ""  # why it was not reachable
 
 
@@ -187,6 +192,7 @@ class _Shard:
     faults: dict[tuple[str, Reason], int] = field(default_factory=dict)  # consecutive rounds
     repaired: dict[tuple[str, Reason], float] = field(default_factory=dict)  # when last done
     reported: set[tuple[str, Reason]] = field(default_factory=set)  # reported this episode
+    heard: dict[str, tuple[str, float]] = field(default_factory=dict)  # received, since when
 
 
 class Detector:
@@ -200,13 +206,16 @@ class Detector:
     def observe(self, view: ShardView, now: float) -> list[Action]:
         """One probe round of one shard; the actions to carry out (Reports included)."""
         st = self._state(view.shard)
-        if st.busy:
-            return []  # never two recoveries of one shard at once
         if (st.primary, st.term) != (view.primary, view.term):
             # A new primary or term: what was counted was about another topology.
             st.primary, st.term = view.primary, view.term
             st.failures, st.first_failure = 0, None
-            st.faults, st.reported = {}, set()
+            st.faults, st.reported, st.heard = {}, set(), {}
+        for s in view.servers:
+            if s.reachable and st.heard.get(s.name, ("",))[0] != s.received:
+                st.heard[s.name] = (s.received, now)
+        if st.busy:
+            return []  # never two recoveries of one shard at once
         if view.reparent_in_flight:
             st.failures, st.first_failure, st.faults = 0, None, {}
             return []
@@ -271,11 +280,7 @@ class _Round:
         replicas = [
             s for s in view.servers if s.name != primary.name and s.name not in view.quarantined
         ]
-        streaming = [
-            s.name
-            for s in replicas
-            if s.reachable and s.source == primary.name and s.io_running == "Yes"
-        ]
+        streaming = [s.name for s in replicas if self._streaming(s, primary.name)]
         probes = f"{st.failures} probes failed ({primary.error or 'no answer'})"
         if streaming:
             self._report(
@@ -303,6 +308,18 @@ class _Round:
                 unreachable_for=self.now - st.first_failure,
             )
         )
+
+    def _streaming(self, s: ServerView, primary: str) -> bool:
+        """Does `s` still hear from the primary? Its IO thread must say Yes, and, when the
+        primary sends heartbeats, it must have heard something (an event or a heartbeat)
+        within two heartbeat periods: a hung primary (SIGSTOP) keeps its replicas' IO threads
+        at Yes until slave_net_timeout, but sends them nothing."""
+        if not (s.reachable and s.source == primary and s.io_running == "Yes"):
+            return False
+        if s.heartbeat_period <= 0:
+            return True
+        since = self.st.heard.get(s.name, (s.received, self.now))[1]
+        return self.now - since <= 2 * s.heartbeat_period + self.settings.interval
 
     # -- every other server ------------------------------------------------------------------
 
@@ -409,4 +426,6 @@ def _witness(s: ServerView, primary: str) -> str:
         return f"{s.name} unreachable"
     if s.source != primary:
         return f"{s.name} replicates from {s.source or 'nobody'}"
+    if s.io_running == "Yes":
+        return f"{s.name} IO Yes but silent"
     return f"{s.name} IO {s.io_running} (error {s.io_errno})"

@@ -44,6 +44,7 @@ from typing import Any
 import pymysql
 
 from reparent import config
+from reparent.admin import HEARTBEAT_PERIOD
 from reparent.config import Role
 
 HOST = "127.0.0.1"
@@ -447,8 +448,9 @@ class Sandbox:
         with _root(replica) as conn, conn.cursor() as cur:
             cur.execute(
                 "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s,"
-                " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-                (HOST, primary.port, REPL.user, REPL.password),
+                " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1,"
+                " MASTER_HEARTBEAT_PERIOD=%s",
+                (HOST, primary.port, REPL.user, REPL.password, HEARTBEAT_PERIOD),
             )
             cur.execute("START SLAVE")
 

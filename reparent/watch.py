@@ -69,8 +69,12 @@ class Watch:
         self.detector = Detector(self.settings)
         self.establishment = GtidEstablishment(pool=self.pool)
         self.owner = f"{controller.owner}-detector"
+        # A replica names its source by the source's replication address (a shim's, say).
         self._by_address = {
-            (s.host, s.port): s.name for shard in config.shards for s in shard.servers
+            address: s.name
+            for shard in config.shards
+            for s in shard.servers
+            for address in ((s.host, s.port), (s.replication_host, s.replication_port))
         }
         self._task: asyncio.Task[None] | None = None
         self._actions: set[asyncio.Task[None]] = set()
@@ -171,7 +175,11 @@ class Watch:
                 "SELECT @@global.read_only AS ro, @@global.server_id AS id,"
                 " @@global.gtid_binlog_pos AS pos, @@global.gtid_binlog_state AS state"
             )
-            status = conn.replica_status()
+            # SHOW ALL SLAVES STATUS: SHOW SLAVE STATUS without the heartbeat columns.
+            status = next(
+                (r for r in conn.query("SHOW ALL SLAVES STATUS") if not r["Connection_name"]),
+                None,
+            )
         source: str | None = None
         extra: dict[str, Any] = {}
         if status is not None:
@@ -182,6 +190,13 @@ class Watch:
                 "sql_running": status["Slave_SQL_Running"],
                 "io_errno": int(status["Last_IO_Errno"] or 0),
                 "sql_errno": int(status["Last_SQL_Errno"] or 0),
+                "received": "{}:{}:{}:{}".format(
+                    status["Slave_received_heartbeats"],
+                    status["Master_Log_File"],
+                    status["Read_Master_Log_Pos"],
+                    status["Gtid_IO_Pos"],
+                ),
+                "heartbeat_period": float(status["Slave_heartbeat_period"] or 0),
             }
         return ServerView(
             conn.server.name,

@@ -109,6 +109,26 @@ def test_blip_seen_only_by_baton_is_reported_once_not_reparented() -> None:
     assert not d.busy("main")
 
 
+def test_hung_primary_whose_replicas_hear_nothing_is_dead() -> None:
+    """SIGSTOP: the replicas' IO threads still say Yes, but no heartbeat comes any more."""
+    d = Detector(SETTINGS)
+    silent = {"received": "7:bin.1:100:0-1-10", "heartbeat_period": 1.0}
+    hung = view(DOWN, replica("db2", **silent), replica("db3", **silent))
+    out = rounds(d, hung, 5)  # 0.0 .. 2.0 s: silent for less than two periods and a round
+    assert [a.reason for a in out] == [Reason.PRIMARY_UNREACHABLE]
+    (action,) = d.observe(hung, 3.0)
+    assert isinstance(action, RunERS) and "IO Yes but silent" in action.detail
+
+
+def test_replicas_still_hearing_heartbeats_make_it_a_blip() -> None:
+    d = Detector(SETTINGS)
+    out = []
+    for i in range(20):
+        beat = {"received": f"{i}:bin.1:100:0-1-10", "heartbeat_period": 1.0}
+        out += d.observe(view(DOWN, replica("db2", **beat), replica("db3", **beat)), i * 0.5)
+    assert [a.reason for a in out] == [Reason.PRIMARY_UNREACHABLE]
+
+
 def test_a_successful_probe_resets_the_count() -> None:
     d = Detector(SETTINGS)
     dead = view(DOWN, replica("db2", **CONNECTING), replica("db3", **CONNECTING))

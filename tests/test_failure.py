@@ -285,6 +285,46 @@ def test_old_primary_without_errant_transactions_rejoins_as_a_replica(running: R
     )
 
 
+def test_hung_primary_is_reparented_once_its_replicas_hear_nothing(running: Running) -> None:
+    """SIGSTOP: the replicas' IO threads say Yes until slave_net_timeout, but no heartbeat
+    comes. Once resumed, the old primary rejoins, or is quarantined if it holds writes (a
+    statement that was in flight on it when it stopped commits when it resumes)."""
+    r = running
+    p = server_ports(r.box)
+    before = status(r.baton)
+    time.sleep(DETECTOR["cooldown"])
+    old = before["primary"]
+    pid = pid_of(r.box, old)
+    with Writer(r.baton) as w:
+        wait_for("writes flowing", lambda: len(w.acks) > 20)
+        stopped = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            after = wait_new_primary(r, old, before["term"])
+            elapsed = time.monotonic() - stopped
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    print(f"\nSIGSTOP to the new primary in the store: {elapsed:.3f} s")
+    new = after["primary"]
+    conn = r.baton.connect()
+    cur = conn.cursor()
+    cur.execute("INSERT INTO failure_t.t (v) VALUES (4)")
+    cur.execute("SELECT @@port")
+    assert cur.fetchone()[0] == p[new]
+    conn.close()
+
+    def settled() -> bool:
+        quarantined = {s["name"] for s in status(r.baton)["servers"] if s["quarantined"]}
+        return old in quarantined or replicates_from(r.box, old, new)
+
+    wait_for(f"{old} rejoined or quarantined", settled)
+    assert one(p[old], "SELECT @@read_only AS r")["r"] == 1
+    errant = errant_on(r.box, old, new)
+    quarantined = {s["name"] for s in status(r.baton)["servers"] if s["quarantined"]}
+    print(f"{old} after SIGCONT: {'quarantined, errant ' + errant if errant else 'rejoined'}")
+    assert (old in quarantined) == bool(errant)
+
+
 def a_replica(r: Running) -> str:
     st = status(r.baton)
     return next(
