@@ -321,4 +321,5 @@ class Watch:
             admin=self.config.admin,
             replication=self.config.replication,
             timeout=self.config.controller.timeout,
+            durability=self.config.durability,
         )
