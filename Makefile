@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test lint bench-steady bench-hold clean
+.PHONY: setup system-packages demo test lint bench-steady bench-hold bench-failover clean
 
 setup: system-packages $(STAMP)
 
@@ -41,6 +41,9 @@ bench-steady: setup
 
 bench-hold: setup
 	$(PY) -m bench.hold
+
+bench-failover: setup
+	$(PY) -m bench.failover
 
 clean:
 	-$(VENV)/bin/baton sandbox down

@@ -14,25 +14,38 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import argparse
+import csv
+import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+import tomllib
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
-from reparent.sandbox import APP, HOST, Sandbox
-from tests.fixtures import Baton, free_port, start_baton
+import pymysql
+from prometheus_client.parser import text_string_to_metric_families
+
+from reparent.config import Account
+from reparent.sandbox import ADMIN, APP, HOST, STORE_FILE, Sandbox
+from tests.fixtures import Baton, dump_toml, free_port, start_baton
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "sbtest"  # created by the sandbox, owned by nobody else
@@ -90,21 +103,49 @@ class HAProxy:
     config: Path
     port: int
     log: Path
+    stats: Path | None  # its admin socket, in health-check mode
 
     def stop(self) -> None:
         _stop_process(self.proc)
 
+    def up_servers(self) -> list[str]:
+        """The servers HAProxy would route to now, by its own health checks."""
+        if self.stats is None:
+            raise RuntimeError("haproxy was started without health checks")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(self.stats))
+            s.sendall(b"show stat\n")
+            text = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+        rows = list(csv.DictReader(text.lstrip("# ").splitlines()))
+        return [
+            r["svname"]
+            for r in rows
+            if r["svname"] not in ("FRONTEND", "BACKEND") and r["status"] == "UP"
+        ]
 
-def start_haproxy(workdir: Path, port: int, servers: list[tuple[str, int]]) -> HAProxy:
+
+def start_haproxy(
+    workdir: Path,
+    port: int,
+    servers: list[tuple[str, int]],
+    health_ports: list[int] | None = None,
+) -> HAProxy:
     """HAProxy in TCP mode on `port` in front of `servers` (host, port), first one preferred.
 
     `balance first` sends every connection to the first server that is up, which is how HAProxy
-    is put in front of a primary; no health check, so it never marks a server down on its own.
+    is put in front of a primary. Without `health_ports` there is no health check, so it never
+    marks a server down on its own. With them, each server is checked every 100 ms over HTTP
+    on its port there (a HealthAgent: 200 only when writable), one failed check marks it down
+    and closes its sessions, one good check marks it up: HAProxy set up as a failover peer, as
+    fast as its checks allow (design.md, "HAProxy as a failover peer").
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "global",
-        "    maxconn 4096",
+    stats = workdir / "haproxy.sock" if health_ports is not None else None
+    lines = ["global", "    maxconn 4096"]
+    if stats is not None:
+        lines.append(f"    stats socket {stats} mode 600 level admin")
+    lines += [
         "",
         "defaults",
         "    mode tcp",
@@ -119,7 +160,19 @@ def start_haproxy(workdir: Path, port: int, servers: list[tuple[str, int]]) -> H
         "backend primary",
         "    balance first",
     ]
-    lines += [f"    server db{i + 1} {host}:{p}" for i, (host, p) in enumerate(servers)]
+    checks = [""] * len(servers)
+    if health_ports is not None:
+        lines += [
+            "    option httpchk GET /",
+            "    timeout check 500ms",
+            "    default-server inter 100 fastinter 100 downinter 100 fall 1 rise 1 "
+            "on-marked-down shutdown-sessions",
+        ]
+        checks = [f" check port {p}" for p in health_ports]
+    lines += [
+        f"    server db{i + 1} {host}:{p}{check}"
+        for i, ((host, p), check) in enumerate(zip(servers, checks, strict=True))
+    ]
     config = workdir / "haproxy.cfg"
     config.write_text("\n".join(lines) + "\n")
     log = workdir / "haproxy.log"
@@ -132,20 +185,85 @@ def start_haproxy(workdir: Path, port: int, servers: list[tuple[str, int]]) -> H
             start_new_session=True,
         )
     _wait_listening(proc, port, log, "haproxy")
-    return HAProxy(proc, config, port, log)
+    return HAProxy(proc, config, port, log, stats)
+
+
+class _CheckHandler(BaseHTTPRequestHandler):
+    """Answers HAProxy's check: 200 when the agent's server is writable, else 503."""
+
+    server: _AgentServer
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.server.agent.writable() else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silent: ten checks a second per server would bury the progress lines."""
+
+
+class _AgentServer(HTTPServer):
+    agent: HealthAgent
+
+
+class HealthAgent:
+    """The tiny script behind HAProxy's HTTP check for one MariaDB server, in a thread.
+
+    It asks `@@read_only` over one persistent admin connection, so a check costs one query, not
+    a login; a server that does not answer, or is read-only, gets 503. The admin account is
+    used because it is the one that may read a fenced server; it never writes.
+    """
+
+    def __init__(self, server_port: int, port: int) -> None:
+        self.server_port = server_port
+        self.port = port
+        self._conn: pymysql.Connection | None = None
+        self._http = _AgentServer((HOST, port), _CheckHandler)
+        self._http.agent = self
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, args=(0.05,), name=f"health-{port}", daemon=True
+        )
+        self._thread.start()
+
+    def writable(self) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = connect(self.server_port, ADMIN, connect_timeout=0.4, read_timeout=0.4)
+            with self._conn.cursor() as cur:
+                cur.execute("SELECT @@read_only")
+                return int(cur.fetchone()[0]) == 0
+        except pymysql.MySQLError:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            return False
+
+    def stop(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join(STOP_TIMEOUT)
+        if self._conn is not None:
+            self._conn.close()
 
 
 @dataclass
 class Stack:
-    """One sandbox with Baton and HAProxy in front of its primary: the three paths compared."""
+    """One sandbox with Baton and HAProxy in front of it: the paths compared.
+
+    Every Baton of the stack keeps its topology in one store file, so a Baton started after
+    another (`restart_baton`) knows the primary and term the last one's switchovers left.
+    """
 
     workdir: Path
     sandbox: Sandbox
     baton: Baton
     haproxy: HAProxy
+    service_port: int  # where Baton's ports are searched from
+    agents: list[HealthAgent]  # HAProxy's health checks, in health-check mode
 
     @property
     def primary_port(self) -> int:
+        """The port of the primary the sandbox started with (not the current one)."""
         return next(s["port"] for s in self.sandbox.status()["servers"] if s["role"] == "primary")
 
     def ports(self) -> dict[str, int]:
@@ -161,10 +279,41 @@ class Stack:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{_tail(log)}")
 
+    def restart_baton(self, name: str, buffer: dict[str, Any] | None = None) -> Baton:
+        """Stop Baton and start another from the sandbox's config, with `[buffer]` set to
+        `buffer` if given; its files go to WORKDIR/name, so each Baton's log is kept apart."""
+        self.baton.stop()
+        self.baton = _start_baton(self.sandbox, self.workdir, name, self.service_port, buffer)
+        return self.baton
+
+
+def _start_baton(
+    sandbox: Sandbox, workdir: Path, name: str, port_hint: int, buffer: dict[str, Any] | None
+) -> Baton:
+    """`baton serve` on the sandbox, its store in WORKDIR (shared by every Baton of a stack)."""
+    config = sandbox.config_path
+    if buffer is not None:
+        data = tomllib.loads(config.read_text())
+        data["buffer"] = buffer
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+        config = workdir / name / "source.toml"
+        config.write_text(dump_toml(data))
+    store = {"store": str(workdir / STORE_FILE)}
+    return start_baton(config, workdir / name, port_hint, controller=store)
+
 
 @contextmanager
-def running_stack(base_port: int, replicas: int) -> Iterator[Stack]:
+def running_stack(
+    base_port: int,
+    replicas: int,
+    service_port: int = BENCH_PORT_HINT,
+    health_checks: bool = False,
+) -> Iterator[Stack]:
     """Start a private stack in a temp dir and stop all of it, by pid, however the block ends.
+
+    Baton, HAProxy (and its health agents) listen on free ports from `service_port`. Without
+    `health_checks` HAProxy fronts only the primary, unchecked; with them it fronts every
+    server and routes to the writable one (see start_haproxy).
 
     The temp dir (logs, generated configs) is deleted after a clean run and kept, with its path
     on stderr, after a failure, because then its logs are the evidence.
@@ -173,18 +322,29 @@ def running_stack(base_port: int, replicas: int) -> Iterator[Stack]:
     sandbox = Sandbox(workdir / "sandbox", base_port=base_port, replicas=replicas)
     baton: Baton | None = None
     haproxy: HAProxy | None = None
+    agents: list[HealthAgent] = []
+    stack: Stack | None = None
     ok = False
     try:
         progress(f"sandbox up: {replicas + 1} servers from port {base_port}")
         sandbox.up()
-        baton = start_baton(sandbox.config_path, workdir / "baton", BENCH_PORT_HINT)
-        primary = next(s for s in sandbox.status()["servers"] if s["role"] == "primary")
+        baton = _start_baton(sandbox, workdir, "baton", service_port, None)
+        servers = sandbox.status()["servers"]
+        if not health_checks:
+            servers = [s for s in servers if s["role"] == "primary"]
+        addresses = [(s["host"], s["port"]) for s in servers]
+        if health_checks:
+            # Each agent listens before the next free port is looked for, so none collide;
+            # appended one by one, so the clean-up stops those started before a failure.
+            for _, server_port in addresses:
+                agents.append(HealthAgent(server_port, free_port(baton.metrics_port + 1)))
         haproxy = start_haproxy(
             workdir / "haproxy",
             free_port(baton.metrics_port + 1),
-            [(primary["host"], primary["port"])],
+            addresses,
+            [a.port for a in agents] if health_checks else None,
         )
-        stack = Stack(workdir, sandbox, baton, haproxy)
+        stack = Stack(workdir, sandbox, baton, haproxy, service_port, agents)
         progress("listening: " + ", ".join(f"{k} {v}" for k, v in stack.ports().items()))
         yield stack
         ok = True
@@ -193,9 +353,11 @@ def running_stack(base_port: int, replicas: int) -> Iterator[Stack]:
         stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in stopping}
         try:
-            for proxy in (haproxy, baton):
+            for proxy in (haproxy, stack.baton if stack is not None else baton):
                 if proxy is not None:
                     proxy.stop()
+            for agent in agents:
+                agent.stop()
             sandbox.down()
         finally:
             for sig, handler in previous.items():
@@ -374,6 +536,122 @@ def sysbench_prepare(command: list[str]) -> None:
         raise RuntimeError(f"sysbench prepare failed (rc {returncode}):\n{output[-2000:]}")
 
 
+# -- the write workload ----------------------------------------------------------------------
+
+WRITE_WORKLOAD = "oltp_write_only"
+WRITE_TABLES, WRITE_TABLE_SIZE = 4, 10000
+CAPACITY_SECONDS = 10
+
+
+def write_options(threads: int, seconds: int, ignore_errors: str = "none") -> dict[str, str | int]:
+    """The write workload's sysbench options: text protocol, uniform keys, no event limit.
+
+    `ignore_errors` is sysbench's `--mysql-ignore-errors`: "none" stops a thread at its first
+    error (a path that must show none), "all" carries on (a path that drops clients)."""
+    return {
+        "tables": WRITE_TABLES,
+        "table-size": WRITE_TABLE_SIZE,
+        "threads": threads,
+        "time": seconds,
+        "events": 0,
+        "rand-type": "uniform",
+        "db-ps-mode": "disable",
+        "mysql-ignore-errors": ignore_errors,
+    }
+
+
+def paced_write_command(
+    port: int, threads: int, seconds: int, rate: int, ignore_errors: str = "none"
+) -> list[str]:
+    """The write workload at a fixed `rate` (transactions/s), reporting every second with a
+    99th percentile, so each second of a run can be put next to what happened in it."""
+    options = {
+        **write_options(threads, seconds, ignore_errors),
+        "rate": rate,
+        "report-interval": 1,
+        "percentile": 99,
+        "histogram": "on",
+    }
+    return sysbench_command(WRITE_WORKLOAD, port, "run", options)
+
+
+def prepare_writes(port: int) -> list[str]:
+    """Create and fill the write workload's tables through `port`; return the command."""
+    command = sysbench_command(
+        WRITE_WORKLOAD,
+        port,
+        "prepare",
+        {"tables": WRITE_TABLES, "table-size": WRITE_TABLE_SIZE, "threads": WRITE_TABLES},
+    )
+    progress(f"prepare: {WRITE_TABLES} tables x {WRITE_TABLE_SIZE} rows")
+    sysbench_prepare(command)
+    return command
+
+
+def setup_writes(
+    primary_port: int, capacity_port: int, threads: int, rate: int | None
+) -> dict[str, Any]:
+    """Prepare the tables through the primary and settle the load's rate: `rate` if given, else
+    half the capacity measured through `capacity_port`. Half, not full: at full load a replica
+    lags and the catch-up wait, not the switchover, would be measured; half still has writes in
+    flight at every moment of a switch. Returns the record's prepare command, capacity run
+    (None with `rate`) and rate."""
+    prepare = prepare_writes(primary_port)
+    capacity = None if rate else measure_capacity(capacity_port, threads)
+    return {
+        "prepare_command": shlex.join(prepare),
+        "capacity": capacity,
+        "rate": rate or max(1, round(capacity["tps"] / 2)),
+    }
+
+
+def measure_capacity(port: int, threads: int) -> dict[str, Any]:
+    """tps of an unthrottled CAPACITY_SECONDS write run through `port`, with no switchover."""
+    options = {**write_options(threads, CAPACITY_SECONDS), "report-interval": 0}
+    run = run_sysbench(sysbench_command(WRITE_WORKLOAD, port, "run", options), CAPACITY_SECONDS)
+    if run.result is None:
+        raise RuntimeError(f"capacity run {run.problem}:\n{run.output[-2000:]}")
+    r = run.result
+    progress(f"capacity: {r.tps:.0f} tps, p95 {r.p95_ms} ms, errors {r.errors}")
+    return {
+        "command": shlex.join(run.command),
+        "tps": r.tps,
+        "p95_ms": r.p95_ms,
+        "max_ms": r.max_ms,
+        "errors": r.errors,
+    }
+
+
+_INTERVAL = re.compile(
+    r"^\[\s*(?P<second>\d+)s \] thds: \d+ tps: (?P<tps>[\d.]+) qps: [\d.]+ .*?"
+    r"lat \(ms,\d+%\): (?P<p99>[\d.]+) err/s: (?P<errors>[\d.]+) reconn/s: (?P<reconnects>[\d.]+)",
+    re.M,
+)
+_LOAD_SUMMARY = {  # name: (pattern, type)
+    "transactions": (r"^\s*transactions:\s+(\d+)", int),
+    "tps": (r"^\s*transactions:\s+\d+\s+\(([\d.]+) per sec\.\)", float),
+    "errors": (r"^\s*ignored errors:\s+(\d+)", int),
+    "reconnects": (r"^\s*reconnects:\s+(\d+)", int),
+    "avg_ms": (r"^\s*avg:\s+([\d.]+)", float),
+    "p99_ms": (r"^\s*99th percentile:\s+([\d.]+)", float),
+    "max_ms": (r"^\s*max:\s+([\d.]+)", float),
+}
+
+
+def parse_load(output: str) -> dict[str, Any]:
+    """A paced run's summary (a 99th percentile, which parse_sysbench, made for steady's 95th,
+    does not read) and its per-second reports; a missing line is None, so a run that crashed
+    before its summary still gives the seconds it reported."""
+    summary: dict[str, Any] = {}
+    for name, (pattern, kind) in _LOAD_SUMMARY.items():
+        match = re.search(pattern, output, re.M)
+        summary[name] = None if match is None else kind(match[1])
+    summary["intervals"] = [
+        {k: float(v) for k, v in m.groupdict().items()} for m in _INTERVAL.finditer(output)
+    ]
+    return summary
+
+
 # -- the record ------------------------------------------------------------------------------
 
 
@@ -418,3 +696,159 @@ def machine_info() -> dict[str, Any]:
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),
         "load_average_start": load_average(),
     }
+
+
+# What else shares the CPUs: test runs, other servers, load generators, proxies.
+NEIGHBOURS = re.compile(r"pytest|mariadbd|sysbench|proxy\.cli serve|haproxy")
+
+
+def neighbours() -> dict[str, dict[str, Any]]:
+    """Processes that may compete for the CPUs (test runs, servers, load), by pid, with the CPU
+    seconds they have used so far: comparing two calls says what else worked during the run.
+    Called when none of this run's own processes are up (its servers, stopped but not yet
+    reaped, are skipped)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True)
+    found: dict[str, dict[str, Any]] = {}
+    for line in out.stdout.splitlines()[1:]:
+        pid, _, args = line.strip().partition(" ")
+        if not NEIGHBOURS.search(args) or "<defunct>" in args:
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # it ended in between
+        fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state) on
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        found[pid] = {"args": args[:100], "cpu_s": ticks / os.sysconf("SC_CLK_TCK")}
+    return found
+
+
+def neighbour_lines(start: dict[str, dict[str, Any]], end: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per process seen at the start or the end, with its CPU use in between."""
+    lines = []
+    for pid in sorted({*start, *end}, key=int):
+        if pid in start and pid in end:
+            used = f"{end[pid]['cpu_s'] - start[pid]['cpu_s']:.2f} CPU s during the run"
+        elif pid in end:
+            used = f"started during the run, {end[pid]['cpu_s']:.2f} CPU s by its end"
+        else:
+            used = "ended during the run"
+        lines.append(f"  - {pid}: {used}: `{(end.get(pid) or start[pid])['args']}`")
+    return lines or ["  - none"]
+
+
+def head_lines(title: str, record: dict[str, Any]) -> list[str]:
+    """The head of a results page: when, on what, at which commit, what else ran, and the
+    command that made it."""
+    m = record["machine"]
+    return [
+        f"# {title}",
+        "",
+        f"- Date: {m['date']}",
+        f"- Machine: {m['nproc']} CPUs, {m['host']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- Versions: {m['mariadb']}; {m['sysbench']}",
+        f"- Baton commit: {m['commit']}",
+        f"- Load average (1/5/15 min): {m['load_average_start']} at start, "
+        f"{record['load_average_end']} at end",
+        "- Other processes that could compete for the CPUs (test runs, servers, load "
+        "generators, proxies), with the CPU time each used while this ran (the load average "
+        "also counts the minutes before the start; these seconds are what actually competed):",
+        *neighbour_lines(record["neighbours_start"], record["neighbours_end"]),
+        "",
+        "Command:",
+        "",
+        f"    {record['command']}",
+        "",
+    ]
+
+
+def run_record(
+    args: argparse.Namespace,
+    command: str,
+    machine: dict[str, Any],
+    neighbours_start: dict[str, dict[str, Any]],
+    **fields: Any,
+) -> dict[str, Any]:
+    """What every results JSON starts with (the command, the machine, the options, what else
+    ran and the load at the end), then `fields`; called once the run's own processes are
+    stopped, so that they do not count as neighbours."""
+    return {
+        "command": command,
+        "machine": machine,
+        "settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+        "neighbours_start": neighbours_start,
+        "neighbours_end": neighbours(),
+        "load_average_end": load_average(),
+        **fields,
+    }
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with `main`'s code; Ctrl-C exits with 130 after the clean-up it triggered."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted; everything started was stopped")
+        sys.exit(130)
+
+
+def connect(port: int, account: Account = APP, **options: Any) -> pymysql.Connection:
+    """PyMySQL to 127.0.0.1:port as `account`, autocommit and without TLS (the sandbox has
+    none); `options` are PyMySQL's (database, timeouts)."""
+    return pymysql.connect(
+        host=HOST,
+        port=port,
+        user=account.user,
+        password=account.password,
+        autocommit=True,
+        ssl_disabled=True,
+        **options,
+    )
+
+
+def scrape_metrics(port: int, families: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """The named families from Baton's endpoint, as samples with their labels."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        family.name: [
+            {"name": s.name, "labels": dict(s.labels), "value": s.value} for s in family.samples
+        ]
+        for family in text_string_to_metric_families(text)
+        if family.name in families
+    }
+
+
+def sample_sum(metrics: dict[str, list[dict[str, Any]]], family: str, suffix: str) -> float:
+    """The family's samples named family + suffix, summed over labels (0 if there are none)."""
+    return sum(s["value"] for s in metrics.get(family, []) if s["name"] == family + suffix)
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default); with 10 values the
+    p99 lies between the two largest, so it is nearly the maximum."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def dump_json(record: dict[str, Any]) -> str:
+    """Indented, except that a list of lists (a client's requests: thousands of rows) has one
+    row per line instead of one number per line."""
+
+    def compact(value: Any, indent: str) -> str:
+        inner = indent + "  "
+        if isinstance(value, dict) and value:
+            items = [f"{inner}{json.dumps(k)}: {compact(v, inner)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+        if isinstance(value, list) and value:
+            if all(isinstance(v, list) for v in value):
+                rows = [f"{inner}{json.dumps(v)}" for v in value]
+            else:
+                rows = [f"{inner}{compact(v, inner)}" for v in value]
+            return "[\n" + ",\n".join(rows) + f"\n{indent}]"
+        return json.dumps(value)
+
+    return compact(record, "") + "\n"

@@ -1,0 +1,790 @@
+"""`python -m bench.failover`: what clients see across planned switchovers, four ways.
+
+One private sandbox (db1 primary, db2 and db3 replicas) and one write workload, driven in turn
+through four paths while Baton's controller (`baton ctl --json prs`) moves the primary between
+db1 and db2 at fixed times:
+
+- direct: clients connect to the primary's own port and, when a request fails, reconnect to
+  whichever server `baton ctl --json status` names now (an application behind a failover tool
+  that updates DNS or a VIP). The Baton that switches carries no traffic.
+- haproxy: HAProxy in TCP mode in front of all three servers, routing to the one whose HTTP
+  check says it is writable (`@@read_only=0`), checked every 100 ms, closing the sessions of a
+  server it marks down. The same Baton switches, again without traffic.
+- baton-unbuffered: clients through Baton with `[buffer] enabled = false`.
+- baton-buffered: clients through Baton as configured by default, holding commands while it
+  switches.
+
+The workload on each path is sysbench `oltp_write_only` at a fixed rate (half of the capacity
+measured through Baton at the start) plus a Python client that logs every insert's start, end
+and outcome. Per path: the client's errors and reconnects, sysbench's errors and exit, the
+commands Baton held, latency in steady state and around the switches, the write pause and the
+time back to full throughput. The table goes to stdout and, with the exact command, the machine
+and the raw data, to OUT/failover.md, OUT/failover.json and one OUT/failover-PATH.png per path.
+
+Why it is built this way:
+- One sandbox, one run, the paths back to back: the same servers, data and machine noise, so
+  the paths differ only in how clients reach the primary. Each Baton of the run keeps its
+  topology in one store, so the next path's Baton starts from the primary the last one left.
+- The Python client is the measure (bench.probe): sysbench reports once a second and cannot
+  follow a primary that moves, but it is the realistic background load on the servers. On the
+  paths that drop clients it runs with `--mysql-ignore-errors=all` under `timeout -s KILL`,
+  because Debian's sysbench 1.0.20 crashes on its first reconnect (design.md); its exit is
+  recorded as it happened, crash included.
+- Throughput per 100 ms counts the client's successful inserts by their completion time. The
+  client is paced (it does not catch up after a stall), so a bucket below its steady rate is
+  writes that did not happen, not writes that were late.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bench.common import (
+    ROOT,
+    Stack,
+    dump_json,
+    exit_on_signals,
+    head_lines,
+    in_background,
+    machine_info,
+    neighbours,
+    paced_write_command,
+    parse_load,
+    progress,
+    quantile,
+    run_main,
+    run_record,
+    running_stack,
+    sample_sum,
+    scrape_metrics,
+    setup_writes,
+)
+from bench.probe import (
+    WINDOW_S,
+    FixedTarget,
+    Request,
+    Target,
+    compact,
+    count_probe_rows,
+    create_probe_table,
+    ctl_json,
+    current_primary,
+    expand,
+    hold_ms,
+    min_duration,
+    phase_ms,
+    probing,
+    switch_times,
+    switchover,
+)
+
+PATHS = ("direct", "haproxy", "baton-unbuffered", "baton-buffered")
+LABELS = {
+    "direct": "direct, client follows `ctl status`",
+    "haproxy": "HAProxy, read_only health check",
+    "baton-unbuffered": "Baton, buffer off",
+    "baton-buffered": "Baton, buffer on",
+}
+PORT_RANGE = range(20000, 30000)  # the ports this machine's benchmarks may use
+SERVICE_OFFSET = 50  # Baton, HAProxy and the health agents listen from base port + this
+REPLICAS = 2
+PROBE_WRITERS = 4
+PROBE_RATE = 100  # inserts per second per writer: 40 per 100 ms bucket in all
+BUCKET_S = 0.1
+FULL_THROUGHPUT = 0.9  # a bucket at or above this share of the steady rate counts as full
+RECOVERED_BUCKETS = 5  # full buckets in a row that make "back to full throughput"
+REFRESH_S = 0.1  # the direct client asks `ctl status` at most this often
+SYSBENCH_GRACE_S = 5  # sysbench is killed this long after its --time
+STRANDED_CHECK_S = 0.5  # Baton's sessions are looked at this long before the load ends
+SHORT_RATE = 100  # --short skips the capacity run and uses this sysbench rate
+# option: (default, default with --short); a rate of None means half the measured capacity
+DEFAULTS = {"duration": (60, 6), "switches": (10, 1), "rate": (None, SHORT_RATE)}
+SHORT_SWITCH_S = 3.0  # --short's one switchover, in a 6 s load
+ROUTING_TIMEOUT_S = 10.0
+METRICS = ("baton_buffer_held", "baton_buffer_evicted", "baton_errors")
+# sysbench's exit as `timeout -s KILL` passes it on: a signal that ended sysbench (its own
+# crash, or timeout's KILL) ends timeout too, so Popen sees -N.
+EXITS = {0: "ok", -9: "killed at timeout", 124: "killed at timeout", -11: "crashed (SIGSEGV)"}
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.failover", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--duration", type=int, help="seconds of load per path (default 60)")
+    parser.add_argument("--switches", type=int, help="planned switchovers per path (default 10)")
+    parser.add_argument("--threads", type=int, default=8, help="sysbench threads")
+    parser.add_argument(
+        "--rate", type=int, help="sysbench --rate; skips the capacity run (default: capacity/2)"
+    )
+    parser.add_argument("--out", type=Path, help="results dir (default bench/results)")
+    parser.add_argument("--base-port", type=int, default=21601, help="port of db1")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help=f"smoke run: 6 s per path, 1 switch, rate {SHORT_RATE}, results to a temp dir",
+    )
+    return parser
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Apply the --short defaults, then refuse what would fail only minutes into the run."""
+    for name, (full, short) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, short if args.short else full)
+    if args.out is None:
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="failover-short-"))
+            if args.short
+            else ROOT / "bench/results"
+        )
+    if args.switches < 1 or args.threads < 1 or (args.rate is not None and args.rate < 1):
+        parser.error("--switches, --threads and --rate must be at least 1")
+    if args.short and args.switches != 1:
+        parser.error("--short runs one switchover per path")
+    needed = 2 * SHORT_SWITCH_S if args.short else min_duration(args.switches)
+    if args.duration < needed:
+        parser.error(f"--duration must be at least {needed:g} s for {args.switches} switches")
+    last = args.base_port + SERVICE_OFFSET + 20  # Baton, HAProxy and agents fit well within
+    if args.base_port not in PORT_RANGE or last not in PORT_RANGE:
+        parser.error(f"--base-port must leave room in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+    return args
+
+
+def path_switch_times(args: argparse.Namespace) -> list[float]:
+    """When to switch, in seconds after the load starts; --short switches mid-load."""
+    return [SHORT_SWITCH_S] if args.short else switch_times(args.duration, args.switches)
+
+
+# -- where the direct client reconnects ------------------------------------------------------
+
+
+class PrimaryTarget:
+    """The current primary's port, as `baton ctl --json status` names it.
+
+    This is what an application behind a failover tool that updates DNS or a VIP reaches after
+    its next lookup. The answer is cached and looked up again only after a request through it
+    failed, at most once per REFRESH_S for all writers together: an application does not ask
+    before every statement, and a lookup that still names the old primary (the switch is not
+    committed yet) is simply retried at the next error. Lookups are counted for the record.
+    """
+
+    def __init__(self, socket: str, ports: dict[str, int]) -> None:
+        self.socket = socket
+        self.ports = ports
+        self.lookups = 0
+        self._lock = threading.Lock()
+        self._port = ports[current_primary(socket)]
+        self._stale = False
+        self._looked_up = time.monotonic()
+
+    def port(self) -> int:
+        with self._lock:
+            if self._stale and time.monotonic() - self._looked_up >= REFRESH_S:
+                self._look_up()
+            return self._port
+
+    def failed(self, port: int) -> None:
+        with self._lock:
+            if port == self._port:
+                self._stale = True
+
+    def _look_up(self) -> None:
+        """Under the lock, so the writers that failed together wait for one answer."""
+        self._looked_up = time.monotonic()
+        self.lookups += 1
+        try:
+            self._port = self.ports[current_primary(self.socket)]
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return  # the controller did not answer: keep the old port, ask again next error
+        self._stale = False
+
+
+# -- one path --------------------------------------------------------------------------------
+
+
+def wait_routing(stack: Stack, primary: str) -> None:
+    """Return once HAProxy's health checks route to `primary` alone; a load started earlier
+    would measure HAProxy's start-up, not a switchover."""
+    deadline = time.monotonic() + ROUTING_TIMEOUT_S
+    while (up := stack.haproxy.up_servers()) != [primary]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"haproxy routes to {up}, not to {primary} alone")
+        time.sleep(0.05)
+
+
+def run_path(
+    args: argparse.Namespace, stack: Stack, path: str, rate: int, number: int
+) -> dict[str, Any]:
+    """The paced load, the client and the switchovers on one path, all at once."""
+    if path == "baton-unbuffered":
+        stack.restart_baton(path, {"enabled": False})
+    elif path == "baton-buffered":
+        stack.restart_baton(path)  # the sandbox's config: the buffer's defaults
+    socket = stack.baton.socket
+    ports = {s["name"]: s["port"] for s in stack.sandbox.status()["servers"]}
+    source = current_primary(socket)
+    target: Target
+    if path == "direct":
+        target = PrimaryTarget(socket, ports)
+        load_port = ports[source]
+    elif path == "haproxy":
+        wait_routing(stack, source)
+        load_port = stack.haproxy.port
+        target = FixedTarget(stack.haproxy.port)
+    else:
+        load_port = stack.baton.port
+        target = FixedTarget(stack.baton.port)
+    table = "failover_" + path.replace("-", "_")
+    create_probe_table(ports[source], table)
+    command = paced_write_command(load_port, args.threads, args.duration, rate, "all")
+    switches: list[dict[str, Any]] = []
+    with probing(target, PROBE_WRITERS, PROBE_RATE, table) as probe:
+        with in_background(command, args.duration + SYSBENCH_GRACE_S) as load:
+            started, t0 = time.time(), time.monotonic()
+            progress(
+                f"path {number}/{len(PATHS)} {path}: {rate} tps for {args.duration} s, "
+                f"client {PROBE_WRITERS} x {PROBE_RATE}/s"
+            )
+            for i, at in enumerate(path_switch_times(args), 1):
+                time.sleep(max(0.0, t0 + at - time.monotonic()))
+                s = switchover(socket, i, source)
+                switches.append(s)
+                report = s["report"]
+                errors = sum(r.error is not None for log in probe.requests for r in log)
+                if report is not None and report.get("outcome") == "succeeded":
+                    source = report["new_primary"]
+                    progress(
+                        f"  {path} prs {i}: {s['from']} -> {s['to']} in "
+                        f"{sum(phase_ms(report).values()):.0f} ms; client errors so far {errors}"
+                    )
+                else:
+                    progress(
+                        f"  {path} prs {i} FAILED (rc {s['returncode']}): {s['stderr'][-300:]}"
+                    )
+                    source = current_primary(socket)
+            # The client measures the whole duration, even if sysbench crashed long before.
+            time.sleep(max(0.0, t0 + args.duration - STRANDED_CHECK_S - time.monotonic()))
+            stranded = stranded_sessions(socket) if path.startswith("baton") else None
+            time.sleep(max(0.0, t0 + args.duration - time.monotonic()))
+            probe.finish()
+            returncode, output = load.wait()
+    requests = probe.all_requests()
+    progress(
+        f"  {path} done: sysbench {describe_exit(returncode)}; client {len(requests)} requests"
+    )
+    held = None
+    if path.startswith("baton"):
+        held = scrape_metrics(stack.baton.metrics_port, METRICS)
+        stack.check_alive()
+    return {
+        "path": path,
+        "label": LABELS[path],
+        "load": {
+            "command": shlex.join(load.command),
+            "port": load_port,
+            "started": started,
+            "returncode": returncode,
+            "summary": parse_load(output),
+            "output_tail": output[-4000:],
+        },
+        "switchovers": switches,
+        "stranded_sessions": stranded,
+        "probe": {
+            "writers": PROBE_WRITERS,
+            "rate_per_writer": PROBE_RATE,
+            "table": table,
+            "reconnects": probe.reconnects,
+            "lookups": target.lookups if isinstance(target, PrimaryTarget) else None,
+            "rows_found": count_probe_rows(ports[current_primary(socket)], table),
+            "requests": compact(requests, started),
+        },
+        "metrics": held,
+    }
+
+
+def stranded_sessions(socket: str) -> list[dict[str, Any]]:
+    """Baton's sessions whose server connection is not on the current primary, from `baton
+    ctl --json sessions`: after a switch, every session should have moved at its next
+    command, so one still on the old primary near the end of the load is stuck there."""
+    primary = current_primary(socket)
+    return [
+        {k: s[k] for k in ("id", "backend", "in_transaction", "in_flight")}
+        for s in ctl_json(socket, "sessions")
+        if s["backend"] and s["backend"].split()[0] != primary
+    ]
+
+
+def describe_exit(returncode: int) -> str:
+    return EXITS.get(returncode, f"rc {returncode}")
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+
+def requests_of(run: dict[str, Any]) -> list[Request]:
+    return expand(run["probe"]["requests"], run["load"]["started"])
+
+
+def windows_of(run: dict[str, Any]) -> list[tuple[float, float]]:
+    """Each switch's window: WINDOW_S before its ctl call to WINDOW_S after ctl returned."""
+    return [(s["called"] - WINDOW_S, s["returned"] + WINDOW_S) for s in run["switchovers"]]
+
+
+def buckets(ends: list[float], start: float, seconds: float) -> list[int]:
+    """Successful writes per BUCKET_S from `start`, by completion time."""
+    counts = [0] * round(seconds / BUCKET_S)
+    for end in ends:
+        i = int((end - start) / BUCKET_S)
+        if 0 <= i < len(counts):
+            counts[i] += 1
+    return counts
+
+
+def longest_gap(ends: list[float], lo: float, hi: float) -> tuple[float, float] | None:
+    """The longest interval between two consecutive successful completions (sorted `ends`)
+    that overlaps [lo, hi], as (from, to)."""
+    gaps = [(a, b) for a, b in zip(ends, ends[1:], strict=False) if b >= lo and a <= hi]
+    return max(gaps, key=lambda g: g[1] - g[0], default=None)
+
+
+def back_to_full(
+    counts: list[int], start: float, steady: float, called: float, until: float
+) -> float | None:
+    """Seconds from `called` until throughput is full again, or None if it is not before
+    `until`.
+
+    Full is RECOVERED_BUCKETS buckets in a row at FULL_THROUGHPUT of `steady` or more, counted
+    from the first bucket after the call that fell below it; 0 if none in the switch window
+    did. A switch starts writing-blocked only after its first phases, so "the first full
+    bucket after the call" would often be before the dip, not after it."""
+    threshold = FULL_THROUGHPUT * steady
+    first = int((called - start) / BUCKET_S)
+    last = min(len(counts), int((until - start) / BUCKET_S) + 1)
+    low = next((i for i in range(max(0, first), last) if counts[i] < threshold), None)
+    if low is None:
+        return 0.0
+    run = 0
+    for i in range(low + 1, len(counts)):
+        run = run + 1 if counts[i] >= threshold else 0
+        if run == RECOVERED_BUCKETS:
+            return start + (i - RECOVERED_BUCKETS + 1) * BUCKET_S - called
+    return None
+
+
+def latency_stats(requests: list[Request]) -> dict[str, float | None]:
+    ms = [r.latency_ms for r in requests]
+    return {
+        "p50_ms": quantile(ms, 0.50),
+        "p99_ms": quantile(ms, 0.99),
+        "max_ms": max(ms, default=None),
+    }
+
+
+def sysbench_counts(summary: dict[str, Any]) -> dict[str, Any]:
+    """tps, errors and reconnects from the summary, or, when sysbench died before writing one,
+    from its per-second reports (rates over one second each: summed, they are counts)."""
+    intervals = summary["intervals"]
+    last = intervals[-1]["second"] if intervals else 0
+    if summary["errors"] is not None:
+        return {
+            "tps": summary["tps"],
+            "errors": summary["errors"],
+            "reconnects": summary["reconnects"],
+            "last_s": last,
+        }
+    return {
+        "tps": statistics.mean(i["tps"] for i in intervals) if intervals else None,
+        "errors": round(sum(i["errors"] for i in intervals)),
+        "reconnects": round(sum(i["reconnects"] for i in intervals)),
+        "last_s": last,
+    }
+
+
+def analyse(run: dict[str, Any], duration: int) -> dict[str, Any]:
+    """The path's summary and per-switch rows, from its raw record."""
+    start = run["load"]["started"]
+    requests = requests_of(run)
+    windows = windows_of(run)
+
+    def near_switch(r: Request) -> bool:
+        return any(r.start <= hi and r.end >= lo for lo, hi in windows)
+
+    ok = [r for r in requests if r.error is None]
+    ends = sorted(r.end for r in ok)
+    counts = buckets(ends, start, duration)
+    steady_buckets = [
+        c
+        for i, c in enumerate(counts)
+        if not any(
+            start + i * BUCKET_S < hi and start + (i + 1) * BUCKET_S > lo for lo, hi in windows
+        )
+    ]
+    steady_rate = statistics.median(steady_buckets) if steady_buckets else 0.0
+    rows = []
+    for s, (lo, hi) in zip(run["switchovers"], windows, strict=True):
+        report = s["report"]
+        # From the call on: a gap before it is the machine's, not the switch's.
+        gap = longest_gap(ends, s["called"], hi)
+        near = [r for r in requests if r.start <= hi and r.end >= lo]
+        recovered = back_to_full(counts, start, steady_rate, s["called"], hi)
+        rows.append(
+            {
+                "index": s["index"],
+                "from": s["from"],
+                "to": s["to"],
+                "outcome": "no report" if report is None else report["outcome"],
+                "prs_ms": sum(phase_ms(report).values()) if report else None,
+                "hold_phases_ms": hold_ms(report) if report else None,
+                "ctl_ms": (s["returned"] - s["called"]) * 1000,
+                "client_errors": sum(r.error is not None for r in near),
+                "write_pause_ms": None if gap is None else (gap[1] - gap[0]) * 1000,
+                "pause_from_call_ms": None if gap is None else (gap[0] - s["called"]) * 1000,
+                "back_to_full_ms": None if recovered is None else recovered * 1000,
+            }
+        )
+    pauses = [r["write_pause_ms"] for r in rows if r["write_pause_ms"] is not None]
+    fulls = [r["back_to_full_ms"] for r in rows if r["back_to_full_ms"] is not None]
+    steady_gap = max(
+        (
+            b - a
+            for a, b in zip(ends, ends[1:], strict=False)
+            if not any(b >= lo and a <= hi for lo, hi in windows)
+        ),
+        default=None,
+    )
+    sb = run["load"]["summary"]
+    metrics = run["metrics"] or {}
+    errors = {
+        f"{m['labels']['code']}/{m['labels']['origin']}": m["value"]
+        for m in metrics.get("baton_errors", [])
+        if m["name"].endswith("_total")
+    }
+    return {
+        "summary": {
+            "path": run["path"],
+            "label": run["label"],
+            "switchovers": len(rows),
+            "succeeded": sum(r["outcome"] == "succeeded" for r in rows),
+            "client_requests": len(requests),
+            "client_errors": sum(r.error is not None for r in requests),
+            "client_error_kinds": error_kinds(requests),
+            "client_reconnects": run["probe"]["reconnects"],
+            "client_rows_acknowledged": sum(r.error is None for r in requests),
+            "client_rows_found": run["probe"]["rows_found"],
+            "primary_lookups": run["probe"]["lookups"],
+            "held": sample_sum(metrics, "baton_buffer_held", "_total"),
+            "evicted": sample_sum(metrics, "baton_buffer_evicted", "_total"),
+            "baton_errors": errors,
+            "stranded_sessions": run["stranded_sessions"],
+            "steady": latency_stats([r for r in ok if not near_switch(r)]),
+            "switching": latency_stats([r for r in ok if near_switch(r)]),
+            "steady_rate_per_bucket": steady_rate,
+            "steady_longest_gap_ms": None if steady_gap is None else steady_gap * 1000,
+            "write_pause_p50_ms": quantile(pauses, 0.5),
+            "write_pause_max_ms": max(pauses, default=None),
+            "back_to_full_p50_ms": quantile(fulls, 0.5),
+            "back_to_full_max_ms": max(fulls, default=None),
+            "not_back_to_full": sum(r["back_to_full_ms"] is None for r in rows),
+            "sysbench_exit": describe_exit(run["load"]["returncode"]),
+            "sysbench_returncode": run["load"]["returncode"],
+            **{f"sysbench_{k}": v for k, v in sysbench_counts(sb).items()},
+        },
+        "per_switch": rows,
+        "buckets": counts,
+    }
+
+
+def error_kinds(requests: list[Request]) -> dict[str, int]:
+    """Failed requests by MySQL error code (the text before the first colon)."""
+    kinds: dict[str, int] = {}
+    for r in requests:
+        if r.error is not None:
+            code = r.error.split(":", 1)[0]
+            kinds[code] = kinds.get(code, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+# -- the record ------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _three(stats: dict[str, float | None]) -> str:
+    return " / ".join(_ms(stats[k]) for k in ("p50_ms", "p99_ms", "max_ms"))
+
+
+def sysbench_cell(s: dict[str, Any]) -> str:
+    cell = f"{s['sysbench_exit']}, {s['sysbench_errors']} err, {s['sysbench_reconnects']} reconn"
+    if s["sysbench_returncode"] != 0:
+        cell += f" (last report at {s['sysbench_last_s']:.0f} s)"
+    return cell
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    """One row per path: what clients saw and how long writes stopped."""
+    lines = [
+        "| path | client errors | client reconnects | sysbench | held by Baton "
+        "| steady p50 / p99 / max ms | switch windows p50 / p99 / max ms "
+        "| write pause p50 / max ms | back to full throughput p50 / max ms |",
+        "|---|---:|---:|---|---:|---|---|---|---|",
+    ]
+    for s in summaries:
+        full = f"{_ms(s['back_to_full_p50_ms'])} / {_ms(s['back_to_full_max_ms'])}"
+        if s["not_back_to_full"]:
+            full += f" ({s['not_back_to_full']} not within the window)"
+        lines.append(
+            f"| {s['label']} | {s['client_errors']} of {s['client_requests']} "
+            f"| {s['client_reconnects']} | {sysbench_cell(s)} | {s['held']:g} "
+            f"| {_three(s['steady'])} | {_three(s['switching'])} "
+            f"| {_ms(s['write_pause_p50_ms'])} / {_ms(s['write_pause_max_ms'])} | {full} |"
+        )
+    return "\n".join(lines)
+
+
+def switch_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| # | from -> to | outcome | prs ms | hold phases ms | client errors (window) "
+        "| write pause ms | pause starts after call ms | back to full ms |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['index']} | {r['from']} -> {r['to']} | {r['outcome']} | {_ms(r['prs_ms'])} "
+        f"| {_ms(r['hold_phases_ms'])} | {r['client_errors']} | {_ms(r['write_pause_ms'])} "
+        f"| {_ms(r['pause_from_call_ms'])} | {_ms(r['back_to_full_ms'])} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def path_lines(run: dict[str, Any]) -> list[str]:
+    s = run["summary"]
+    kinds = ", ".join(f"{code}: {n}" for code, n in s["client_error_kinds"].items()) or "none"
+    lines = [
+        f"### {s['label']}",
+        "",
+        f"![{s['label']}](failover-{s['path']}.png)",
+        "",
+        f"- Switchovers: {s['succeeded']} of {s['switchovers']} succeeded",
+        f"- Python client: {s['client_requests']} inserts, {s['client_errors']} errors "
+        f"(by code: {kinds}), {s['client_reconnects']} reconnects; rows found "
+        f"{s['client_rows_found']}, acknowledged {s['client_rows_acknowledged']}",
+        f"- Steady state: {s['steady_rate_per_bucket']:g} successful inserts per 100 ms "
+        f"(median), longest gap between two of them {_ms(s['steady_longest_gap_ms'])} ms",
+        f"- sysbench: {sysbench_cell(s)}, {_ms(s['sysbench_tps'])} tps while it ran",
+    ]
+    if s["primary_lookups"] is not None:
+        lines.append(f"- `baton ctl --json status` lookups by the client: {s['primary_lookups']}")
+    if run["path"].startswith("baton"):
+        errors = ", ".join(f"{k}: {v:g}" for k, v in s["baton_errors"].items()) or "none"
+        lines.append(
+            f"- Baton: `baton_buffer_held_total` {s['held']:g}, `baton_buffer_evicted_total` "
+            f"{s['evicted']:g}; `baton_errors_total` (code/origin): {errors}"
+        )
+        stranded = s["stranded_sessions"]
+        lines.append(
+            f"- Sessions still connected to a server that is no longer primary "
+            f"{STRANDED_CHECK_S:g} s before the load ended (`baton ctl --json sessions`): "
+            f"{len(stranded)}" + "".join(f"; session {x['id']} on {x['backend']}" for x in stranded)
+        )
+    lines += [
+        "",
+        "Load:",
+        "",
+        f"    {run['load']['command']}",
+        "",
+        switch_table(run["per_switch"]),
+        "",
+    ]
+    return lines
+
+
+def report(record: dict[str, Any]) -> str:
+    """failover.md: enough to judge and to repeat the numbers without the JSON."""
+    s = record["settings"]
+    runs = record["paths"]
+    times = ", ".join(f"{t:.1f}" for t in record["switch_times"])
+    title = (
+        "Planned switchovers under write load: direct, HAProxy, Baton without and with its buffer"
+    )
+    lines = [
+        *head_lines(title, record),
+        "## Summary",
+        "",
+        table([r["summary"] for r in runs]),
+        "",
+        "What the columns are:",
+        "",
+        "- client errors, reconnects: the Python client's failed inserts of all it made, and "
+        "its reconnects (it reconnects after every failed request).",
+        "- sysbench: how it exited (under `timeout -s KILL`), and its ignored errors and "
+        "reconnects; after a crash, summed from its per-second reports up to the last one.",
+        "- held by Baton: `baton_buffer_held_total` at the end of the path (its own Baton); "
+        "no Baton is on the direct and HAProxy paths, so 0 there.",
+        f"- steady / switch windows: latency of the client's successful inserts outside and "
+        f"inside the switch windows ({WINDOW_S:g} s before each `ctl prs` call to {WINDOW_S:g} "
+        "s after it returned). A failed insert counts as an error, not as a latency.",
+        "- write pause: the longest time between two successful inserts' completions (any "
+        f"writer) that overlaps the time from a `ctl prs` call to {WINDOW_S:g} s after it "
+        "returned; p50 over the switchovers, and the max.",
+        f"- back to full throughput: from the `ctl prs` call until the client's successful "
+        f"inserts per {BUCKET_S * 1000:.0f} ms are at {FULL_THROUGHPUT:.0%} or more of the "
+        f"steady rate (the median bucket outside the windows) for {RECOVERED_BUCKETS} buckets "
+        "in a row, counted from the first bucket after the call below it; 0 if none fell "
+        "below.",
+        "",
+        "## How it ran",
+        "",
+        f"One sandbox: db1 primary, db2 and db3 replicas on ports {s['base_port']}-"
+        f"{s['base_port'] + REPLICAS}. The paths ran one after another, each for "
+        f"{s['duration']} s with {s['switches']} planned switchover(s) alternating db1 <-> db2 "
+        f"at {times} s after its load started. sysbench, the Python client, the servers, "
+        "Baton, HAProxy and the health agents share the same CPUs.",
+        "",
+        "- direct: the Baton that switches (`baton serve` with the sandbox's config) carries no "
+        "traffic. sysbench connects to the primary at the start and cannot follow it. The "
+        "client reconnects after each failed insert to the primary named by `baton ctl --json "
+        f"status`, looked up only after an error, at most every {REFRESH_S * 1000:.0f} ms.",
+        "- haproxy: HAProxy 2.6 in TCP mode, `balance first` over db1, db2, db3, `option "
+        "httpchk`, `inter 100 fastinter 100 downinter 100 fall 1 rise 1 on-marked-down "
+        "shutdown-sessions`; each check is answered by a small HTTP server thread in the "
+        "benchmark per MariaDB server: 200 if `@@read_only=0` on its persistent admin "
+        "connection, else 503. The same Baton switches, without traffic.",
+        "- baton-unbuffered: a new `baton serve` with `[buffer] enabled = false`, the clients "
+        "through it; it switches too.",
+        "- baton-buffered: a new `baton serve` with the sandbox's config (buffer on, defaults).",
+        "",
+        "Not covered: an emergency switch (`kill -9` of the primary, then `ctl ers`); this "
+        "benchmark has no mode for it.",
+        "",
+        "Prepared once, directly against the primary:",
+        "",
+        f"    {record['prepare_command']}",
+        "",
+        "Capacity (unthrottled, through Baton, no switchover):",
+        "",
+        f"    {record['capacity']['command'] if record['capacity'] else '(skipped: --rate)'}",
+        "",
+        "Each switchover (the target alternates):",
+        "",
+        f"    {runs[0]['switchovers'][0]['command']}",
+        "",
+        f"Python client: {PROBE_WRITERS} threads, each its own PyMySQL connection (ssl_disabled, "
+        f"autocommit), one-row INSERTs paced at {PROBE_RATE}/s per thread into a table of its "
+        "path; every request's start, end and error is in failover.json (`paths[].probe."
+        "requests`: writer, start in ms after `load.started` (wall-clock seconds), latency in "
+        "ms, error).",
+        "",
+        "## Per path",
+        "",
+    ]
+    for run in runs:
+        lines += path_lines(run)
+    return "\n".join(lines) + "\n"
+
+
+def plot(run: dict[str, Any], duration: int, path: Path) -> None:
+    """The path's timeline: every insert's latency, successful inserts per 100 ms, and the
+    switchovers (from the ctl call to its return), on one time axis from the load's start."""
+    start = run["load"]["started"]
+    s = run["summary"]
+    requests = requests_of(run)
+    fig = Figure(figsize=(11, 6))
+    FigureCanvasAgg(fig)  # the Agg backend, without pyplot's global state
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    for ok, style in ((True, {"s": 3, "c": "tab:blue"}), (False, {"s": 12, "c": "tab:red"})):
+        chosen = [r for r in requests if (r.error is None) == ok]
+        top.scatter(
+            [r.start - start for r in chosen],
+            [max(r.latency_ms, 0.05) for r in chosen],
+            marker="." if ok else "x",
+            label=f"{'successful' if ok else 'failed'} ({len(chosen)})",
+            **style,
+        )
+    top.set_yscale("log")
+    top.set_ylabel("insert latency (ms)")
+    top.legend(loc="upper right", fontsize=8)
+    counts = run["buckets"]
+    bottom.step(
+        [i * BUCKET_S for i in range(len(counts))], counts, where="post", lw=0.8, c="tab:green"
+    )
+    bottom.axhline(
+        FULL_THROUGHPUT * s["steady_rate_per_bucket"], ls=":", c="gray", lw=0.8, label="90% steady"
+    )
+    bottom.set_ylim(bottom=0)
+    bottom.set_ylabel("successful / 100 ms")
+    bottom.set_xlabel("seconds since the load started")
+    bottom.legend(loc="lower right", fontsize=8)
+    for sw in run["switchovers"]:
+        for ax in (top, bottom):
+            ax.axvspan(sw["called"] - start, sw["returned"] - start, color="orange", alpha=0.3)
+            ax.axvline(sw["called"] - start, c="darkorange", lw=0.8)
+    top.set_title(
+        f"{s['label']}: {s['client_errors']} client errors, write pause max "
+        f"{_ms(s['write_pause_max_ms'])} ms (orange: switchovers)",
+        fontsize=10,
+    )
+    bottom.set_xlim(0, duration)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = resolve(parser.parse_args(argv), parser)
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "bench.failover", *given])
+    machine = machine_info()
+    neighbours_start = neighbours()
+    runs = []
+    with (
+        exit_on_signals(),
+        running_stack(
+            args.base_port, REPLICAS, args.base_port + SERVICE_OFFSET, health_checks=True
+        ) as stack,
+    ):
+        # Capacity through Baton, the path with the most work per write on these CPUs.
+        setup = setup_writes(stack.primary_port, stack.baton.port, args.threads, args.rate)
+        for number, path in enumerate(PATHS, 1):
+            runs.append(run_path(args, stack, path, setup["rate"], number))
+    record = run_record(
+        args,
+        command,
+        machine,
+        neighbours_start,
+        **setup,
+        switch_times=path_switch_times(args),
+        paths=runs,
+    )
+    for run in runs:
+        run.update(analyse(run, args.duration))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        plot(run, args.duration, args.out / f"failover-{run['path']}.png")
+    (args.out / "failover.json").write_text(dump_json(record))
+    (args.out / "failover.md").write_text(report(record))
+    print(table([run["summary"] for run in runs]))
+    progress(f"wrote failover.md, failover.json and {len(runs)} PNGs to {args.out}")
+    failed = any(r["summary"]["succeeded"] < r["summary"]["switchovers"] for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)
