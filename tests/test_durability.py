@@ -114,7 +114,8 @@ def semi_sync_state(g: Group, server: str) -> dict[str, Any]:
         "SELECT @@global.rpl_semi_sync_master_enabled AS master,"
         " @@global.rpl_semi_sync_slave_enabled AS slave,"
         " @@global.rpl_semi_sync_master_timeout AS timeout,"
-        " @@global.rpl_semi_sync_master_wait_point AS wait_point",
+        " @@global.rpl_semi_sync_master_wait_point AS wait_point,"
+        " @@global.rpl_semi_sync_slave_kill_conn_timeout AS kill_conn_timeout",
     )
 
 
@@ -131,7 +132,7 @@ def assert_semi_sync_primary(g: Group, primary: str) -> None:
     replicas = [n for n in g.ports if n != primary and n in running]
     for name in replicas:
         state = semi_sync_state(g, name)
-        assert (state["master"], state["slave"]) == (0, 1), name
+        assert (state["master"], state["slave"], state["kill_conn_timeout"]) == (0, 1, 1), name
         assert g.one(name, "SHOW SLAVE STATUS")["Master_Port"] == g.shims.replication[primary].port
     deadline = time.monotonic() + 10
     while True:
@@ -212,6 +213,10 @@ def test_primary_cut_off_from_replicas_then_killed(tmp_path: Path, durability: s
         )
         print("cut off then killed", json.dumps(outcome.summary()))
         assert ledger_before <= g.ids(outcome.new_primary)
+        revoke = next(p for p in outcome.ers["phases"] if p["call"] == "revoke")
+        # The fence's STOP SLAVE IO_THREAD tries to reach the cut-off primary; semi-sync
+        # replicas give up after rpl_semi_sync_slave_kill_conn_timeout (1 s, set by Baton).
+        assert revoke["duration_ms"] < 1800, outcome.ers["phases"]
         if durability == "semi_sync":
             # Only what the new primary itself acknowledged (Baton ran the commits that had
             # waited on the dead one there, once it was established).
