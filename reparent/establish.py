@@ -246,6 +246,9 @@ class GtidEstablishment:
         A server that was primary adopts its own binlog as its replication position first:
         its own transactions reached it through no SQL thread, so gtid_slave_pos does not have
         them, and it would ask the source for them again.
+
+        Before it replicates it takes the durability's replica settings; one that still has
+        master-side semi-sync (it was primary) loses its client sessions first (durability.py).
         """
         conn.set_read_only(True)
         conn.stop_replica()
