@@ -217,7 +217,7 @@ def test_kill_9_of_the_primary_under_load_is_an_automatic_reparent(running: Runn
         elapsed = first - killed
         time.sleep(0.3)
     after = wait_new_primary(r, old, before["term"])
-    print(f"\nkill -9 to the first write through Baton: {elapsed:.3f} s")
+    print(f"\nkill -9 to the first write through Baton: {elapsed:.3f} s, {len(w.errors)} errors")
     text = metrics(r.baton)
     detection = metric(text, "baton_detector_detection_seconds", shard="main")
     print(f"detection (first failed probe to the decision): {detection:.3f} s")
