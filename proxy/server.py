@@ -82,7 +82,10 @@ async def run(config: Config) -> None:
     )
     control = ControlServer(ctx, controller, config.proxy.control_socket)
     await control.start()
-    watch = Watch(config, store, controller) if config.detector.enabled else None
+    watch = None
+    if config.detector.enabled:
+        # Its reparents' reports get this proxy's buffer counts, as `ctl ers` ones do.
+        watch = Watch(config, store, controller, reported=control._add_buffer_counts)
     if watch is not None:
         watch.start()
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -42,7 +42,7 @@ from reparent.detector import (
 )
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import FailureKind, MechanismError, ReparentContext
-from reparent.topology import ReparentKind, TopologyStore
+from reparent.topology import ReparentKind, ReparentRecord, TopologyStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Watch:
         controller: Controller,
         pool: AdminPool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reported: Callable[[ReparentRecord], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.settings = config.detector
@@ -66,6 +67,9 @@ class Watch:
         self.controller = controller
         self.pool = pool or AdminPool()
         self.clock = clock
+        # Called with the report of each reparent the detector ran (the proxy adds its buffer
+        # counts), in a task of its own: the shard is not kept busy meanwhile.
+        self.reported = reported
         self.detector = Detector(self.settings)
         self.establishment = GtidEstablishment(pool=self.pool)
         self.owner = f"{controller.owner}-detector"
@@ -244,6 +248,10 @@ class Watch:
             except ReparentRefused as e:
                 log.warning("detector: emergency reparent of %s refused: %s", shard.name, e)
                 return "refused"
+            if self.reported is not None:
+                task = asyncio.get_running_loop().create_task(self.reported(report))
+                self._actions.add(task)
+                task.add_done_callback(self._actions.discard)
             log.warning(
                 "detector: emergency reparent %s of %s: %s -> %s, %s%s",
                 report.id,

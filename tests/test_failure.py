@@ -228,6 +228,12 @@ def test_kill_9_of_the_primary_under_load_is_an_automatic_reparent(running: Runn
     history = json.loads(r.baton.ctl("--json", "history").stdout)
     assert history[0]["kind"] == "ers" and history[0]["outcome"] == "succeeded"
     assert history[0]["old_primary"] == old
+    # The writer's command was held through the outage, and the report says so.
+    held = wait_for(
+        "buffer counts in the report",
+        lambda: json.loads(r.baton.ctl("--json", "history").stdout)[0]["held"],
+    )
+    assert held >= 1
     # Exactly one server takes writes, and the writes went there.
     p = server_ports(r.box)
     live = [n for n in p if n != old]
