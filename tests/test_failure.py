@@ -291,6 +291,57 @@ def test_old_primary_without_errant_transactions_rejoins_as_a_replica(running: R
     )
 
 
+def test_primary_cut_off_from_baton_only_is_reported_not_reparented(
+    running: Running, tmp_path: Path
+) -> None:
+    """A blip on Baton's side: Baton reaches the primary through a shim that stops passing
+    anything, while the replicas still stream from it directly. Nobody is promoted."""
+    from tests.faultshim import FaultShim
+
+    r = running
+    r.baton.stop()  # the module's Baton would see nothing wrong; keep the log to one
+    before = status_of_store(r)
+    p = server_ports(r.box)
+    primary = before["primary"]
+    with FaultShim(p[primary]) as shim:
+        servers = [
+            {
+                "name": name,
+                "host": "127.0.0.1",
+                "port": shim.port if name == primary else port,
+                "role": "primary" if name == primary else "replica",
+                "replication_port": port,
+            }
+            for name, port in p.items()
+        ]
+        b = start_baton(
+            r.box.config_path, tmp_path, port_hint() + 85, servers=servers, detector=DETECTOR
+        )
+        try:
+            conn = b.connect()
+            conn.cursor().execute("INSERT INTO failure_t.t (v) VALUES (5)")
+            conn.close()
+            shim.blackhole()
+            wait_for(
+                "the blip reported",
+                lambda: 'reason="primary_unreachable"' in metrics(b),
+                10,
+            )
+            time.sleep(1.0)  # a few more rounds: still no reparent
+            st = status(b)
+            assert (st["primary"], st["term"]) == (primary, 1)
+            assert json.loads(b.ctl("--json", "history").stdout) == []
+            assert one(p[primary], "SELECT @@read_only AS r")["r"] == 0
+            shim.restore()
+            conn = b.connect()
+            conn.cursor().execute("INSERT INTO failure_t.t (v) VALUES (6)")
+            conn.close()
+        finally:
+            b.stop()
+            r.baton = r.start()
+    assert "run_ers" not in b.log.read_text()
+
+
 def test_hung_primary_is_reparented_once_its_replicas_hear_nothing(running: Running) -> None:
     """SIGSTOP: the replicas' IO threads say Yes until slave_net_timeout, but no heartbeat
     comes. Once resumed, the old primary rejoins, or is quarantined if it holds writes (a
@@ -402,3 +453,9 @@ def test_errant_old_primary_is_quarantined_and_never_routed_to(running: Running)
     for name, port in p.items():
         st = one(port, "SHOW SLAVE STATUS")
         assert not st or st["Master_Port"] != p[old], name
+
+
+def status_of_store(r: Running) -> dict[str, Any]:
+    """The shard as the module's store left it (its Baton may be stopped)."""
+    doc = json.loads((r.workdir / "baton-state.json").read_text())
+    return doc["shards"]["main"]["topology"]
