@@ -9,6 +9,7 @@ What it decides:
   rounds, *and* no replica still streams from it (each replica is unreachable, replicates from
   someone else, or its IO thread is not `Yes`: `Connecting` after a crash, `No` after a stop;
   or it has heard nothing, not even a heartbeat, for two heartbeat periods: a hung primary).
+  With no replica reachable there is nobody to promote: that is reported instead.
   A primary that only Baton cannot reach while a replica's IO thread still runs is a blip on
   Baton's side (`Report(PRIMARY_UNREACHABLE)`): promoting another server then would only cost a
   switch, and the replicas are the better witnesses of the primary's health.
@@ -290,6 +291,13 @@ class _Round:
             )
             return
         witnesses = ", ".join(_witness(s, primary.name) for s in replicas) or "no replicas"
+        if not any(s.reachable for s in replicas):
+            # Dead as far as anyone can tell, but there is nobody to promote: an emergency
+            # reparent would only fail, after telling every proxy to hold.
+            self._report(
+                primary.name, Reason.PRIMARY_DEAD, f"{probes}; {witnesses}; nobody to promote"
+            )
+            return
         if self.now < st.cooled_until:
             self._report(
                 primary.name,

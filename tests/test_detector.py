@@ -92,12 +92,18 @@ def test_dead_primary_runs_ers_after_failures_rounds() -> None:
     assert d.busy("main")
 
 
-def test_dead_primary_when_replicas_are_unreachable_or_none() -> None:
+def test_dead_primary_with_nobody_to_promote_is_reported_once() -> None:
     d = Detector(SETTINGS)
     gone = view(DOWN, ServerView("db2", False), ServerView("db3", False))
-    assert isinstance(rounds(d, gone, 3)[-1], RunERS)
+    out = rounds(d, gone, 10)
+    assert [a.reason for a in out] == [Reason.PRIMARY_DEAD] and isinstance(out[0], Report)
+    assert "nobody to promote" in out[0].detail and not d.busy("main")
     alone = ShardView("solo", "db1", 1, (DOWN,))
-    assert isinstance(rounds(Detector(SETTINGS), alone, 3)[-1], RunERS)
+    out = rounds(Detector(SETTINGS), alone, 10)
+    assert [a.reason for a in out] == [Reason.PRIMARY_DEAD] and isinstance(out[0], Report)
+    # One replica reachable again (its IO thread lost the primary too): now reparent.
+    back = view(DOWN, replica("db2", **CONNECTING), ServerView("db3", False))
+    assert isinstance(d.observe(back, 5.0)[0], RunERS)
 
 
 def test_blip_seen_only_by_baton_is_reported_once_not_reparented() -> None:
