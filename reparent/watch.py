@@ -272,10 +272,12 @@ class Watch:
         """One repair under the shard's lock, if the shard is as it was when probed."""
         lease = self.store.lock(shard.name, self.owner, REPAIR_LOCK_TTL)
         if lease is None:
-            return "skipped: a reparent holds the shard"
+            log.info("detector: %s skipped: a reparent holds the shard", action)
+            return "skipped"
         try:
             if self._generation(shard.name) != generation:
-                return "skipped: the topology moved"
+                log.info("detector: %s skipped: the topology moved", action)
+                return "skipped"
             servers = {s.name: s for s in shard.servers}
             server = servers[action.server]
             if isinstance(action, Quarantine | Release):
