@@ -79,6 +79,7 @@ STATE_FILE = "sandbox.json"
 CONFIG_FILE = "baton.toml"
 CONTROL_SOCKET = "baton.sock"
 TEMPLATE_DIR = "template"
+TEMPLATE_TMP = "template-tmp"
 
 
 class SandboxError(Exception):
@@ -118,6 +119,13 @@ class Node:
     @property
     def error_log(self) -> Path:
         return self.home / "error.log"
+
+    @property
+    def tmpdir(self) -> Path:
+        """Its own, not /tmp: servers of other sandboxes (other pid namespaces, other runs)
+        name their temporary tables after their pid, and two of the same pid in one /tmp
+        delete each other's (seen here: a bootstrap failing on `tmp_proxies_priv`)."""
+        return self.home / "tmp"
 
 
 class Sandbox:
@@ -222,6 +230,7 @@ class Sandbox:
             raise SandboxError(f"{name} is running (pid {pids[name]})")
         if read_only is not None:
             node = replace(node, role=Role.REPLICA if read_only else Role.PRIMARY)
+        node.tmpdir.mkdir(exist_ok=True)
         pids[name] = self._launch(node)
         saved["servers"] = [{**s, "pid": pids[s["name"]]} for s in saved["servers"]]
         _atomic_write(self.state_path, json.dumps(saved, indent=2) + "\n")
@@ -325,6 +334,9 @@ class Sandbox:
     def _install_template(self) -> None:
         template = self.dir / TEMPLATE_DIR
         shutil.rmtree(template, ignore_errors=True)
+        tmpdir = self.dir / TEMPLATE_TMP  # see Node.tmpdir
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        tmpdir.mkdir(parents=True)
         result = subprocess.run(
             [
                 _binary("mariadb-install-db"),
@@ -333,18 +345,21 @@ class Sandbox:
                 "--auth-root-authentication-method=socket",
                 "--skip-test-db",
                 f"--datadir={template}",
+                f"--tmpdir={tmpdir}",
                 f"--innodb-log-file-size={INNODB_LOG_FILE_SIZE}",
             ],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
         )
+        shutil.rmtree(tmpdir, ignore_errors=True)
         if result.returncode != 0:
             raise SandboxError(f"mariadb-install-db failed:\n{result.stdout}{result.stderr}")
 
     def _fresh_datadir(self, node: Node) -> None:
         shutil.rmtree(node.home, ignore_errors=True)
         node.home.mkdir(parents=True)
+        node.tmpdir.mkdir()
         shutil.copytree(self.dir / TEMPLATE_DIR, node.datadir, symlinks=True)
 
     def _launch(self, node: Node) -> int:
@@ -361,6 +376,7 @@ class Sandbox:
             f"--user={_os_user()}",
             f"--datadir={node.datadir}",
             f"--socket={node.socket}",
+            f"--tmpdir={node.tmpdir}",
             f"--pid-file={node.pid_file}",
             f"--log-error={node.error_log}",
             f"--port={node.port}",
@@ -550,6 +566,7 @@ class Sandbox:
         for node in nodes:
             shutil.rmtree(node.home, ignore_errors=True)
         shutil.rmtree(self.dir / TEMPLATE_DIR, ignore_errors=True)
+        shutil.rmtree(self.dir / TEMPLATE_TMP, ignore_errors=True)
         # The topology store describes these servers only: a new sandbox starts from its config.
         for path in (self.config_path, self.state_path, self.dir / STORE_FILE):
             path.unlink(missing_ok=True)
