@@ -122,9 +122,10 @@ class Node:
 
     @property
     def tmpdir(self) -> Path:
-        """Its own, not /tmp: servers of other sandboxes (other pid namespaces, other runs)
-        name their temporary tables after their pid, and two of the same pid in one /tmp
-        delete each other's (seen here: a bootstrap failing on `tmp_proxies_priv`)."""
+        """Its own, not the shared /tmp: a bootstrap failed here when its temporary table
+        vanished from /tmp (`Could not remove temporary table '/tmp/#sql-temptable-...'`, then
+        `Unknown table 'mysql.tmp_proxies_priv'`). Servers name them by pid only, so a server
+        of the same pid in another pid namespace, or a cleaner, can take them."""
         return self.home / "tmp"
 
 
