@@ -45,6 +45,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ from matplotlib.figure import Figure
 
 from bench.common import (
     ROOT,
+    Background,
     Stack,
     dump_json,
     exit_on_signals,
@@ -108,6 +111,7 @@ RECOVERED_BUCKETS = 5  # full buckets in a row that make "back to full throughpu
 REFRESH_S = 0.1  # the direct client asks `ctl status` at most this often
 SYSBENCH_GRACE_S = 5  # sysbench is killed this long after its --time
 STRANDED_CHECK_S = 0.5  # Baton's sessions are looked at this long before the load ends
+POLL_S = 0.05  # how often sysbench is checked for an early end while waiting
 SHORT_RATE = 100  # --short skips the capacity run and uses this sysbench rate
 # option: (default, default with --short); a rate of None means half the measured capacity
 DEFAULTS = {"duration": (60, 6), "switches": (10, 1), "rate": (None, SHORT_RATE)}
@@ -116,7 +120,7 @@ ROUTING_TIMEOUT_S = 10.0
 METRICS = ("baton_buffer_held", "baton_buffer_evicted", "baton_errors")
 # sysbench's exit as `timeout -s KILL` passes it on: a signal that ended sysbench (its own
 # crash, or timeout's KILL) ends timeout too, so Popen sees -N.
-EXITS = {0: "ok", -9: "killed at timeout", 124: "killed at timeout", -11: "crashed (SIGSEGV)"}
+EXITS = {0: "ok", -9: "killed at timeout", 124: "killed at timeout", -11: "SIGSEGV"}
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -228,6 +232,74 @@ def wait_routing(stack: Stack, primary: str) -> None:
         time.sleep(0.05)
 
 
+class KeptLoad:
+    """sysbench on one path until `end` (monotonic), started again whenever it ends early.
+
+    Debian's sysbench 1.0.20 crashes on its first reconnect (design.md), which on the paths
+    that drop clients is the first switchover: without a restart those paths would carry the
+    Python client alone for most of the run while the others carry sysbench too, and their
+    numbers would not compare. An application's supervisor would start it again; so does this,
+    after the switch call has returned, to wherever `command_for` points then. Every run is
+    recorded with its exit, so each crash is counted, not hidden.
+    """
+
+    def __init__(self, command_for: Callable[[int], list[str]], end: float) -> None:
+        self.command_for = command_for  # seconds of load -> the sysbench command
+        self.end = end
+        self.runs: list[dict[str, Any]] = []
+        self._current: tuple[AbstractContextManager[Background], Background, float] | None = None
+
+    def __enter__(self) -> KeptLoad:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Kill a run still going (the block was left early) and reap it."""
+        if self._current is not None:
+            self._current[0].__exit__(None, None, None)
+
+    def _start(self) -> None:
+        seconds = int(self.end - time.monotonic())
+        runner = in_background(self.command_for(seconds), seconds + SYSBENCH_GRACE_S)
+        self._current = (runner, runner.__enter__(), time.time())
+
+    def _record(self) -> None:
+        assert self._current is not None
+        runner, load, started = self._current
+        returncode, output = load.wait()
+        runner.__exit__(None, None, None)
+        self._current = None
+        self.runs.append(
+            {
+                "command": shlex.join(load.command),
+                "started": started,
+                "ended": time.time(),
+                "returncode": returncode,
+                "summary": parse_load(output),
+                "output_tail": output[-3000:],
+            }
+        )
+
+    def poll(self) -> None:
+        """Record a run that has ended; start another if a whole second of load is left."""
+        if self._current is not None and self._current[1].proc.poll() is not None:
+            self._record()
+            if self.end - time.monotonic() >= 1:
+                self._start()
+
+    def wait(self) -> None:
+        """Wait for the last run to end (its --time ends with the path) and record it."""
+        if self._current is not None:
+            self._record()
+
+
+def wait_until(deadline: float, load: KeptLoad) -> None:
+    """Sleep until `deadline` (monotonic), keeping the load going meanwhile."""
+    while (left := deadline - time.monotonic()) > 0:
+        load.poll()
+        time.sleep(min(POLL_S, left))
+
+
 def run_path(
     args: argparse.Namespace, stack: Stack, path: str, rate: int, number: int
 ) -> dict[str, Any]:
@@ -242,27 +314,29 @@ def run_path(
     target: Target
     if path == "direct":
         target = PrimaryTarget(socket, ports)
-        load_port = ports[source]
     elif path == "haproxy":
         wait_routing(stack, source)
-        load_port = stack.haproxy.port
         target = FixedTarget(stack.haproxy.port)
     else:
-        load_port = stack.baton.port
         target = FixedTarget(stack.baton.port)
+
+    def command_for(seconds: int) -> list[str]:
+        # Direct: the primary now, looked up as the client does (after a switch has returned).
+        port = ports[current_primary(socket)] if path == "direct" else target.port()
+        return paced_write_command(port, args.threads, seconds, rate, "all")
+
     table = "failover_" + path.replace("-", "_")
     create_probe_table(ports[source], table)
-    command = paced_write_command(load_port, args.threads, args.duration, rate, "all")
     switches: list[dict[str, Any]] = []
     with probing(target, PROBE_WRITERS, PROBE_RATE, table) as probe:
-        with in_background(command, args.duration + SYSBENCH_GRACE_S) as load:
-            started, t0 = time.time(), time.monotonic()
+        started, t0 = time.time(), time.monotonic()
+        with KeptLoad(command_for, t0 + args.duration) as load:
             progress(
                 f"path {number}/{len(PATHS)} {path}: {rate} tps for {args.duration} s, "
                 f"client {PROBE_WRITERS} x {PROBE_RATE}/s"
             )
             for i, at in enumerate(path_switch_times(args), 1):
-                time.sleep(max(0.0, t0 + at - time.monotonic()))
+                wait_until(t0 + at, load)
                 s = switchover(socket, i, source)
                 switches.append(s)
                 report = s["report"]
@@ -278,16 +352,14 @@ def run_path(
                         f"  {path} prs {i} FAILED (rc {s['returncode']}): {s['stderr'][-300:]}"
                     )
                     source = current_primary(socket)
-            # The client measures the whole duration, even if sysbench crashed long before.
-            time.sleep(max(0.0, t0 + args.duration - STRANDED_CHECK_S - time.monotonic()))
+            wait_until(t0 + args.duration - STRANDED_CHECK_S, load)
             stranded = stranded_sessions(socket) if path.startswith("baton") else None
-            time.sleep(max(0.0, t0 + args.duration - time.monotonic()))
+            wait_until(t0 + args.duration, load)
             probe.finish()
-            returncode, output = load.wait()
+            load.wait()
     requests = probe.all_requests()
-    progress(
-        f"  {path} done: sysbench {describe_exit(returncode)}; client {len(requests)} requests"
-    )
+    exits = ", ".join(describe_exit(r["returncode"]) for r in load.runs)
+    progress(f"  {path} done: sysbench {exits}; client {len(requests)} requests")
     held = None
     if path.startswith("baton"):
         held = scrape_metrics(stack.baton.metrics_port, METRICS)
@@ -295,14 +367,7 @@ def run_path(
     return {
         "path": path,
         "label": LABELS[path],
-        "load": {
-            "command": shlex.join(load.command),
-            "port": load_port,
-            "started": started,
-            "returncode": returncode,
-            "summary": parse_load(output),
-            "output_tail": output[-4000:],
-        },
+        "load": {"started": started, "rate": rate, "runs": load.runs},
         "switchovers": switches,
         "stranded_sessions": stranded,
         "probe": {
@@ -396,23 +461,30 @@ def latency_stats(requests: list[Request]) -> dict[str, float | None]:
     }
 
 
-def sysbench_counts(summary: dict[str, Any]) -> dict[str, Any]:
-    """tps, errors and reconnects from the summary, or, when sysbench died before writing one,
-    from its per-second reports (rates over one second each: summed, they are counts)."""
-    intervals = summary["intervals"]
-    last = intervals[-1]["second"] if intervals else 0
-    if summary["errors"] is not None:
-        return {
-            "tps": summary["tps"],
-            "errors": summary["errors"],
-            "reconnects": summary["reconnects"],
-            "last_s": last,
-        }
+def sysbench_totals(runs: list[dict[str, Any]], duration: int) -> dict[str, Any]:
+    """Over a path's sysbench runs: how many and how each ended, errors and reconnects, and the
+    transactions per second it kept up. A run that died before its summary counts by its
+    per-second reports (rates over one second each: summed, they are counts)."""
+    transactions = errors = reconnects = 0.0
+    exits: dict[str, int] = {}
+    for run in runs:
+        summary, intervals = run["summary"], run["summary"]["intervals"]
+        if summary["errors"] is not None:
+            transactions += summary["transactions"]
+            errors += summary["errors"]
+            reconnects += summary["reconnects"]
+        else:
+            transactions += sum(i["tps"] for i in intervals)
+            errors += sum(i["errors"] for i in intervals)
+            reconnects += sum(i["reconnects"] for i in intervals)
+        exit = describe_exit(run["returncode"])
+        exits[exit] = exits.get(exit, 0) + 1
     return {
-        "tps": statistics.mean(i["tps"] for i in intervals) if intervals else None,
-        "errors": round(sum(i["errors"] for i in intervals)),
-        "reconnects": round(sum(i["reconnects"] for i in intervals)),
-        "last_s": last,
+        "runs": len(runs),
+        "exits": exits,
+        "errors": round(errors),
+        "reconnects": round(reconnects),
+        "tps": transactions / duration,
     }
 
 
@@ -468,7 +540,6 @@ def analyse(run: dict[str, Any], duration: int) -> dict[str, Any]:
         ),
         default=None,
     )
-    sb = run["load"]["summary"]
     metrics = run["metrics"] or {}
     errors = {
         f"{m['labels']['code']}/{m['labels']['origin']}": m["value"]
@@ -501,9 +572,11 @@ def analyse(run: dict[str, Any], duration: int) -> dict[str, Any]:
             "back_to_full_p50_ms": quantile(fulls, 0.5),
             "back_to_full_max_ms": max(fulls, default=None),
             "not_back_to_full": sum(r["back_to_full_ms"] is None for r in rows),
-            "sysbench_exit": describe_exit(run["load"]["returncode"]),
-            "sysbench_returncode": run["load"]["returncode"],
-            **{f"sysbench_{k}": v for k, v in sysbench_counts(sb).items()},
+            "sysbench_rate": run["load"]["rate"],
+            **{
+                f"sysbench_{k}": v
+                for k, v in sysbench_totals(run["load"]["runs"], duration).items()
+            },
         },
         "per_switch": rows,
         "buckets": counts,
@@ -532,10 +605,9 @@ def _three(stats: dict[str, float | None]) -> str:
 
 
 def sysbench_cell(s: dict[str, Any]) -> str:
-    cell = f"{s['sysbench_exit']}, {s['sysbench_errors']} err, {s['sysbench_reconnects']} reconn"
-    if s["sysbench_returncode"] != 0:
-        cell += f" (last report at {s['sysbench_last_s']:.0f} s)"
-    return cell
+    exits = ", ".join(f"{n} {exit}" for exit, n in s["sysbench_exits"].items())
+    runs = f"{s['sysbench_runs']} run{'s' if s['sysbench_runs'] > 1 else ''}"
+    return f"{runs}: {exits}; {s['sysbench_errors']} err, {s['sysbench_reconnects']} reconn"
 
 
 def table(summaries: list[dict[str, Any]]) -> str:
@@ -588,7 +660,8 @@ def path_lines(run: dict[str, Any]) -> list[str]:
         f"{s['client_rows_found']}, acknowledged {s['client_rows_acknowledged']}",
         f"- Steady state: {s['steady_rate_per_bucket']:g} successful inserts per 100 ms "
         f"(median), longest gap between two of them {_ms(s['steady_longest_gap_ms'])} ms",
-        f"- sysbench: {sysbench_cell(s)}, {_ms(s['sysbench_tps'])} tps while it ran",
+        f"- sysbench: {sysbench_cell(s)}; {s['sysbench_tps']:.0f} tps over the path "
+        f"(asked: {s['sysbench_rate']})",
     ]
     if s["primary_lookups"] is not None:
         lines.append(f"- `baton ctl --json status` lookups by the client: {s['primary_lookups']}")
@@ -606,9 +679,10 @@ def path_lines(run: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Load:",
+        "Load (its first run; each run that ended early was started again with the time "
+        "left, on the direct path against the primary of that moment):",
         "",
-        f"    {run['load']['command']}",
+        f"    {run['load']['runs'][0]['command']}",
         "",
         switch_table(run["per_switch"]),
         "",
@@ -634,8 +708,10 @@ def report(record: dict[str, Any]) -> str:
         "",
         "- client errors, reconnects: the Python client's failed inserts of all it made, and "
         "its reconnects (it reconnects after every failed request).",
-        "- sysbench: how it exited (under `timeout -s KILL`), and its ignored errors and "
-        "reconnects; after a crash, summed from its per-second reports up to the last one.",
+        "- sysbench: its runs on the path and how they ended (under `timeout -s KILL`): a run "
+        "that ended early (crashed) was started again, with the time left, once the switch "
+        "call had returned, so every path carries the same load; then its ignored errors and "
+        "reconnects over all runs (for a crashed run, summed from its per-second reports).",
         "- held by Baton: `baton_buffer_held_total` at the end of the path (its own Baton); "
         "no Baton is on the direct and HAProxy paths, so 0 there.",
         f"- steady / switch windows: latency of the client's successful inserts outside and "

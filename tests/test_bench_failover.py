@@ -56,7 +56,7 @@ def test_every_path_ran_and_switched(short_run):
         assert s["steady"]["p50_ms"] is not None and s["steady"]["p50_ms"] > 0, name
         assert s["steady_rate_per_bucket"] > 0, name
         assert s["write_pause_max_ms"] is not None and s["write_pause_max_ms"] > 0, name
-        assert s["sysbench_exit"], name
+        assert s["sysbench_runs"] >= 1 and s["sysbench_tps"] > 0, name
         # Every insert the client saw succeed is in its table, on whichever path.
         assert s["client_rows_found"] >= s["client_rows_acknowledged"], name
     assert record["rate"] > 0 and record["machine"]["nproc"]
