@@ -147,6 +147,13 @@ class ProxyContext:
     def term(self) -> int:
         return self.router.store.read(self.config.proxy.shard).value.term
 
+    @property
+    def can_switch(self) -> bool:
+        """Does the shard have a server besides the primary? Without one no new primary can
+        come, so a failed command has nothing to wait for."""
+        shard = next(s for s in self.config.shards if s.name == self.config.proxy.shard)
+        return len(shard.servers) > 1
+
     async def primary_writable(self) -> bool:
         """Does the primary still take a new connection and writes? Asked after a session
         lost its connection: yes means the loss was that connection's alone (a KILL, a
@@ -919,6 +926,7 @@ class ClientConnection(Connection):
         held = (
             not hopeless
             and self._flushing is None
+            and self.ctx.can_switch
             and self._wait(
                 raw,
                 lambda: self.ctx.holder.hold_failed(self, self.connection_id, self._shard, term),

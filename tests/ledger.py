@@ -45,6 +45,10 @@ class Ledger:
             t.start()
         return self
 
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acked)
+
     def halt(self) -> None:
         """Each writer ends after its current command (which Baton may hold until the next
         primary is established: hence halt, reparent, then join)."""
@@ -115,12 +119,17 @@ def kill_primary_then_ers(
     durability: str,
     load_seconds: float = 1.0,
     writers: int = 4,
+    min_acked: int = 0,
 ) -> Outcome:
-    """Write for `load_seconds`, kill -9 `primary` mid-load, let the writers fail for a moment,
-    halt them, run `baton ctl ers`, and compare the ledger with the new primary's rows
-    (`read_ids(server name)`)."""
+    """Write for `load_seconds` and until `min_acked` writes were acknowledged (a loaded
+    machine may start the writers late), kill -9 `primary` mid-load, let the writers fail for
+    a moment, halt them, run `baton ctl ers`, and compare the ledger with the new primary's
+    rows (`read_ids(server name)`)."""
     ledger = Ledger(connect, writers).start()
     time.sleep(load_seconds)
+    deadline = time.monotonic() + 20
+    while ledger.count() < min_acked and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.kill(pids[primary], signal.SIGKILL)
     time.sleep(0.2)
     ledger.halt()
