@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test lint bench-steady bench-hold bench-failover clean
+.PHONY: setup system-packages demo test fault-test lint bench-steady bench-hold bench-failover clean
 
 setup: system-packages $(STAMP)
 
@@ -32,6 +32,12 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The whole fault suite: every crash point of PRS and ERS, every fault test (make test runs a
+# short version of it).
+fault-test: setup lint
+	BATON_FAULT_SUITE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py \
+	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py
 
 demo: setup
 	$(PY) -m proxy.demo

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
-from reparent import durability, metrics
+from reparent import durability, failpoint, metrics
 from reparent.admin import AdminPool
 from reparent.config import Config, ServerConfig
 from reparent.mechanism import (
@@ -176,12 +176,14 @@ class Controller:
             assert action.call is not None
             started = self.clock()
             t0 = time.perf_counter()
+            failpoint.hit("before", action.call)
             try:
                 result = await asyncio.to_thread(self._call, action.call, orch, timeout)
             except MechanismError as e:
                 result, error = None, e
             else:
                 error = None
+            failpoint.hit("after", action.call)
             timing = PhaseTiming(
                 record.step, started, (time.perf_counter() - t0) * 1000, str(action.call)
             )

@@ -52,4 +52,15 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         box.down()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs the short fault suite; `make fault-test` sets BATON_FAULT_SUITE=1 and
+    runs the tests marked `fault` too."""
+    if os.environ.get("BATON_FAULT_SUITE") == "1":
+        return
+    skip = pytest.mark.skip(reason="long fault suite: make fault-test")
+    for item in items:
+        if "fault" in item.keywords:
+            item.add_marker(skip)
+
+
 pytest_plugins = ("tests.fixtures",)

@@ -108,6 +108,7 @@ def start_baton(
     controller: dict[str, Any] | None = None,
     detector: dict[str, Any] | None = None,
     buffer: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
     data = tomllib.loads(config_path.read_text())
@@ -133,6 +134,7 @@ def start_baton(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env={**os.environ, **env} if env else None,
         )
     deadline = time.monotonic() + 20
     while True:
