@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -115,71 +116,77 @@ def crash_then_resume(
     store = box.dir / "crash-state.json"  # the sandbox's one truth across its cases
     common = {"controller": {**CONTROLLER, "store": str(store)}, "detector": {"enabled": False}}
     first = start_baton(box.config_path, workdir / "crash", hint, env={ENV: point}, **common)
-    port = {"now": first.port}
-    setup = first.connect()
-    create_table(setup)
-    setup.cursor().execute(f"TRUNCATE {TABLE}")  # each case's writers start their ids anew
-    setup.close()
-    before = status(first)
-
-    def connect() -> pymysql.Connection:
-        return pymysql.connect(
-            host="127.0.0.1",
-            port=port["now"],
-            user="app",
-            password="app-pass",
-            autocommit=True,
-            connect_timeout=2,
-            read_timeout=30,
-        )
-
-    ledger = Ledger(connect, writers=2).start()
-    time.sleep(0.3)
-    if kind == "ers":
-        # Replicas have what the dead primary acknowledged before it died: no errant rejoin.
-        pid = next(s["pid"] for s in box.status()["servers"] if s["name"] == before["primary"])
-        os.kill(pid, signal.SIGKILL)
-    first.ctl("--json", kind)  # the controller dies under it: the reply is cut off
+    ledger: Ledger | None = None
     try:
-        code = first.proc.wait(30)
-    except Exception:
-        first.stop()
-        raise AssertionError(f"{point}: the failpoint was never reached")
-    crashed_at = time.monotonic()
-    assert code == EXIT_CODE, (code, first.log.read_text()[-2000:])
-    second = start_baton(box.config_path, workdir / "resume", hint + 5, **common)
-    port["now"] = second.port
-    try:
-        deadline = time.monotonic() + 30
-        while (after := status(second))["reparent"] is not None:
-            assert time.monotonic() < deadline, after
-            time.sleep(0.05)
-        flowing = None
-        acked = ledger.count()
-        while time.monotonic() < deadline:
-            if ledger.count() > acked:
-                flowing = time.monotonic() - crashed_at
-                break
-            time.sleep(0.01)
-        ledger.halt()
-        ledger.join()
-        conn = second.connect()
-        with conn.cursor() as cur:
-            cur.execute("SELECT @@port")
-            routed_port = cur.fetchone()[0]
-        conn.close()
-        history = json.loads(second.ctl("--json", "history", "--limit", "1").stdout)
-        return {
-            "before": before,
-            "after": after,
-            "ledger": ledger,
-            "routed_port": routed_port,
-            "flowing_s": flowing,
-            "last": history[0] if history else None,
-            "log": (workdir / "resume" / "baton.log").read_text()[-3000:],
-        }
+        port = {"now": first.port}
+        setup = first.connect()
+        create_table(setup)
+        setup.cursor().execute(f"TRUNCATE {TABLE}")  # each case's writers start their ids anew
+        setup.close()
+        before = status(first)
+
+        def connect() -> pymysql.Connection:
+            return pymysql.connect(
+                host="127.0.0.1",
+                port=port["now"],
+                user="app",
+                password="app-pass",
+                autocommit=True,
+                connect_timeout=2,
+                read_timeout=30,
+            )
+
+        ledger = Ledger(connect, writers=2).start()
+        time.sleep(0.3)
+        if kind == "ers":
+            # Replicas have what the dead primary acknowledged before it died: no errant rejoin.
+            pid = next(s["pid"] for s in box.status()["servers"] if s["name"] == before["primary"])
+            os.kill(pid, signal.SIGKILL)
+        first.ctl("--json", kind)  # the controller dies under it: the reply is cut off
+        try:
+            code = first.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{point}: the failpoint was never reached")
+        crashed_at = time.monotonic()
+        assert code == EXIT_CODE, (code, first.log.read_text()[-2000:])
+        second = start_baton(box.config_path, workdir / "resume", hint + 5, **common)
+        port["now"] = second.port
+        try:
+            deadline = time.monotonic() + 30
+            while (after := status(second))["reparent"] is not None:
+                assert time.monotonic() < deadline, after
+                time.sleep(0.05)
+            flowing = None
+            acked = ledger.count()
+            while time.monotonic() < deadline:
+                if ledger.count() > acked:
+                    flowing = time.monotonic() - crashed_at
+                    break
+                time.sleep(0.01)
+            ledger.halt()
+            ledger.join()
+            conn = second.connect()
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@port")
+                routed_port = cur.fetchone()[0]
+            conn.close()
+            history = json.loads(second.ctl("--json", "history", "--limit", "1").stdout)
+            return {
+                "before": before,
+                "after": after,
+                "ledger": ledger,
+                "routed_port": routed_port,
+                "flowing_s": flowing,
+                "last": history[0] if history else None,
+                "log": (workdir / "resume" / "baton.log").read_text()[-3000:],
+            }
+        finally:
+            second.stop()
     finally:
-        second.stop()
+        first.stop()  # nothing to do when the failpoint ended it
+        if ledger is not None:
+            ledger.halt()
+            ledger.join()
 
 
 def check(box: Sandbox, result: dict[str, Any], kind: str, point: str) -> None:
