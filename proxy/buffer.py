@@ -66,6 +66,7 @@ class StopReason(enum.StrEnum):
     MAX_DURATION = "max_duration"
     SHUTDOWN = "shutdown"
     EMPTIED = "emptied"  # SUSPECT: every failed command held has been evicted
+    RECOVERED = "recovered"  # SUSPECT: the primary takes writes again, no reparent needed
 
 
 class EvictReason(enum.StrEnum):
@@ -191,6 +192,8 @@ class Counters:
 
 # States in which entries wait for a primary to be published, under a deadline.
 _HOLDING = frozenset({BufferState.SUSPECT, BufferState.BUFFERING})
+# Stops after which a primary is known to take writes: what waits is flushed to it.
+_FLUSHING_STOPS = frozenset({StopReason.ESTABLISHED, StopReason.ABORTED, StopReason.RECOVERED})
 
 
 @dataclass(eq=False)
@@ -329,6 +332,16 @@ class Buffer:
             out += self._stop(sh, StopReason.ABORTED, now)
         return out + self._settle()
 
+    def recovered(self, shard: str, now: float) -> list[Action]:
+        """The primary the failed commands failed on takes writes again (its read_only was
+        lifted, it came back): they go back to it. Only while SUSPECT: once a reparent is
+        announced, the reparent decides where they go."""
+        out = self._advance(now)
+        sh = self._shards.get(shard)
+        if sh is not None and sh.state is BufferState.SUSPECT:
+            out += self._stop(sh, StopReason.RECOVERED, now)
+        return out + self._settle()
+
     def shutdown(self, now: float) -> list[Action]:
         """Fail everything still waiting, so no client hangs on a closing proxy. Entries already
         flushing finish and are reported with `flushed` as usual."""
@@ -448,7 +461,7 @@ class Buffer:
         self.counters.stops_by_reason[reason] += 1
         self._dirty[sh.name] = None
         out: list[Action] = [Stopped(sh.name, reason)]
-        if reason is StopReason.ESTABLISHED or reason is StopReason.ABORTED:
+        if reason in _FLUSHING_STOPS:
             sh.to_new = reason is StopReason.ESTABLISHED
         else:
             # No primary is known to be safe: nothing waiting may be flushed. (MAX_DURATION and

@@ -141,6 +141,9 @@ class ProxyContext:
     epoch: int = 0
     _probe: asyncio.Future[bool] | None = None
 
+    def __post_init__(self) -> None:
+        self.holder.probe = lambda shard: self.primary_writable()
+
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
 

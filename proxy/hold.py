@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,6 +29,7 @@ from proxy.buffer import (
     Flush,
     Skipped,
     Started,
+    StartReason,
     Stopped,
 )
 from reparent.config import BufferSettings
@@ -36,6 +37,7 @@ from reparent.config import BufferSettings
 log = logging.getLogger(__name__)
 
 EPISODES_KEPT = 100  # finished episodes remembered for reports
+RECOVERY_PROBE = 0.5  # seconds between checks that a suspect shard's primary is back
 
 
 class HeldSession(Protocol):
@@ -76,6 +78,10 @@ class Holder(Collector):
         # The counts of each finished episode by (shard, term), for the reparent's report.
         self.episodes: dict[tuple[str, int], Finished] = {}
         self._episode_waiters: dict[tuple[str, int], asyncio.Event] = {}
+        # Does the shard's primary take writes? Asked while failed commands wait (SUSPECT), so
+        # that a primary which recovers by itself (read_only lifted, restarted) gets them back.
+        self.probe: Callable[[str], Awaitable[bool]] | None = None
+        self._watches: dict[str, asyncio.Task[None]] = {}
 
     # -- topology events (on the loop) ---------------------------------------------------------
 
@@ -159,6 +165,8 @@ class Holder(Collector):
                 why = EVICTION_MESSAGES[action.reason].format(**vars(self.config))
                 session.evict_held(action.entry, action.reason, why)
             elif isinstance(action, Started):
+                if action.reason is StartReason.FAILURE:
+                    self._watch(action.shard)
                 log.info(
                     "shard %s: holding commands for term %d (%s)",
                     action.shard,
@@ -179,6 +187,23 @@ class Holder(Collector):
                 log.info("shard %s: not holding (%s)", action.shard, action.reason)
         self.active = any(self.buffer.buffering(shard) for shard in self._shards)
         self._schedule()
+
+    def _watch(self, shard: str) -> None:
+        if self.probe is not None and shard not in self._watches:
+            self._watches[shard] = asyncio.get_running_loop().create_task(self._recovery(shard))
+
+    async def _recovery(self, shard: str) -> None:
+        """While failed commands wait and no reparent was announced, see whether the primary
+        takes writes again by itself."""
+        assert self.probe is not None
+        try:
+            while self.buffer.state(shard) is BufferState.SUSPECT:
+                await asyncio.sleep(RECOVERY_PROBE)
+                if self.buffer.state(shard) is BufferState.SUSPECT and await self.probe(shard):
+                    log.info("shard %s: the primary takes writes again", shard)
+                    self._apply(self.buffer.recovered(shard, self._now()))
+        finally:
+            self._watches.pop(shard, None)
 
     def _schedule(self) -> None:
         if self._timer is not None:

@@ -650,6 +650,21 @@ def test_failed_commands_are_not_held_while_draining_nor_in_dry_run():
     assert buf3.established("s1", 2, 0.2)[1:] == [Flush(1, "s1", True)]
 
 
+def test_failed_commands_go_back_to_a_primary_that_recovered_without_a_reparent():
+    buf = make()
+    buf.hold_failed(1, 1, "s1", 1, 0.0)
+    assert buf.recovered("s1", 0.5) == [
+        Stopped("s1", StopReason.RECOVERED),
+        Flush(1, "s1", False),
+    ]
+    buf.flushed(1, 0.6)
+    assert buf.state("s1") is IDLE
+    # While a reparent runs, the reparent decides: recovered changes nothing.
+    started(buf, term=2, now=1.0)
+    buf.hold(2, 2, "s1", 1.1)
+    assert buf.recovered("s1", 1.2) == [] and buf.buffering("s1")
+
+
 def test_every_episode_reports_its_counts_once_it_is_idle():
     buf = make(size=2)
     started(buf)
@@ -698,7 +713,11 @@ class Shell:
                 session, shard, _ = self.waiting.pop(a.entry)
                 assert a.shard == shard
                 assert all(s != session for s, _ in self.flushing.values()), "session overlap"
-                assert self.last_stop[shard] in (StopReason.ESTABLISHED, StopReason.ABORTED)
+                assert self.last_stop[shard] in (
+                    StopReason.ESTABLISHED,
+                    StopReason.ABORTED,
+                    StopReason.RECOVERED,
+                )
                 assert a.to_new == (self.last_stop[shard] is StopReason.ESTABLISHED)
                 self.flushing[a.entry] = (session, shard)
                 self.flush_order.setdefault(session, []).append(a.entry)
@@ -771,8 +790,10 @@ class Shell:
             self.apply(buf.reparent_started(shard, self.terms[shard], self.now))
         elif roll < 0.14:
             self.apply(buf.established(shard, self.terms[shard] - (rng.random() < 0.2), self.now))
-        elif roll < 0.18:
+        elif roll < 0.16:
             self.apply(buf.aborted(shard, self.now))
+        elif roll < 0.18:
+            self.apply(buf.recovered(shard, self.now))
         elif roll < 0.50:
             entry = self.next_entry
             self.next_entry += 1

@@ -147,6 +147,26 @@ def test_read_only_with_no_switch_gives_the_servers_own_error_after_the_window(b
     conn.close()
 
 
+def test_a_write_refused_as_read_only_runs_once_the_primary_takes_writes_again(box, ubaton):
+    """read_only lifted with no reparent (an operator, or the detector's repair): the waiting
+    insert goes back to the same primary, which never ran it."""
+    current = primary(ubaton)
+    port = server_ports(box)[current]
+    conn = ubaton.connect()
+    admin_query(port, "SET GLOBAL read_only = 1")
+    try:
+        t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (4)")
+        time.sleep(1.0)
+        assert t.is_alive(), f"not held: {out}"
+    finally:
+        admin_query(port, "SET GLOBAL read_only = 0")
+    t.join(WINDOW)
+    assert out.error is None and not t.is_alive(), out
+    assert out.elapsed < WINDOW, out.elapsed
+    assert count(box, current, 4) == 1
+    conn.close()
+
+
 def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
     """A KILL of one backend connection is that session's failure, not the primary's: the
     client hears of it at once instead of waiting for a switch that is not coming."""
