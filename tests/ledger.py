@@ -28,12 +28,16 @@ ID_STRIDE = 10_000_000  # writer w writes ids (w + 1) * ID_STRIDE + 1, + 2, ...
 
 class Ledger:
     """`writers` threads inserting through `connect()` until `stop()`; `acked` holds the ids
-    whose COMMIT was acknowledged."""
+    whose COMMIT was acknowledged, `acks` when each of them was sent and when its OK arrived,
+    and `error_log` when each error arrived, with its text (time.monotonic(), every writer's
+    in one list)."""
 
     def __init__(self, connect: Callable[[], pymysql.Connection], writers: int = 4) -> None:
         self.connect = connect
         self.acked: set[int] = set()
         self.errors = 0
+        self.acks: list[tuple[float, float]] = []  # (sent, acknowledged)
+        self.error_log: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -66,18 +70,22 @@ class Ledger:
             try:
                 if conn is None:
                     conn = self.connect()
+                sent_at = time.monotonic()
                 with conn.cursor() as cur:
                     cur.execute(f"INSERT INTO {TABLE} (id) VALUES (%s)", (next_id,))
-            except pymysql.err.Error:
+            except pymysql.err.Error as e:
                 with self._lock:
                     self.errors += 1
+                    self.error_log.append((time.monotonic(), str(e)[:200]))
                 if conn is not None:
                     conn.close()
                 conn = None
                 time.sleep(0.01)
                 continue
+            acked_at = time.monotonic()
             with self._lock:
                 self.acked.add(next_id)
+                self.acks.append((sent_at, acked_at))
         if conn is not None:
             conn.close()
 
