@@ -56,6 +56,20 @@ _TEMP_CREATE = re.compile(
 _TABLE_DROP = re.compile(rb"(?is)^\s*drop\s+(?:temporary\s+)?tables?\s+(?:if\s+exists\s+)?(.*)")
 _XA_START = re.compile(rb"(?is)^\s*xa\s+(?:start|begin)\b")
 UNKNOWN_LOCK = "?"  # GET_LOCK of an expression: which lock is not known
+# Statements that only read, so that running one twice is harmless.
+_READS = re.compile(rb"(?is)\s*(?:\(\s*)*(?:select|show|describe|desc|help|values)\b")
+
+
+def reads_only(sql: bytes, start: int = 0) -> bool:
+    """Does this statement only read? A text with `;` before its end may hold several
+    statements and counts as a write. (A SELECT that calls a stored function which writes is
+    taken for a read: the server's reports do not say.)"""
+    if _READS.match(sql, start) is None:
+        return False
+    end = len(sql)
+    while end > start and sql[end - 1] in b" \t\r\n;":
+        end -= 1
+    return sql.find(b";", start, end) < 0
 
 
 # One round trip reads back what tracking does not report: user variables (with their types, to
