@@ -259,7 +259,9 @@ class KeptLoad:
             self._current[0].__exit__(None, None, None)
 
     def _start(self) -> None:
-        seconds = int(self.end - time.monotonic())
+        # Rounded: the first run is started a moment after the path's clock, and must still
+        # ask sysbench for the whole --duration.
+        seconds = max(1, round(self.end - time.monotonic()))
         runner = in_background(self.command_for(seconds), seconds + SYSBENCH_GRACE_S)
         self._current = (runner, runner.__enter__(), time.time())
 
@@ -683,8 +685,8 @@ def path_lines(run: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Load (its first run; each run that ended early was started again with the time "
-        "left, on the direct path against the primary of that moment):",
+        "Load (its first run; a run that ended early was started again with the time left, "
+        + ("against the primary of that moment):" if run["path"] == "direct" else "the same way):"),
         "",
         f"    {run['load']['runs'][0]['command']}",
         "",
