@@ -423,6 +423,9 @@ class ClientConnection(Connection):
     # -- backend -------------------------------------------------------------------------------
 
     async def _connect_backend(self) -> BackendConnection:
+        # The epoch of the primary chosen now: a switch published while this connects makes
+        # the new connection stale at once, and the next command moves it again.
+        epoch = self.ctx.epoch
         server = self.ctx.primary()
         label = server.name
         cfg = self.ctx.config
@@ -454,7 +457,7 @@ class ClientConnection(Connection):
         self.backend_server = server
         if self._client_slow:
             backend.pause_reading(True)
-        self._epoch = self.ctx.epoch
+        self._epoch = epoch
         self.state.backend = f"{server.name} ({server.host}:{server.port})"
         return backend
 
