@@ -76,6 +76,15 @@ DETECTOR_FAMILIES = (
 DECIDED = re.compile(r"^(\S+ \S+) WARNING \S+: detector: decided run_ers (.*)$", re.M)
 
 
+# What the errors clients see around a kill mean, for the results page.
+ERROR_MEANINGS = {
+    "2013": "2013 is a write in flight at the kill, one per writer: it may have committed (its"
+    " commit may even be on the new primary already), so Baton does not run it again and the"
+    " client is told it may or may not have run (README, *Hold and flush*). The ledger does"
+    " not count it as acknowledged.",
+}
+
+
 def server_base(start: int, count: int) -> int:
     """The first block of `count` free ports from `start` in steps of 10 (up to 90 above),
     so someone else's listener does not fail the run."""
@@ -391,11 +400,10 @@ def auto_notes(record: dict[str, Any]) -> list[str]:
         lines.append(
             "- Client errors around the kill, by MySQL error code: "
             + ", ".join(f"{code} x{n}" for code, n in sorted(errors.items()))
-            + " (texts in the JSON). 1062 (duplicate key) is a commit in flight at the kill"
-            " that a replica had received but whose OK died with the primary: Baton ran the"
-            " statement again on the new primary (README, *Limits*), where the row already"
-            " was. The row is there once and it was not acknowledged, so the ledger does not"
-            " count it; a statement without a unique key would have run twice."
+            + " (texts in the JSON)."
+            + "".join(
+                f" {ERROR_MEANINGS[code]}" for code in sorted(errors) if code in ERROR_MEANINGS
+            )
         )
     return lines
 
