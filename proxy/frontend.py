@@ -166,25 +166,30 @@ class ProxyContext:
             self._probe = asyncio.ensure_future(self._probe_primary())
         return await asyncio.shield(self._probe)
 
-    async def _probe_primary(self) -> bool:
-        server = self.primary()
+    async def connect(
+        self, server: ServerConfig, client_caps: int, collation: int, schema: str | None
+    ) -> BackendConnection:
+        """A backend connection to `server` as Baton's backend account."""
         cfg = self.config
+        return await BackendConnection.connect(
+            server.host,
+            server.port,
+            cfg.backend.user,
+            cfg.backend.password,
+            client_caps,
+            collation,
+            schema,
+            cfg.proxy.backend_connect_timeout,
+        )
+
+    async def _probe_primary(self) -> bool:
         try:
-            backend = await BackendConnection.connect(
-                server.host,
-                server.port,
-                cfg.backend.user,
-                cfg.backend.password,
-                0,
-                self.identity.collation,
-                None,
-                cfg.proxy.backend_connect_timeout,
-            )
+            backend = await self.connect(self.primary(), 0, self.identity.collation, None)
         except BackendError:
             return False
         try:
             rows = await asyncio.wait_for(
-                backend.query("SELECT @@read_only"), cfg.proxy.backend_connect_timeout
+                backend.query("SELECT @@read_only"), self.config.proxy.backend_connect_timeout
             )
             return rows[0][0] == b"0"
         except (BackendError, TimeoutError):
@@ -428,18 +433,10 @@ class ClientConnection(Connection):
         epoch = self.ctx.epoch
         server = self.ctx.primary()
         label = server.name
-        cfg = self.ctx.config
         moving = self._connected_before
         try:
-            backend = await BackendConnection.connect(
-                server.host,
-                server.port,
-                cfg.backend.user,
-                cfg.backend.password,
-                self.client_caps,
-                self.state.collation,
-                self.state.schema,
-                cfg.proxy.backend_connect_timeout,
+            backend = await self.ctx.connect(
+                server, self.client_caps, self.state.collation, self.state.schema
             )
             await self._restore(backend)
         except BackendError:
@@ -590,6 +587,10 @@ class ClientConnection(Connection):
         reader._buffer.clear()  # type: ignore[attr-defined]
         self._transport.set_protocol(_ClientProtocol(self))
         self._transport.set_write_buffer_limits(high=HIGH_WATER)
+        # A client that sent more than the stream reader's limit right after login (while the
+        # backend connected) got its socket paused by the reader, which nobody reads any more:
+        # reading resumes here, and the relay's own back-pressure takes over.
+        self._transport.resume_reading()
         if leftover:
             self.on_client_data(leftover)
         try:

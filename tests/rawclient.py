@@ -46,7 +46,10 @@ class RawClient:
         database: str | None = None,
         caps: int = DEFAULT_CAPS,
         login: bool = True,
+        pipelined: bytes = b"",
     ) -> None:
+        """Connect and log in; `pipelined` bytes go out right behind the login, before its
+        reply is read, as a client that pipelines its first commands sends them."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.caps = caps
         self.buf = b""
@@ -60,6 +63,8 @@ class RawClient:
                 ),
                 seq=1,
             )
+            if pipelined:
+                self.sock.sendall(pipelined)
             _, self.login_reply = self.read_packet()
 
     @property

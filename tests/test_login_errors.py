@@ -202,6 +202,18 @@ def test_client_paused_mid_command_is_resumed(baton: Baton) -> None:
     c.close()
 
 
+def test_commands_pipelined_behind_the_login_are_all_answered(baton: Baton) -> None:
+    """3 MiB sent right behind the login arrive while Baton still connects the backend: the
+    login's stream reader pauses the socket at its limit, and the relay must resume it."""
+    big = b"\x03SELECT LENGTH('" + b"z" * (3 << 20) + b"')"
+    c = RawClient(baton.port, pipelined=frame(b"\x03SELECT 1", 0) + frame(big, 0))
+    assert c.logged_in
+    first, second = c.response(Command.QUERY), c.response(Command.QUERY)
+    assert b"\x011" in first  # the row "1"
+    assert str(3 << 20).encode() in second
+    c.close()
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
