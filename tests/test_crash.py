@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ import pytest
 from reparent.failpoint import ENV, EXIT_CODE
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
+    Background,
     Baton,
     admin_conn,
     admin_query,
@@ -64,27 +64,18 @@ def points(kind: str, calls: tuple[str, ...]) -> list[Any]:
     ]
 
 
-class WritablePoller:
+class WritablePoller(Background):
     """Polls @@read_only on every server every few ms; remembers any moment two were
     writable at once."""
 
     def __init__(self, ports: dict[str, int]) -> None:
+        super().__init__()
         self.ports = ports
         self.overlaps: list[list[str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> WritablePoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         conns: dict[str, pymysql.Connection | None] = dict.fromkeys(self.ports)
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             writable = []
             for name, port in self.ports.items():
                 try:
@@ -98,7 +89,7 @@ class WritablePoller:
                     conns[name] = None  # down, or killed: not writable
             if len(writable) > 1:
                 self.overlaps.append(writable)
-            self._stop.wait(0.005)
+            self.stopping.wait(0.005)
         for conn in conns.values():
             if conn is not None:
                 conn.close()

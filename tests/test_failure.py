@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import pytest
 from reparent import gtid
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
+    Background,
     Baton,
     admin_conn,
     admin_query,
@@ -144,28 +144,19 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no {name}{{{want}}} in metrics")
 
 
-class Writer:
+class Writer(Background):
     """One client inserting through Baton as fast as it is answered, with a ledger: the time
     of every acknowledged insert and every error."""
 
     def __init__(self, b: Baton) -> None:
+        super().__init__()
         self.b = b
         self.acks: list[float] = []
         self.errors: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
 
-    def __enter__(self) -> Writer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(20)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         conn = None
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 if conn is None:
                     conn = self.b.connect(connect_timeout=2, read_timeout=10)
