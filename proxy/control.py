@@ -137,10 +137,10 @@ class ControlServer:
                 }
             ),
         )
-        await self._add_buffer_counts(report)
+        await self.add_buffer_counts(report)
         return report.to_dict()
 
-    async def _add_buffer_counts(self, report: ReparentRecord) -> None:
+    async def add_buffer_counts(self, report: ReparentRecord) -> None:
         """What this proxy held for the reparent goes into its report, here and in the
         history. The drain ends moments after the reparent; it is waited for up to a window."""
         holder = self.ctx.holder

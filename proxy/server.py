@@ -85,7 +85,7 @@ async def run(config: Config) -> None:
     watch = None
     if config.detector.enabled:
         # Its reparents' reports get this proxy's buffer counts, as `ctl ers` ones do.
-        watch = Watch(config, store, controller, reported=control._add_buffer_counts)
+        watch = Watch(config, store, controller, reported=control.add_buffer_counts)
     if watch is not None:
         watch.start()
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
