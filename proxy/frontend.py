@@ -88,18 +88,8 @@ _STMT_COMMANDS = frozenset(
 
 # Commands that may wait for the next primary after failing on this one: they carry everything
 # needed to send them again (a cursor's FETCH does not: its cursor died with the connection).
-_RETRYABLE = frozenset(
-    {
-        Command.QUERY,
-        Command.INIT_DB,
-        Command.PING,
-        Command.FIELD_LIST,
-        Command.SET_OPTION,
-        Command.STATISTICS,
-        Command.STMT_PREPARE,
-        Command.STMT_EXECUTE,
-    }
-)
+# The relayed ones but COM_DEBUG, which has the server write to its log, plus PREPARE/EXECUTE.
+_RETRYABLE = (_RELAYED - {Command.DEBUG}) | {Command.STMT_PREPARE, Command.STMT_EXECUTE}
 
 
 _UNMOVABLE_LABELS = {

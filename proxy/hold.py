@@ -10,8 +10,9 @@ with an error saying it never ran).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -106,13 +107,9 @@ class Holder(Collector):
 
     def hold(self, session: HeldSession, session_id: int, shard: str) -> int:
         """Hold a session's next command; the buffer may answer at once (evict, or flush)."""
-        entry = self._next_entry
-        self._next_entry += 1
-        self._sessions[entry] = session
-        now = self._now()
-        self._held_at[entry] = now
-        self._apply(self.buffer.hold(entry, session_id, shard, now))
-        return entry
+        return self._enter(
+            session, lambda entry, now: self.buffer.hold(entry, session_id, shard, now)
+        )
 
     def hold_failed(
         self, session: HeldSession, session_id: int, shard: str, term: int
@@ -121,13 +118,21 @@ class Holder(Collector):
         published; None when it cannot wait (disabled, dry run, or a drain is under way)."""
         if not self.settings.enabled or not self.buffer.can_hold_failed(shard):
             return None
+        self._shards.add(shard)
+        return self._enter(
+            session,
+            lambda entry, now: self.buffer.hold_failed(entry, session_id, shard, term, now),
+        )
+
+    def _enter(self, session: HeldSession, decide: Callable[[int, float], list[Action]]) -> int:
+        """A new entry for `session`, registered before the buffer decides on it: the buffer
+        may flush or evict it within `decide`."""
         entry = self._next_entry
         self._next_entry += 1
         self._sessions[entry] = session
         now = self._now()
         self._held_at[entry] = now
-        self._shards.add(shard)
-        self._apply(self.buffer.hold_failed(entry, session_id, shard, term, now))
+        self._apply(decide(entry, now))
         return entry
 
     async def episode(self, shard: str, term: int, timeout: float) -> Finished | None:
@@ -228,24 +233,18 @@ class Holder(Collector):
         flushed = CounterMetricFamily("baton_buffer_flushed", "Held commands run after a switch")
         flushed.add_metric([], c.flushed)
         yield flushed
-        evicted = CounterMetricFamily(
-            "baton_buffer_evicted", "Held commands failed without running", labels=["reason"]
+        yield _by_reason(
+            "baton_buffer_evicted", "Held commands failed without running", c.evicted_by_reason
         )
-        for reason, n in c.evicted_by_reason.items():
-            evicted.add_metric([str(reason)], n)
-        yield evicted
-        stops = CounterMetricFamily(
-            "baton_buffer_stops", "Times holding stopped, by reason", labels=["reason"]
-        )
-        for reason, n in c.stops_by_reason.items():
-            stops.add_metric([str(reason)], n)
-        yield stops
-        starts = CounterMetricFamily(
-            "baton_buffer_starts", "Times holding started, by reason", labels=["reason"]
-        )
-        for start_reason, n in c.starts_by_reason.items():
-            starts.add_metric([str(start_reason)], n)
-        yield starts
+        yield _by_reason("baton_buffer_stops", "Times holding stopped", c.stops_by_reason)
+        yield _by_reason("baton_buffer_starts", "Times holding started", c.starts_by_reason)
         used = GaugeMetricFamily("baton_buffer_utilization", "Share of buffer slots in use")
         used.add_metric([], self.buffer.slots_used() / self.config.size)
         yield used
+
+
+def _by_reason(name: str, documentation: str, counts: Mapping[enum.StrEnum, int]) -> Metric:
+    family = CounterMetricFamily(name, f"{documentation}, by reason", labels=["reason"])
+    for reason, n in counts.items():
+        family.add_metric([str(reason)], n)
+    return family
