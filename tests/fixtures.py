@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,12 @@ class Baton:
             cwd=ROOT,
         )
 
+    def scrape(self) -> str:
+        """Baton's Prometheus page."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as page:
+            return page.read().decode()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -98,6 +105,16 @@ class Baton:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sample of `name` whose labels include `labels`, from a scraped page."""
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            return float(m.group(2))
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    raise AssertionError(f"no {name}{{{want}}} in metrics")
 
 
 class Background:

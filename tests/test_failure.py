@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tests.fixtures import (
     Baton,
     admin_conn,
     admin_query,
+    metric,
     port_hint,
     private_sandbox,
     server_ports,
@@ -130,20 +130,6 @@ def replicates_from(box: Sandbox, replica: str, primary: str) -> bool:
     )
 
 
-def metrics(b: Baton) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics") as m:
-        return m.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-            return float(m.group(2))
-    raise AssertionError(f"no {name}{{{want}}} in metrics")
-
-
 class Writer(Background):
     """One client inserting through Baton as fast as it is answered, with a ledger: the time
     of every acknowledged insert and every error."""
@@ -209,7 +195,7 @@ def test_kill_9_of_the_primary_under_load_is_an_automatic_reparent(running: Runn
         time.sleep(0.3)
     after = wait_new_primary(r, old, before["term"])
     print(f"\nkill -9 to the first write through Baton: {elapsed:.3f} s, {len(w.errors)} errors")
-    text = metrics(r.baton)
+    text = r.baton.scrape()
     detection = metric(text, "baton_detector_detection_seconds", shard="main")
     print(f"detection (first failed probe to the decision): {detection:.3f} s")
     assert elapsed < GOAL, (elapsed, w.errors[-5:])
@@ -315,7 +301,7 @@ def test_primary_cut_off_from_baton_only_is_reported_not_reparented(
             shim.blackhole()
             wait_for(
                 "the blip reported",
-                lambda: 'reason="primary_unreachable"' in metrics(b),
+                lambda: 'reason="primary_unreachable"' in b.scrape(),
                 10,
             )
             time.sleep(1.0)  # a few more rounds: still no reparent

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 
 from tests.fixtures import Baton, admin_conn, app_connector
 
@@ -71,10 +70,7 @@ def test_lost_idle_backend_is_replaced_with_the_session_state(
     }
     prepared.execute("SELECT ? * 2", (50,))
     assert prepared.fetchall() == [(100,)]
-    with urllib.request.urlopen(f"http://127.0.0.1:{baton.metrics_port}/metrics") as m:
-        assert re.search(
-            r'^baton_sessions_moved_total\{outcome="moved"\} [1-9]', m.read().decode(), re.M
-        )
+    assert re.search(r'^baton_sessions_moved_total\{outcome="moved"\} [1-9]', baton.scrape(), re.M)
     sessions = json.loads(baton.ctl("--json", "sessions").stdout)
     assert any(s["user_variables"].get("i") == "42" for s in sessions)
     cur.execute("DROP DATABASE baton_migr")

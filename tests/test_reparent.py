@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,8 +155,7 @@ def test_planned_reparent_there_and_back(box: Sandbox, rbaton: Baton, data: None
     assert code == 0 and len(history) >= 2
     assert all(r["outcome"] == "succeeded" for r in history)
     assert all(r["phases"] and r["positions"]["old_primary_final"] for r in history)
-    with urllib.request.urlopen(f"http://127.0.0.1:{rbaton.metrics_port}/metrics") as m:
-        text = m.read().decode()
+    text = rbaton.scrape()
     assert f'baton_reparents_total{{kind="prs",outcome="succeeded"}} {len(history)}.0' in text
     assert any(
         line.startswith("baton_reparent_phase_seconds_count{") and 'call="revoke"' in line

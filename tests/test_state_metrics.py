@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import urllib.request
 
 import mysql.connector
 import pymysql
@@ -95,11 +94,6 @@ def test_ctl_tables_and_errors(baton: Baton) -> None:
     assert bad.returncode != 0 and "baton ctl:" in bad.stderr
 
 
-def scrape(baton: Baton) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{baton.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
 def metric(text: str, name: str, labels: str = "") -> float:
     pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" (\S+)"
     m = re.search(r"^" + pattern + "$", text, re.M)
@@ -107,7 +101,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 def test_metrics(baton: Baton) -> None:
-    before = scrape(baton)
+    before = baton.scrape()
     conn = baton.connect()
     cur = conn.cursor()
     cur.execute("SELECT 1")
@@ -115,7 +109,7 @@ def test_metrics(baton: Baton) -> None:
         cur.execute("SELECT * FROM mysql.no_such_table_here")
     with pytest.raises(pymysql.err.OperationalError):
         baton.connect(password="wrong")
-    after = scrape(baton)
+    after = baton.scrape()
     assert metric(after, "baton_client_connections_open") >= 1
     assert (
         metric(after, "baton_client_connections_accepted_total")

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from reparent.sandbox import Sandbox
 from tests.fixtures import (
     Baton,
     admin_query,
+    metric,
     port_hint,
     private_sandbox,
     server_ports,
@@ -86,15 +86,6 @@ def primary(b: Baton) -> str:
     return json.loads(b.ctl("--json", "status").stdout)["shards"][0]["primary"]
 
 
-def metric(b: Baton, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics").read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} ") or (not want and line.startswith(f"{name} ")):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def count(box: Sandbox, server: str, v: int) -> int:
     port = server_ports(box)[server]
     rows = admin_query(port, f"SELECT COUNT(*) AS n FROM unplanned.t WHERE v={v}")
@@ -126,7 +117,10 @@ def test_a_write_refused_as_read_only_waits_for_the_switch_and_runs_once(box, ub
     new = primary(ubaton)
     assert new != old
     assert count(box, new, 1) == 1
-    assert metric(ubaton, "baton_failed_commands_total", cause="read_only", outcome="held") >= 1
+    assert (
+        metric(ubaton.scrape(), "baton_failed_commands_total", cause="read_only", outcome="held")
+        >= 1
+    )
     conn.close()
 
 
@@ -228,7 +222,7 @@ def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
                     cur.execute("SELECT 1")
                 assert e.value.args[0] == 1927, e.value
                 assert name.replace("_", " ") in e.value.args[1].lower(), e.value
-                assert metric(ubaton, "baton_sessions_refused_total", reason=name) == 1
+                assert metric(ubaton.scrape(), "baton_sessions_refused_total", reason=name) == 1
             else:
                 cur.execute("SELECT 1")
                 assert cur.fetchone() == (1,)
@@ -272,8 +266,9 @@ def test_commands_for_a_dead_primary_wait_for_the_emergency_reparent_unless_they
         ("lost", "held", 1),
         ("lost", "passed", 1),
     ):
-        assert metric(ubaton, "baton_failed_commands_total", cause=cause, outcome=outcome) >= (
-            at_least
+        assert (
+            metric(ubaton.scrape(), "baton_failed_commands_total", cause=cause, outcome=outcome)
+            >= at_least
         ), (cause, outcome)
     for conn in (idle, reader, writer):
         conn.close()
