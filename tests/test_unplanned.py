@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,17 @@ def primary(b: Baton) -> str:
     return json.loads(b.ctl("--json", "status").stdout)["shards"][0]["primary"]
 
 
+@contextmanager
+def read_only(box: Sandbox, server: str) -> Iterator[None]:
+    """`server` read_only while the block runs, as an operator or another controller would."""
+    port = server_ports(box)[server]
+    admin_query(port, "SET GLOBAL read_only = 1")
+    try:
+        yield
+    finally:
+        admin_query(port, "SET GLOBAL read_only = 0")
+
+
 def count(box: Sandbox, server: str, v: int) -> int:
     port = server_ports(box)[server]
     rows = admin_query(port, f"SELECT COUNT(*) AS n FROM unplanned.t WHERE v={v}")
@@ -126,14 +138,10 @@ def test_a_write_refused_as_read_only_waits_for_the_switch_and_runs_once(box, ub
 
 def test_read_only_with_no_switch_gives_the_servers_own_error_after_the_window(box, ubaton):
     current = primary(ubaton)
-    port = server_ports(box)[current]
     conn = ubaton.connect()
-    admin_query(port, "SET GLOBAL read_only = 1")
-    try:
+    with read_only(box, current):
         t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (2)")
         t.join(3 * WINDOW)
-    finally:
-        admin_query(port, "SET GLOBAL read_only = 0")
     assert isinstance(out.error, pymysql.err.OperationalError | pymysql.err.InternalError), out
     assert out.error.args[0] == 1290, out.error  # the server's error, unchanged
     assert WINDOW - 0.5 < out.elapsed < 2 * WINDOW, out.elapsed
@@ -145,15 +153,11 @@ def test_a_write_refused_as_read_only_runs_once_the_primary_takes_writes_again(b
     """read_only lifted with no reparent (an operator, or the detector's repair): the waiting
     insert goes back to the same primary, which never ran it."""
     current = primary(ubaton)
-    port = server_ports(box)[current]
     conn = ubaton.connect()
-    admin_query(port, "SET GLOBAL read_only = 1")
-    try:
+    with read_only(box, current):
         t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (4)")
         time.sleep(1.0)
         assert t.is_alive(), f"not held: {out}"
-    finally:
-        admin_query(port, "SET GLOBAL read_only = 0")
     t.join(WINDOW)
     assert out.error is None and not t.is_alive(), out
     assert out.elapsed < WINDOW, out.elapsed
