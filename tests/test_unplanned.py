@@ -210,7 +210,10 @@ def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
     free = [
         ["SELECT GET_LOCK('unplanned-free', 1)", "SELECT RELEASE_LOCK('unplanned-free')"],
         ["SELECT 'no get_lock(''unplanned-str'', 0) here'"],
-        ["CREATE TEMPORARY TABLE baton_unplanned.tmp2 (a INT)", "DROP TEMPORARY TABLE baton_unplanned.tmp2"],
+        [
+            "CREATE TEMPORARY TABLE baton_unplanned.tmp2 (a INT)",
+            "DROP TEMPORARY TABLE baton_unplanned.tmp2",
+        ],
     ]
     conns: dict[str, pymysql.Connection] = {}
     for name, statements in [*stuck.items(), *((f"free{i}", f) for i, f in enumerate(free))]:
