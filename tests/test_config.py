@@ -289,7 +289,7 @@ def test_every_key_with_every_type(tmp_path: Path) -> None:
             except ConfigError:
                 continue
             Holder(cfg.buffer)
-    assert tried > 1000
+    assert tried >= 1000  # the loop ran over every key (64 in the example today)
 
 
 @pytest.mark.parametrize(
