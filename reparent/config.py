@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
 import socket
 import stat
 import tomllib
@@ -26,6 +27,11 @@ class ConfigError(Exception):
 MAX_CONFIG_BYTES = 1024 * 1024
 # Linux sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# Every (int, float) key is a duration in seconds. A day bounds them: pymysql refuses a
+# connect_timeout over a year, and a thread's wait or a socket timeout of 1e12 s raises
+# OverflowError ("timestamp out of range for platform time_t").
+MAX_SECONDS = 86400
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Role(enum.StrEnum):
@@ -165,10 +171,15 @@ def _typed(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where
     # TOML has nan and inf, and every `<= 0` check lets them through.
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}.{key}: expected a finite number, got {value}")
+    if kind == (int, float) and value > MAX_SECONDS:
+        raise ConfigError(f"{where}.{key}: at most {MAX_SECONDS} seconds, got {value}")
     # Every string key is a name, a host or a path; an empty listen_host would mean all
     # interfaces, an empty control_socket the config's folder. (Passwords go by _secret.)
     if isinstance(value, str) and not value:
         raise ConfigError(f"{where}.{key}: must not be empty")
+    # TOML's \u0000 and friends: a NUL in a path or host raised ValueError deep in os or socket.
+    if isinstance(value, str) and (bad := _CONTROL.search(value)):
+        raise ConfigError(f"{where}.{key}: control character {bad.group()!r} in {value!r}")
     return value
 
 
@@ -209,6 +220,16 @@ def _port(value: int, where: str) -> int:
     return value
 
 
+def _host(value: str, where: str) -> str:
+    """A host name or address that the resolver takes: one with an empty or over-long label
+    (`a..b`, 64+ characters between dots) raised UnicodeError from getaddrinfo at start."""
+    try:
+        value.encode("idna")
+    except UnicodeError as e:
+        raise ConfigError(f"{where}: {value!r} is not a valid host name: {e.__cause__ or e}")
+    return value
+
+
 def _account(table: dict[str, Any], where: str, user_key: str = "user") -> Account:
     _unknown(table, {user_key, "password"}, where)
     return Account(
@@ -227,6 +248,9 @@ def _proxy(table: Any, default_shard: str) -> ProxyConfig:
     for key in ("listen_port", "metrics_port"):
         if key in values:
             _port(values[key], f"proxy.{key}")
+    for key in ("listen_host", "metrics_host"):
+        if key in values:
+            _host(values[key], f"proxy.{key}")
     values.setdefault("shard", default_shard)
     if values.get("max_packet_size", 1) <= 0:
         raise ConfigError("proxy.max_packet_size: must be positive")
@@ -328,11 +352,13 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
             servers.append(
                 ServerConfig(
                     name=_typed(s, "name", str, sw),
-                    host=_typed(s, "host", str, sw),
+                    host=_host(_typed(s, "host", str, sw), f"{sw}.host"),
                     port=_port(_typed(s, "port", int, sw), f"{sw}.port"),
                     role=role,
                     replication_host=(
-                        _typed(s, "replication_host", str, sw) if "replication_host" in s else ""
+                        _host(_typed(s, "replication_host", str, sw), f"{sw}.replication_host")
+                        if "replication_host" in s
+                        else ""
                     ),
                     replication_port=(
                         _port(_typed(s, "replication_port", int, sw), f"{sw}.replication_port")

@@ -171,6 +171,8 @@ def edited(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
         ("cooldown = 30.0", "cooldown = inf", "detector.cooldown"),
         ("min_between = 0.0", "min_between = -1.0", "buffer.min_between"),
         ("min_between = 0.0", "min_between = nan", "buffer.min_between"),
+        ("probe_timeout = 0.4", "probe_timeout = 1e12", "detector.probe_timeout"),
+        ("grace = 5.0", "grace = 86401", "controller.grace"),
         ('listen_host = "127.0.0.1"', 'listen_host = ""', "proxy.listen_host"),
         ('control_socket = "baton.sock"', 'control_socket = ""', "proxy.control_socket"),
         ('store = "baton-state.json"', 'store = ""', "controller.store"),
@@ -178,6 +180,14 @@ def edited(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
         ('name = "app"', 'name = ""', "users[0].name"),
         ('name = "main"', 'name = ""', "shards[0].name"),
         ('host = "127.0.0.1"\nport = 23302', 'host = ""\nport = 23302', "shards[0].servers[1]"),
+        ('control_socket = "baton.sock"', r'control_socket = "b\u0000.sock"', "proxy.control_"),
+        ('store = "baton-state.json"', r'store = "state\n.json"', "controller.store"),
+        ('host = "127.0.0.1"\nport = 23302', r'host = "\u007f"' + "\nport = 23302", "shards[0]"),
+        # getaddrinfo raised UnicodeError on these at start
+        ('listen_host = "127.0.0.1"', 'listen_host = "x..y"', "proxy.listen_host"),
+        ('metrics_host = "127.0.0.1"', f'metrics_host = "{"m" * 64}"', "proxy.metrics_host"),
+        ('host = "127.0.0.1"\nport = 23302', f'host = "{"h" * 64}.db"\nport = 23302', "shards[0]"),
+        ("port = 23302", 'port = 23302\nreplication_host = ".r"', "shards[0].servers[1].repl"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, old: str, new: str, key: str) -> None:
