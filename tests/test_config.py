@@ -33,7 +33,21 @@ def test_example_config_loads() -> None:
     assert cfg.shard.primary.name == "db1"
     assert [s.role for s in cfg.shard.servers] == [Role.PRIMARY, Role.REPLICA, Role.REPLICA]
     assert cfg.proxy.control_socket == str(EXAMPLE.parent / "baton.sock")
-    assert cfg.users[0].user == "app"
+    assert cfg.users == ()  # the servers' own accounts
+    assert cfg.proxy.max_packet_size is None  # the primary's max_allowed_packet
+
+
+def test_users_list_is_optional_and_typed(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text() + '\n[[users]]\nname = "app"\npassword = "app-pass"\n'
+    assert load(write(tmp_path, text)).users[0].user == "app"
+    with pytest.raises(ConfigError, match=r"^users: expected"):
+        load(write(tmp_path, 'users = "app"\n' + EXAMPLE.read_text()))
+
+
+def test_shared_backend_account_is_refused_by_name(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace("proxy_protocol = false", 'user = "baton"', 1)
+    with pytest.raises(ConfigError, match=r"^backend.user: Baton has no shared backend account"):
+        load(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(
@@ -56,7 +70,10 @@ def test_example_config_loads() -> None:
             ),
             "shards[0].servers",
         ),
-        (('password = "baton-pass"', ""), "backend.password"),
+        (("connect_timeout = 10.0", "connect_timeout = 0"), "proxy.connect_timeout"),
+        (("max_connections = 4096", "max_connections = -1"), "proxy.max_connections"),
+        (("max_connect_errors = 100", "max_connect_errors = -1"), "proxy.max_connect_errors"),
+        (("proxy_protocol = false", "proxy_protocol = 1"), "backend.proxy_protocol"),
         (("port = 23302", "port = 0"), "shards[0].servers[1].port"),
     ],
 )
@@ -70,11 +87,7 @@ def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str) -> No
 
 def test_missing_sections(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^shards:"):
-        load(write(tmp_path, '[backend]\nuser="a"\npassword="b"\n'))
-    text = EXAMPLE.read_text()
-    users = text.index("[[users]]")
-    with pytest.raises(ConfigError, match=r"^users:"):
-        load(write(tmp_path, text[:users] + text[text.index("[[shards]]") :]))
+        load(write(tmp_path, '[admin]\nuser="a"\npassword="b"\n'))
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:
@@ -152,10 +165,12 @@ def test_bad_replication_address_is_named(tmp_path: Path, edit: str, key: str) -
 # -- operator input that must end in a ConfigError naming what is wrong, never a traceback ----
 
 SECRET = "s3cret-Value"
+# The example has no [[users]] (the servers' own accounts); these tests want a fixed list too.
+WITH_USERS = EXAMPLE.read_text() + '\n[[users]]\nname = "ops"\npassword = "ops-pass"\n'
 
 
 def edited(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
-    text = EXAMPLE.read_text()
+    text = WITH_USERS
     assert text.count(old) >= count, old
     return write(tmp_path, text.replace(old, new, count))
 
@@ -176,8 +191,8 @@ def edited(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
         ('listen_host = "127.0.0.1"', 'listen_host = ""', "proxy.listen_host"),
         ('control_socket = "baton.sock"', 'control_socket = ""', "proxy.control_socket"),
         ('store = "baton-state.json"', 'store = ""', "controller.store"),
-        ('user = "baton"', 'user = ""', "backend.user"),
-        ('name = "app"', 'name = ""', "users[0].name"),
+        ('user = "baton_admin"', 'user = ""', "admin.user"),
+        ('name = "ops"', 'name = ""', "users[0].name"),
         ('name = "main"', 'name = ""', "shards[0].name"),
         ('host = "127.0.0.1"\nport = 23302', 'host = ""\nport = 23302', "shards[0].servers[1]"),
         ('control_socket = "baton.sock"', r'control_socket = "b\u0000.sock"', "proxy.control_"),
@@ -221,11 +236,11 @@ def second_shard(port: int, host: str = "127.0.0.1") -> str:
         (("metrics_port = 23401", "metrics_port = 23303"), "proxy.metrics_port: 127.0.0.1:23303"),
         # names
         (("", second_shard(23304).replace('"other"', '"main"')), "shards[1].name: shard 'main'"),
-        (("", '\n[[users]]\nname = "app"\npassword = "x"\n'), "users[1].name: user 'app' is"),
+        (("", '\n[[users]]\nname = "ops"\npassword = "x"\n'), "users[1].name: user 'ops' is"),
     ],
 )
 def test_duplicates(tmp_path: Path, change: tuple[str, str], message: str | None) -> None:
-    text = EXAMPLE.read_text()
+    text = WITH_USERS
     text = text + change[1] if change[0] == "" else text.replace(change[0], change[1], 1)
     if message is None:
         load(write(tmp_path, text))
@@ -242,10 +257,9 @@ def test_duplicates(tmp_path: Path, change: tuple[str, str], message: str | None
 @pytest.mark.parametrize(
     ("old", "key"),
     [
-        ('password = "baton-pass"', "backend.password"),
         ('password = "admin-pass"', "admin.password"),
         ('password = "repl-pass"', "replication.password"),
-        ('password = "app-pass"', "users[0].password"),
+        ('password = "ops-pass"', "users[0].password"),
     ],
 )
 def test_non_string_password_is_not_echoed(
@@ -261,7 +275,7 @@ def test_non_string_password_is_not_echoed(
 
 def test_empty_password_is_allowed(tmp_path: Path) -> None:
     """MariaDB accounts may have no password; Baton refuses no account for that."""
-    assert load(edited(tmp_path, 'password = "app-pass"', 'password = ""')).users[0].password == ""
+    assert load(edited(tmp_path, 'password = "ops-pass"', 'password = ""')).users[0].password == ""
 
 
 def test_every_key_with_every_type(tmp_path: Path) -> None:
@@ -274,7 +288,7 @@ def test_every_key_with_every_type(tmp_path: Path) -> None:
     from proxy.hold import Holder
     from reparent.config import parse
 
-    base = tomllib.loads(EXAMPLE.read_text())
+    base = tomllib.loads(WITH_USERS)
     values: list[object] = [0, -1, 2**70, 2.5, -0.5, float("nan"), float("inf"), -float("inf")]
     values += [True, "", "x", [], [1], {}, {"a": 1}, datetime.date(2020, 1, 2)]
 

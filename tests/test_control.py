@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from proxy import control
+from proxy.accounts import AccountBook, Accounts
+from proxy.admission import Admission
 from proxy.control import ControlServer
 from proxy.frontend import ProxyContext
 from proxy.hold import Holder
@@ -104,8 +106,14 @@ def server(path: str = "unused.sock") -> tuple[ControlServer, Fakes, FileStore]:
         CONFIG, store, {ReparentKind.PRS: fakes, ReparentKind.ERS: fakes}, fakes, owner="test"
     )
     router = Router(CONFIG, store, "test")
-    holder = Holder(CONFIG.buffer)
-    ctx = ProxyContext(config=CONFIG, identity=FALLBACK, router=router, holder=holder)
+    ctx = ProxyContext(
+        config=CONFIG,
+        identity=FALLBACK,
+        router=router,
+        holder=Holder(CONFIG.buffer),
+        accounts=Accounts(AccountBook(), list, CONFIG.admin),  # a fixed, empty list of logins
+        admission=Admission(max_connections=10, fd_limit=1024, max_connect_errors=0),
+    )
     return ControlServer(ctx, controller, path), fakes, store
 
 
