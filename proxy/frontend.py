@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -87,6 +88,11 @@ _RELAYED = frozenset(
 # The relayed ones but COM_DEBUG, which has the server write to its log, plus PREPARE/EXECUTE.
 _RETRYABLE = (_RELAYED - {Command.DEBUG}) | {Command.STMT_PREPARE, Command.STMT_EXECUTE}
 
+
+# KILL naming a connection by id: the words before the id are kept as they are.
+_KILL = re.compile(
+    rb"(?is)\s*(kill(?:\s+(?:hard|soft))?(?:\s+(?:connection|query))?)\s+(\d{1,20})\s*;?\s*"
+)
 
 _UNMOVABLE_LABELS = {
     Unmovable.TEMPORARY_TABLES: "temporary tables",
@@ -292,6 +298,7 @@ class ClientConnection(asyncio.Protocol):
         self._failure: tuple[bytes, str] | None = None  # (error packet, origin)
         self._avoid: str | None = None
         self._epoch = 0
+        self._lost_from: tuple[ServerConfig, int] | None = None  # (server, epoch) of a loss
         self._connected_before = False  # a later connect moves the session's state
         self._client_slow = False
         self._backend_lock = asyncio.Lock()
@@ -694,7 +701,14 @@ class ClientConnection(asyncio.Protocol):
         if self.backend is not None and self.backend.alive and self._epoch == self.ctx.epoch:
             return self.backend
         if self.backend is not None:
-            self._close_backend()
+            if self.backend.alive:
+                self._close_backend()  # stale: a switch was published since
+            else:
+                self._drop_backend()
+        lost, self._lost_from = self._lost_from, None
+        if lost is not None and await self._lost_alone(*lost):
+            self._end_by_server(lost[0])
+            return None
         if self._connected_before and self._refuse_move():
             return None
         if self.state.in_transaction:
@@ -893,7 +907,17 @@ class ClientConnection(asyncio.Protocol):
             return
         backend = self.backend
         ready = backend is not None and backend.alive and self._epoch == self.ctx.epoch
-        if command in _RELAYED:
+        if ready and (
+            command == Command.PROCESS_KILL
+            or (command == Command.QUERY and len(raw) > 9 and raw[5] | 0x20 == 0x6B)  # k, K
+        ):
+            # Translated only on a current connection: a thread id means one server.
+            killed = self._kill(raw)
+            if killed is None:
+                self._finish()
+                return
+            command, raw = Command.QUERY, killed
+        if command in _RELAYED or command == Command.PROCESS_KILL:
             if ready:
                 self._send(command, raw)
                 return
@@ -946,6 +970,39 @@ class ClientConnection(asyncio.Protocol):
             return
         self.busy = True
         self._spawn(self._slow_command(command, raw))
+
+    def _kill(self, raw: bytes) -> bytes | None:
+        """`KILL [CONNECTION | QUERY] <id>` (or COM_PROCESS_KILL) naming a Baton session: the
+        same KILL of that session's server thread, sent on this session's own connection, so
+        that the server allows it exactly when it would direct (the same user, or CONNECTION
+        ADMIN). Any other statement or id goes to the server unchanged. None when answered
+        here (no such session)."""
+        if raw[4] == Command.PROCESS_KILL:
+            if len(raw) < 9:
+                self._error(ErrorKind.MALFORMED_PACKET, "Malformed communication packet")
+                return None
+            words, target = b"KILL", int.from_bytes(raw[5:9], "little")
+        else:
+            m = _KILL.fullmatch(raw, 5)
+            if m is None:
+                return raw
+            words, target = m.group(1), int(m.group(2))
+        if not SESSION_ID_BASE <= target < SESSION_ID_BASE + SESSION_ID_SPAN:
+            return raw if raw[4] == Command.QUERY else frame(b"\x03KILL %d" % target, 0)
+        other = self.ctx.sessions.get(target)
+        thread = other.server_thread if other is not None else None
+        if thread is None or other is None or other.backend_server != self.backend_server:
+            self._error(ErrorKind.NO_SUCH_THREAD, f"Unknown thread id: {target}")
+            return None
+        return frame(b"\x03" + words + b" %d" % thread, 0)
+
+    @property
+    def server_thread(self) -> int | None:
+        """The server's thread id of this session's connection, if it has one."""
+        backend = self.backend
+        if backend is None or not backend.alive or backend.handshake is None:
+            return None
+        return backend.handshake.connection_id
 
     async def _slow_command(self, command: int, raw: bytes) -> None:
         """Commands that must wait: a reconnect first, or a re-authentication."""
@@ -1176,10 +1233,18 @@ class ClientConnection(asyncio.Protocol):
         server = self.backend_server
         error = self._error_packet(ErrorKind.BACKEND_LOST, self._loss_message(exc))
         hopeless = not self._reads_only()
-        if not hopeless:
+        lost = self._lost_from
+        if not hopeless and lost is not None:
+            # A read waits for the next primary unless the loss was this session's alone;
+            # a write's client hears at once, and its next command finds out which it was.
+            self._lost_from = None
             try:
-                hopeless = await self.ctx.primary_writable()
+                alone = await self._lost_alone(*lost)
             except asyncio.CancelledError:
+                return
+            if alone:
+                self._write_error(error)
+                self._end_by_server(lost[0])
                 return
         if not self._failed(
             FailureCause.LOST, error, server.name if server else None, hopeless=hopeless
@@ -1341,11 +1406,39 @@ class ClientConnection(asyncio.Protocol):
         self._write(packet)
 
     def _drop_backend(self) -> None:
+        """The server connection broke: remember where and when, so that the next command can
+        tell a switch (move on) from the server ending this session (as direct: it ends)."""
         server = self.backend_server
         if server is not None:
             metrics.BACKEND_LOST.labels(server.name).inc()
+            self._lost_from = (server, self._epoch)
         self._close_backend()
         self.state.in_flight = None
+
+    async def _lost_alone(self, server: ServerConfig, epoch: int) -> bool:
+        """Was the loss this session's alone (a KILL, its wait_timeout, a network fault on
+        this connection)? Yes when no switch came since, none is under way, and the server
+        is still the primary and takes writes. Sessions that lose their connections
+        together share one probe."""
+        ctx = self.ctx
+        if epoch != ctx.epoch or ctx.holder.should_hold(self._shard):
+            return False
+        if ctx.primary().name != server.name:
+            return False
+        return await ctx.primary_writable()
+
+    def _end_by_server(self, server: ServerConfig) -> None:
+        """The server ended this session on its own terms: the client's connection ends too,
+        and its library reports the loss (2013 or 2006) as it would direct. Moving the session
+        to a new connection would hide the end and lose what the server dropped with it."""
+        metrics.SESSIONS_ENDED_BY_SERVER.inc()
+        log.info(
+            "session %d: %s ended its connection (a KILL, wait_timeout, or a fault on it) while "
+            "it is the writable primary; closing the client connection",
+            self.connection_id,
+            server.name,
+        )
+        self._close()
 
     @staticmethod
     def _loss_message(e: BackendError) -> str:

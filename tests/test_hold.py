@@ -178,7 +178,9 @@ def test_held_command_waits_and_runs_on_the_new_primary(box: Sandbox, hbaton: Ba
     primary; the pause is what the client sees."""
     conn = hbaton.connect()
     cur = conn.cursor()
-    cur.execute("CREATE TABLE IF NOT EXISTS baton_hold_a.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT)")
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS baton_hold_a.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT)"
+    )
     stop = threading.Event()
     latencies: list[float] = []
     errors: list[Exception] = []

@@ -49,7 +49,8 @@ def ubaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         conn = b.connect()
         conn.cursor().execute("CREATE DATABASE IF NOT EXISTS baton_unplanned")
         conn.cursor().execute(
-            "CREATE TABLE IF NOT EXISTS baton_unplanned.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+            "CREATE TABLE IF NOT EXISTS baton_unplanned.t"
+            " (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
         )
         conn.close()
         yield b
