@@ -36,6 +36,8 @@ def request(
         stream = s.makefile("rb")
         for line in stream:
             reply = json.loads(line)
+            if not isinstance(reply, dict):
+                raise RuntimeError(f"baton sent a reply that is not a JSON object: {line[:80]!r}")
             if "progress" in reply:
                 if on_progress is not None:
                     on_progress(reply["progress"])
