@@ -179,6 +179,14 @@ class Args:
             raise ControlError(f"{key} must be an integer from {low} to {high}, got {_show(value)}")
         return value
 
+    def flag(self, key: str) -> bool:
+        value = self._request.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise ControlError(f"{key} must be true or false, got {_show(value)}")
+        return value
+
     def seconds(self, key: str, high: float) -> float | None:
         """A positive duration of at most `high` seconds, or None."""
         value = self._request.get(key)
@@ -282,10 +290,47 @@ class ControlServer:
                     ],
                 }
             )
+        admission = self.ctx.admission
         return {
             "shards": shards,
             "sessions": len(self.ctx.sessions),
             "version": self.ctx.identity.version,
+            "front_door": {
+                "open": admission.open,
+                "capacity": admission.capacity,
+                "blocked": admission.blocked,
+                "refused": {str(k): v for k, v in admission.refused.items()},
+            },
+            "unfenced_users": [a.name for a in self.ctx.accounts.book.unfenced()],
+        }
+
+    async def cmd_unblock(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Lift the block on an address whose logins failed max_connect_errors times."""
+        address = Args(request, "address").text("address")
+        if address is None:
+            raise ControlError("unblock needs an address")
+        if not self.ctx.admission.unblock(address):
+            raise ControlError(f"{address} is not blocked")
+        log.info("address %s unblocked by an operator", address)
+        return {"unblocked": address}
+
+    async def cmd_users(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """The accounts Baton lets in; with reload, read them from the servers first."""
+        accounts = self.ctx.accounts
+        if Args(request, "reload").flag("reload"):
+            await accounts.reload("ctl users reload", force=True)
+        return {
+            "source": accounts.source,
+            "error": accounts.error,
+            "accounts": [
+                {
+                    "account": a.name,
+                    "plugin": a.plugin,
+                    "usable": a.h2 is not None,
+                    "unfenced": sorted(a.unfenced),
+                }
+                for a in accounts.book
+            ],
         }
 
     async def cmd_prs(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -323,9 +368,7 @@ class ControlServer:
         """What this proxy held for the reparent goes into its report, here and in the
         history. The drain ends moments after the reparent; it is waited for up to a window."""
         holder = self.ctx.holder
-        episode = await holder.episode(
-            report.shard, report.term_before + 1, holder.settings.window
-        )
+        episode = await holder.episode(report.shard, report.term_before + 1, holder.settings.window)
         if episode is None:
             return
         report.held, report.flushed, report.evicted = (

@@ -6,6 +6,7 @@ Each attack is followed by the two checks of the issue: a new client gets its gr
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
@@ -422,3 +423,39 @@ def test_a_60_mib_command_does_not_stall_other_sessions(
         b.stop()
         admin.cursor().execute("SET GLOBAL max_allowed_packet = DEFAULT")
         admin.close()
+
+
+def test_failed_logins_block_an_address_until_an_operator_lifts_it(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    b = start_baton(
+        sandbox.config_path, tmp_path / "block", port_hint() + 57, proxy={"max_connect_errors": 3}
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(pymysql.err.OperationalError) as exc:
+                b.connect(password="wrong")
+            assert exc.value.args[0] == 1045
+        with pytest.raises(pymysql.err.OperationalError) as exc:
+            b.connect()  # the right password too: the address is blocked
+        assert exc.value.args[0] == 1129 and "baton ctl unblock 127.0.0.1" in exc.value.args[1]
+        status = b.ctl("--json", "status")
+        assert json.loads(status.stdout)["front_door"]["blocked"] == ["127.0.0.1"]
+        assert b.ctl("unblock", "127.0.0.2").returncode == 1  # not blocked: says so
+        done = b.ctl("unblock", "127.0.0.1")
+        assert done.returncode == 0 and "may connect again" in done.stdout
+        b.connect().close()
+    finally:
+        b.stop()
+
+
+def test_ctl_users_lists_the_accounts_and_the_unfenced_ones(door: Baton) -> None:
+    out = door.ctl("--json", "users", "--reload")
+    assert out.returncode == 0, out.stderr
+    users = {a["account"]: a for a in json.loads(out.stdout)["accounts"]}
+    assert users["'app'@'127.0.0.1'"]["unfenced"] == [] and users["'app'@'127.0.0.1'"]["usable"]
+    assert users["'baton_admin'@'127.0.0.1'"]["unfenced"] == ["READ ONLY ADMIN", "SUPER"]
+    status = json.loads(door.ctl("--json", "status").stdout)
+    assert "'baton_admin'@'127.0.0.1'" in status["unfenced_users"]
+    table = door.ctl("users")
+    assert "baton_admin" in table.stdout and "SUPER" in table.stdout
