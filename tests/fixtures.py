@@ -207,6 +207,22 @@ def start_baton(
     return Baton(proc, cfg, port, metrics_port, sock, log)
 
 
+def start_baton_without_primary(
+    config_path: Path, workdir: Path, port_hint: int, **changes: Any
+) -> Baton:
+    """Baton whose only server is a port nothing listens on (with a fixed list of logins:
+    there is no server to read the accounts from)."""
+    dead = free_port(port_hint)
+    return start_baton(
+        config_path,
+        workdir,
+        port_hint + 1,
+        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+        users=[{"name": "app", "password": "app-pass"}],
+        **changes,
+    )
+
+
 def port_hint() -> int:
     """Ports for Batons of this test run, apart from the sandbox's and other runs'."""
     return 26000 + (os.getpid() % 100) * 30

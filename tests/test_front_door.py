@@ -22,7 +22,14 @@ import pytest
 from proxy.auth import scramble, stage1
 from proxy.packets import Cap, Command, frame, lenenc_bytes, parse_err
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, admin_conn, metric, port_hint, start_baton
+from tests.fixtures import (
+    Baton,
+    admin_conn,
+    metric,
+    port_hint,
+    start_baton,
+    start_baton_without_primary,
+)
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -324,16 +331,7 @@ def test_backend_refusals_reach_the_client(door: Baton, primary_port: int) -> No
 def test_mariadb_cli_reads_batons_own_errors(sandbox: Sandbox, tmp_path: Path) -> None:
     """libmariadb turns a server-sent code in 2000-2999 into 2027 'malformed packet'; Baton's
     'cannot reach the primary' must arrive with its meaning."""
-    from tests.fixtures import free_port
-
-    dead = free_port(port_hint() + 60)
-    b = start_baton(
-        sandbox.config_path,
-        tmp_path / "cli",
-        port_hint() + 61,
-        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
-        users=[{"name": "app", "password": "app-pass"}],
-    )
+    b = start_baton_without_primary(sandbox.config_path, tmp_path / "cli", port_hint() + 60)
     try:
         out = subprocess.run(
             [

@@ -243,8 +243,6 @@ def test_dump_with_definers_reimports_through_baton(ibaton: Baton, primary_port:
     run(client(primary_port), f"DROP DATABASE {schema};")
 
 
-
-
 def test_proxy_protocol_lets_the_server_see_the_clients_address(
     sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory, primary_port: int
 ) -> None:
