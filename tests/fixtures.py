@@ -139,6 +139,61 @@ class Background:
         self._thread.join(self.JOIN_TIMEOUT)
 
 
+class WritablePoller(Background):
+    """Polls @@read_only on every server every few ms and remembers every moment two were
+    writable at once.
+
+    Servers read one after another are never a snapshot: under load one pass can outlast a
+    whole switch, and "both read writable in one pass" would report the old primary before its
+    demotion and the new one after its promotion. So an overlap is recorded only when it is
+    certain: a server read writable twice in a row (so writable all along, unless it flipped
+    twice in between) while another was read writable between those two reads. Passes go
+    forward and then backward, so every pair of servers has reads of each other in between.
+    """
+
+    def __init__(self, ports: dict[str, int]) -> None:
+        super().__init__()
+        self.ports = ports
+        self.overlaps: list[list[str]] = []
+        self.rounds = 0
+        self._conns: dict[str, pymysql.Connection | None] = dict.fromkeys(ports)
+
+    def _writable(self, name: str) -> bool:
+        try:
+            conn = self._conns[name] or admin_conn(self.ports[name])
+            self._conns[name] = conn
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@read_only")
+                return cur.fetchone()[0] == 0
+        except pymysql.MySQLError:
+            self._conns[name] = None  # down, or killed: not writable
+            return False
+
+    def run(self) -> None:
+        names = list(self.ports)
+        read = 0  # reads so far, the clock of this poller
+        previous: dict[str, tuple[int, bool]] = {}  # each server's last read: (when, writable)
+        last_writable: dict[str, int] = {}  # when each server was last read writable
+        while not self.stopping.is_set():
+            for name in names if self.rounds % 2 == 0 else reversed(names):
+                read += 1
+                writable = self._writable(name)
+                before = previous.get(name)
+                previous[name] = (read, writable)
+                if not writable:
+                    continue
+                if before is not None and before[1]:
+                    others = [n for n, t in last_writable.items() if n != name and t > before[0]]
+                    if others:
+                        self.overlaps.append([name, *others])
+                last_writable[name] = read
+            self.rounds += 1
+            self.stopping.wait(0.005)
+        for conn in self._conns.values():
+            if conn is not None:
+                conn.close()
+
+
 def start_baton(
     config_path: Path,
     workdir: Path,
