@@ -53,27 +53,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.common import (
-    ROOT,
-    Background,
-    Stack,
-    dump_json,
-    exit_on_signals,
-    head_lines,
-    in_background,
-    machine_info,
-    neighbours,
-    paced_write_command,
-    parse_load,
-    progress,
-    quantile,
-    run_main,
-    run_record,
-    running_stack,
-    sample_sum,
-    scrape_metrics,
-    setup_writes,
-)
+from bench.figures import quantile, sample_sum, scrape_metrics
 from bench.probe import (
     WINDOW_S,
     FixedTarget,
@@ -92,6 +72,11 @@ from bench.probe import (
     switch_times,
     switchover,
 )
+from bench.process import exit_on_signals, progress, run_main
+from bench.record import ROOT, dump_json, head_lines, machine_info, neighbours, run_record
+from bench.stack import Stack, running_stack
+from bench.sysbench import Background, in_background
+from bench.writes import paced_write_command, parse_load, setup_writes
 
 PATHS = ("direct", "haproxy", "baton-unbuffered", "baton-buffered")
 LABELS = {

@@ -30,19 +30,12 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn, admin_query
+from harness.ledger import TABLE, Ledger, create_table
 from reparent.failpoint import ENV, EXIT_CODE
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Background,
-    Baton,
-    admin_conn,
-    admin_query,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
-from tests.ledger import TABLE, Ledger, create_table
+from tests.fixtures import Background, port_hint, private_sandbox, server_ports
 
 PRS_CALLS = ("choose", "prepare", "revoke", "establish", "commit")
 ERS_CALLS = ("revoke", "choose", "establish", "commit")

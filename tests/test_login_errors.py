@@ -11,8 +11,11 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn
+from harness.process import free_port
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import Baton, admin_conn, app_conn, free_port, port_hint, start_baton
+from tests.fixtures import app_conn, port_hint
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.process import free_port
 from reparent import config, gtid
 from reparent.admin import AdminPool
 from reparent.config import Role, ServerConfig
@@ -35,7 +36,6 @@ from reparent.mechanism import (
 from reparent.revoke import READ_ONLY_PATIENCE, FollowerFencing, GracefulDemotion
 from reparent.sandbox import ADMIN, APP, HOST, REPL, Sandbox, SandboxError
 from tests.conftest import sandbox_base_port
-from tests.fixtures import free_port
 
 pytestmark = pytest.mark.sandbox
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from tests.fixtures import Baton, admin_conn, app_connector
+from harness.baton import Baton
+from harness.clients import admin_conn
+from tests.fixtures import app_connector
 
 
 def backend_id(cur: object) -> int:
