@@ -139,3 +139,24 @@ def test_bad_replication_address_is_named(tmp_path: Path, edit: str, key: str) -
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text))
     assert str(exc.value).startswith(key), str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("size = 1000", "size = 0"), "buffer.size"),
+        (("window = 10.0", "window = inf"), "buffer.window"),
+        (("window = 10.0", "window = 30.0"), "buffer.window"),
+        (("min_between = 0.0", "min_between = -1.0"), "buffer.min_between"),
+        (("drain_concurrency = 16", "drain_concurrency = 0"), "buffer.drain_concurrency"),
+        (("dry_run = false", "dry_run = 1"), "buffer.dry_run"),
+    ],
+)
+def test_bad_buffer_bound_is_named_at_load(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    """The bounds are checked once, by the one type both the loader and the buffer use, so a
+    bound the buffer would refuse fails the load, not the start of the proxy."""
+    text = EXAMPLE.read_text()
+    assert edit[0] in text
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text.replace(edit[0], edit[1], 1)))
+    assert str(exc.value).startswith(key), str(exc.value)
