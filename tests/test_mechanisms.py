@@ -27,11 +27,11 @@ from reparent.config import Role, ServerConfig
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import (
     Candidate,
-    Established,
+    EstablishmentProof,
     FailureKind,
     MechanismError,
     ReparentContext,
-    Revoked,
+    RevocationProof,
 )
 from reparent.revoke import READ_ONLY_PATIENCE, FollowerFencing, GracefulDemotion
 from reparent.sandbox import ADMIN, APP, HOST, REPL, Sandbox, SandboxError
@@ -92,7 +92,7 @@ def context(
     )
 
 
-def planned(pool: AdminPool, ctx: ReparentContext) -> tuple[Revoked, Established]:
+def planned(pool: AdminPool, ctx: ReparentContext) -> tuple[RevocationProof, EstablishmentProof]:
     """choose → prepare → revoke → establish, in the orchestrator's order."""
     establishment = GtidEstablishment(pool=pool, max_lag_seconds=5)
     candidate = establishment.choose(ctx)
