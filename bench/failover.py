@@ -28,8 +28,8 @@ Why it is built this way:
 - The Python client is the measure (bench.probe): sysbench reports once a second and cannot
   follow a primary that moves, but it is the realistic background load on the servers. On the
   paths that drop clients it runs with `--mysql-ignore-errors=all` under `timeout -s KILL`,
-  because Debian's sysbench 1.0.20 crashes on its first reconnect (design.md); its exit is
-  recorded as it happened, crash included.
+  because Debian's sysbench 1.0.20 crashes (SIGSEGV) on its first reconnect (akopytov/sysbench
+  #527); its exit is recorded as it happened, crash included.
 - Throughput per 100 ms counts the client's successful inserts by their completion time. The
   client is paced (it does not catch up after a stall), so a bucket below its steady rate is
   writes that did not happen, not writes that were late.
@@ -220,10 +220,10 @@ def wait_routing(stack: Stack, primary: str) -> None:
 class KeptLoad:
     """sysbench on one path until `end` (monotonic), started again whenever it ends early.
 
-    Debian's sysbench 1.0.20 crashes on its first reconnect (design.md), which on the paths
-    that drop clients is the first switchover: without a restart those paths would carry the
-    Python client alone for most of the run while the others carry sysbench too, and their
-    numbers would not compare. An application's supervisor would start it again; so does this,
+    Debian's sysbench 1.0.20 crashes on its first reconnect (akopytov/sysbench#527), which on
+    the paths that drop clients is the first switchover: without a restart those paths would
+    carry the Python client alone for most of the run while the others carry sysbench too, and
+    their numbers would not compare. An application's supervisor would start it again; so does this,
     after the switch call has returned, to wherever `command_for` points then. Every run is
     recorded with its exit, so each crash is counted, not hidden.
     """

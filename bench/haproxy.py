@@ -68,7 +68,8 @@ def start_haproxy(
     marks a server down on its own. With them, each server is checked every 100 ms over HTTP
     on its port there (a HealthAgent: 200 only when writable), one failed check marks it down
     and closes its sessions, one good check marks it up: HAProxy set up as a failover peer, as
-    fast as its checks allow (design.md, "HAProxy as a failover peer").
+    fast as its checks allow. (`option mysql-check` would only test that a server is alive, not
+    that it takes writes; without `shutdown-sessions` clients stay on a demoted primary.)
     """
     workdir.mkdir(parents=True, exist_ok=True)
     stats = workdir / "haproxy.sock" if health_ports is not None else None

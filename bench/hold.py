@@ -11,9 +11,9 @@ commands and the raw data, to OUT/hold.md and OUT/hold.json.
 
 Why it is built this way:
 - Half capacity, not full: at full load a replica lags and the catch-up wait, not the
-  switchover, is measured (lab.md: gtid_wait 1.4 s unthrottled against 48 ms median under a
-  moderate load). Half leaves headroom for that catch-up and still has writes in flight at
-  every moment of a switch.
+  switchover, is what gets measured (on this machine, before Baton: the catch-up wait took 1.4 s
+  under an unthrottled load against a 48 ms median under a moderate one). Half leaves headroom
+  for that catch-up and still has writes in flight at every moment of a switch.
 - The Python client is the ground truth for what a client sees. sysbench times whole
   transactions (several statements), per second only as a percentile, and stops at its first
   error (`--mysql-ignore-errors=none`): it says whether anything failed, not which single

@@ -1,6 +1,6 @@
 """Establishment by MariaDB GTID replication: choose a replica, catch it up, make it the source.
 
-The rules it stands on (design.md, "Facts we rely on"; gtid.py for the arithmetic):
+The rules it stands on (verified against MariaDB 10.11; gtid.py for the arithmetic):
 - A candidate is fit when it is reachable, its replication runs, it has no transaction the old
   primary lacks (errant: under gtid_strict_mode it would break every server that replicates
   from it), and it is not lagging.
