@@ -1,6 +1,6 @@
 """The failover buffer's pure core: which held command runs, fails or keeps waiting, and when.
 
-Like the orchestrator it does no I/O and reads no clock: its shell (`Holder`, proxy/hold.py)
+Like the orchestrator it does no I/O and reads no clock: its shell (`Holder`, proxy/holder.py)
 passes `now` into every call and carries out the returned actions. So every decision is a
 function of the calls and their times, and the tests can walk any timeline in microseconds. Its
 bounds are `[buffer]` (`reparent.config.BufferConfig`), checked when the config is loaded.

@@ -32,7 +32,7 @@ from proxy import metrics
 from proxy.backend import BackendConnection, BackendError
 from proxy.buffer import EvictReason
 from proxy.errors import ErrorKind
-from proxy.hold import Holder
+from proxy.holder import Holder
 from proxy.packets import (
     COMMAND_NAMES,
     MAX_PAYLOAD,

@@ -90,7 +90,7 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class BufferConfig:
     """`[buffer]`: whether the failover buffer holds, and its bounds (proxy/buffer.py is the
-    buffer, proxy/hold.py its shell; both take this one type).
+    buffer, proxy/holder.py its shell; both take this one type).
 
     The bounds are checked here, so a bad config fails at load rather than in the middle of a
     failover; infinite times are refused too, since they would switch the deadline off. A bad
