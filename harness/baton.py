@@ -8,6 +8,7 @@ signal handlers, its logging, its shutdown.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -99,8 +100,12 @@ def start_baton(
     detector: dict[str, Any] | None = None,
     buffer: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    users: list[dict[str, str]] | None = None,
+    nofile: int | None = None,
 ) -> Baton:
-    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
+    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
+    (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
+    open files, soft and hard)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -115,6 +120,8 @@ def start_baton(
         data.setdefault("buffer", {}).update(buffer)
     if servers is not None:
         data["shards"][0]["servers"] = servers
+    if users is not None:
+        data["users"] = users
     cfg = workdir / "baton.toml"
     cfg.write_text(dump_toml(data))
     log = workdir / "baton.log"
@@ -125,6 +132,11 @@ def start_baton(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, **env} if env else None,
+            preexec_fn=(
+                (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+                if nofile
+                else None
+            ),
         )
     deadline = time.monotonic() + 20
     while True:

@@ -14,6 +14,7 @@ import pytest
 from harness.baton import Baton, start_baton
 from harness.clients import admin_conn
 from harness.process import free_port
+from proxy.auth import scramble, stage1
 from proxy.packets import Command, frame, make_handshake_response
 from tests.fixtures import app_conn, port_hint
 from tests.rawclient import DEFAULT_CAPS, RawClient
@@ -41,10 +42,12 @@ def test_client_ignoring_the_login_error_reaches_nothing(
     baton: Baton, primary_port: int, user: str, password: str
 ) -> None:
     """mysql-mimic would carry on into the command phase; Baton closes the connection."""
-    name = f"guard_{user}_{int(time.time() * 1000)}"
+    name = f"baton_guard_{user}_{int(time.time() * 1000)}"
     c = RawClient(baton.port, login=False)
     c.send(
-        make_handshake_response(DEFAULT_CAPS, 45, user, password, c.handshake.auth_data, None),
+        make_handshake_response(
+            DEFAULT_CAPS, 45, user, scramble(stage1(password), c.handshake.auth_data), None
+        ),
         seq=1,
     )
     _, reply = c.read_packet()
@@ -82,6 +85,8 @@ def test_backend_unreachable_gives_an_error_and_the_session_stays(
         tmp_path / "b",
         port_hint() + 21,
         servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+        # No server to read the accounts from: a fixed list.
+        users=[{"name": "app", "password": "app-pass"}],
     )
     try:
         c = RawClient(b.port)
@@ -93,7 +98,7 @@ def test_backend_unreachable_gives_an_error_and_the_session_stays(
         ):
             # Each command gets the error, and the session is still usable after it.
             code, state, message = c.error(c.command(command, body))
-            assert (code, state) == (2003, "HY000")
+            assert (code, state) == (1429, "HY000")
             assert "gone" in message and "not executed" in message
         c.close()
     finally:
@@ -145,7 +150,7 @@ def test_oversized_packet_closes_only_that_connection(baton: Baton) -> None:
             data += chunk
     except ConnectionResetError:
         pass
-    assert b"max_packet_size" in data
+    assert b"max_allowed_packet" in data and data[5:7] == (1153).to_bytes(2, "little")
     cur = other.cursor()
     cur.execute("SELECT 2")
     assert cur.fetchone() == (2,)
