@@ -52,7 +52,14 @@ from proxy.packets import (
 )
 from proxy.response import Phase, ResponseParser
 from proxy.router import Router
-from proxy.session import READ_BACK_SQL, SessionState, Unmovable, reads_only
+from proxy.session import (
+    READ_BACK_SQL,
+    SessionState,
+    Unmovable,
+    reads_only,
+    routine_hazards,
+)
+from reparent.admin import AdminConnection
 from reparent.config import Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
 from reparent.topology import Established as EstablishedEvent
@@ -99,6 +106,10 @@ _UNMOVABLE_LABELS = {
     Unmovable.USER_LOCKS: "user locks from GET_LOCK",
     Unmovable.TABLE_LOCKS: "table locks from LOCK TABLES",
     Unmovable.XA: "XA transaction",
+    Unmovable.USER_VARIABLES: "user variables set since Baton last read them",
+    Unmovable.UNTRACKED_VARIABLES: "variables changed while it had session tracking off",
+    Unmovable.SQL_PREPARED: "prepared statements made from a user variable",
+    Unmovable.ROUTINE_STATE: "state left by stored routines",
 }
 
 
@@ -142,6 +153,9 @@ class ProxyContext:
     _next_id: int = 0
     # Grows with every published switch; a session's backend from an older epoch is stale.
     epoch: int = 0
+    # What each stored routine sessions called may leave behind (session.routine_hazards);
+    # None while its body is being read or when it could not be.
+    routines: dict[str, list[str] | None] = field(default_factory=dict)
     _probe: asyncio.Future[bool] | None = None
 
     def __post_init__(self) -> None:
@@ -203,6 +217,31 @@ class ProxyContext:
             self.config.proxy.backend_connect_timeout,
             header,
         )
+
+    async def inspect_routine(self, name: str) -> None:
+        """Read a stored routine's body as the admin account and note what it may leave."""
+        schema, _, routine = name.partition(".")
+
+        def read() -> bytes | None:
+            conn = AdminConnection(self.primary(), self.config.admin, 2.0)
+            try:
+                rows = conn.query(
+                    "SELECT ROUTINE_DEFINITION AS body FROM information_schema.ROUTINES"
+                    " WHERE ROUTINE_SCHEMA = %s AND ROUTINE_NAME = %s",
+                    (schema, routine),
+                )
+            finally:
+                conn.close()
+            return rows[0]["body"].encode() if rows and rows[0]["body"] is not None else None
+
+        try:
+            body = await asyncio.to_thread(read)
+        except Exception as e:  # unreachable, refused: the routine stays unknown
+            log.info("cannot read stored routine %s: %s", name, e)
+            self.routines.pop(name, None)
+            return
+        if body is not None:
+            self.routines[name] = routine_hazards(body)
 
     async def _probe_primary(self) -> bool:
         try:
@@ -651,6 +690,8 @@ class ClientConnection(asyncio.Protocol):
                 )
                 stmt.backend_id = parser.backend_stmt_id
                 stmt.rebound = False
+            for prepare in self.state.restore_sql_prepared():
+                await backend.query(prepare)
         except BackendError as e:
             backend.close()
             raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
@@ -658,7 +699,12 @@ class ClientConnection(asyncio.Protocol):
     async def refresh_if_stale(self) -> None:
         """Read the state back if tracking marked it stale and no command is in flight; a
         held session's backend is idle, any other session is claimed for the time."""
-        if not self.state.user_variables_stale and self.state.held_locks_sql() is None:
+        state = self.state
+        if (
+            not state.user_variables_stale
+            and not state.last_insert_id_stale
+            and state.held_locks_sql() is None
+        ):
             return
         claimed = self.held_entry is None
         if claimed and not self.claim():
@@ -709,7 +755,7 @@ class ClientConnection(asyncio.Protocol):
         if lost is not None and await self._lost_alone(*lost):
             self._end_by_server(lost[0])
             return None
-        if self._connected_before and self._refuse_move():
+        if self._connected_before and self._refuse_move(lost is not None):
             return None
         if self.state.in_transaction:
             # The server rolled the transaction back when the connection went. Going on
@@ -736,10 +782,11 @@ class ClientConnection(asyncio.Protocol):
                 self._write_error(error)
             return None
 
-    def _refuse_move(self) -> bool:
+    def _refuse_move(self, lost: bool) -> bool:
         """A session whose server-side state cannot follow it to a new connection is ended
-        with an error naming that state, rather than going on without it."""
-        found = self.state.unmovable()
+        with an error naming that state, rather than going on without it. `lost`: the old
+        connection broke, so what was not read back from it is gone."""
+        found = self.state.unmovable(lost, self.ctx.routines)
         if not found:
             return False
         parts = []
@@ -1101,13 +1148,27 @@ class ClientConnection(asyncio.Protocol):
                 self._finish()
             return
         command = parser.command
-        if state.apply(parser.status, parser.tracked) and command == Command.QUERY:
-            state.note_statement(self._raw[5:])
+        changed = state.apply(parser.status, parser.tracked)
         err = parser.err
+        retrack = False
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
         elif command == Command.QUERY:
-            state.note_locks(self._raw, 5)
+            ok = parser.ok
+            retrack = state.after_statement(
+                self._raw, 5, changed, ok.last_insert_id if ok is not None else 0
+            )
+            if state.routines:
+                self._inspect_routines()
+        elif command == Command.STMT_EXECUTE:
+            stmt = state.statements.get(check_stmt_header(self._raw[4:]))
+            if stmt is not None:
+                ok = parser.ok
+                retrack = state.after_statement(
+                    stmt.sql, 0, changed, ok.last_insert_id if ok is not None else 0
+                )
+                if state.routines:
+                    self._inspect_routines()
         elif command == Command.STMT_PREPARE:
             state.add_statement(
                 parser.client_stmt_id,
@@ -1118,12 +1179,23 @@ class ClientConnection(asyncio.Protocol):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
+            retrack = True
+        if retrack:
             self._spawn(self._retrack())
             return
         self._finish()
 
+    def _inspect_routines(self) -> None:
+        """Read the body of every stored routine the session called that Baton has not read
+        yet (once per routine, through the admin account): what it may leave behind decides
+        whether the session can move."""
+        for name in self.state.routines - self.ctx.routines.keys():
+            self.ctx.routines[name] = None
+            asyncio.get_running_loop().create_task(self.ctx.inspect_routine(name))
+
     async def _retrack(self) -> None:
-        """After COM_RESET_CONNECTION the server forgot Baton's tracking settings too."""
+        """Set Baton's session tracking again: after COM_RESET_CONNECTION the server forgot
+        it, and a statement of the client's may have changed it."""
         try:
             assert self.backend is not None
             await self.backend.query(TRACKING_SQL)
