@@ -102,10 +102,11 @@ def start_baton(
     env: dict[str, str] | None = None,
     users: list[dict[str, str]] | None = None,
     nofile: int | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
     (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
-    open files, soft and hard)."""
+    open files, soft and hard; `extra`: other tables, merged key by key)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -122,6 +123,8 @@ def start_baton(
         data["shards"][0]["servers"] = servers
     if users is not None:
         data["users"] = users
+    for table, values in (extra or {}).items():
+        data.setdefault(table, {}).update(values)
     cfg = workdir / "baton.toml"
     cfg.write_text(dump_toml(data))
     log = workdir / "baton.log"

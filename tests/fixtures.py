@@ -8,12 +8,14 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Self
 
 import pymysql
 import pytest
 
 from harness.baton import Baton, start_baton
+from harness.process import free_port
 from reparent.sandbox import Sandbox
 
 
@@ -46,6 +48,22 @@ class Background:
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         self._thread.join(self.JOIN_TIMEOUT)
+
+
+def start_baton_without_primary(
+    config_path: Path, workdir: Path, port_hint: int, **changes: Any
+) -> Baton:
+    """Baton whose only server is a port nothing listens on (with a fixed list of logins:
+    there is no server to read the accounts from)."""
+    dead = free_port(port_hint)
+    return start_baton(
+        config_path,
+        workdir,
+        port_hint + 1,
+        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+        users=[{"name": "app", "password": "app-pass"}],
+        **changes,
+    )
 
 
 def port_hint() -> int:
