@@ -19,17 +19,12 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn
 from proxy.auth import scramble, stage1
 from proxy.packets import Cap, Command, frame, lenenc_bytes, parse_err
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Baton,
-    admin_conn,
-    metric,
-    port_hint,
-    start_baton,
-    start_baton_without_primary,
-)
+from tests.fixtures import metric, port_hint, start_baton_without_primary
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 

@@ -14,18 +14,10 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn, admin_query
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Baton,
-    WritablePoller,
-    admin_conn,
-    admin_query,
-    app_conn,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
+from tests.fixtures import WritablePoller, app_conn, port_hint, private_sandbox, server_ports
 
 # These tests stop replication and kill servers on purpose and reparent by hand: the failure
 # detector would repair or reparent under them (tests/test_failure.py tests it).
