@@ -35,6 +35,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -319,6 +320,9 @@ def run_suite(suite: Suite, side_name: str, port: int, work: Path, test_timeout:
 # -- the report --------------------------------------------------------------------------------
 
 
+_DIGITS = re.compile(r"\d+")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -360,6 +364,32 @@ def report(runs: list[tuple[SuiteRun, SuiteRun]], header: list[str]) -> tuple[st
             )
     if not any_diff:
         lines.append("| | (none) | | | | |")
+    lines += [
+        "",
+        "## Tests that fail on both sides, with different messages",
+        "",
+        "(Numbers aside: a test can fail directly for the server's sake and through Baton for "
+        "Baton's.)",
+        "",
+        "| suite | test | outcome | direct | through Baton |",
+        "|---|---|---|---|---|",
+    ]
+    any_diff = False
+    for direct, baton in runs:
+        for test in sorted(set(direct.results) & set(baton.results)):
+            d, b = direct.results[test], baton.results[test]
+            if (
+                d.outcome == b.outcome
+                and d.outcome in ("fail", "error")
+                and _DIGITS.sub("N", d.message) != _DIGITS.sub("N", b.message)
+            ):
+                any_diff = True
+                lines.append(
+                    f"| {direct.suite} | `{test}` | {d.outcome} | {_cell(d.message)} | "
+                    f"{_cell(b.message)} |"
+                )
+    if not any_diff:
+        lines.append("| | (none) | | | |")
     lines += ["", "## Every test", ""]
     for direct, baton in runs:
         lines += [f"### {direct.suite}", "", "| test | direct | through Baton |", "|---|---|---|"]

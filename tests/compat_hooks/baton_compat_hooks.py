@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 import unittest
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -44,7 +44,7 @@ class TestTimeout(Exception):
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise TestTimeout(f"no result within {TIMEOUT:.0f} s (the compat run's per-test bound)")
+    raise TestTimeout(f"no result within {TIMEOUT:g} s (the compat run's per-test bound)")
 
 
 def _arm() -> None:
@@ -167,9 +167,8 @@ class _Recorder:
         self._result.addSubTest(test, subtest, err)
 
 
-def run_unittests(argv: list[str]) -> None:
-    """Run unittests.py (in the current folder) with `argv`, every test bounded and recorded."""
-    original = unittest.TestCase.run
+def bounded(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`unittest.TestCase.run` (`original`) with each test bounded and its outcome recorded."""
 
     def run(self: unittest.TestCase, result: unittest.TestResult | None = None) -> Any:
         if result is None:
@@ -180,11 +179,16 @@ def run_unittests(argv: list[str]) -> None:
         started = time.monotonic()
         _arm()
         try:
-            return original(self, recorder)  # type: ignore[arg-type]
+            return original(self, recorder)
         finally:
             _disarm()
             record(test_id, recorder.outcome, recorder.message, time.monotonic() - started)
 
-    unittest.TestCase.run = run  # type: ignore[method-assign]
+    return run
+
+
+def run_unittests(argv: list[str]) -> None:
+    """Run unittests.py (in the current folder) with `argv`, every test bounded and recorded."""
+    unittest.TestCase.run = bounded(unittest.TestCase.run)  # type: ignore[method-assign]
     sys.argv = ["unittests.py", *argv]
     runpy.run_path("unittests.py", run_name="__main__")
