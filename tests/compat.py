@@ -48,8 +48,16 @@ from pathlib import Path
 
 import pymysql
 
-from bench.common import head_lines, machine_info, neighbours, progress, run_main, run_record
-from reparent.sandbox import Sandbox
+from bench.common import (
+    connect,
+    head_lines,
+    machine_info,
+    neighbours,
+    progress,
+    run_main,
+    run_record,
+)
+from reparent.sandbox import ADMIN, Sandbox
 from tests.conftest import sandbox_base_port
 from tests.fixtures import ROOT, port_hint, start_baton
 
@@ -173,16 +181,12 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 
 def admin(box: Sandbox) -> pymysql.Connection:
-    status = box.status()
-    primary = next(s for s in status["servers"] if s["role"] == "primary")
-    user = status["users"]["admin"]
-    return pymysql.connect(
-        host=primary["host"],
-        port=primary["port"],
-        user=user["user"],
-        password=user["password"],
-        autocommit=True,
-    )
+    """The controller's account on the primary: it may create accounts and set globals."""
+    return connect(primary_port(box), ADMIN)
+
+
+def primary_port(box: Sandbox) -> int:
+    return next(s["port"] for s in box.status()["servers"] if s["role"] == "primary")
 
 
 def prepare(box: Sandbox) -> dict[str, str]:
@@ -225,9 +229,8 @@ def side(
     box.up()
     try:
         defaults = prepare(box)
-        primary = next(s["port"] for s in box.status()["servers"] if s["role"] == "primary")
         if name == "direct":
-            yield box, primary, defaults
+            yield box, primary_port(box), defaults
             return
         baton = start_baton(
             box.config_path,
