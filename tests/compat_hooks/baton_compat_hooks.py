@@ -56,8 +56,15 @@ def _disarm() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def record(test_id: str, outcome: str, message: str, seconds: float) -> None:
-    line = {"id": test_id, "outcome": outcome, "message": message[:MESSAGE_LIMIT], "s": seconds}
+def record(test_id: str, outcome: str, message: str, seconds: float, at: float) -> None:
+    """One test's line; `at` (Unix time of its start) lines it up with Baton's log."""
+    line = {
+        "id": test_id,
+        "outcome": outcome,
+        "message": message[:MESSAGE_LIMIT],
+        "s": round(seconds, 4),
+        "at": round(at, 3),
+    }
     with open(os.environ["BATON_COMPAT_RESULTS"], "a") as out:
         out.write(json.dumps(line) + "\n")
 
@@ -74,7 +81,7 @@ def _exc_message(err: ExcInfo | None) -> str:
 
 # -- pytest (PyMySQL) --------------------------------------------------------------------------
 
-_pytest_state: dict[str, tuple[str, str, float]] = {}
+_pytest_state: dict[str, tuple[str, str, float, float]] = {}
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -108,7 +115,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         message = before[1] if worst == before[0] and before[1] else message
         outcome = worst
     seconds = (before[2] if before else 0.0) + report.duration
-    _pytest_state[report.nodeid] = (outcome, message.splitlines()[0] if message else "", seconds)
+    at = before[3] if before else report.start
+    _pytest_state[report.nodeid] = (
+        outcome,
+        message.splitlines()[0] if message else "",
+        seconds,
+        at,
+    )
 
 
 def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
@@ -176,13 +189,14 @@ def bounded(original: Callable[..., Any]) -> Callable[..., Any]:
         recorder = _Recorder(result)
         # Read before the run: connector's foreach_cnx renames a test as it goes.
         test_id = self.id()
-        started = time.monotonic()
+        at, started = time.time(), time.monotonic()
         _arm()
         try:
             return original(self, recorder)
         finally:
             _disarm()
-            record(test_id, recorder.outcome, recorder.message, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            record(test_id, recorder.outcome, recorder.message, seconds, at)
 
     return run
 
