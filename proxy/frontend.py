@@ -35,7 +35,7 @@ from proxy.client_packets import (
     parse_change_user,
 )
 from proxy.errors import ErrorKind
-from proxy.hold import Holder
+from proxy.holder import Holder
 from proxy.login import LoginRefused, LoginSettings, read_handshake, verify
 from proxy.packets import (
     COMMAND_NAMES,
