@@ -48,18 +48,13 @@ from pathlib import Path
 
 import pymysql
 
-from bench.common import (
-    connect,
-    head_lines,
-    machine_info,
-    neighbours,
-    progress,
-    run_main,
-    run_record,
-)
-from reparent.sandbox import ADMIN, Sandbox
+from bench.process import progress, run_main
+from bench.record import ROOT, head_lines, machine_info, neighbours, run_record
+from harness.baton import start_baton
+from harness.clients import admin_conn
+from reparent.sandbox import Sandbox
 from tests.conftest import sandbox_base_port
-from tests.fixtures import ROOT, port_hint, start_baton
+from tests.fixtures import port_hint
 
 HOOKS = ROOT / "tests" / "compat_hooks"
 PYMYSQL_SUITE_VERSION = "0.10.1"  # the newest PyMySQL sdist that ships pymysql/tests
@@ -182,7 +177,7 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 def admin(box: Sandbox) -> pymysql.Connection:
     """The controller's account on the primary: it may create accounts and set globals."""
-    return connect(primary_port(box), ADMIN)
+    return admin_conn(primary_port(box))
 
 
 def primary_port(box: Sandbox) -> int:
