@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable, Collection
 from typing import Any
 
-from proxy.frontend import ProxyContext
+from proxy.context import ProxyContext
 from reparent.controller import Controller, ReparentRefused
 from reparent.topology import ReparentKind, ReparentRecord
 

@@ -1,32 +1,32 @@
-"""The client-facing side: accept, login, then a callback relay of each command to its backend.
+"""The client-facing side: accept, login, then a callback relay of each command to its server.
 
-Every client socket gets a `ClientConnection`, an asyncio Protocol. Before login it only buffers
-bytes (bounded) for the login coroutine (proxy/login.py), which checks the client against the
-servers' own accounts and logs the session in to the primary as that account; any refusal is
-the error the server would send, and the connection closes. After login, commands are relayed
-from the client's `data_received` to the backend and responses back from the backend's, with no
-task and no future on the hot path.
+Every client socket gets a `ClientConnection`, an asyncio Protocol: a thin shell around the
+session machine (proxy/session_machine.py), which decides what happens to every command. Before
+login the shell only buffers bytes (bounded) for the login coroutine (proxy/login.py), which
+checks the client against the servers' own accounts and logs the session in to the primary as
+that account; any refusal is the error the server would send, and the connection closes. After
+login the shell cuts the client's bytes into commands, reports each to the machine and carries
+out the machine's actions: relay the command (translating statement ids and KILL), hold it,
+connect, probe, write an error, close. A relayed command goes from the client's
+`data_received` to the server and its response back from the server's, with no task and no
+future: one machine call each way. Only what must wait (a connect, a probe, a login) runs in a
+task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import re
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import metrics
-from proxy.accounts import Accounts
-from proxy.admission import Admission, LoginFailure, Refusal
+from proxy.admission import LoginFailure, Refusal
 from proxy.auth import nonce as new_nonce
-from proxy.auth import stage1
-from proxy.backend import BackendConnection, BackendError, BackendLogin
-from proxy.buffer import EvictReason
+from proxy.backend import BackendError
 from proxy.client_packets import (
     STMT_HEADER,
     ClientPacketError,
@@ -34,8 +34,10 @@ from proxy.client_packets import (
     check_stmt_header,
     parse_change_user,
 )
+from proxy.context import SESSION_ID_BASE, SESSION_ID_SPAN, ProxyContext
 from proxy.errors import ErrorKind
-from proxy.holder import Holder
+from proxy.holder import Released, Verdict
+from proxy.link import ServerLink
 from proxy.login import LoginRefused, LoginSettings, read_handshake, verify
 from proxy.packets import (
     COMMAND_NAMES,
@@ -47,22 +49,29 @@ from proxy.packets import (
     make_err,
     make_ok,
     make_server_handshake,
-    proxy_header,
     with_stmt_id,
 )
-from proxy.response import Phase, ResponseParser
-from proxy.router import Router
-from proxy.session import (
-    READ_BACK_SQL,
-    SessionState,
-    Unmovable,
-    reads_only,
-    routine_hazards,
+from proxy.response import Phase as ResponsePhase
+from proxy.response import ResponseParser
+from proxy.session import SessionState
+from proxy.session_machine import (
+    NEXT,
+    RELAYED,
+    SEND,
+    Actions,
+    Close,
+    CloseReason,
+    Do,
+    EndTicket,
+    Failed,
+    Phase,
+    Refused,
+    RolledBack,
+    SessionMachine,
+    WriteError,
+    error_packet,
+    loss_message,
 )
-from reparent.admin import AdminConnection
-from reparent.config import Config, ServerConfig
-from reparent.topology import Aborted, ReparentStarted, TopologyEvent
-from reparent.topology import Established as EstablishedEvent
 
 log = logging.getLogger(__name__)
 
@@ -70,283 +79,48 @@ log = logging.getLogger(__name__)
 HIGH_WATER = 1 << 20
 _STATS = metrics.COMMAND_STATS
 
-# Set on every backend connection: Baton learns each session's state from OK packets.
-TRACKING_ASSIGNMENTS = (
-    "session_track_schema=1, session_track_state_change=1, "
-    "session_track_system_variables='*', session_track_transaction_info='STATE'"
-)
-TRACKING_SQL = "SET " + TRACKING_ASSIGNMENTS
-# Commands relayed to the backend with a response; anything else is refused with 1047.
-_RELAYED = frozenset(
-    {
-        Command.QUERY,
-        Command.INIT_DB,
-        Command.PING,
-        Command.FIELD_LIST,
-        Command.SET_OPTION,
-        Command.STATISTICS,
-        Command.DEBUG,
-    }
-)
-
-
-# Commands that may wait for the next primary after failing on this one: they carry everything
-# needed to send them again (a cursor's FETCH does not: its cursor died with the connection).
-# The relayed ones but COM_DEBUG, which has the server write to its log, plus PREPARE/EXECUTE.
-_RETRYABLE = (_RELAYED - {Command.DEBUG}) | {Command.STMT_PREPARE, Command.STMT_EXECUTE}
-
-
 # KILL naming a connection by id: the words before the id are kept as they are.
 _KILL = re.compile(
     rb"(?is)\s*(kill(?:\s+(?:hard|soft))?(?:\s+(?:connection|query))?)\s+(\d{1,20})\s*;?\s*"
 )
-
-_UNMOVABLE_LABELS = {
-    Unmovable.TEMPORARY_TABLES: "temporary tables",
-    Unmovable.USER_LOCKS: "user locks from GET_LOCK",
-    Unmovable.TABLE_LOCKS: "table locks from LOCK TABLES",
-    Unmovable.XA: "XA transaction",
-    Unmovable.USER_VARIABLES: "user variables set since Baton last read them",
-    Unmovable.UNTRACKED_VARIABLES: "variables changed while it had session tracking off",
-    Unmovable.SQL_PREPARED: "prepared statements made from a user variable",
-    Unmovable.ROUTINE_STATE: "state left by stored routines",
-}
-
-
-class FailureCause(enum.StrEnum):
-    """Why a command failed on the primary before any of its result reached the client."""
-
-    READ_ONLY = "read_only"  # the server answered 1290: it is not the writable primary
-    LOST = "lost"  # the connection broke; the server may have run the command
-    UNREACHABLE = "unreachable"  # no connection could be made: it never ran
-
-
-@dataclass
-class BackendIdentity:
-    """How Baton presents itself: the backend's version, collation and capabilities."""
-
-    version: str
-    capabilities: int
-    collation: int
-
-
-# Baton's session ids (the connection id in its greeting) start here, above any server's thread
-# ids, so that `KILL <id>` can tell a Baton session from a server thread.
-SESSION_ID_BASE = 1 << 30
-SESSION_ID_SPAN = 1 << 24
-
-
-@dataclass
-class ProxyContext:
-    """What every client session shares: config, routing, accounts and the live sessions."""
-
-    config: Config
-    identity: BackendIdentity
-    router: Router
-    holder: Holder
-    accounts: Accounts
-    admission: Admission
-    # The largest command a client may send: proxy.max_packet_size, or the primary's
-    # max_allowed_packet read at start.
-    max_packet: int = 64 << 20
-    sessions: dict[int, ClientConnection] = field(default_factory=dict)
-    _next_id: int = 0
-    # Grows with every published switch; a session's backend from an older epoch is stale.
-    epoch: int = 0
-    # What each stored routine sessions called may leave behind (session.routine_hazards);
-    # None while its body is being read or when it could not be.
-    routines: dict[str, list[str] | None] = field(default_factory=dict)
-    _probe: asyncio.Future[bool] | None = None
-
-    def __post_init__(self) -> None:
-        self.holder.probe = lambda shard: self.primary_writable()
-        admin = self.config.admin
-        self._admin_login = BackendLogin(admin.user, stage1(admin.password))
-
-    def new_session_id(self) -> int:
-        """The next free session id (ids wrap within their span, skipping live ones)."""
-        while True:
-            self._next_id = (self._next_id + 1) % SESSION_ID_SPAN
-            session_id = SESSION_ID_BASE + self._next_id
-            if session_id not in self.sessions:
-                return session_id
-
-    def primary(self) -> ServerConfig:
-        return self.router.primary(self.config.proxy.shard)
-
-    def term(self) -> int:
-        return self.router.store.read(self.config.proxy.shard).value.term
-
-    @property
-    def can_switch(self) -> bool:
-        """Does the shard have a server besides the primary? Without one no new primary can
-        come, so a failed command has nothing to wait for."""
-        shard = next(s for s in self.config.shards if s.name == self.config.proxy.shard)
-        return len(shard.servers) > 1
-
-    async def primary_writable(self) -> bool:
-        """Does the primary still take a new connection and writes? Asked after a session
-        lost its connection: yes means the loss was that connection's alone (a KILL, a
-        timeout), so its client gets the error at once instead of waiting for a switch that
-        is not coming. Sessions that fail together share one probe."""
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self._probe_primary())
-        return await asyncio.shield(self._probe)
-
-    async def connect(
-        self,
-        server: ServerConfig,
-        login: BackendLogin,
-        client_caps: int,
-        collation: int,
-        schema: str | None,
-        client: tuple[str, int] | None = None,
-    ) -> BackendConnection:
-        """A backend connection to `server`, logged in as `login` (the client's own account).
-        With backend.proxy_protocol the server is told `client`'s address first."""
-        header = b""
-        if client is not None and self.config.backend.proxy_protocol:
-            header = proxy_header(client, (server.host, server.port))
-        return await BackendConnection.connect(
-            server.host,
-            server.port,
-            login,
-            client_caps,
-            collation,
-            schema,
-            self.config.proxy.backend_connect_timeout,
-            header,
-        )
-
-    async def inspect_routine(self, name: str) -> None:
-        """Read a stored routine's body as the admin account and note what it may leave."""
-        schema, _, routine = name.partition(".")
-
-        def read() -> bytes | None:
-            conn = AdminConnection(self.primary(), self.config.admin, 2.0)
-            try:
-                rows = conn.query(
-                    "SELECT ROUTINE_DEFINITION AS body FROM information_schema.ROUTINES"
-                    " WHERE ROUTINE_SCHEMA = %s AND ROUTINE_NAME = %s",
-                    (schema, routine),
-                )
-            finally:
-                conn.close()
-            return rows[0]["body"].encode() if rows and rows[0]["body"] is not None else None
-
-        try:
-            body = await asyncio.to_thread(read)
-        except Exception as e:  # unreachable, refused: the routine stays unknown
-            log.info("cannot read stored routine %s: %s", name, e)
-            self.routines.pop(name, None)
-            return
-        if body is not None:
-            self.routines[name] = routine_hazards(body)
-
-    async def _probe_primary(self) -> bool:
-        try:
-            backend = await self.connect(
-                self.primary(), self._admin_login, 0, self.identity.collation, None
-            )
-        except BackendError:
-            return False
-        try:
-            rows = await asyncio.wait_for(
-                backend.query("SELECT @@read_only"), self.config.proxy.backend_connect_timeout
-            )
-            return rows[0][0] == b"0"
-        except (BackendError, TimeoutError):
-            return False
-        finally:
-            backend.close()
-
-    # -- the router's listener: topology events, on the proxy's loop ---------------------------
-
-    def busy(self, shard: str) -> bool:
-        """Any session with a transaction open or a statement in flight on the old primary?
-        A held session counts as idle: its command has not been sent."""
-        return any(
-            (c.busy and c.held_entry is None) or c.state.in_transaction
-            for c in self.sessions.values()
-        )
-
-    async def prepare_move(self, shard: str) -> None:
-        """Read back what tracking does not report, while the old primary still answers.
-        The router calls this once no session is in a transaction or mid-statement."""
-        for conn in list(self.sessions.values()):
-            await conn.refresh_if_stale()
-
-    def topology_event(self, event: TopologyEvent) -> None:
-        if isinstance(event, ReparentStarted):
-            for conn in self.sessions.values():
-                if conn.state.in_transaction:
-                    case = "in_transaction"  # runs to its end first, within the grace period
-                elif conn.busy and conn.held_entry is None:
-                    case = "in_statement"  # its statement ends on the old primary
-                else:
-                    case = "idle"  # held at its next command
-                metrics.SWITCH_SESSIONS.labels(case).inc()
-            self.holder.reparent_started(event.shard, event.term)
-        elif isinstance(event, EstablishedEvent):
-            self.epoch += 1
-            self.holder.established(event.shard, event.term)
-        elif isinstance(event, Aborted):
-            self.epoch += 1
-            self.holder.aborted(event.shard)
+# Plain names for the hot path (an enum member is an attribute lookup each time).
+_LOGIN, _IDLE, _INFILE, _CLOSED = Phase.LOGIN, Phase.IDLE, Phase.INFILE, Phase.CLOSED
+_QUIT, _QUERY, _PROCESS_KILL = int(Command.QUIT), int(Command.QUERY), int(Command.PROCESS_KILL)
+_INFILE_RESPONSE = ResponsePhase.INFILE
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client socket: its login, then a byte relay of its session to a backend."""
+    """One client socket: its login, then a byte relay of its session to a server.
+
+    Mutable attributes: the transport and its write, the input buffer's read offset and its
+    waiter, three flow-control flags, and four for the command in progress (when it started,
+    its command byte, whether any of its result reached the client, the task it waits in).
+    The session's lifecycle is the machine's; its server connection is the link's."""
 
     def __init__(self, ctx: ProxyContext, session_id: int) -> None:
         self.ctx = ctx
         self.connection_id = session_id
         self.state = SessionState(session_id=session_id, user="", client_address="?")
-        self.backend: BackendConnection | None = None
-        self.backend_server: ServerConfig | None = None
-        self.client_caps = 0
-        self.login: BackendLogin | None = None
-        self._peer: tuple[str, int] | None = None
-        self._nonce = b""
-        # True while a command (or Baton's own query) owns the backend connection.
-        self.busy = False
+        self.machine = SessionMachine(self.state, ctx)
+        self.link = ServerLink(ctx, self.state, self.backend_full)
+        self._holder = ctx.holder
+        self._shard = ctx.config.proxy.shard
+        self._parser = ResponseParser(deprecate_eof=False, client_tracks=False)
         # What the client sent that is not consumed yet: a bytearray read from `_inpos`, so
         # appending is amortized O(1) and taking a command never copies the rest.
         self._inbuf = bytearray()
         self._inpos = 0
         self._reader: asyncio.Future[None] | None = None  # a coroutine waits for bytes
-        self._logged_in = False
-        self._gone = False
+        self._transport: asyncio.Transport | None = None
+        self._write: Callable[[bytes], None] = _discard
         self._admitted = False
-        self._infile = False
         self._paused = False
         self._backend_full = False  # the server reads our writes slower than we send
         self._streaming = 0  # bytes of a large command already passed on, packet by packet
         self._started = 0.0
         self._command_byte = 0
-        self._prepare_sql = b""
-        # Holding: the buffer's entry for a held command, and for one being flushed.
-        self.held_entry: int | None = None
-        self._held_raw = b""
-        self._flushing: int | None = None
-        # The unplanned path: the client's bytes of the command in progress, whether it has
-        # already waited once after failing, the error it would have had, and the server
-        # that may have run it (never sent there again).
-        self._raw = b""
-        self._failed_once = False
-        self._failure: tuple[bytes, str] | None = None  # (error packet, origin)
-        self._avoid: str | None = None
-        self._epoch = 0
-        self._client_quit = False  # the client said COM_QUIT (else its close was an abort)
-        self._lost_from: tuple[ServerConfig, int] | None = None  # (server, epoch) of a loss
-        self._connected_before = False  # a later connect moves the session's state
-        self._client_slow = False
-        self._backend_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._transport: asyncio.Transport | None = None
-        self._parser = ResponseParser(deprecate_eof=False, client_tracks=False)
         self._relayed = False
-        self._write: Callable[[bytes], None] = lambda data: None
+        self._task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -358,7 +132,7 @@ class ClientConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         if peer:
-            self._peer = (str(peer[0]), int(peer[1]))
+            self.link.peer = (str(peer[0]), int(peer[1]))
             self.state.client_address = f"{peer[0]}:{peer[1]}"
         ctx = self.ctx
         refusal = ctx.admission.admit(self.address)
@@ -374,11 +148,14 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._inbuf += data
             self._wake()
-            if self._logged_in:
+            phase = self.machine.phase
+            if phase is not _LOGIN:
                 self._pump()
+                phase = self.machine.phase
             if (
-                (self.busy or not self._logged_in)
-                and not (self._infile or self._streaming)
+                phase is not _IDLE
+                and phase is not _INFILE
+                and not self._streaming
                 and len(self._inbuf) - self._inpos > HIGH_WATER
             ):
                 # Nobody takes these bytes now (a login or a command runs): let them wait in
@@ -399,19 +176,16 @@ class ClientConnection(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._gone = True
         self._write = _discard
         self._wake()
-        if self.held_entry is not None:
-            entry, self.held_entry = self.held_entry, None
-            self.ctx.holder.cancel(entry)
+        self._carry_out(self.machine.close(CloseReason.GONE))
         if self._task is not None:
             self._task.cancel()
-        if self._logged_in:
-            self.ctx.sessions.pop(self.connection_id, None)
-            # A client that dropped its socket without COM_QUIT is an aborted client to the
-            # server too (Aborted_clients), as it would be direct.
-            self._close_backend(quit=self._client_quit)
+        self.ctx.sessions.pop(self.connection_id, None)
+        # A client that dropped its socket without COM_QUIT is an aborted client to the
+        # server too (Aborted_clients), as it would be direct. (After COM_QUIT the connection
+        # was closed with its own COM_QUIT already.)
+        self.link.close(quit=False)
         if self._admitted:
             self._admitted = False
             self.ctx.admission.closed()
@@ -420,14 +194,15 @@ class ClientConnection(asyncio.Protocol):
     # The transport calls these around its write-buffer limits: a client that reads slowly
     # stops the server's results at the backend socket instead of in Baton's memory.
     def pause_writing(self) -> None:
-        self.client_slow(True)
+        self.link.slow(True)
 
     def resume_writing(self) -> None:
-        self.client_slow(False)
+        self.link.slow(False)
 
     @property
     def address(self) -> str:
-        return self._peer[0] if self._peer else "?"
+        peer = self.link.peer
+        return peer[0] if peer else "?"
 
     def _wake(self) -> None:
         waiter = self._reader
@@ -462,7 +237,7 @@ class ClientConnection(asyncio.Protocol):
                     payload = bytes(buf[pos + 4 : pos + 4 + length])
                     self._consume(4 + length)
                     return seq, payload
-            if self._gone:
+            if self.machine.phase is _CLOSED:
                 raise ConnectionResetError("the client closed the connection")
             self._pause(False)
             self._reader = asyncio.get_running_loop().create_future()
@@ -502,7 +277,7 @@ class ClientConnection(asyncio.Protocol):
                 ctx.admission.capacity,
             )
         self._write(frame(packet, 0))
-        self._transport.close()  # type: ignore[union-attr]
+        self._close(CloseReason.LOGIN_FAILED)
 
     async def _login_and_start(self) -> None:
         """The greeting, the login and the session's first server connection; then the relay
@@ -511,8 +286,8 @@ class ClientConnection(asyncio.Protocol):
         cfg = ctx.config.proxy
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                verified, response = await self._authenticate()
-            await self._first_backend(verified.seq)
+                seq = await self._authenticate()
+            await self._first_backend(seq)
         except LoginRefused as e:
             self._login_failed(e.reason, str(e), e.packet)
             return
@@ -524,26 +299,21 @@ class ClientConnection(asyncio.Protocol):
         except (ConnectionError, asyncio.CancelledError):
             self._login_failed(LoginFailure.CLIENT_GONE, "the client went away", None)
             return
-        except Exception:
-            log.exception("session %d: login failed", self.connection_id)
-            self._close()
-            return
-        finally:
-            self._task = None
         ctx.admission.login_ok(self.address)
-        self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
-        self._logged_in = True
+        self._write(make_ok(Status.AUTOCOMMIT, seq))
+        self.machine.logged_in()
         ctx.sessions[self.connection_id] = self
         self._transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[union-attr]
         self._pump()  # commands the client pipelined behind its login
 
-    async def _authenticate(self) -> tuple[Any, Any]:
+    async def _authenticate(self) -> int:
+        """The greeting and the client's login, checked; the sequence id to answer with."""
         ctx = self.ctx
         identity = ctx.identity
         offered = identity.capabilities
         if not ctx.config.proxy.allow_load_data_local:
             offered &= ~Cap.LOCAL_FILES
-        self._nonce = new_nonce()
+        nonce = new_nonce()
         self._write(
             frame(
                 make_server_handshake(
@@ -552,20 +322,19 @@ class ClientConnection(asyncio.Protocol):
                     offered,
                     identity.collation,
                     Status.AUTOCOMMIT,
-                    self._nonce,
+                    nonce,
                 ),
                 0,
             )
         )
         response = await read_handshake(self, offered)
-        self.client_caps = response.capabilities & offered
+        link = self.link
+        link.client_caps = response.capabilities & offered
         self.state.collation = response.collation
         self.state.schema = response.database
         self.state.user = response.user
-        self._parser = ResponseParser(
-            deprecate_eof=bool(self.client_caps & Cap.DEPRECATE_EOF),
-            client_tracks=bool(self.client_caps & Cap.SESSION_TRACK),
-        )
+        self._parser.deprecate_eof = bool(link.client_caps & Cap.DEPRECATE_EOF)
+        self._parser.client_tracks = bool(link.client_caps & Cap.SESSION_TRACK)
         verified = await verify(
             self,
             ctx.accounts,
@@ -573,11 +342,11 @@ class ClientConnection(asyncio.Protocol):
             response.user,
             response.auth_plugin,
             response.auth_response,
-            self._nonce,
+            nonce,
             1,
         )
-        self.login = verified.login
-        return verified, response
+        link.login = verified.login
+        return verified.seq
 
     def _login_settings(self, offered: int) -> LoginSettings:
         return LoginSettings(
@@ -592,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
         client's answer; a server that cannot be reached is not: the session starts and
         its commands wait for, or explain, the primary."""
         try:
-            await self._connect_backend()
+            await self.link.connect()
         except BackendError as e:
             if e.err is None:
                 log.info("session %d: no backend yet: %s", self.connection_id, e)
@@ -630,197 +399,13 @@ class ClientConnection(asyncio.Protocol):
                 ctx.config.proxy.max_connect_errors,
                 self.address,
             )
-        if packet is not None and not self._gone:
+        if packet is not None and self.machine.phase is not _CLOSED:
             code = int.from_bytes(packet[5:7], "little")
             metrics.ERRORS.labels(str(code), "baton").inc()
             self._write(packet)
-        self._close()
+        self._close(CloseReason.LOGIN_FAILED)
 
-    # -- backend -------------------------------------------------------------------------------
-
-    async def _connect_backend(self) -> BackendConnection:
-        """A server connection on the current primary, as the client's account, with the
-        session's state restored on it."""
-        # The epoch of the primary chosen now: a switch published while this connects makes
-        # the new connection stale at once, and the next command moves it again.
-        epoch = self.ctx.epoch
-        server = self.ctx.primary()
-        label = server.name
-        moving = self._connected_before
-        assert self.login is not None
-        try:
-            backend = await self.ctx.connect(
-                server,
-                self.login,
-                self.client_caps,
-                self.state.collation,
-                self.state.schema,
-                self._peer,
-            )
-            await self._restore(backend)
-        except BackendError:
-            metrics.BACKEND_CONNECT_FAILURES.labels(label).inc()
-            metrics.BACKEND_UP.labels(label).set(0)
-            if moving:
-                metrics.SESSIONS_MOVED.labels("failed").inc()
-            raise
-        if moving:
-            metrics.SESSIONS_MOVED.labels("moved").inc()
-        self._attach(backend, server, epoch)
-        return backend
-
-    def _attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
-        self._connected_before = True
-        metrics.BACKEND_UP.labels(server.name).set(1)
-        metrics.BACKEND_CONNECTIONS.labels(server.name).inc()
-        self.backend = backend
-        self.backend_server = server
-        backend.on_full = self.backend_full
-        if self._client_slow:
-            backend.pause_reading(True)
-        self._epoch = epoch
-        self.state.backend = f"{server.name} ({server.host}:{server.port})"
-
-    async def _restore(self, backend: BackendConnection) -> None:
-        """Give a new server session this session's state: Baton's tracking, the variables
-        (character set, sql_mode, time zone, ...), user variables, prepared statements. The
-        schema and collation went with the login. One round trip, plus one per statement."""
-        assignments = [TRACKING_ASSIGNMENTS, *self.state.restore_assignments()]
-        try:
-            await backend.query("SET " + ", ".join(assignments))
-            for stmt in self.state.statements.values():
-                parser, _ = await backend.command(
-                    frame(bytes((Command.STMT_PREPARE,)) + stmt.sql, 0)
-                )
-                stmt.backend_id = parser.backend_stmt_id
-                stmt.rebound = False
-            for prepare in self.state.restore_sql_prepared():
-                await backend.query(prepare)
-        except BackendError as e:
-            backend.close()
-            raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
-
-    async def refresh_if_stale(self) -> None:
-        """Read the state back if tracking marked it stale and no command is in flight; a
-        held session's backend is idle, any other session is claimed for the time."""
-        state = self.state
-        if (
-            not state.user_variables_stale
-            and not state.last_insert_id_stale
-            and state.held_locks_sql() is None
-        ):
-            return
-        claimed = self.held_entry is None
-        if claimed and not self.claim():
-            return
-        try:
-            await self.refresh_state()
-        except BackendError as e:
-            log.info("session %d: cannot read its state back: %s", self.connection_id, e)
-        finally:
-            if claimed:
-                self.release()
-
-    async def refresh_state(self) -> None:
-        """Read back what tracking does not report (user variables, collation); needed before
-        its state can move to another server. The caller makes sure no command is in flight."""
-        async with self._backend_lock:
-            backend = self.backend
-            if backend is None or not backend.alive:
-                return
-            self.state.read_back(await backend.query(READ_BACK_SQL))
-            exact = self.state.exact_strings_sql()
-            if exact is not None:
-                self.state.exact_strings((await backend.query(exact))[0])
-            locks = self.state.held_locks_sql()
-            if locks is not None:
-                self.state.held_locks((await backend.query(locks))[0])
-
-    def _close_backend(self, quit: bool = True) -> None:
-        if self.backend is not None:
-            self.backend.close(quit)
-            assert self.backend_server is not None
-            metrics.BACKEND_CONNECTIONS.labels(self.backend_server.name).dec()
-        self.backend = None
-        self.state.backend = ""
-
-    async def _ensure_backend(self, raw: bytes) -> BackendConnection | None:
-        """The session's backend for the command `raw`, reconnecting (with the session's state)
-        to the current primary if it was lost or belongs to an older epoch; None when the
-        command was answered with an error or is held for the next primary."""
-        if self.backend is not None and self.backend.alive and self._epoch == self.ctx.epoch:
-            return self.backend
-        if self.backend is not None:
-            if self.backend.alive:
-                self._close_backend()  # stale: a switch was published since
-            else:
-                self._drop_backend()
-        lost, self._lost_from = self._lost_from, None
-        if lost is not None and await self._lost_alone(*lost):
-            self._end_by_server(lost[0])
-            return None
-        if self._connected_before and self._refuse_move(lost is not None):
-            return None
-        if self.state.in_transaction:
-            # The server rolled the transaction back when the connection went. Going on
-            # silently would let the client COMMIT a transaction that no longer exists.
-            self.state.status &= ~Status.IN_TRANS
-            metrics.SWITCH_SESSIONS.labels("rolled_back").inc()
-            self._error(
-                ErrorKind.TRANSACTION_LOST,
-                "The transaction was rolled back: its connection to the primary was closed "
-                "(for a switch of the primary, the transaction outlived the grace period). "
-                "This statement was not executed; retry the whole transaction.",
-            )
-            return None
-        try:
-            return await self._connect_backend()
-        except BackendError as e:
-            server = self.ctx.primary()
-            error = self._error_packet(
-                ErrorKind.BACKEND_UNREACHABLE,
-                f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
-                f"{e}. The statement was not executed; retry when the primary is back.",
-            )
-            if not (self._may_retry(raw[4]) and self._failed(FailureCause.UNREACHABLE, error)):
-                self._write_error(error)
-            return None
-
-    def _refuse_move(self, lost: bool) -> bool:
-        """A session whose server-side state cannot follow it to a new connection is ended
-        with an error naming that state, rather than going on without it. `lost`: the old
-        connection broke, so what was not read back from it is gone."""
-        found = self.state.unmovable(lost, self.ctx.routines)
-        if not found:
-            return False
-        parts = []
-        for reason, names in found.items():
-            metrics.SESSIONS_REFUSED.labels(str(reason)).inc()
-            label = _UNMOVABLE_LABELS[reason]
-            parts.append(f"{label} ({', '.join(names)})" if names else label)
-        server = self.ctx.primary()
-        self._error(
-            ErrorKind.SESSION_NOT_MOVABLE,
-            f"This session's connection to the primary was replaced (now {server.name}), and "
-            f"its {'; '.join(parts)} existed only there and cannot move with it. The "
-            "statement was not executed and Baton closes the session: reconnect and set them "
-            "up again.",
-        )
-        self._close()
-        return True
-
-    # -- command phase: a callback relay ---------------------------------------------------------
-    #
-    # A command the session can relay as it is (the backend is up, the statement id is known)
-    # goes to the backend from the client's data_received callback, and the response goes back
-    # from the backend's: no task, no future. Commands that need to wait for something (a
-    # reconnect, a re-authentication, Baton's own queries) run in a task; meanwhile the
-    # client's next bytes wait in `_inbuf`.
-
-    def client_slow(self, slow: bool) -> None:
-        self._client_slow = slow
-        if self.backend is not None:
-            self.backend.pause_reading(slow)
+    # -- the command phase: the client's bytes, cut into commands ----------------------------
 
     def backend_full(self, full: bool) -> None:
         """The server's connection has more of our writes queued than it takes (a large
@@ -831,25 +416,23 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._pump()
 
-    def _close(self) -> None:
-        self._gone = True
-        self._write = _discard  # the transport refuses writes once closed: drop them
-        if self._transport is not None:
-            self._transport.close()
-
     def _pump(self) -> None:
         """Take whole packets from the client while the session is free to act on them."""
-        if self._gone or self._backend_full:
+        machine = self.machine
+        if machine.phase is _CLOSED or self._backend_full:
             return
         limit = self.ctx.max_packet
         buf = self._inbuf
-        while (not self.busy or self._infile or self._streaming) and len(buf) - self._inpos >= 4:
+        while (machine.phase is _IDLE or machine.phase is _INFILE or self._streaming) and len(
+            buf
+        ) - self._inpos >= 4:
             pos = self._inpos
             length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
             if self._streaming:
                 if not self._stream_packet(pos, length, limit):
                     break
                 continue
+            infile = machine.phase is _INFILE
             end = pos + 4 + length
             total = length  # the command's payload, over all its packets
             while length == MAX_PAYLOAD and total <= limit:
@@ -862,12 +445,11 @@ class ClientConnection(asyncio.Protocol):
             if total > limit:
                 self._too_large(limit)
                 return
-            if not self._infile and buf[pos + 3] != 0 and length != 0:
-                if length == 1 and buf[pos + 4] == Command.QUIT:
+            if not infile and buf[pos + 3] != 0 and length != 0:
+                if length == 1 and buf[pos + 4] == _QUIT:
                     # MariaDB takes COM_QUIT whatever its sequence id (some clients send it
                     # mid-sequence when they close).
-                    self._client_quit = True
-                    self._close()
+                    self._close(CloseReason.QUIT)
                     return
                 self._protocol_error(
                     ErrorKind.PACKETS_OUT_OF_ORDER,
@@ -878,7 +460,7 @@ class ClientConnection(asyncio.Protocol):
             if (
                 total >= MAX_PAYLOAD
                 and len(buf) >= pos + 4 + MAX_PAYLOAD
-                and not self._infile
+                and not infile
                 and self._can_stream(buf[pos + 4])
             ):
                 # Large commands go on packet by packet as they arrive, not kept whole.
@@ -888,21 +470,45 @@ class ClientConnection(asyncio.Protocol):
                 break  # the rest of the command has not arrived yet
             raw = bytes(buf[pos:end])
             self._consume(end - pos)
-            if self._infile:
+            if infile:
                 self._infile_packet(raw)
             elif end == pos + 4:
                 self._protocol_error(None, "empty command packet")
                 return
             else:
-                self._failed_once = False  # a new command from the client
-                if self._should_hold():
-                    self._hold(raw)
-                else:
-                    self._command(raw)
-            if self._gone:
+                self._command(raw)
+            if machine.phase is _CLOSED:
                 return
-        if not self.busy or self._infile or self._streaming:
+        if machine.phase is _IDLE or machine.phase is _INFILE or self._streaming:
             self._pause(False)
+
+    def _command(self, raw: bytes) -> None:
+        """A whole command from the client: the machine decides, the shell carries it out."""
+        command = raw[4]
+        if command == _QUIT:
+            self._close(CloseReason.QUIT)
+            return
+        self._command_byte = command
+        self._started = time.perf_counter()
+        holder = self._holder
+        hold = holder.active and holder.should_hold(self._shard)
+        actions = self.machine.command(raw, hold, self.link.ready or self._unready())
+        if actions is SEND:
+            self._relay(raw)
+        else:
+            self._carry_out(actions)
+
+    def _unready(self) -> bool:
+        """The connection cannot take the command: a broken one is a loss the machine must
+        know of; one from before a switch is closed now (and a transaction on it with it).
+        Always False."""
+        link = self.link
+        if link.backend is not None:
+            if link.backend.alive:
+                link.close()
+            else:
+                self._drop()
+        return False
 
     def _too_large(self, limit: int) -> None:
         self._protocol_error(
@@ -914,23 +520,16 @@ class ClientConnection(asyncio.Protocol):
     def _can_stream(self, command: int) -> bool:
         """A large command is passed on packet by packet only when it would be relayed at
         once; one that must wait (held, or for a reconnect) is kept whole."""
-        backend = self.backend
-        return (
-            command == Command.QUERY
-            and backend is not None
-            and backend.alive
-            and self._epoch == self.ctx.epoch
-            and not self._should_hold()
-        )
+        return command == _QUERY and self.link.ready and not self.ctx.switching()
 
     def _start_stream(self, pos: int) -> None:
         buf = self._inbuf
         first = bytes(buf[pos : pos + 4 + MAX_PAYLOAD])
         self._consume(4 + MAX_PAYLOAD)
-        self._raw = b""  # its bytes are not kept: it can never be sent again
         self._command_byte = first[4]
         self._started = time.perf_counter()
         self._streaming = MAX_PAYLOAD
+        self.machine.stream()
         self._send(first[4], first)
 
     def _stream_packet(self, pos: int, length: int, limit: int) -> bool:
@@ -940,99 +539,204 @@ class ClientConnection(asyncio.Protocol):
             return False
         self._streaming += length
         if self._streaming > limit:
-            self._drop_backend()
+            self._drop()
             self._too_large(limit)
             return False
         packet = bytes(self._inbuf[pos:end])
         self._consume(end - pos)
         if length < MAX_PAYLOAD:
             self._streaming = 0
-        backend = self.backend
+        backend = self.link.backend
         if backend is not None and backend.alive:
             backend.write(packet)
         return True
+
+    def _infile_packet(self, raw: bytes) -> None:
+        """LOAD DATA LOCAL: the client's file goes to the server, up to the empty packet."""
+        backend = self.link.backend
+        alive = backend is not None and backend.alive
+        if len(raw) > 4:
+            if alive:
+                backend.write(raw)  # type: ignore[union-attr]
+            return
+        machine = self.machine
+        machine.file_sent()
+        if not alive:
+            # Lost while the file came: the client had the server's request for it, so no
+            # error can take the response's place.
+            self._drop()
+            self._carry_out(machine.lost_connection(b"", relayed=True))
+            return
+        self._parser.resume_after_infile()
+        backend.send(raw, self._parser, self._sink, self._response_done)  # type: ignore[union-attr]
 
     def _protocol_error(self, kind: ErrorKind | None, message: str, seq: int = 1) -> None:
         log.info("session %d: closing: %s", self.connection_id, message)
         metrics.CLIENT_PROTOCOL_ERRORS.inc()
         if kind is not None:
             self._write_error(frame(kind.packet(message), seq))
-        self._close()
+        self._close(CloseReason.PROTOCOL)
 
-    def _command(self, raw: bytes) -> None:
+    # -- carrying out the machine's actions --------------------------------------------------
+
+    def _carry_out(self, actions: Actions) -> None:
+        machine = self.machine
+        for action in actions:
+            if action is Do.SEND:
+                self._relay(machine.raw)
+            elif action is Do.NEXT:
+                self._next()
+            elif isinstance(action, WriteError):
+                self._write_error(action.packet, action.origin)
+            elif action is Do.HOLD:
+                machine.ticket = self._holder.hold(self.connection_id, self._shard, self._verdict)
+            elif action is Do.HOLD_FAILED:
+                log.info("session %d: holding a command that failed", self.connection_id)
+                machine.ticket = self._holder.hold_failed(
+                    self.connection_id, self._shard, self.ctx.term(), self._verdict
+                )
+            elif isinstance(action, EndTicket):
+                self._holder.end(action.ticket)
+            elif action is Do.CONNECT:
+                self._spawn(self._connect())
+            elif action is Do.PROBE:
+                self._spawn(self._probe())
+            elif action is Do.RETRACK:
+                self._spawn(self._retrack())
+            elif action is Do.CHANGE_USER:
+                self._spawn(self._change_user(machine.raw))
+            elif action is Do.RESUME:
+                self._pump()
+            elif isinstance(action, Close):
+                self._closed(action.reason)
+            elif isinstance(action, Failed):
+                metrics.FAILED_COMMANDS.labels(
+                    str(action.cause), "held" if action.held else "passed"
+                ).inc()
+            elif isinstance(action, Refused):
+                for reason in action.reasons:
+                    metrics.SESSIONS_REFUSED.labels(str(reason)).inc()
+            elif isinstance(action, RolledBack):
+                metrics.SWITCH_SESSIONS.labels("rolled_back").inc()
+
+    def _next(self) -> None:
+        """The command is over: account for it and take the next one."""
+        _STATS.observe(self._command_byte, time.perf_counter() - self._started)
+        self._pump()
+
+    def _close(self, reason: CloseReason) -> None:
+        self._carry_out(self.machine.close(reason))
+
+    def _closed(self, reason: CloseReason) -> None:
+        self._write = _discard  # the transport refuses writes once closed: drop them
+        if reason is CloseReason.QUIT:
+            self.link.close(quit=True)
+        elif reason is CloseReason.ENDED_BY_SERVER:
+            metrics.SESSIONS_ENDED_BY_SERVER.inc()
+            log.info(
+                "session %d: the primary ended its connection (a KILL, wait_timeout, or a fault "
+                "on it) while it is still the writable primary; closing the client connection",
+                self.connection_id,
+            )
+        elif reason is CloseReason.LOST_MID_RESPONSE:
+            log.info("session %d: backend lost mid-response, closing", self.connection_id)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _verdict(self, verdict: Verdict) -> None:
+        """The holder's verdict on the waiting command (from its own loop callback)."""
+        if not isinstance(verdict, Released):
+            self._carry_out(self.machine.evicted(verdict.message))
+        elif self.link.lock.locked():
+            # Baton reads this idle session's state back (before a demotion): then it moves.
+            self._spawn(self._released_after_refresh())
+        else:
+            self._carry_out(self.machine.released(self.link.ready or self._unready()))
+
+    async def _released_after_refresh(self) -> None:
+        async with self.link.lock:
+            pass
+        self._carry_out(self.machine.released(self.link.ready or self._unready()))
+
+    # -- the relay -------------------------------------------------------------------------------
+
+    def _relay(self, raw: bytes) -> None:
+        """SEND: relay the command on the session's current connection, translated where the
+        server must see something else (a KILL naming a Baton session, statement ids); what
+        Baton answers itself is answered here."""
         command = raw[4]
-        self._raw = raw
-        self._command_byte = command
-        self._started = time.perf_counter()
-        if command == Command.QUIT:
-            self._client_quit = True
-            self._close()
-            return
-        backend = self.backend
-        ready = backend is not None and backend.alive and self._epoch == self.ctx.epoch
-        if ready and (
-            command == Command.PROCESS_KILL
-            or (command == Command.QUERY and len(raw) > 9 and raw[5] | 0x20 == 0x6B)  # k, K
+        if command == _PROCESS_KILL or (
+            command == _QUERY and len(raw) > 9 and raw[5] | 0x20 == 0x6B  # k, K
         ):
             # Translated only on a current connection: a thread id means one server.
             killed = self._kill(raw)
             if killed is None:
-                self._finish()
+                self._carry_out(self.machine.answered())
                 return
-            command, raw = Command.QUERY, killed
-        if command in _RELAYED or command == Command.PROCESS_KILL:
-            if ready:
-                self._send(command, raw)
-                return
+            command, raw = _QUERY, killed
+        if command in RELAYED or command == _PROCESS_KILL or command == Command.RESET_CONNECTION:
+            self._send(command, raw)
         elif command in STMT_HEADER:
-            try:
-                client_id = check_stmt_header(raw[4:])
-            except ClientPacketError as e:
-                if command not in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
-                    # The server's answer to a truncated header (it answers neither of those).
-                    self._error(ErrorKind.MALFORMED_PACKET, f"Malformed communication packet: {e}")
-                self._finish()
-                return
-            stmt = self.state.statements.get(client_id)
-            if stmt is None:
-                self._unknown_statement(command, client_id)
-                self._finish()
-                return
-            if command == Command.STMT_CLOSE or command == Command.STMT_SEND_LONG_DATA:
-                # No response: write it and go on with the next command.
-                if ready:
-                    assert backend is not None
-                    backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
-                if command == Command.STMT_CLOSE:
-                    del self.state.statements[client_id]
-                self._finish()
-                return
-            if ready:
-                if command == Command.STMT_EXECUTE:
-                    payload = stmt.execute_payload(raw[4:])
-                    raw = frame(payload, 0) if len(payload) != len(raw) - 4 else raw[:4] + payload
-                else:
-                    raw = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
-                self._send(command, raw)
-                return
+            self._relay_statement(command, raw)
         elif command == Command.STMT_PREPARE:
-            if ready:
-                self._send(command, raw, self.state.reserve_statement_id())
-                return
-        elif command == Command.RESET_CONNECTION:
-            if ready:
-                self._send(command, raw)
-                return
-        elif command != Command.CHANGE_USER:
+            self._send(command, raw, self.state.reserve_statement_id())
+        else:
             name = COMMAND_NAMES.get(command, f"0x{command:02x}")
             self._error(
                 ErrorKind.UNKNOWN_COMMAND,
                 f"Unknown command: Baton does not relay COM_{name.upper()}",
             )
-            self._finish()
+            self._carry_out(self.machine.answered())
+
+    def _relay_statement(self, command: int, raw: bytes) -> None:
+        """A COM_STMT_* naming a statement by the client's id: relayed with the server's."""
+        try:
+            client_id = check_stmt_header(raw[4:])
+        except ClientPacketError as e:
+            if command not in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
+                # The server's answer to a truncated header (it answers neither of those).
+                self._error(ErrorKind.MALFORMED_PACKET, f"Malformed communication packet: {e}")
+            self._carry_out(self.machine.answered())
             return
-        self.busy = True
-        self._spawn(self._slow_command(command, raw))
+        stmt = self.state.statements.get(client_id)
+        if stmt is None:
+            self._unknown_statement(command, client_id)
+            self._carry_out(self.machine.answered())
+            return
+        if command == Command.STMT_CLOSE or command == Command.STMT_SEND_LONG_DATA:
+            # No response: write it and go on with the next command.
+            backend = self.link.backend
+            assert backend is not None
+            backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
+            if command == Command.STMT_CLOSE:
+                del self.state.statements[client_id]
+            self._carry_out(self.machine.answered())
+            return
+        if command == Command.STMT_EXECUTE:
+            payload = stmt.execute_payload(raw[4:])
+            raw = frame(payload, 0) if len(payload) != len(raw) - 4 else raw[:4] + payload
+        else:
+            raw = raw[:4] + with_stmt_id(raw[4:], stmt.backend_id)
+        self._send(command, raw)
+
+    def _send(self, command: int, raw: bytes, client_stmt_id: int = 0) -> None:
+        """Relay one command; `_response_done` is called back when its response has passed."""
+        parser = self._parser
+        parser.begin(
+            command,
+            client_stmt_id=client_stmt_id,
+            infile_allowed=self.ctx.config.proxy.allow_load_data_local,
+            withhold_read_only=self.machine.may_retry(command),
+        )
+        self.state.in_flight = COMMAND_NAMES.get(command)
+        self._relayed = False
+        backend = self.link.backend
+        assert backend is not None
+        backend.send(raw, parser, self._sink, self._response_done)
+
+    def _sink(self, data: bytes) -> None:
+        self._relayed = True
+        self._write(data)
 
     def _kill(self, raw: bytes) -> bytes | None:
         """`KILL [CONNECTION | QUERY] <id>` (or COM_PROCESS_KILL) naming a Baton session: the
@@ -1053,83 +757,27 @@ class ClientConnection(asyncio.Protocol):
         if not SESSION_ID_BASE <= target < SESSION_ID_BASE + SESSION_ID_SPAN:
             return raw if raw[4] == Command.QUERY else frame(b"\x03KILL %d" % target, 0)
         other = self.ctx.sessions.get(target)
-        thread = other.server_thread if other is not None else None
-        if thread is None or other is None or other.backend_server != self.backend_server:
+        thread = other.link.thread if other is not None else None
+        if thread is None or other is None or other.link.server != self.link.server:
             self._error(ErrorKind.NO_SUCH_THREAD, f"Unknown thread id: {target}")
             return None
         return frame(b"\x03" + words + b" %d" % thread, 0)
 
-    @property
-    def server_thread(self) -> int | None:
-        """The server's thread id of this session's connection, if it has one."""
-        backend = self.backend
-        if backend is None or not backend.alive or backend.handshake is None:
-            return None
-        return backend.handshake.connection_id
-
-    async def _slow_command(self, command: int, raw: bytes) -> None:
-        """Commands that must wait: a reconnect first, or a re-authentication."""
-        try:
-            if command == Command.CHANGE_USER:
-                if not await self._change_user(raw):
-                    self._close()
-                    return
-            else:
-                if await self._ensure_backend(raw) is not None:
-                    self._command(raw)  # the backend is ready now: the usual path
-                    return
-                if self.held_entry is not None:
-                    return  # held for the next primary: not finished yet
-        except BackendError as e:
-            if not self._lost_backend(e):
-                self._close()
-                return
-        except asyncio.CancelledError:
-            return
-        except Exception:
-            self.crashed()
-            return
-        finally:
-            self._task = None
-        self._finish()
-
-    def _send(self, command: int, raw: bytes, client_stmt_id: int = 0) -> None:
-        """Relay one command; `_response_done` is called back when its response has passed."""
-        self.busy = True
-        parser = self._parser
-        parser.begin(
-            command,
-            client_stmt_id=client_stmt_id,
-            infile_allowed=self.ctx.config.proxy.allow_load_data_local,
-            withhold_read_only=self._may_retry(command),
+    def _unknown_statement(self, command: int, client_id: int) -> None:
+        if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
+            return  # the server answers neither, not even with an error
+        self._error(
+            ErrorKind.UNKNOWN_STATEMENT,
+            f"Unknown prepared statement handler ({client_id}) given to "
+            f"{COMMAND_NAMES[command].replace('stmt_', 'mysqld_stmt_')}",
         )
-        self.state.in_flight = COMMAND_NAMES.get(command)
-        self._relayed = False
-        if command == Command.STMT_PREPARE:
-            self._prepare_sql = raw[5:]
-        assert self.backend is not None
-        self.backend.send(raw, parser, self._sink, self._response_done)
 
-    def _sink(self, data: bytes) -> None:
-        self._relayed = True
-        self._write(data)
-
-    def _infile_packet(self, raw: bytes) -> None:
-        """LOAD DATA LOCAL: the client's file goes to the server, up to the empty packet."""
-        backend = self.backend
-        if backend is None or not backend.alive:
-            return  # _response_done has already reported the loss
-        if len(raw) > 4:
-            backend.write(raw)
-            return
-        self._infile = False
-        self._parser.resume_after_infile()
-        backend.send(raw, self._parser, self._sink, self._response_done)
+    # -- the response ----------------------------------------------------------------------------
 
     def crashed(self) -> None:
         """A bug must cost this one connection, never leave its client waiting."""
         log.exception("session %d: closing after an internal error", self.connection_id)
-        self._close()
+        self._close(CloseReason.INTERNAL)
 
     def _response_done(self, exc: BaseException | None) -> None:
         try:
@@ -1138,35 +786,22 @@ class ClientConnection(asyncio.Protocol):
             self.crashed()
 
     def _response_finished(self, exc: BaseException | None) -> None:
-        parser = self._parser
-        if exc is not None and self._gone:
-            # The client left first (its connection_lost closed this backend): nobody to
-            # answer, nothing to hold or run again.
-            self._drop_backend()
-            return
+        machine = self.machine
         if exc is not None:
-            retry = not self._relayed and not self._infile and self._may_retry(parser.command)
-            self._infile = False
-            if retry:
-                self._drop_backend()
-                self._spawn(self._after_loss(exc))  # type: ignore[arg-type]
-                return
-            if not self._lost_backend(exc):  # type: ignore[arg-type]
-                self._close()
-                return
-            self._finish()
+            self._drop()
+            if machine.phase is not _CLOSED:  # else the client left first: nobody to answer
+                error = error_packet(ErrorKind.BACKEND_LOST, loss_message(str(exc)))
+                self._carry_out(machine.lost_connection(error, self._relayed))
             return
-        if parser.phase is Phase.INFILE:
-            self._infile = True
+        parser = self._parser
+        if parser.phase is _INFILE_RESPONSE:
+            machine.infile()
             self._pump()
             return
         state = self.state
         state.in_flight = None
         if parser.withheld is not None:
-            error = frame(parser.withheld, 1)
-            if not self._failed(FailureCause.READ_ONLY, error, origin="backend"):
-                self._write_error(error, "backend")
-                self._finish()
+            self._carry_out(machine.withheld(frame(parser.withheld, 1)))
             return
         command = parser.command
         changed = state.apply(parser.status, parser.tracked)
@@ -1174,27 +809,28 @@ class ClientConnection(asyncio.Protocol):
         retrack = False
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
-        elif command == Command.QUERY:
-            retrack = self._after_statement(self._raw, 5, changed)
+        elif command == _QUERY:
+            retrack = self._after_statement(machine.raw, 5, changed)
         elif command == Command.STMT_EXECUTE:
-            stmt = state.statements.get(check_stmt_header(self._raw[4:]))
+            stmt = state.statements.get(check_stmt_header(machine.raw[4:]))
             if stmt is not None:
                 retrack = self._after_statement(stmt.sql, 0, changed)
         elif command == Command.STMT_PREPARE:
             state.add_statement(
                 parser.client_stmt_id,
                 parser.backend_stmt_id,
-                self._prepare_sql,
+                machine.raw[5:],
                 parser.prepare_params,
                 parser.prepare_columns,
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
             retrack = True
-        if retrack:
-            self._spawn(self._retrack())
-            return
-        self._finish()
+        actions = machine.response_done(retrack)
+        if actions is NEXT:
+            self._next()
+        else:
+            self._carry_out(actions)
 
     def _after_statement(self, sql: bytes, start: int, changed: bool) -> bool:
         """What the statement just run did that the server's reports leave out (its text from
@@ -1216,243 +852,80 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.routines[name] = None
             asyncio.get_running_loop().create_task(self.ctx.inspect_routine(name))
 
-    async def _retrack(self) -> None:
-        """Set Baton's session tracking again: after COM_RESET_CONNECTION the server forgot
-        it, and a statement of the client's may have changed it."""
+    def _drop(self) -> None:
+        """The server connection broke: the machine notes where and when."""
+        lost = self.link.drop()
+        if lost is not None:
+            self.machine.dropped(*lost)
+
+    # -- what waits: a connect, a probe, Baton's own statements, COM_CHANGE_USER -----------------
+
+    async def _connect(self) -> None:
+        """CONNECT: a connection on the current primary with the session's state."""
+        link = self.link
         try:
-            assert self.backend is not None
-            await self.backend.query(TRACKING_SQL)
+            async with link.lock:
+                await link.connect()
         except BackendError as e:
-            log.info("session %d: lost backend after reset: %s", self.connection_id, e)
-            self._close_backend()
-        except asyncio.CancelledError:
-            return
-        finally:
-            self._task = None
-        self._finish()
-
-    def _finish(self) -> None:
-        """The command is over: account for it and take the next one."""
-        _STATS.observe(self._command_byte, time.perf_counter() - self._started)
-        self.busy = False
-        if self._flushing is not None:
-            entry, self._flushing = self._flushing, None
-            self.ctx.holder.flushed(entry)
-        self._pump()
-
-    # -- holding -------------------------------------------------------------------------------
-
-    def _should_hold(self) -> bool:
-        """Hold at the next command while the shard switches; a transaction runs to its end
-        on the old primary first (up to the demotion's grace period)."""
-        return self.ctx.holder.should_hold(self.ctx.config.proxy.shard) and not (
-            self.state.in_transaction
-        )
-
-    def _hold(self, raw: bytes) -> None:
-        self._started = time.perf_counter()
-        self._command_byte = raw[4]
-        self._wait(raw, lambda: self.ctx.holder.hold(self, self.connection_id, self._shard))
-
-    def _wait(self, raw: bytes, hold: Callable[[], int | None]) -> bool:
-        """Keep `raw` until the buffer flushes or evicts it; False if the buffer refused."""
-        self.busy = True
-        self._held_raw = raw
-        self.held_entry = -1  # the buffer may answer within hold()
-        entry = hold()
-        if entry is None:
-            self.held_entry = None
-            self._held_raw = b""
-            return False
-        if self.held_entry == -1:
-            self.held_entry = entry
-        return True
-
-    @property
-    def _shard(self) -> str:
-        return self.ctx.config.proxy.shard
-
-    # -- the unplanned path: a command that failed for want of a writable primary --------------
-
-    def _may_retry(self, command: int) -> bool:
-        """Could this command wait for the next primary if it fails on this one? Only once,
-        only outside a transaction (the server rolled the rest of it back), and only commands
-        that can be sent again as they are."""
-        return (
-            command in _RETRYABLE
-            and bool(self._raw)
-            and not self._failed_once
-            and not self.state.in_transaction
-        )
-
-    def _failed(
-        self,
-        cause: FailureCause,
-        error: bytes,
-        avoid: str | None = None,
-        origin: str = "baton",
-        hopeless: bool = False,
-    ) -> bool:
-        """Hold the command that just failed (nothing of its result reached the client) until
-        a newer primary is published; its client gets `error` if none comes in time. `avoid`
-        names the server that may have run it: it is never sent there again. False (nothing
-        held) when `hopeless`, or during a flush: it failed on the primary just published."""
-        raw = self._raw
-        term = self.ctx.term()
-        held = (
-            not hopeless
-            and self._flushing is None
-            and self.ctx.can_switch
-            and self._wait(
-                raw,
-                lambda: self.ctx.holder.hold_failed(self, self.connection_id, self._shard, term),
+            server = self.ctx.primary()
+            error = error_packet(
+                ErrorKind.BACKEND_UNREACHABLE,
+                f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
+                f"{e}. The statement was not executed; retry when the primary is back.",
             )
-        )
-        metrics.FAILED_COMMANDS.labels(str(cause), "held" if held else "passed").inc()
-        if held:
-            self._failed_once = True
-            self._failure = (error, origin)
-            self._avoid = avoid
-            log.info("session %d: holding a command that failed (%s)", self.connection_id, cause)
-        return held
+            self._carry_out(self.machine.connect_failed(error))
+            return
+        self._carry_out(self.machine.connected(link.ready or self._unready()))
 
-    async def _after_loss(self, exc: BackendError) -> None:
-        """The connection broke before any of the result reached the client.
+    async def _probe(self) -> None:
+        """PROBE: was the loss this session's alone? Sessions that lose their connections
+        together share one probe of the primary."""
+        alone = await self.ctx.primary_writable()
+        self._carry_out(self.machine.probed(alone))
 
-        A command that may have written is not run again anywhere: its commit can reach a
-        replica before the connection breaks, and that replica may be the next primary.
-        (Measured: an INSERT re-run after kill -9 met its own row there in about a third of
-        kills.) Its client gets 2013, which says the statement may have run. A read waits for
-        the next primary, unless the primary still takes writes: then the loss was this
-        connection's alone (a KILL, a timeout) and the client hears of it now."""
-        server = self.backend_server
-        error = self._error_packet(ErrorKind.BACKEND_LOST, self._loss_message(exc))
-        hopeless = not self._reads_only()
-        lost = self._lost_from
-        if not hopeless and lost is not None:
-            # A read waits for the next primary unless the loss was this session's alone;
-            # a write's client hears at once, and its next command finds out which it was.
-            self._lost_from = None
-            try:
-                alone = await self._lost_alone(*lost)
-            except asyncio.CancelledError:
-                return
-            if alone:
-                self._write_error(error)
-                self._end_by_server(lost[0])
-                return
-        if not self._failed(
-            FailureCause.LOST, error, server.name if server else None, hopeless=hopeless
+    async def _retrack(self) -> None:
+        await self.link.retrack()
+        self._carry_out(self.machine.retracked())
+
+    async def refresh_if_stale(self) -> None:
+        """Read the state back if tracking marked it stale and no command is in flight; a
+        held session's connection is idle, any other session is claimed for the time."""
+        state = self.state
+        if (
+            not state.user_variables_stale
+            and not state.last_insert_id_stale
+            and state.held_locks_sql() is None
         ):
-            self._write_error(error)
-            self._finish()
-
-    def _reads_only(self) -> bool:
-        """May the command in progress run twice? Yes if it executes nothing (a PING, a
-        PREPARE) or is a read."""
-        raw = self._raw
-        command = raw[4]
-        if command == Command.QUERY:
-            return reads_only(raw, 5)
-        if command == Command.STMT_EXECUTE:
-            stmt = self.state.statements.get(check_stmt_header(raw[4:]))
-            return stmt is not None and reads_only(stmt.sql)
-        return True
-
-    def resume_held(self, entry: int, to_new: bool) -> None:
-        """The buffer let this command go: move to the current primary, then run it."""
-        raw, self._held_raw = self._held_raw, b""
-        self.held_entry = None
-        self._flushing = entry
-        self._spawn(self._run_held(raw))
-
-    async def _run_held(self, raw: bytes) -> None:
-        try:
-            failure, self._failure = self._failure, None
-            if failure is not None and self.ctx.primary().name == self._avoid:
-                # The reparent was aborted: the only primary is the server that may have run it.
-                self._write_error(*failure)
-                self._finish()
-                return
-            async with self._backend_lock:
-                backend = await self._ensure_backend(raw)
-            if backend is None:
-                self._finish()
-            else:
-                self._command(raw)
-        except asyncio.CancelledError:
             return
-        except Exception:
-            self.crashed()
+        machine = self.machine
+        claimed = not machine.waiting
+        if claimed and not machine.claim():
+            return
+        try:
+            await self.link.refresh()
+        except BackendError as e:
+            log.info("session %d: cannot read its state back: %s", self.connection_id, e)
+        finally:
+            if claimed:
+                self._carry_out(machine.release())
 
-    def evict_held(self, entry: int, reason: EvictReason, message: str) -> None:
-        """Give up on a held command. One that failed on the primary gets the error it had
-        then; one held before it was sent gets Baton's own, saying it never ran."""
-        self._held_raw = b""
-        self.held_entry = None
-        failure, self._failure = self._failure, None
-        if failure is not None:
-            self._write_error(*failure)
-        else:
-            self._error(
-                ErrorKind.HELD_EVICTED,
-                f"Baton held this statement while the primary was switched and gave up: "
-                f"{message}. The statement was never executed; it is safe to retry.",
-            )
-        self._finish()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(self._spawned_done)
-        self._task = task
-
-    def _spawned_done(self, task: asyncio.Task[None]) -> None:
-        """A session task that ended in an exception is a bug: it costs this session only,
-        with one log line, never an unretrieved task exception."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "session %d: closing after an internal error",
-                self.connection_id,
-                exc_info=task.exception(),
-            )
-            self._close()
-
-    def claim(self) -> bool:
-        """Claim an idle session for Baton's own queries; False when a command is running."""
-        if self.busy:
-            return False
-        self.busy = True
-        return True
-
-    def release(self) -> None:
-        self.busy = False
-        self._pump()
-
-    def _unknown_statement(self, command: int, client_id: int) -> None:
-        if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
-            return  # the server answers neither, not even with an error
-        self._error(
-            ErrorKind.UNKNOWN_STATEMENT,
-            f"Unknown prepared statement handler ({client_id}) given to "
-            f"{COMMAND_NAMES[command].replace('stmt_', 'mysqld_stmt_')}",
-        )
-
-    async def _change_user(self, raw: bytes) -> bool:
+    async def _change_user(self, raw: bytes) -> None:
         """COM_CHANGE_USER: check the new login as at connect (always after an auth switch,
         as MariaDB does), then give the session a server connection as the new account. A
-        refusal is the error the server would send, and the session stays as it was. False
-        when the client cannot be answered any more."""
+        refusal is the error the server would send, and the session stays as it was."""
         ctx = self.ctx
+        link = self.link
         try:
-            change = parse_change_user(raw[4:], self.client_caps)
+            change = parse_change_user(raw[4:], link.client_caps)
         except ClientPacketError as e:
             self._error(ErrorKind.MALFORMED_PACKET, f"Malformed communication packet: {e}")
-            return True
+            self._carry_out(self.machine.user_changed())
+            return
         try:
             verified = await verify(
                 self,
                 ctx.accounts,
-                self._login_settings(self.client_caps),
+                self._login_settings(link.client_caps),
                 change.user,
                 change.auth_plugin,
                 change.auth_response,
@@ -1466,13 +939,17 @@ class ClientConnection(asyncio.Protocol):
             )
             if e.packet is not None:
                 self._write_error(e.packet)
-            return e.reason is not LoginFailure.BAD_HANDSHAKE
+            if e.reason is LoginFailure.BAD_HANDSHAKE:
+                self._close(CloseReason.PROTOCOL)  # the client cannot be answered any more
+            else:
+                self._carry_out(self.machine.user_changed())
+            return
         collation = change.collation if change.collation is not None else self.state.collation
         epoch = ctx.epoch
         server = ctx.primary()
         try:
             backend = await ctx.connect(
-                server, verified.login, self.client_caps, collation, change.database, self._peer
+                server, verified.login, link.client_caps, collation, change.database, link.peer
             )
         except BackendError as e:
             err = e.err
@@ -1483,86 +960,50 @@ class ClientConnection(asyncio.Protocol):
             else:
                 err_packet = make_err(err.code, err.sqlstate, err.message)
             self._write_error(frame(err_packet, verified.seq))
-            return True
-        self._close_backend()
-        self.login = verified.login
+            self._carry_out(self.machine.user_changed())
+            return
+        link.close()
+        link.login = verified.login
         self.state.user = change.user
         self.state.collation = collation
         self.state.reset(change.database)
         try:
-            await self._restore(backend)  # only Baton's tracking: the new session is empty
+            await link.restore(backend)  # only Baton's tracking: the new session is empty
         except BackendError as e:
-            lost = ErrorKind.BACKEND_LOST.packet(self._loss_message(e))
+            lost = ErrorKind.BACKEND_LOST.packet(loss_message(str(e)))
             self._write_error(frame(lost, verified.seq))
-            return True
-        self._attach(backend, server, epoch)
-        self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
-        return True
+        else:
+            link.attach(backend, server, epoch)
+            self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
+        self._carry_out(self.machine.user_changed())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._spawned_done)
+        self._task = task
+
+    def _spawned_done(self, task: asyncio.Task[None]) -> None:
+        """A session task that ended in an exception is a bug: it costs this session only,
+        with one log line, never an unretrieved task exception."""
+        if self._task is task:
+            self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session %d: closing after an internal error",
+                self.connection_id,
+                exc_info=task.exception(),
+            )
+            self._close(CloseReason.INTERNAL)
 
     # -- errors ----------------------------------------------------------------------------------
 
     def _error(self, kind: ErrorKind, message: str) -> None:
-        self._write_error(self._error_packet(kind, message))
-
-    @staticmethod
-    def _error_packet(kind: ErrorKind, message: str) -> bytes:
-        return frame(kind.packet(message), 1)
+        self._write_error(error_packet(kind, message))
 
     def _write_error(self, packet: bytes, origin: str = "baton") -> None:
         """Send an error packet, Baton's own or one the backend sent (counted by origin)."""
         metrics.ERRORS.labels(str(int.from_bytes(packet[5:7], "little")), origin).inc()
         self._write(packet)
-
-    def _drop_backend(self) -> None:
-        """The server connection broke: remember where and when, so that the next command can
-        tell a switch (move on) from the server ending this session (as direct: it ends)."""
-        server = self.backend_server
-        if server is not None:
-            metrics.BACKEND_LOST.labels(server.name).inc()
-            self._lost_from = (server, self._epoch)
-        self._close_backend()
-        self.state.in_flight = None
-
-    async def _lost_alone(self, server: ServerConfig, epoch: int) -> bool:
-        """Was the loss this session's alone (a KILL, its wait_timeout, a network fault on
-        this connection)? Yes when no switch came since, none is under way, and the server
-        is still the primary and takes writes. Sessions that lose their connections
-        together share one probe."""
-        ctx = self.ctx
-        if epoch != ctx.epoch or ctx.holder.should_hold(self._shard):
-            return False
-        if ctx.primary().name != server.name:
-            return False
-        return await ctx.primary_writable()
-
-    def _end_by_server(self, server: ServerConfig) -> None:
-        """The server ended this session on its own terms: the client's connection ends too,
-        and its library reports the loss (2013 or 2006) as it would direct. Moving the session
-        to a new connection would hide the end and lose what the server dropped with it."""
-        metrics.SESSIONS_ENDED_BY_SERVER.inc()
-        log.info(
-            "session %d: %s ended its connection (a KILL, wait_timeout, or a fault on it) while "
-            "it is the writable primary; closing the client connection",
-            self.connection_id,
-            server.name,
-        )
-        self._close()
-
-    @staticmethod
-    def _loss_message(e: BackendError) -> str:
-        return (
-            f"Lost connection to the primary during the statement ({e}); it may or may not "
-            "have been executed. The session's state on the server is gone; reconnect."
-        )
-
-    def _lost_backend(self, e: BackendError) -> bool:
-        """The backend died under a command: tell the client if the protocol still allows it."""
-        self._drop_backend()
-        if self._relayed:
-            log.info("session %d: backend lost mid-response, closing: %s", self.connection_id, e)
-            return False
-        self._error(ErrorKind.BACKEND_LOST, self._loss_message(e))
-        return True
 
 
 def _discard(data: bytes) -> None:

@@ -1,10 +1,16 @@
-"""The buffer's asyncio shell: feeds `proxy.buffer.Buffer` events and time, carries out its
-actions on the sessions, and exports its figures.
+"""The buffer's asyncio shell: feeds `proxy.buffer.Buffer` events and time, hands each held
+command a ticket, and exports the buffer's figures.
 
-Topology events arrive here on the proxy's loop (the router hops them over). A session asks
-`should_hold` before each command. A held command waits in its session, untouched, until the
-buffer says `Flush` (move the session to the current primary, then run it) or `Evict` (answer
-with an error saying it never ran).
+Topology events come here straight from the router (`topology_event`). A session asks
+`should_hold` before each command; a command to be held is handed over with `hold` (or
+`hold_failed`), which returns its `Ticket`: the command itself stays with its session, as a
+request stays on its caller's stack in vitess's `WaitForFailoverEnd`. The ticket's verdict,
+`Released` (move to the current primary and run it) or `Evicted` (answer with an error saying it
+never ran), is delivered once, from the event loop, after the holder has applied the whole batch
+of the buffer's actions: like etcd raft's `Ready`, the state is consistent before anyone acts
+on it, and no verdict re-enters the holder. A released ticket is `end`ed when its command is
+over (vitess's `RetryDoneFunc`), which frees its slot; ending a waiting one (the client left)
+evicts it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Protocol
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -33,6 +39,7 @@ from proxy.buffer import (
     Stopped,
 )
 from reparent.config import BufferConfig
+from reparent.topology import Aborted, Established, ReparentStarted, TopologyEvent
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +47,40 @@ EPISODES_KEPT = 100  # finished episodes remembered for reports
 RECOVERY_PROBE = 0.5  # seconds between checks that a suspect shard's primary is back
 
 
-class HeldSession(Protocol):
-    """What the holder needs of a client session."""
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The switch is over: move the session to the current primary and run the command.
+    `to_new` is False after an abort (the old primary leads again)."""
 
-    def resume_held(self, entry: int, to_new: bool) -> None: ...
+    to_new: bool
 
-    def evict_held(self, entry: int, reason: EvictReason, message: str) -> None: ...
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """The holder gave up on the command: it never ran (the ticket is over)."""
+
+    reason: EvictReason
+    message: str
+
+
+Verdict = Released | Evicted
+
+
+class TicketState(enum.StrEnum):
+    WAITING = "waiting"
+    RELEASED = "released"  # its command may run; `end` frees the slot
+    ENDED = "ended"
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One held command's place in the holder."""
+
+    entry: int
+    held_at: float
+    # Told the verdict once; None once the session ended the ticket (it no longer listens).
+    on_verdict: Callable[[Verdict], None] | None
+    state: TicketState = TicketState.WAITING
 
 
 EVICTION_MESSAGES = {
@@ -61,8 +96,7 @@ class Holder(Collector):
     def __init__(self, settings: BufferConfig) -> None:
         self.settings = settings
         self.buffer = Buffer(settings)
-        self._sessions: dict[int, HeldSession] = {}
-        self._held_at: dict[int, float] = {}
+        self._tickets: dict[int, Ticket] = {}  # by buffer entry, waiting or released
         self._next_entry = 1
         self._timer: asyncio.TimerHandle | None = None
         self._shards: set[str] = set()
@@ -75,20 +109,19 @@ class Holder(Collector):
         self.probe: Callable[[str], Awaitable[bool]] | None = None
         self._watches: dict[str, asyncio.Task[None]] = {}
 
-    # -- topology events (on the loop) ---------------------------------------------------------
+    # -- topology events, from the router (on the loop) ----------------------------------------
 
-    def reparent_started(self, shard: str, term: int) -> None:
-        if self.settings.enabled:
-            self._shards.add(shard)
-            self._apply(self.buffer.reparent_started(shard, term, self._now()))
-
-    def established(self, shard: str, term: int) -> None:
-        if self.settings.enabled:
-            self._apply(self.buffer.established(shard, term, self._now()))
-
-    def aborted(self, shard: str) -> None:
-        if self.settings.enabled:
-            self._apply(self.buffer.aborted(shard, self._now()))
+    def topology_event(self, event: TopologyEvent) -> None:
+        if not self.settings.enabled:
+            return
+        now = self._now()
+        if isinstance(event, ReparentStarted):
+            self._shards.add(event.shard)
+            self._apply(self.buffer.reparent_started(event.shard, event.term, now))
+        elif isinstance(event, Established):
+            self._apply(self.buffer.established(event.shard, event.term, now))
+        elif isinstance(event, Aborted):
+            self._apply(self.buffer.aborted(event.shard, now))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -96,35 +129,52 @@ class Holder(Collector):
         # Asked before every command: a plain attribute answers the common case.
         return self.active and self.buffer.buffering(shard)
 
-    def hold(self, session: HeldSession, session_id: int, shard: str) -> int:
-        """Hold a session's next command; the buffer may answer at once (evict, or flush)."""
+    def hold(self, session_id: int, shard: str, on_verdict: Callable[[Verdict], None]) -> Ticket:
+        """Hold a session's next command while `shard` switches (`should_hold`)."""
         return self._enter(
-            session, lambda entry, now: self.buffer.hold(entry, session_id, shard, now)
+            on_verdict, lambda entry, now: self.buffer.hold(entry, session_id, shard, now)
         )
 
+    def can_hold_failed(self, shard: str) -> bool:
+        """May a command that failed on the primary wait here now? Not when disabled, in a
+        dry run, or while a drain is under way (it failed on the primary just published)."""
+        return self.settings.enabled and self.buffer.can_hold_failed(shard)
+
     def hold_failed(
-        self, session: HeldSession, session_id: int, shard: str, term: int
-    ) -> int | None:
+        self, session_id: int, shard: str, term: int, on_verdict: Callable[[Verdict], None]
+    ) -> Ticket:
         """Hold a command that failed on the primary of `term` until a newer primary is
-        published; None when it cannot wait (disabled, dry run, or a drain is under way)."""
-        if not self.settings.enabled or not self.buffer.can_hold_failed(shard):
-            return None
+        published (`can_hold_failed` first)."""
         self._shards.add(shard)
         return self._enter(
-            session,
+            on_verdict,
             lambda entry, now: self.buffer.hold_failed(entry, session_id, shard, term, now),
         )
 
-    def _enter(self, session: HeldSession, decide: Callable[[int, float], list[Action]]) -> int:
-        """A new entry for `session`, registered before the buffer decides on it: the buffer
-        may flush or evict it within `decide`."""
+    def _enter(
+        self, on_verdict: Callable[[Verdict], None], decide: Callable[[int, float], list[Action]]
+    ) -> Ticket:
         entry = self._next_entry
         self._next_entry += 1
-        self._sessions[entry] = session
         now = self._now()
-        self._held_at[entry] = now
+        ticket = Ticket(entry, now, on_verdict)
+        self._tickets[entry] = ticket
         self._apply(decide(entry, now))
-        return entry
+        return ticket
+
+    def end(self, ticket: Ticket) -> None:
+        """The session is done with its ticket: its released command is over (the slot is
+        free for the next), or its client left while it waited (it is evicted). Ending an
+        ended ticket does nothing; no verdict reaches the session after this."""
+        ticket.on_verdict = None
+        state, ticket.state = ticket.state, TicketState.ENDED
+        if state is TicketState.ENDED:
+            return
+        del self._tickets[ticket.entry]
+        if state is TicketState.RELEASED:
+            self._apply(self.buffer.flushed(ticket.entry, self._now()))
+        else:
+            self._apply(self.buffer.cancel(ticket.entry, self._now()))
 
     async def episode(self, shard: str, term: int, timeout: float) -> Finished | None:
         """What the shard held for `term`, once it is idle again; None if not within timeout
@@ -138,28 +188,27 @@ class Holder(Collector):
                 pass
         return self.episodes.get(key)
 
-    def flushed(self, entry: int) -> None:
-        self._apply(self.buffer.flushed(entry, self._now()))
-
-    def cancel(self, entry: int) -> None:
-        self._apply(self.buffer.cancel(entry, self._now()))
-
     # -- the shell -----------------------------------------------------------------------------
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
     def _apply(self, actions: list[Action]) -> None:
+        """Carry out one batch of the buffer's actions: the holder's own state first, then
+        the verdicts, each from its own loop callback, so a session acts on a consistent
+        holder and never re-enters it."""
+        verdicts: list[tuple[Ticket, Verdict]] = []
         for action in actions:
             if isinstance(action, Flush):
-                session = self._sessions.pop(action.entry)
-                metrics.HOLD_SECONDS.observe(self._now() - self._held_at.pop(action.entry))
-                session.resume_held(action.entry, action.to_new)
+                ticket = self._tickets[action.entry]
+                ticket.state = TicketState.RELEASED
+                metrics.HOLD_SECONDS.observe(self._now() - ticket.held_at)
+                verdicts.append((ticket, Released(action.to_new)))
             elif isinstance(action, Evict):
-                session = self._sessions.pop(action.entry)
-                self._held_at.pop(action.entry, None)
+                ticket = self._tickets.pop(action.entry)
+                ticket.state = TicketState.ENDED
                 why = EVICTION_MESSAGES[action.reason].format(**vars(self.settings))
-                session.evict_held(action.entry, action.reason, why)
+                verdicts.append((ticket, Evicted(action.reason, why)))
             elif isinstance(action, Started):
                 if action.reason is StartReason.FAILURE:
                     self._watch(action.shard)
@@ -183,6 +232,10 @@ class Holder(Collector):
                 log.info("shard %s: not holding (%s)", action.shard, action.reason)
         self.active = any(self.buffer.buffering(shard) for shard in self._shards)
         self._schedule()
+        if verdicts:
+            loop = asyncio.get_running_loop()
+            for ticket, verdict in verdicts:
+                loop.call_soon(_deliver, ticket, verdict)
 
     def _watch(self, shard: str) -> None:
         if self.probe is not None and shard not in self._watches:
@@ -232,6 +285,12 @@ class Holder(Collector):
         used = GaugeMetricFamily("baton_buffer_utilization", "Share of buffer slots in use")
         used.add_metric([], self.buffer.slots_used() / self.settings.size)
         yield used
+
+
+def _deliver(ticket: Ticket, verdict: Verdict) -> None:
+    if ticket.on_verdict is not None:
+        on_verdict, ticket.on_verdict = ticket.on_verdict, None
+        on_verdict(verdict)
 
 
 def _by_reason(name: str, documentation: str, counts: Mapping[enum.StrEnum, int]) -> Metric:

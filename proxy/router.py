@@ -3,9 +3,10 @@
 The router reads the shard's primary from the topology store, so a session that connects (or
 reconnects) after a reparent reaches the new primary. It registers this proxy with the store and,
 when a planned reparent starts, reports "drained" once none of its sessions has a transaction or
-a statement in flight on the old primary. Every topology event goes on to the listener (the
-proxy's sessions and its buffer, proxy/frontend.py), which holds new work and moves the sessions;
-the router only learns the new primary and term from `Established`.
+a statement in flight on the old primary. Every topology event goes straight to the holder
+(proxy/holder.py), which holds new commands and releases them, and to the listener (the proxy's
+sessions, proxy/context.py), which marks their connections stale; the router only learns the
+new primary and term from `Established`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from proxy.holder import Holder
 from reparent.config import Config, ServerConfig
 from reparent.topology import Established, ReparentStarted, TopologyEvent, TopologyStore
 
@@ -25,7 +27,7 @@ HEARTBEAT = 1.0  # seconds between registrations; the registration lives three t
 
 
 class Listener(Protocol):
-    """The proxy's side: its sessions, and what it does with topology events."""
+    """The proxy's sessions, and what they do with topology events."""
 
     def busy(self, shard: str) -> bool: ...
 
@@ -40,6 +42,7 @@ class Router:
         self.store = store
         self.proxy_id = proxy_id
         self.listener: Listener | None = None
+        self.holder: Holder | None = None
         self._servers = {(shard.name, s.name): s for shard in config.shards for s in shard.servers}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,6 +97,8 @@ class Router:
             self._learn(event.shard, event.term, event.new_primary)
         if self.listener is not None:
             self.listener.topology_event(event)
+        if self.holder is not None:
+            self.holder.topology_event(event)
         if isinstance(event, ReparentStarted):
             self._spawn(self._report_drained(event))
 

@@ -15,8 +15,9 @@ from proxy import metrics
 from proxy.accounts import Accounts, book_from_config
 from proxy.admission import Admission
 from proxy.backend import BackendConnection, BackendError
+from proxy.context import BackendIdentity, ProxyContext
 from proxy.control import ControlServer
-from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
+from proxy.frontend import ProxyServer
 from proxy.holder import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
 from proxy.router import Router
@@ -131,6 +132,7 @@ async def run(config: Config) -> None:
         max_packet=await asyncio.to_thread(max_allowed_packet, config),
     )
     router.listener = ctx
+    router.holder = holder
     await router.start()
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)

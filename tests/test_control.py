@@ -22,8 +22,8 @@ from harness.baton import Baton
 from proxy import control
 from proxy.accounts import AccountBook, Accounts
 from proxy.admission import Admission
+from proxy.context import ProxyContext
 from proxy.control import ControlServer
-from proxy.frontend import ProxyContext
 from proxy.holder import Holder
 from proxy.router import Router
 from proxy.server import FALLBACK

@@ -1,0 +1,209 @@
+"""What every client session of a proxy shares: the config, routing, the holder, the accounts,
+the live sessions, and the facts the session machine asks for (`proxy.session_machine.World`).
+
+It is also the router's listener: a published switch makes every session's connection stale
+(the epoch grows), and the drain before a demotion asks it whether any session is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from proxy import metrics
+from proxy.accounts import Accounts
+from proxy.admission import Admission
+from proxy.auth import stage1
+from proxy.backend import BackendConnection, BackendError, BackendLogin
+from proxy.holder import Holder
+from proxy.packets import proxy_header
+from proxy.router import Router
+from proxy.session import routine_hazards
+from reparent.admin import AdminConnection
+from reparent.config import Config, ServerConfig
+from reparent.topology import Aborted, ReparentStarted, TopologyEvent
+from reparent.topology import Established as EstablishedEvent
+
+if TYPE_CHECKING:
+    from proxy.frontend import ClientConnection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackendIdentity:
+    """How Baton presents itself: the backend's version, collation and capabilities."""
+
+    version: str
+    capabilities: int
+    collation: int
+
+
+# Baton's session ids (the connection id in its greeting) start here, above any server's thread
+# ids, so that `KILL <id>` can tell a Baton session from a server thread.
+SESSION_ID_BASE = 1 << 30
+SESSION_ID_SPAN = 1 << 24
+
+
+@dataclass
+class ProxyContext:
+    """What every client session shares: config, routing, accounts and the live sessions."""
+
+    config: Config
+    identity: BackendIdentity
+    router: Router
+    holder: Holder
+    accounts: Accounts
+    admission: Admission
+    # The largest command a client may send: proxy.max_packet_size, or the primary's
+    # max_allowed_packet read at start.
+    max_packet: int = 64 << 20
+    sessions: dict[int, ClientConnection] = field(default_factory=dict)
+    _next_id: int = 0
+    # Grows with every published switch; a session's backend from an older epoch is stale.
+    epoch: int = 0
+    # What each stored routine sessions called may leave behind (session.routine_hazards);
+    # None while its body is being read or when it could not be.
+    routines: dict[str, list[str] | None] = field(default_factory=dict)
+    _probe: asyncio.Future[bool] | None = None
+
+    def __post_init__(self) -> None:
+        self.holder.probe = lambda shard: self.primary_writable()
+        admin = self.config.admin
+        self._admin_login = BackendLogin(admin.user, stage1(admin.password))
+
+    def new_session_id(self) -> int:
+        """The next free session id (ids wrap within their span, skipping live ones)."""
+        while True:
+            self._next_id = (self._next_id + 1) % SESSION_ID_SPAN
+            session_id = SESSION_ID_BASE + self._next_id
+            if session_id not in self.sessions:
+                return session_id
+
+    def primary(self) -> ServerConfig:
+        return self.router.primary(self.config.proxy.shard)
+
+    def term(self) -> int:
+        return self.router.store.read(self.config.proxy.shard).value.term
+
+    def switching(self) -> bool:
+        """Does the shard hold new commands now (a switch is under way)?"""
+        return self.holder.should_hold(self.config.proxy.shard)
+
+    def may_hold_failed(self) -> bool:
+        """May a command that failed on the primary wait for a next one? Only if the shard has
+        another server and the holder takes failed commands now."""
+        return self.can_switch and self.holder.can_hold_failed(self.config.proxy.shard)
+
+    @property
+    def can_switch(self) -> bool:
+        """Does the shard have a server besides the primary? Without one no new primary can
+        come, so a failed command has nothing to wait for."""
+        shard = next(s for s in self.config.shards if s.name == self.config.proxy.shard)
+        return len(shard.servers) > 1
+
+    async def primary_writable(self) -> bool:
+        """Does the primary still take a new connection and writes? Asked after a session
+        lost its connection: yes means the loss was that connection's alone (a KILL, a
+        timeout), so its client gets the error at once instead of waiting for a switch that
+        is not coming. Sessions that fail together share one probe."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_primary())
+        return await asyncio.shield(self._probe)
+
+    async def connect(
+        self,
+        server: ServerConfig,
+        login: BackendLogin,
+        client_caps: int,
+        collation: int,
+        schema: str | None,
+        client: tuple[str, int] | None = None,
+    ) -> BackendConnection:
+        """A backend connection to `server`, logged in as `login` (the client's own account).
+        With backend.proxy_protocol the server is told `client`'s address first."""
+        header = b""
+        if client is not None and self.config.backend.proxy_protocol:
+            header = proxy_header(client, (server.host, server.port))
+        return await BackendConnection.connect(
+            server.host,
+            server.port,
+            login,
+            client_caps,
+            collation,
+            schema,
+            self.config.proxy.backend_connect_timeout,
+            header,
+        )
+
+    async def inspect_routine(self, name: str) -> None:
+        """Read a stored routine's body as the admin account and note what it may leave."""
+        schema, _, routine = name.partition(".")
+
+        def read() -> bytes | None:
+            conn = AdminConnection(self.primary(), self.config.admin, 2.0)
+            try:
+                rows = conn.query(
+                    "SELECT ROUTINE_DEFINITION AS body FROM information_schema.ROUTINES"
+                    " WHERE ROUTINE_SCHEMA = %s AND ROUTINE_NAME = %s",
+                    (schema, routine),
+                )
+            finally:
+                conn.close()
+            return rows[0]["body"].encode() if rows and rows[0]["body"] is not None else None
+
+        try:
+            body = await asyncio.to_thread(read)
+        except Exception as e:  # unreachable, refused: the routine stays unknown
+            log.info("cannot read stored routine %s: %s", name, e)
+            self.routines.pop(name, None)
+            return
+        if body is not None:
+            self.routines[name] = routine_hazards(body)
+
+    async def _probe_primary(self) -> bool:
+        try:
+            backend = await self.connect(
+                self.primary(), self._admin_login, 0, self.identity.collation, None
+            )
+        except BackendError:
+            return False
+        try:
+            rows = await asyncio.wait_for(
+                backend.query("SELECT @@read_only"), self.config.proxy.backend_connect_timeout
+            )
+            return rows[0][0] == b"0"
+        except (BackendError, TimeoutError):
+            return False
+        finally:
+            backend.close()
+
+    # -- the router's listener: topology events, on the proxy's loop ---------------------------
+
+    def busy(self, shard: str) -> bool:
+        """Any session with a transaction open or a statement in flight on the old primary?
+        A held session counts as idle: its command has not been sent."""
+        return any(c.machine.busy or c.state.in_transaction for c in self.sessions.values())
+
+    async def prepare_move(self, shard: str) -> None:
+        """Read back what tracking does not report, while the old primary still answers.
+        The router calls this once no session is in a transaction or mid-statement."""
+        for conn in list(self.sessions.values()):
+            await conn.refresh_if_stale()
+
+    def topology_event(self, event: TopologyEvent) -> None:
+        """The router hands every event to the holder too, which holds and releases the
+        commands; here the sessions' connections become stale once a switch is published."""
+        if isinstance(event, ReparentStarted):
+            for conn in self.sessions.values():
+                if conn.state.in_transaction:
+                    case = "in_transaction"  # runs to its end first, within the grace period
+                elif conn.machine.busy:
+                    case = "in_statement"  # its statement ends on the old primary
+                else:
+                    case = "idle"  # held at its next command
+                metrics.SWITCH_SESSIONS.labels(case).inc()
+        elif isinstance(event, EstablishedEvent | Aborted):
+            self.epoch += 1

@@ -1,0 +1,180 @@
+"""A client session's connection to its server: made as the client's own account, given the
+session's state, read back from, and dropped when it breaks.
+
+`ClientConnection` (proxy/frontend.py) owns one `ServerLink` and carries out the session
+machine's CONNECT, RETRACK and COM_CHANGE_USER through it; whether to connect, and what a
+failure means for the command, is the machine's to decide (proxy/session_machine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from proxy import metrics
+from proxy.backend import BackendConnection, BackendError, BackendLogin
+from proxy.context import ProxyContext
+from proxy.packets import Command, frame
+from proxy.session import READ_BACK_SQL, SessionState
+from reparent.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+# Set on every backend connection: Baton learns each session's state from OK packets.
+TRACKING_ASSIGNMENTS = (
+    "session_track_schema=1, session_track_state_change=1, "
+    "session_track_system_variables='*', session_track_transaction_info='STATE'"
+)
+TRACKING_SQL = "SET " + TRACKING_ASSIGNMENTS
+
+
+class ServerLink:
+    """The session's server connection and what it was made with."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        state: SessionState,
+        on_full: Callable[[bool], None],
+    ) -> None:
+        self.ctx = ctx
+        self.state = state
+        self.on_full = on_full  # the server reads our writes slower than we send (True), or not
+        self.backend: BackendConnection | None = None
+        self.server: ServerConfig | None = None
+        self.epoch = 0  # the epoch of the primary it was made to; older is stale
+        self.login: BackendLogin | None = None  # the client's account, by SHA1(password)
+        self.client_caps = 0
+        self.peer: tuple[str, int] | None = None  # the client's address, for PROXY headers
+        self.client_slow = False  # the client reads slower than results come: pause the server
+        # Baton's own statements on a held session's idle connection, and that session's move
+        # once it is released, take turns.
+        self.lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """Alive and made to the current primary (no switch was published since)."""
+        backend = self.backend
+        return backend is not None and backend.alive and self.epoch == self.ctx.epoch
+
+    @property
+    def thread(self) -> int | None:
+        """The server's thread id of this connection, if it has one."""
+        backend = self.backend
+        if backend is None or not backend.alive or backend.handshake is None:
+            return None
+        return backend.handshake.connection_id
+
+    async def connect(self) -> None:
+        """A connection on the current primary, as the client's account, with the session's
+        state restored on it. A switch published while this connects makes it stale at once
+        (it keeps the epoch of the primary chosen now), and the command moves again."""
+        ctx = self.ctx
+        epoch = ctx.epoch
+        server = ctx.primary()
+        label = server.name
+        moving = self.server is not None  # it had a connection: its state moves
+        assert self.login is not None
+        self.close()  # a stale one, still open
+        try:
+            backend = await ctx.connect(
+                server,
+                self.login,
+                self.client_caps,
+                self.state.collation,
+                self.state.schema,
+                self.peer,
+            )
+            await self.restore(backend)
+        except BackendError:
+            metrics.BACKEND_CONNECT_FAILURES.labels(label).inc()
+            metrics.BACKEND_UP.labels(label).set(0)
+            if moving:
+                metrics.SESSIONS_MOVED.labels("failed").inc()
+            raise
+        if moving:
+            metrics.SESSIONS_MOVED.labels("moved").inc()
+        self.attach(backend, server, epoch)
+
+    def attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
+        metrics.BACKEND_UP.labels(server.name).set(1)
+        metrics.BACKEND_CONNECTIONS.labels(server.name).inc()
+        self.backend = backend
+        self.server = server
+        backend.on_full = self.on_full
+        if self.client_slow:
+            backend.pause_reading(True)
+        self.epoch = epoch
+        self.state.backend = f"{server.name} ({server.host}:{server.port})"
+
+    async def restore(self, backend: BackendConnection) -> None:
+        """Give a new server session this session's state: Baton's tracking, the variables
+        (character set, sql_mode, time zone, ...), user variables, prepared statements. The
+        schema and collation went with the login. One round trip, plus one per statement."""
+        assignments = [TRACKING_ASSIGNMENTS, *self.state.restore_assignments()]
+        try:
+            await backend.query("SET " + ", ".join(assignments))
+            for stmt in self.state.statements.values():
+                parser, _ = await backend.command(
+                    frame(bytes((Command.STMT_PREPARE,)) + stmt.sql, 0)
+                )
+                stmt.backend_id = parser.backend_stmt_id
+                stmt.rebound = False
+            for prepare in self.state.restore_sql_prepared():
+                await backend.query(prepare)
+        except BackendError as e:
+            backend.close()
+            raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
+
+    async def refresh(self) -> None:
+        """Read back what tracking does not report (user variables, collation, locks); needed
+        before the state can move to another server. The caller makes sure no command is in
+        flight."""
+        async with self.lock:
+            backend = self.backend
+            if backend is None or not backend.alive:
+                return
+            self.state.read_back(await backend.query(READ_BACK_SQL))
+            exact = self.state.exact_strings_sql()
+            if exact is not None:
+                self.state.exact_strings((await backend.query(exact))[0])
+            locks = self.state.held_locks_sql()
+            if locks is not None:
+                self.state.held_locks((await backend.query(locks))[0])
+
+    async def retrack(self) -> None:
+        """Set Baton's session tracking again: after COM_RESET_CONNECTION the server forgot
+        it, and a statement of the client's may have changed it. A failure closes the
+        connection; the next command moves."""
+        try:
+            assert self.backend is not None
+            await self.backend.query(TRACKING_SQL)
+        except BackendError as e:
+            log.info("session %d: lost backend after reset: %s", self.state.session_id, e)
+            self.close()
+
+    def slow(self, slow: bool) -> None:
+        """The client reads slowly (True) or caught up: pause or resume the server's results."""
+        self.client_slow = slow
+        if self.backend is not None:
+            self.backend.pause_reading(slow)
+
+    def close(self, quit: bool = True) -> None:
+        """Close the connection; without `quit`, the server counts an aborted client."""
+        if self.backend is not None:
+            self.backend.close(quit)
+            assert self.server is not None
+            metrics.BACKEND_CONNECTIONS.labels(self.server.name).dec()
+        self.backend = None
+        self.state.backend = ""
+
+    def drop(self) -> tuple[str, int] | None:
+        """The connection broke: close what is left; the server and epoch it was lost on."""
+        server = self.server
+        if self.backend is None or server is None:
+            return None
+        self.close()
+        self.state.in_flight = None
+        metrics.BACKEND_LOST.labels(server.name).inc()
+        return server.name, self.epoch
