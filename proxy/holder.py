@@ -170,10 +170,10 @@ class Holder(Collector):
         state, ticket.state = ticket.state, TicketState.ENDED
         if state is TicketState.ENDED:
             return
-        del self._tickets[ticket.entry]
         if state is TicketState.RELEASED:
+            del self._tickets[ticket.entry]
             self._apply(self.buffer.flushed(ticket.entry, self._now()))
-        else:
+        else:  # evicted in this call, and forgotten with its Evict
             self._apply(self.buffer.cancel(ticket.entry, self._now()))
 
     async def episode(self, shard: str, term: int, timeout: float) -> Finished | None:

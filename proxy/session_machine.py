@@ -547,10 +547,20 @@ class SessionMachine:
         if self.phase is Phase.CLOSED:
             return NOTHING
         if ready:
-            self._go(Edge.MOVED)
-            return SEND
+            return self._moved()
         self._go(Edge.MOVE)
         return self._move()
+
+    def _moved(self) -> Actions:
+        """The command goes to the primary the session is now connected to, unless that is the
+        server that may have run it (a switch back to it while the command moved)."""
+        failure = self.failure
+        if failure is not None and self.world.primary().name == self.avoid:
+            self.failure = None
+            return self._answer(*failure)
+        self.failure = self.avoid = None
+        self._go(Edge.MOVED)
+        return SEND
 
     def connect_failed(self, error: bytes) -> Actions:
         """CONNECT failed: the primary cannot be reached (or refused the session's state)."""
@@ -565,14 +575,14 @@ class SessionMachine:
         failed on takes writes again). `ready`: the session's connection is still current."""
         if self.phase is Phase.CLOSED:
             return NOTHING
-        failure, self.failure = self.failure, None
+        failure = self.failure
         if failure is not None and self.world.primary().name == self.avoid:
             # The reparent was aborted: the only primary is the server that may have run it.
+            self.failure = None
             return self._answer(*failure)
         self._go(Edge.RELEASED)
         if ready:
-            self._go(Edge.MOVED)
-            return SEND
+            return self._moved()
         return self._move()
 
     def evicted(self, message: str) -> Actions:
