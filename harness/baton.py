@@ -103,10 +103,12 @@ def start_baton(
     users: list[dict[str, str]] | None = None,
     nofile: int | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
+    source: Path = ROOT,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
     (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
-    open files, soft and hard; `extra`: other tables, merged key by key)."""
+    open files, soft and hard; `extra`: other tables, merged key by key; `source`: the source
+    tree it runs from, another checkout to compare with this one)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -133,7 +135,7 @@ def start_baton(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=source,  # `python -m` imports from the working directory first
             env={**os.environ, **env} if env else None,
             preexec_fn=(
                 (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))

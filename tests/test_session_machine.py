@@ -454,6 +454,23 @@ def test_released_failed_read_runs_on_the_new_primary() -> None:
     assert m.released(ready=False) is CONNECT
 
 
+def test_switch_back_while_a_released_read_moves_is_not_sent_there() -> None:
+    """Released to db2, then db1 leads again while the session connects: the read that may
+    have run on db1 gets its error rather than run there again."""
+    world = World()
+    m = machine(world)
+    relaying(m)
+    lost_on(m)
+    world.holding = True
+    m.lost_connection(ERROR, relayed=False)
+    m.ticket = TICKET
+    world.epoch, world.primary_name, world.holding = 1, "db2", False
+    assert m.released(ready=False) is CONNECT
+    world.epoch, world.primary_name = 2, "db1"
+    assert m.connected(ready=False) is CONNECT  # db2's connection is stale: to db1
+    assert m.connected(ready=True) == (WriteError(ERROR), EndTicket(TICKET), Do.NEXT)
+
+
 def test_unreachable_primary_waits_for_the_next_one() -> None:
     m = machine()
     m.command(READ, hold=False, ready=False)
