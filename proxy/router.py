@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from reparent.config import Config, ServerConfig
-from reparent.topology import Established, ReparentStarted, TopologyEvent, TopologyStore
+from reparent.store import TopologyStore
+from reparent.topology import Established, ReparentStarted, TopologyEvent
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from reparent.admin import AdminPool
 from reparent.config import Config, ConfigError, ServerConfig, load
 from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
+from reparent.filestore import FileStore
 from reparent.revoke import FollowerFencing, GracefulDemotion
-from reparent.topology import FileStore, ReparentKind
+from reparent.topology import ReparentKind
 from reparent.watch import Watch
 
 log = logging.getLogger("baton")

@@ -25,13 +25,13 @@ from reparent.mechanism import (
     Revocation,
 )
 from reparent.orchestrator import Action, Call, Orchestrator
+from reparent.store import TopologyStore
 from reparent.topology import (
     PhaseTiming,
     ReparentKind,
     ReparentRecord,
     Step,
     TopologyEvent,
-    TopologyStore,
 )
 
 log = logging.getLogger(__name__)

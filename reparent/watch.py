@@ -42,7 +42,8 @@ from reparent.detector import (
 )
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import FailureKind, MechanismError, ReparentContext
-from reparent.topology import ReparentKind, ReparentRecord, TopologyStore
+from reparent.store import TopologyStore
+from reparent.topology import ReparentKind, ReparentRecord
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from reparent.detector import (
     SetReadOnly,
     ShardView,
 )
-from reparent.topology import Established, FileStore, ShardTopology
+from reparent.filestore import FileStore
+from reparent.topology import Established, ShardTopology
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.toml"
 SETTINGS = DetectorConfig(interval=0.5, failures=3, cooldown=30.0)

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from reparent import topology
+from reparent import filestore
 from reparent.config import Role, ServerConfig, ShardConfig, load
+from reparent.filestore import CorruptStoreError, FileStore
 from reparent.topology import (
     Aborted,
-    CorruptStoreError,
     Established,
     EventKind,
-    FileStore,
     JournalConflictError,
     Outcome,
     PhaseTiming,
@@ -244,7 +243,7 @@ def test_history_is_newest_first_by_shard_and_limited() -> None:
 
 
 def test_history_keeps_a_bounded_number_per_shard(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(topology, "HISTORY_PER_SHARD", 2)
+    monkeypatch.setattr(filestore, "HISTORY_PER_SHARD", 2)
     store, _ = fake_store()
     store.compare_and_set("other", 0, ShardTopology.from_config(shard("other", "x", "y")))
     store.journal_finish(finished("o1", "other"))
@@ -380,7 +379,7 @@ def test_a_raising_watcher_does_not_stop_the_others(caplog: pytest.LogCaptureFix
     store.watch(lambda e: seen.append("first"))
     store.watch(broken)
     store.watch(lambda e: seen.append("last"))
-    with caplog.at_level(logging.ERROR, logger="reparent.topology"):
+    with caplog.at_level(logging.ERROR, logger="reparent.filestore"):
         store.publish(Aborted("main", "test"))
     assert seen == ["first", "last"]
     assert "watcher failed on aborted" in caplog.text and "boom" in caplog.text
