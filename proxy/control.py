@@ -12,11 +12,12 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.frontend import ProxyContext
 from reparent.controller import Controller, ReparentRefused
-from reparent.topology import ReparentKind, ReparentRecord
+from reparent.store import LEADER
+from reparent.topology import ReparentKind, ReparentRecord, TopologyError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class ControlError(Exception):
 
 
 Emit = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 class ControlServer:
@@ -83,13 +85,14 @@ class ControlServer:
         store = self.controller.store
         shards = []
         for shard in self.ctx.config.shards:
-            topo = store.read(shard.name).value
-            in_flight = store.journal_get(shard.name)
+            topo = (await self._store(store.read, shard.name)).value
+            in_flight = await self._store(store.journal_get, shard.name)
             shards.append(
                 {
                     "name": shard.name,
                     "primary": topo.primary,
                     "term": topo.term,
+                    "lock": await self._store(store.lock_owner, shard.name),
                     "reparent": in_flight.to_dict() if in_flight else None,
                     "servers": [
                         {
@@ -107,6 +110,10 @@ class ControlServer:
             "shards": shards,
             "sessions": len(self.ctx.sessions),
             "version": self.ctx.identity.version,
+            "proxy": self.ctx.router.proxy_id,
+            "store": str(self.ctx.config.topology.store),
+            "proxies": [p.to_dict() for p in await self._store(store.proxies)],
+            "detector_leader": await self._store(store.lock_owner, LEADER),
         }
 
     async def cmd_prs(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -142,29 +149,28 @@ class ControlServer:
 
     async def add_buffer_counts(self, report: ReparentRecord) -> None:
         """What this proxy held for the reparent goes into its report, here and in the
-        history. The drain ends moments after the reparent; it is waited for up to a window."""
-        holder = self.ctx.holder
-        episode = await holder.episode(
-            report.shard, report.term_before + 1, holder.settings.window
-        )
+        history (other proxies of a fleet add theirs to the history as their holds end).
+        The drain ends moments after the reparent; it is waited for up to a window."""
+        router = self.ctx.router
+        episode = await router.annotate(report.shard, report.term_before + 1, report.id)
         if episode is None:
             return
-        report.held, report.flushed, report.evicted = (
-            episode.held,
-            episode.flushed,
-            episode.evicted,
-        )
-        await asyncio.to_thread(
-            self.controller.store.annotate,
-            report.id,
-            episode.held,
-            episode.flushed,
-            episode.evicted,
-        )
+        counts = {"held": episode.held, "flushed": episode.flushed, "evicted": episode.evicted}
+        updated = report.with_buffers({**report.buffers, router.proxy_id: counts})
+        report.buffers = updated.buffers
+        report.held, report.flushed, report.evicted = updated.held, updated.flushed, updated.evicted
 
     async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         limit = request.get("limit", 50)
-        return [r.to_dict() for r in self.controller.store.history(request.get("shard"), limit)]
+        records = await self._store(self.controller.store.history, request.get("shard"), limit)
+        return [r.to_dict() for r in records]
+
+    async def _store(self, call: Callable[..., T], *args: object) -> T:
+        """A store call off the event loop (a remote store may take its timeout)."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except TopologyError as e:
+            raise ControlError(str(e))
 
     async def cmd_sessions(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         """Every session's state; stale user variables are read back from idle sessions."""

@@ -16,13 +16,15 @@ from proxy.control import ControlServer
 from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
 from proxy.hold import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
-from proxy.router import Router
+from proxy.router import Router, default_proxy_id
 from reparent.admin import AdminPool
-from reparent.config import Config, ConfigError, ServerConfig, load
+from reparent.config import Config, ConfigError, ServerConfig, StoreKind, load
 from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
+from reparent.etcdstore import EtcdStore
 from reparent.filestore import FileStore
 from reparent.revoke import FollowerFencing, GracefulDemotion
+from reparent.store import StoreUnavailableError, TopologyStore
 from reparent.topology import ReparentKind
 from reparent.watch import Watch
 
@@ -51,7 +53,24 @@ async def probe_identity(server: ServerConfig, timeout: float) -> BackendIdentit
     )
 
 
+async def open_store(config: Config) -> TopologyStore:
+    """The configured topology store; etcd is waited for at start, since a proxy that does
+    not know the term cannot fence by it."""
+    if config.topology.store is StoreKind.FILE:
+        return FileStore.open(Path(config.controller.store), config)
+    t = config.topology
+    while True:
+        try:
+            return await asyncio.to_thread(
+                EtcdStore.open, list(t.endpoints), t.prefix, config, t.timeout
+            )
+        except StoreUnavailableError as e:
+            log.warning("waiting for the topology store: %s", e)
+            await asyncio.sleep(1.0)
+
+
 async def run(config: Config) -> None:
+    loop = asyncio.get_running_loop()
     primary = config.shard.primary
     try:
         identity = await probe_identity(primary, config.proxy.backend_connect_timeout)
@@ -60,15 +79,17 @@ async def run(config: Config) -> None:
             "primary %s unreachable at start (%s); presenting %s", primary.name, e, FALLBACK.version
         )
         identity = FALLBACK
-    store = FileStore.open(Path(config.controller.store), config)
+    store = await open_store(config)
+    proxy_id = default_proxy_id(config)
     pool = AdminPool()  # one admin connection per server, shared by every mechanism
     controller = Controller(
         config,
         store,
         {ReparentKind.PRS: GracefulDemotion(pool), ReparentKind.ERS: FollowerFencing(pool)},
         GtidEstablishment(max_lag_seconds=config.controller.max_lag, pool=pool),
+        owner=proxy_id,
     )
-    router = Router(config, store, controller.owner)
+    router = Router(config, store, proxy_id)
     holder = Holder(config.buffer)
     metrics.REGISTRY.register(holder)
     ctx = ProxyContext(config=config, identity=identity, router=router, holder=holder)
@@ -89,6 +110,9 @@ async def run(config: Config) -> None:
         watch = Watch(config, store, controller, reported=control.add_buffer_counts)
     if watch is not None:
         watch.start()
+    # Finish or undo the switch of a Baton that died holding it (and, in a fleet, report it
+    # with this proxy's buffer counts like any other).
+    follower = loop.create_task(controller.follow(control.add_buffer_counts))
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
         "baton serving %s:%d -> %s (%s); control %s; metrics %s:%d",
@@ -101,16 +125,18 @@ async def run(config: Config) -> None:
         config.proxy.metrics_port,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("baton stopping")
+    follower.cancel()
     if watch is not None:
         watch.close()
     server.close()
     control.close()
+    await router.unregister()
     router.close()
+    store.close()
 
 
 def main(config_path: str) -> int:

@@ -75,6 +75,7 @@ class ProxyConfig:
     allow_load_data_local: bool = False
     max_packet_size: int = 64 * 1024 * 1024
     backend_connect_timeout: float = 2.0
+    id: str = ""  # this proxy's name in a fleet; hostname:listen_port when empty
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,27 @@ class ControllerConfig:
     grace: float = 5.0  # seconds a planned demotion waits for proxies to drain
     timeout: float = 10.0  # seconds for any one wait of a reparent (catch-up, drain)
     max_lag: float = 5.0  # seconds a candidate may take to apply what the primary has now
-    lock_ttl: float = 120.0  # seconds a shard lock lives unless renewed
+    # Seconds a shard lock lives unless renewed; the controller renews it every third of
+    # that while it runs a reparent, so this is how long a dead controller holds the shard.
+    lock_ttl: float = 10.0
+
+
+class StoreKind(enum.StrEnum):
+    """`[topology] store`: where the shard topology and the journal live."""
+
+    FILE = "file"  # embedded: one Baton, a JSON file (controller.store)
+    ETCD = "etcd"  # a fleet of Batons sharing one etcd cluster
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    """`[topology]`: the topology store. etcd's keys are all under `prefix`, so several
+    fleets can share one etcd cluster."""
+
+    store: StoreKind = StoreKind.FILE
+    endpoints: tuple[str, ...] = ()  # etcd client URLs, http://host:port
+    prefix: str = "/baton"
+    timeout: float = 2.0  # seconds for one etcd request before the next endpoint is tried
 
 
 @dataclass(frozen=True)
@@ -125,6 +146,7 @@ class Config:
     path: Path | None = field(default=None, compare=False)
     detector: DetectorConfig = DetectorConfig()
     durability: Durability = Durability.ASYNC
+    topology: TopologySettings = TopologySettings()
 
     @property
     def shard(self) -> ShardConfig:
@@ -142,6 +164,7 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "allow_load_data_local": bool,
     "max_packet_size": int,
     "backend_connect_timeout": (int, float),
+    "id": str,
 }
 
 
@@ -269,6 +292,68 @@ def _detector(table: Any) -> DetectorConfig:
     return DetectorConfig(**values)
 
 
+def _topology(table: Any) -> TopologySettings:
+    if not isinstance(table, dict):
+        raise ConfigError("topology: expected a table")
+    _unknown(table, {"store", "endpoints", "prefix", "timeout"}, "topology")
+    kind = StoreKind.FILE
+    if "store" in table:
+        text = _typed(table, "store", str, "topology")
+        try:
+            kind = StoreKind(text)
+        except ValueError:
+            raise ConfigError(f"topology.store: expected 'file' or 'etcd', got {text!r}")
+    endpoints: tuple[str, ...] = ()
+    if "endpoints" in table:
+        raw = _typed(table, "endpoints", list, "topology")
+        if not all(isinstance(e, str) and e for e in raw):
+            raise ConfigError("topology.endpoints: expected a list of http://host:port")
+        for e in raw:
+            host, _, port = e.removeprefix("http://").partition(":")
+            if not e.startswith("http://") or not host or not port.isdigit():
+                raise ConfigError(f"topology.endpoints: {e!r} is not http://host:port")
+            _port(int(port), f"topology.endpoints: {e}")
+        endpoints = tuple(raw)
+    if kind is StoreKind.ETCD and not endpoints:
+        raise ConfigError("topology.endpoints: store = 'etcd' needs at least one endpoint")
+    prefix = "/baton"
+    if "prefix" in table:
+        prefix = _typed(table, "prefix", str, "topology")
+        if not prefix.startswith("/") or prefix.rstrip("/") == "":
+            raise ConfigError(f"topology.prefix: expected a key prefix like /baton, got {prefix!r}")
+    timeout = 2.0
+    if "timeout" in table:
+        timeout = _typed(table, "timeout", (int, float), "topology")
+        if timeout <= 0:
+            raise ConfigError(f"topology.timeout: must be positive, got {timeout}")
+    return TopologySettings(store=kind, endpoints=endpoints, prefix=prefix, timeout=timeout)
+
+
+# Seconds another Baton needs, once a dead controller's lock has lapsed, to notice it and
+# finish or undo the switch (it looks every second; the resume itself takes milliseconds).
+RESUME_ALLOWANCE = 5.0
+
+
+def _fleet_bounds(
+    topology: TopologySettings, controller: ControllerConfig, buffer: BufferSettings
+) -> None:
+    """In a fleet the Baton running a switch can die holding it: the others keep holding
+    until its lock lapses and one of them finishes the switch, so holding must last that."""
+    if topology.store is not StoreKind.ETCD:
+        return
+    if controller.lock_ttl < 2:
+        raise ConfigError(
+            f"controller.lock_ttl: etcd leases last at least 2 s, got {controller.lock_ttl}"
+        )
+    needed = controller.grace + controller.lock_ttl + RESUME_ALLOWANCE
+    if buffer.max_failover < needed:
+        raise ConfigError(
+            f"buffer.max_failover: {buffer.max_failover:g} s is shorter than controller.grace "
+            f"+ controller.lock_ttl + {RESUME_ALLOWANCE:g} s = {needed:g} s, the longest a "
+            "switch can last when the Baton running it dies; raise it or shorten those"
+        )
+
+
 def _shards(items: Any) -> tuple[ShardConfig, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError("shards: expected at least one [[shards]] table")
@@ -337,6 +422,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
             "detector",
             "users",
             "shards",
+            "topology",
         },
         "config",
     )
@@ -353,18 +439,23 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     )
     admin = _account(_table(data, "admin"), "admin")
     replication, durability = _replication(data.get("replication", {}), admin)
+    topology = _topology(data.get("topology", {}))
+    controller = _controller(data.get("controller", {}))
+    buffer = _buffer(data.get("buffer", {}))
+    _fleet_bounds(topology, controller, buffer)
     return Config(
         proxy=proxy,
         backend=_account(_table(data, "backend"), "backend"),
         admin=admin,
         users=users,
         replication=replication,
-        controller=_controller(data.get("controller", {})),
-        buffer=_buffer(data.get("buffer", {})),
+        controller=controller,
+        buffer=buffer,
         shards=shards,
         path=path,
         detector=_detector(data.get("detector", {})),
         durability=durability,
+        topology=topology,
     )
 
 

@@ -15,8 +15,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from reparent.config import Config, ShardConfig
-from reparent.store import Lease, TopologyStore, Waiter
+from reparent.config import Config
+from reparent.store import (
+    Drain,
+    Lease,
+    LockLostError,
+    ProxyInfo,
+    ProxyStatus,
+    TopologyStore,
+    Waiter,
+    adopt_shards,
+)
 from reparent.topology import (
     JournalConflictError,
     ReparentRecord,
@@ -25,6 +34,7 @@ from reparent.topology import (
     TopologyEvent,
     UnknownShardError,
     Versioned,
+    catch_up,
     json_get,
     json_mapping,
 )
@@ -71,7 +81,7 @@ class FileStore(TopologyStore):
         self._in_flight: dict[str, ReparentRecord] = {}
         self._history: list[ReparentRecord] = []  # oldest first
         self._leases: dict[str, tuple[Lease, float]] = {}  # shard -> (lease, ttl)
-        self._proxies: dict[str, float] = {}  # proxy id -> registration expiry
+        self._proxies: dict[str, tuple[ProxyInfo, float]] = {}  # id -> (info, expiry)
         self._reports: dict[tuple[str, str], tuple[int, bool]] = {}  # (proxy, shard) -> report
         self._watchers: dict[int, Callable[[TopologyEvent], None]] = {}
         self._watcher_ids = itertools.count()
@@ -94,39 +104,9 @@ class FileStore(TopologyStore):
         names has no address to reach it by.
         """
         store = cls(path, clock, wait=wait)
-        for shard in config.shards:
-            store._adopt(shard)
+        with store._lock:
+            adopt_shards(store, config, f"{path} (remove the shard from the file to start over)")
         return store
-
-    def _adopt(self, shard: ShardConfig) -> None:
-        wanted = ShardTopology.from_config(shard)
-        with self._lock:
-            current = self._topology.get(shard.name)
-            if current is None:
-                self.compare_and_set(shard.name, 0, wanted)
-                return
-            topo = current.value
-            if set(topo.servers) == set(wanted.servers):
-                return
-            if topo.primary not in wanted.servers:
-                raise TopologyError(
-                    f"{self._path}: shard {shard.name}: the store says {topo.primary} leads at "
-                    f"term {topo.term}, but the config has no server {topo.primary}; add it "
-                    "back to the config, or remove the shard from the store file to start over "
-                    "from the config"
-                )
-            log.warning(
-                "shard %s: servers %s in the store, %s in the config; following the config",
-                shard.name,
-                ",".join(topo.servers),
-                ",".join(wanted.servers),
-            )
-            servers = set(wanted.servers)
-            self.compare_and_set(
-                shard.name,
-                current.version,
-                replace(topo, servers=wanted.servers, quarantined=topo.quarantined & servers),
-            )
 
     # -- topology ---------------------------------------------------------------------------
 
@@ -138,10 +118,18 @@ class FileStore(TopologyStore):
         with self._lock:
             return sorted(self._topology)
 
-    def compare_and_set(self, shard: str, expected_version: int, new: ShardTopology) -> bool:
+    def compare_and_set(
+        self,
+        shard: str,
+        expected_version: int,
+        new: ShardTopology,
+        *,
+        lease: Lease | None = None,
+    ) -> bool:
         if new.name != shard:
             raise ValueError(f"topology of shard {new.name!r} written to shard {shard!r}")
         with self._lock:
+            self._holds(lease)
             current = self._topology.get(shard)
             version = 0 if current is None else current.version
             if version != expected_version:
@@ -152,24 +140,47 @@ class FileStore(TopologyStore):
 
     # -- journal ----------------------------------------------------------------------------
 
-    def journal_put(self, record: ReparentRecord) -> None:
+    def journal_put(
+        self,
+        record: ReparentRecord,
+        events: tuple[TopologyEvent, ...] = (),
+        *,
+        lease: Lease | None = None,
+    ) -> None:
         if record.outcome is not None:
             raise ValueError(f"reparent {record.id} has an outcome: finish it, do not put it")
-        with self._lock:
-            self._known(record.shard)
-            self._check_in_flight(record)
-            in_flight = {**self._in_flight, record.shard: copy.deepcopy(record)}
-            self._commit(self._topology, in_flight, self._history)
+        with self._publishing:
+            with self._lock:
+                self._holds(lease)
+                self._known(record.shard)
+                self._check_in_flight(record)
+                in_flight = {**self._in_flight, record.shard: copy.deepcopy(record)}
+                self._commit(self._topology, in_flight, self._history)
+            for event in events:
+                self.publish(event)
 
     def journal_get(self, shard: str) -> ReparentRecord | None:
         with self._lock:
             self._known(shard)
             return copy.deepcopy(self._in_flight.get(shard))
 
-    def journal_finish(self, record: ReparentRecord) -> None:
+    def journal_finish(
+        self,
+        record: ReparentRecord,
+        events: tuple[TopologyEvent, ...] = (),
+        *,
+        lease: Lease | None = None,
+    ) -> None:
         if record.outcome is None:
             raise ValueError(f"reparent {record.id} has no outcome yet")
+        with self._publishing:
+            self._finish(record, lease)
+            for event in events:
+                self.publish(event)
+
+    def _finish(self, record: ReparentRecord, lease: Lease | None) -> None:
         with self._lock:
+            self._holds(lease)
             self._known(record.shard)
             self._check_in_flight(record)
             in_flight = {k: v for k, v in self._in_flight.items() if k != record.shard}
@@ -184,14 +195,15 @@ class FileStore(TopologyStore):
             found = [r for r in reversed(self._history) if shard is None or r.shard == shard]
             return copy.deepcopy(found[: max(0, limit)])
 
-    def annotate(self, record_id: str, held: int, flushed: int, evicted: int) -> bool:
+    def annotate(
+        self, record_id: str, proxy_id: str, held: int, flushed: int, evicted: int
+    ) -> bool:
+        counts = {"held": held, "flushed": flushed, "evicted": evicted}
         with self._lock:
-            history = copy.deepcopy(self._history)
-            for record in history:
+            for i, record in enumerate(self._history):
                 if record.id == record_id:
-                    record.held += held
-                    record.flushed += flushed
-                    record.evicted += evicted
+                    history = list(self._history)
+                    history[i] = record.with_buffers({**record.buffers, proxy_id: counts})
                     self._commit(self._topology, self._in_flight, history)
                     return True
             return False
@@ -212,7 +224,11 @@ class FileStore(TopologyStore):
     # -- events -----------------------------------------------------------------------------
 
     def watch(self, callback: Callable[[TopologyEvent], None]) -> Callable[[], None]:
-        with self._lock:
+        with self._publishing, self._lock:
+            # A switch holding now is told first, so the subscriber holds like the others.
+            for name, current in self._topology.items():
+                for event in catch_up(None, current.value, self._in_flight.get(name)):
+                    callback(event)
             key = next(self._watcher_ids)
             self._watchers[key] = callback
 
@@ -242,7 +258,9 @@ class FileStore(TopologyStore):
             held = self._leases.get(shard)
             if held is not None and held[0].expires_at > now:
                 return None
-            lease = Lease(shard=shard, owner=owner, token=uuid.uuid4().hex, expires_at=now + ttl)
+            lease = Lease(
+                shard=shard, owner=owner, token=uuid.uuid4().hex, expires_at=now + ttl, ttl=ttl
+            )
             self._leases[shard] = (lease, ttl)
             return lease
 
@@ -256,6 +274,24 @@ class FileStore(TopologyStore):
             self._leases[lease.shard] = (replace(current, expires_at=now + ttl), ttl)
             return True
 
+    def check(self, lease: Lease) -> bool:
+        with self._lock:
+            held = self._leases.get(lease.shard)
+            return held is not None and held[0].token == lease.token and (
+                held[0].expires_at > self._clock()
+            )
+
+    def _holds(self, lease: Lease | None) -> None:
+        if lease is not None and not self.check(lease):
+            raise LockLostError(f"{lease.owner} no longer holds the lock of {lease.shard}")
+
+    def lock_owner(self, shard: str) -> str | None:
+        with self._lock:
+            held = self._leases.get(shard)
+            if held is None or held[0].expires_at <= self._clock():
+                return None
+            return held[0].owner
+
     def unlock(self, lease: Lease) -> bool:
         with self._lock:
             held = self._leases.get(lease.shard)
@@ -266,33 +302,58 @@ class FileStore(TopologyStore):
 
     # -- drained reports --------------------------------------------------------------------
 
-    def register_proxy(self, proxy_id: str, ttl: float) -> None:
+    def register_proxy(self, proxy: ProxyInfo, ttl: float) -> None:
         with self._changed:
-            self._proxies[proxy_id] = self._clock() + ttl
+            self._proxies[proxy.id] = (proxy, self._clock() + ttl)
             self._changed.notify_all()
+
+    def unregister_proxy(self, proxy_id: str) -> None:
+        with self._changed:
+            self._proxies.pop(proxy_id, None)
+            self._reports = {k: v for k, v in self._reports.items() if k[0] != proxy_id}
+            self._changed.notify_all()
+
+    def proxies(self) -> list[ProxyStatus]:
+        with self._lock:
+            now = self._clock()
+            return [
+                ProxyStatus(
+                    info,
+                    alive=expires > now,
+                    drained={s: r for (p, s), r in self._reports.items() if p == proxy_id},
+                )
+                for proxy_id, (info, expires) in sorted(self._proxies.items())
+            ]
 
     def report_drained(self, proxy_id: str, shard: str, term: int, drained: bool) -> None:
         with self._changed:
             self._reports[(proxy_id, shard)] = (term, drained)
             self._changed.notify_all()
 
-    def wait_drained(self, shard: str, term: int, timeout: float) -> bool:
+    def wait_drained(self, shard: str, term: int, timeout: float) -> Drain:
         with self._changed:
             deadline = self._clock() + timeout
+            seen: set[str] = set()  # every proxy alive at some point of the wait
             while True:
                 now = self._clock()
+                live = {p: expires for p, (_, expires) in self._proxies.items() if expires > now}
+                seen |= set(live)
                 # The expiry of each live proxy still owing a report: when one passes, that
                 # proxy stops counting, so the wait must look again then even if nobody calls.
                 owing = [
                     expires
-                    for proxy, expires in self._proxies.items()
-                    if expires > now and self._reports.get((proxy, shard)) != (term, True)
+                    for proxy, expires in live.items()
+                    if self._reports.get((proxy, shard)) != (term, True)
                 ]
-                if not owing:
-                    return True
-                if now >= deadline:
-                    return False
+                if not owing or now >= deadline:
+                    missing = sorted(
+                        p for p in seen if self._reports.get((p, shard)) != (term, True)
+                    )
+                    return Drain(drained=not owing, missing=tuple(missing))
                 self._wait(self._changed, min(deadline, *owing) - now)
+
+    def close(self) -> None:
+        """Nothing to stop: the embedded store has no threads or connections."""
 
     # -- the file ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Generic, TypeVar
 
 from reparent.config import ShardConfig
@@ -187,6 +187,23 @@ class ReparentRecord:
     evicted: int = 0
     started_at: float  # wall-clock seconds
     finished_at: float | None = None
+    # Proxies that were alive during the drain and had not reported drained when the demotion
+    # went ahead (busy at the grace period's end, or gone: stopped, cut off, dead).
+    not_drained: list[str] = field(default_factory=list)
+    # Each proxy's buffer counts, {"held", "flushed", "evicted"} by proxy id; held, flushed
+    # and evicted above are their sums.
+    buffers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def with_buffers(self, buffers: Mapping[str, Mapping[str, int]]) -> ReparentRecord:
+        """This report with `buffers` as the proxies' counts, and their sums."""
+        b = {proxy: dict(counts) for proxy, counts in sorted(buffers.items())}
+        return replace(
+            self,
+            buffers=b,
+            held=sum(c.get("held", 0) for c in b.values()),
+            flushed=sum(c.get("flushed", 0) for c in b.values()),
+            evicted=sum(c.get("evicted", 0) for c in b.values()),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -209,6 +226,8 @@ class ReparentRecord:
             "evicted": self.evicted,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "not_drained": list(self.not_drained),
+            "buffers": {p: dict(c) for p, c in self.buffers.items()},
         }
 
     @classmethod
@@ -225,6 +244,12 @@ class ReparentRecord:
                 raise ValueError(f"positions.{key}: expected str, got {value!r}")
         finished_at = json_get(d, "finished_at", int, float, type(None))
         outcome = json_get(d, "outcome", str, type(None))
+        # Absent from records written before the fleet: read as empty.
+        not_drained = json_str_list(d, "not_drained") if "not_drained" in d else []
+        buffers = {
+            proxy: buffer_counts(counts)
+            for proxy, counts in (json_get(d, "buffers", dict) if "buffers" in d else {}).items()
+        }
         return cls(
             id=json_get(d, "id", str),
             kind=json_enum(d, "kind", ReparentKind),
@@ -245,7 +270,15 @@ class ReparentRecord:
             evicted=json_get(d, "evicted", int),
             started_at=json_float(d, "started_at"),
             finished_at=None if finished_at is None else float(finished_at),
+            not_drained=not_drained,
+            buffers=buffers,
         )
+
+
+def buffer_counts(value: Any) -> dict[str, int]:
+    """One proxy's buffer counts for a reparent: {"held", "flushed", "evicted"}."""
+    d = json_mapping(value)
+    return {key: json_get(d, key, int) for key in ("held", "flushed", "evicted")}
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -311,6 +344,90 @@ class Aborted:
 
 
 TopologyEvent = ReparentStarted | Revoked | Established | Aborted
+
+_EVENT_CLASSES: dict[EventKind, type[TopologyEvent]] = {
+    EventKind.REPARENT_STARTED: ReparentStarted,
+    EventKind.REVOKED: Revoked,
+    EventKind.ESTABLISHED: Established,
+    EventKind.ABORTED: Aborted,
+}
+
+
+def event_to_dict(event: TopologyEvent) -> dict[str, Any]:
+    return {"kind": str(event.kind), **asdict(event)}
+
+
+def event_from_dict(d: Mapping[str, Any]) -> TopologyEvent:
+    """An event as a store wrote it; ValueError naming the field if it is damaged."""
+    cls = _EVENT_CLASSES[json_enum(d, "kind", EventKind)]
+    values = {}
+    for f in fields(cls):
+        values[f.name] = json_get(d, f.name, int if f.type in ("int", int) else str)
+    return cls(**values)
+
+
+# The steps during which proxies hold for a reparent: `reparent_started` was published when the
+# journal reached HOLDING, and nothing has ended it until the record is finished.
+HOLDING_STEPS = frozenset(
+    {
+        Step.HOLDING,
+        Step.REVOKING,
+        Step.REVOKED,
+        Step.ESTABLISHING,
+        Step.ESTABLISHED,
+        Step.PUBLISHED,
+        Step.UNDOING,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a subscriber has been told of one shard: the newest term, and the term it holds
+    for (the `reparent_started` it got and nothing has ended yet)."""
+
+    term: int
+    holding: int | None = None
+
+    def after(self, event: TopologyEvent) -> Seen:
+        if isinstance(event, ReparentStarted):
+            return replace(self, holding=event.term)
+        if isinstance(event, Established):
+            return Seen(max(self.term, event.term), None)
+        if isinstance(event, Aborted):
+            return replace(self, holding=None)
+        return self
+
+
+def catch_up(
+    seen: Seen | None, topo: ShardTopology, journal: ReparentRecord | None
+) -> list[TopologyEvent]:
+    """The events that bring a subscriber from what it was told (`seen`; None for one that
+    was told nothing yet) to the shard as the store has it now, after a gap in its stream (a
+    store that was unreachable, a compacted history, a proxy starting mid-switch).
+
+    A newer term is `established` (proxies route to it and flush); a hold that ended in the
+    gap is `aborted` (flush back to the primary they know); a reparent holding now is
+    `reparent_started`, so the subscriber holds and reports drained like everyone else. Never
+    an older term: a stale store read cannot send proxies back to a demoted primary.
+    """
+    events: list[TopologyEvent] = []
+    holding = (
+        journal.term_before + 1
+        if journal is not None and journal.outcome is None and journal.step in HOLDING_STEPS
+        else None
+    )
+    if seen is not None:
+        if topo.term > seen.term:
+            events.append(Established(topo.name, topo.primary, topo.term))
+            seen = Seen(topo.term)
+        elif seen.holding is not None and seen.holding != holding:
+            events.append(Aborted(topo.name, "the reparent ended while the store was out of reach"))
+            seen = replace(seen, holding=None)
+    if holding is not None and (seen is None or seen.holding != holding):
+        if seen is None or holding > seen.term:
+            events.append(ReparentStarted(topo.name, holding))
+    return events
 
 
 # -- reading JSON that may be damaged ---------------------------------------------------------

@@ -42,7 +42,7 @@ from reparent.detector import (
 )
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import FailureKind, MechanismError, ReparentContext
-from reparent.store import TopologyStore
+from reparent.store import Lease, TopologyStore
 from reparent.topology import ReparentKind, ReparentRecord
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,9 @@ class Watch:
             servers = {s.name: s for s in shard.servers}
             server = servers[action.server]
             if isinstance(action, Quarantine | Release):
-                self._set_quarantine(shard.name, action.server, isinstance(action, Quarantine))
+                self._set_quarantine(
+                    shard.name, action.server, isinstance(action, Quarantine), lease
+                )
                 if isinstance(action, Quarantine):
                     with contextlib.suppress(MechanismError):
                         self._conn(server).set_read_only(True)
@@ -310,12 +312,12 @@ class Watch:
     def _conn(self, server: ServerConfig) -> AdminConnection:
         return self.pool.get(server, self.config.admin, self.settings.probe_timeout)
 
-    def _set_quarantine(self, shard: str, server: str, on: bool) -> None:
+    def _set_quarantine(self, shard: str, server: str, on: bool, lease: Lease) -> None:
         current = self.store.read(shard)
         topo = current.value
         quarantined = topo.quarantined | {server} if on else topo.quarantined - {server}
         if not self.store.compare_and_set(
-            shard, current.version, replace(topo, quarantined=quarantined)
+            shard, current.version, replace(topo, quarantined=quarantined), lease=lease
         ):
             raise MechanismError(
                 FailureKind.INVALID, f"shard {shard} changed while (un)quarantining {server}"

@@ -50,11 +50,29 @@ def test_example_config_loads() -> None:
         ),
         (('password = "baton-pass"', ""), "backend.password"),
         (("port = 23302", "port = 0"), "shards[0].servers[1].port"),
+        (('store = "file"', 'store = "zookeeper"'), "topology.store"),
+        (('store = "file"', 'store = "etcd"'), "topology.endpoints"),
+        (
+            ('store = "file"', 'store = "etcd"\nendpoints = ["127.0.0.1:2379"]'),
+            "topology.endpoints",
+        ),
+        (
+            ('store = "file"', 'store = "etcd"\nendpoints = ["http://127.0.0.1:99999"]'),
+            "topology.endpoints",
+        ),
+        (('store = "file"', 'prefix = "baton"'), "topology.prefix"),
+        (
+            ('store = "file"', 'store = "etcd"\nendpoints = ["http://127.0.0.1:2379"]'),
+            None,
+        ),
     ],
 )
-def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str | None) -> None:
     text = EXAMPLE.read_text()
     assert edit[0] in text
+    if key is None:  # the edit is fine
+        assert load(write(tmp_path, text.replace(edit[0], edit[1], 1))).topology.endpoints
+        return
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text.replace(edit[0], edit[1], 1)))
     assert str(exc.value).startswith(key), str(exc.value)
@@ -139,3 +157,13 @@ def test_bad_replication_address_is_named(tmp_path: Path, edit: str, key: str) -
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text))
     assert str(exc.value).startswith(key), str(exc.value)
+
+
+def test_a_fleet_holds_long_enough_for_another_baton_to_finish_a_switch(tmp_path: Path) -> None:
+    """With etcd, buffer.max_failover must cover grace + lock_ttl + the resume allowance."""
+    text = EXAMPLE.read_text().replace(
+        'store = "file"', 'store = "etcd"\nendpoints = ["http://127.0.0.1:2379"]'
+    )
+    assert load(write(tmp_path, text)).buffer.max_failover == 20.0  # 5 + 10 + 5
+    with pytest.raises(ConfigError, match="^buffer.max_failover: 19 s is shorter"):
+        load(write(tmp_path, text.replace("max_failover = 20.0", "max_failover = 19.0")))
