@@ -73,9 +73,25 @@ class ProxyConfig:
     metrics_port: int = 9104
     shard: str = ""
     allow_load_data_local: bool = False
-    max_packet_size: int = 64 * 1024 * 1024
+    # None: the primary's max_allowed_packet, read at start (64 MiB if it cannot be read).
+    max_packet_size: int | None = None
     backend_connect_timeout: float = 2.0
     id: str = ""  # this proxy's name in a fleet; hostname:listen_port when empty
+    connect_timeout: float = 10.0  # seconds a client has to finish logging in
+    max_connections: int = 4096  # client connections, logged in or not
+    max_connect_errors: int = 100  # failed logins in a row that block an address; 0: never
+    # Let in accounts that read_only does not fence (SUPER, READ ONLY ADMIN).
+    allow_unfenced_users: bool = False
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """How Baton connects to the servers for client sessions. Each session logs in as its
+    client's own account, so there is no account here."""
+
+    # Send a PROXY protocol v1 header, so the server sees (and grants by) the client's address;
+    # the servers must list Baton in proxy_protocol_networks.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,8 +151,9 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
-    backend: Account
+    backend: BackendSettings
     admin: Account
+    # A fixed list of logins; empty: the servers' own accounts (proxy/accounts.py).
     users: tuple[Account, ...]
     # The account replicas use to replicate from a new primary; the admin account if absent.
     replication: Account
@@ -165,6 +182,10 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_packet_size": int,
     "backend_connect_timeout": (int, float),
     "id": str,
+    "connect_timeout": (int, float),
+    "max_connections": int,
+    "max_connect_errors": int,
+    "allow_unfenced_users": bool,
 }
 
 
@@ -225,8 +246,11 @@ def _proxy(table: dict[str, Any], default_shard: str) -> ProxyConfig:
         if key in values:
             _port(values[key], f"proxy.{key}")
     values.setdefault("shard", default_shard)
-    if values.get("max_packet_size", 1) <= 0:
-        raise ConfigError("proxy.max_packet_size: must be positive")
+    for key in ("max_packet_size", "connect_timeout", "max_connections"):
+        if values.get(key, 1) <= 0:
+            raise ConfigError(f"proxy.{key}: must be positive, got {values[key]}")
+    if values.get("max_connect_errors", 0) < 0:
+        raise ConfigError("proxy.max_connect_errors: must not be negative (0: never block)")
     return ProxyConfig(**values)
 
 
@@ -430,9 +454,9 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
     if proxy.shard not in {s.name for s in shards}:
         raise ConfigError(f"proxy.shard: no shard named {proxy.shard!r}")
-    users_raw = data.get("users")
-    if not isinstance(users_raw, list) or not users_raw:
-        raise ConfigError("users: expected at least one [[users]] table (name, password)")
+    users_raw = data.get("users", [])
+    if not isinstance(users_raw, list):
+        raise ConfigError("users: expected [[users]] tables (name, password)")
     users = tuple(
         _account(u, f"users[{i}]", user_key="name") if isinstance(u, dict) else _bad(f"users[{i}]")
         for i, u in enumerate(users_raw)
@@ -445,7 +469,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     _fleet_bounds(topology, controller, buffer)
     return Config(
         proxy=proxy,
-        backend=_account(_table(data, "backend"), "backend"),
+        backend=_backend(data.get("backend", {})),
         admin=admin,
         users=users,
         replication=replication,
@@ -457,6 +481,23 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         durability=durability,
         topology=topology,
     )
+
+
+def _backend(table: Any) -> BackendSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("backend: expected a table")
+    for key in ("user", "password"):
+        if key in table:
+            raise ConfigError(
+                f"backend.{key}: Baton has no shared backend account any more; each client "
+                "session logs in to the servers as its own account. Remove backend.user and "
+                "backend.password."
+            )
+    _unknown(table, {"proxy_protocol"}, "backend")
+    values = {}
+    if "proxy_protocol" in table:
+        values["proxy_protocol"] = _typed(table, "proxy_protocol", bool, "backend")
+    return BackendSettings(**values)
 
 
 def _replication(table: Any, admin: Account) -> tuple[Account, Durability]:

@@ -149,8 +149,10 @@ def start_baton(
     detector: dict[str, Any] | None = None,
     buffer: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    users: list[dict[str, str]] | None = None,
 ) -> Baton:
-    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
+    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
+    (`users`: a fixed list of logins instead of the servers' accounts)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -165,6 +167,8 @@ def start_baton(
         data.setdefault("buffer", {}).update(buffer)
     if servers is not None:
         data["shards"][0]["servers"] = servers
+    if users is not None:
+        data["users"] = users
     cfg = workdir / "baton.toml"
     cfg.write_text(dump_toml(data))
     log = workdir / "baton.log"

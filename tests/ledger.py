@@ -22,7 +22,7 @@ from typing import Any
 
 import pymysql
 
-TABLE = "ledger_t.acked"
+TABLE = "baton_ledger.acked"
 ID_STRIDE = 10_000_000  # writer w writes ids (w + 1) * ID_STRIDE + 1, + 2, ...
 
 
@@ -114,7 +114,7 @@ class Outcome:
 
 def create_table(conn: pymysql.Connection) -> None:
     with conn.cursor() as cur:
-        cur.execute("CREATE DATABASE IF NOT EXISTS ledger_t")
+        cur.execute("CREATE DATABASE IF NOT EXISTS baton_ledger")
         cur.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id BIGINT PRIMARY KEY)")
 
 

@@ -25,7 +25,21 @@ def test_example_config_loads() -> None:
     assert cfg.shard.primary.name == "db1"
     assert [s.role for s in cfg.shard.servers] == [Role.PRIMARY, Role.REPLICA, Role.REPLICA]
     assert cfg.proxy.control_socket == str(EXAMPLE.parent / "baton.sock")
-    assert cfg.users[0].user == "app"
+    assert cfg.users == ()  # the servers' own accounts
+    assert cfg.proxy.max_packet_size is None  # the primary's max_allowed_packet
+
+
+def test_users_list_is_optional_and_typed(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text() + '\n[[users]]\nname = "app"\npassword = "app-pass"\n'
+    assert load(write(tmp_path, text)).users[0].user == "app"
+    with pytest.raises(ConfigError, match=r"^users: expected"):
+        load(write(tmp_path, 'users = "app"\n' + EXAMPLE.read_text()))
+
+
+def test_shared_backend_account_is_refused_by_name(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace("proxy_protocol = false", 'user = "baton"', 1)
+    with pytest.raises(ConfigError, match=r"^backend.user: Baton has no shared backend account"):
+        load(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(
@@ -48,7 +62,10 @@ def test_example_config_loads() -> None:
             ),
             "shards[0].servers",
         ),
-        (('password = "baton-pass"', ""), "backend.password"),
+        (("connect_timeout = 10.0", "connect_timeout = 0"), "proxy.connect_timeout"),
+        (("max_connections = 4096", "max_connections = -1"), "proxy.max_connections"),
+        (("max_connect_errors = 100", "max_connect_errors = -1"), "proxy.max_connect_errors"),
+        (("proxy_protocol = false", "proxy_protocol = 1"), "backend.proxy_protocol"),
         (("port = 23302", "port = 0"), "shards[0].servers[1].port"),
         (('store = "file"', 'store = "zookeeper"'), "topology.store"),
         (('store = "file"', 'store = "etcd"'), "topology.endpoints"),
@@ -80,11 +97,7 @@ def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str | None
 
 def test_missing_sections(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^shards:"):
-        load(write(tmp_path, '[backend]\nuser="a"\npassword="b"\n'))
-    text = EXAMPLE.read_text()
-    users = text.index("[[users]]")
-    with pytest.raises(ConfigError, match=r"^users:"):
-        load(write(tmp_path, text[:users] + text[text.index("[[shards]]") :]))
+        load(write(tmp_path, '[admin]\nuser="a"\npassword="b"\n'))
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:

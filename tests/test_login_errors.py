@@ -11,6 +11,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from proxy.auth import scramble, stage1
 from proxy.packets import Command, frame, make_handshake_response
 from tests.fixtures import Baton, admin_conn, app_conn, free_port, port_hint, start_baton
 from tests.rawclient import DEFAULT_CAPS, RawClient
@@ -38,10 +39,12 @@ def test_client_ignoring_the_login_error_reaches_nothing(
     baton: Baton, primary_port: int, user: str, password: str
 ) -> None:
     """mysql-mimic would carry on into the command phase; Baton closes the connection."""
-    name = f"guard_{user}_{int(time.time() * 1000)}"
+    name = f"baton_guard_{user}_{int(time.time() * 1000)}"
     c = RawClient(baton.port, login=False)
     c.send(
-        make_handshake_response(DEFAULT_CAPS, 45, user, password, c.handshake.auth_data, None),
+        make_handshake_response(
+            DEFAULT_CAPS, 45, user, scramble(stage1(password), c.handshake.auth_data), None
+        ),
         seq=1,
     )
     _, reply = c.read_packet()
@@ -79,6 +82,8 @@ def test_backend_unreachable_gives_an_error_and_the_session_stays(
         tmp_path / "b",
         port_hint() + 21,
         servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+        # No server to read the accounts from: a fixed list.
+        users=[{"name": "app", "password": "app-pass"}],
     )
     try:
         c = RawClient(b.port)
@@ -90,7 +95,7 @@ def test_backend_unreachable_gives_an_error_and_the_session_stays(
         ):
             # Each command gets the error, and the session is still usable after it.
             code, state, message = c.error(c.command(command, body))
-            assert (code, state) == (2003, "HY000")
+            assert (code, state) == (1429, "HY000")
             assert "gone" in message and "not executed" in message
         c.close()
     finally:
@@ -142,7 +147,7 @@ def test_oversized_packet_closes_only_that_connection(baton: Baton) -> None:
             data += chunk
     except ConnectionResetError:
         pass
-    assert b"max_packet_size" in data
+    assert b"max_allowed_packet" in data and data[5:7] == (1153).to_bytes(2, "little")
     cur = other.cursor()
     cur.execute("SELECT 2")
     assert cur.fetchone() == (2,)
