@@ -49,8 +49,8 @@ class Fleet:
             self.stop()
             raise
 
-    def start(self, i: int) -> Baton:
-        """Start (or restart) baton-<i+1>."""
+    def start(self, i: int, env: dict[str, str] | None = None) -> Baton:
+        """Start (or restart) baton-<i+1>, with `env` (a failpoint, say) if given."""
         return start_baton(
             self.box.config_path,
             self.workdir / f"baton-{i + 1}",
@@ -59,7 +59,7 @@ class Fleet:
             controller=CONTROLLER,
             detector={"enabled": self.detector},
             topology={"store": "etcd", "endpoints": self.endpoints, "prefix": self.prefix},
-            env=self.env.get(i),
+            env=env or self.env.get(i),
         )
 
     def stop(self) -> None:

@@ -15,10 +15,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from reparent.etcdsandbox import EtcdCluster
+from reparent.failpoint import ENV, EXIT_CODE
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
     Baton,
@@ -27,8 +30,10 @@ from tests.fixtures import (
     port_hint,
     private_sandbox,
     server_ports,
+    sysbench,
+    sysbench_counts,
 )
-from tests.fleet import Fleet, prs, routed_port, status, wait_until
+from tests.fleet import CONTROLLER, Fleet, prs, routed_port, status, wait_until
 from tests.ledger import TABLE, Ledger, create_table
 from tests.test_crash import WritablePoller
 
@@ -120,12 +125,14 @@ def test_prs_driven_from_each_baton_with_writers_on_all_three(box: Sandbox, flee
     # Every proxy's counts end up in the history, each under its own id.
     history = json.loads(fleet.batons[0].ctl("--json", "history", "--limit", "3").stdout)
     wait_until(
-        lambda: len(
-            json.loads(fleet.batons[0].ctl("--json", "history", "--limit", "1").stdout)[0][
-                "buffers"
-            ]
-        )
-        == 3,
+        lambda: (
+            len(
+                json.loads(fleet.batons[0].ctl("--json", "history", "--limit", "1").stdout)[0][
+                    "buffers"
+                ]
+            )
+            == 3
+        ),
         10,
         "three proxies' buffer counts",
     )
@@ -138,6 +145,62 @@ def test_prs_driven_from_each_baton_with_writers_on_all_three(box: Sandbox, flee
     ]
     term = st["shards"][0]["term"]
     assert all(p["terms"] == {"main": term} for p in st["proxies"])
+
+
+@pytest.mark.fault
+def test_sysbench_and_a_ledger_on_three_batons_through_ten_prs(box: Sandbox, fleet: Fleet) -> None:
+    """sysbench oltp_write_only through each Baton and a ledger spread over all three, through
+    10 PRS driven from the Batons in turn: no client error, no acknowledged write lost, never
+    two writable servers."""
+    port = server_ports(box)[status(fleet.batons[0])["shards"][0]["primary"]]
+    subprocess.run(
+        sysbench(port, "--threads=4", "oltp_write_only", "prepare"), check=True, capture_output=True
+    )
+    truncate(fleet)
+    duration = 60
+    benches = [
+        subprocess.Popen(
+            sysbench(
+                b.port,
+                "--threads=2",
+                f"--time={duration}",
+                "--mysql-ignore-errors=none",
+                "oltp_write_only",
+                "run",
+                timeout=duration + 60,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for b in fleet.batons
+    ]
+    reports = []
+    try:
+        with WritablePoller(server_ports(box)) as poller:
+            ledger = Ledger(fleet.connector(), writers=3).start()
+            try:
+                time.sleep(3)
+                for i in range(10):
+                    out = prs(fleet.batons[i % 3], "--to", other(box, fleet))
+                    assert out.returncode == 0, out.stdout + out.stderr
+                    reports.append(json.loads(out.stdout))
+                    time.sleep(4)
+            finally:
+                ledger.halt()
+                ledger.join()
+    finally:
+        outputs = [p.communicate(timeout=duration + 90)[0] for p in benches]
+    assert not poller.overlaps, poller.overlaps[:5]
+    assert ledger.errors == 0, ledger.error_log[:5]
+    acked_present(box, fleet, ledger)
+    for p, output in zip(benches, outputs, strict=True):
+        assert p.returncode == 0, output
+        counts = sysbench_counts(output)
+        assert (counts["errors"], counts["reconnects"]) == (0, 0), output
+        assert counts["transactions"] > 100, output
+    assert [r["outcome"] for r in reports] == ["succeeded"] * 10
+    assert all(r["not_drained"] == [] for r in reports), [r["not_drained"] for r in reports]
 
 
 def test_a_second_concurrent_prs_is_refused(box: Sandbox, fleet: Fleet) -> None:
@@ -191,3 +254,181 @@ def test_a_stopped_proxy_delays_a_prs_by_at_most_its_lease_and_is_named(
         lambda: all(p["alive"] for p in status(fleet.batons[0])["proxies"]), 10, "baton-3 back"
     )
     every_baton_routes_to_the_primary(box, fleet, fleet.batons)
+
+
+# -- a Baton that dies driving a switch --------------------------------------------------------
+
+PRS_POINTS = [
+    pytest.param(
+        f"{when}:{call}",
+        marks=[]
+        if f"{when}:{call}" in ("before:revoke", "after:establish")
+        else [pytest.mark.fault],
+        id=f"{when}-{call}",
+    )
+    for call in ("choose", "prepare", "revoke", "establish", "commit")
+    for when in ("before", "after")
+]
+
+
+@pytest.mark.parametrize("point", PRS_POINTS)
+def test_a_baton_killed_driving_a_prs_is_replaced_by_another(
+    box: Sandbox, fleet: Fleet, point: str
+) -> None:
+    """baton-1 dies (like kill -9) at a journal point of the PRS it drives; baton-2 or baton-3
+    finishes or undoes it within the lock's TTL + 2 s, while the writers on those two see no
+    error, and two servers are never writable."""
+    fleet.batons[0].stop()
+    fleet.batons[0] = driver = fleet.start(0, env={ENV: point})
+    survivors = fleet.batons[1:]
+    truncate(fleet)
+    before = status(survivors[0])["shards"][0]
+    with WritablePoller(server_ports(box)) as poller:
+        ledger = Ledger(fleet.connector(survivors), writers=4).start()
+        try:
+            time.sleep(0.5)
+            driver.ctl("--json", "prs", "--to", other(box, fleet))  # cut off by the crash
+            assert driver.proc.wait(30) == EXIT_CODE, driver.log.read_text()[-2000:]
+            crashed_at = time.time()
+            after = wait_until(
+                lambda: (s := status(survivors[0])["shards"][0])["reparent"] is None and s,
+                CONTROLLER["lock_ttl"] + 10,
+                "another Baton to finish the reparent",
+            )
+            acked = ledger.count()
+            wait_until(lambda: ledger.count() > acked + 10, 5, "writes through the survivors")
+        finally:
+            ledger.halt()
+            ledger.join()
+            driver.stop()
+            fleet.batons[0] = fleet.start(0)
+    (last,) = json.loads(survivors[0].ctl("--json", "history", "--limit", "1").stdout)
+    took = last["finished_at"] - crashed_at
+    moved = after["primary"] != before["primary"]
+    print(f"{point}: {last['outcome']} {took:.2f} s after the crash, {len(ledger.acked)} acked")
+    assert not poller.overlaps, poller.overlaps[:5]
+    assert ledger.errors == 0, ledger.error_log[:5]
+    acked_present(box, fleet, ledger)
+    assert moved == (last["outcome"] == "succeeded"), last
+    assert last["outcome"] in ("succeeded", "aborted", "undone"), last
+    assert after["term"] == before["term"] + moved
+    assert took < CONTROLLER["lock_ttl"] + 2, took
+    every_baton_routes_to_the_primary(box, fleet, fleet.batons)
+
+
+# -- etcd's own failures -------------------------------------------------------------------------
+
+
+def test_one_etcd_member_down_a_prs_still_works(
+    box: Sandbox, fleet: Fleet, cluster: EtcdCluster
+) -> None:
+    first = cluster.members[0].name  # every Baton tries it first
+    cluster.kill(first)
+    try:
+        out = prs(fleet.batons[2], "--to", other(box, fleet))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout)["not_drained"] == []
+    finally:
+        cluster.start_member(first)
+        cluster.wait_ready()
+    every_baton_routes_to_the_primary(box, fleet, fleet.batons)
+
+
+def test_etcd_down_traffic_flows_and_no_switch_starts_then_back(
+    box: Sandbox, fleet: Fleet, cluster: EtcdCluster
+) -> None:
+    """Every etcd member killed: writes through all three Batons go on to the primary they
+    know, a PRS is refused as "topology store unreachable"; etcd back: the next PRS works."""
+    truncate(fleet)
+    with WritablePoller(server_ports(box)) as poller:
+        ledger = Ledger(fleet.connector(), writers=6).start()
+        try:
+            time.sleep(0.5)
+            for m in cluster.members:
+                cluster.kill(m.name)
+            try:
+                time.sleep(4)  # past every lease: registrations, locks
+                acked = ledger.count()
+                wait_until(lambda: ledger.count() > acked + 50, 5, "writes without etcd")
+                refused = prs(fleet.batons[1])
+                assert refused.returncode != 0
+                assert "topology store unreachable" in refused.stderr, refused.stderr
+            finally:
+                for m in cluster.members:
+                    cluster.start_member(m.name)
+                cluster.wait_ready()
+            wait_until(
+                lambda: all(p["alive"] for p in status(fleet.batons[0])["proxies"]),
+                15,
+                "every proxy registered again",
+            )
+            out = prs(fleet.batons[1], "--to", other(box, fleet))
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert json.loads(out.stdout)["not_drained"] == []
+            acked = ledger.count()
+            wait_until(lambda: ledger.count() > acked + 50, 5, "writes after the switch")
+        finally:
+            ledger.halt()
+            ledger.join()
+    assert not poller.overlaps, poller.overlaps[:5]
+    assert ledger.errors == 0, ledger.error_log[:5]
+    acked_present(box, fleet, ledger)
+    every_baton_routes_to_the_primary(box, fleet, fleet.batons)
+
+
+# -- the primary dies: one emergency reparent for the fleet ------------------------------------
+
+
+def test_kill_primary_one_ers_and_writes_flow_through_every_baton(
+    tmp_path_factory: pytest.TempPathFactory, cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """kill -9 of the primary with three Batons, each with its failure detector: exactly one
+    emergency reparent runs (the detector leader's), and writes through each Baton flow again
+    within 3 s."""
+    with contextmanager(private_sandbox)(tmp_path_factory, "fleet-ers-sandbox") as ers_box:
+        fleet = Fleet(ers_box, cluster.endpoints, "/fleet-ers", tmp_path, HINT + 60, detector=True)
+        try:
+            setup = fleet.batons[0].connect()
+            create_table(setup)
+            setup.close()
+            leader = wait_until(
+                lambda: status(fleet.batons[0])["detector_leader"], 10, "a detector leader"
+            )
+            ledgers = [
+                Ledger(fleet.connector([b]), writers=1, first=i).start()
+                for i, b in enumerate(fleet.batons)
+            ]
+            try:
+                time.sleep(1.0)
+                primary = status(fleet.batons[0])["shards"][0]["primary"]
+                pid = next(s["pid"] for s in ers_box.status()["servers"] if s["name"] == primary)
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                wait_until(
+                    lambda: status(fleet.batons[1])["shards"][0]["primary"] != primary,
+                    15,
+                    "the emergency reparent",
+                )
+                time.sleep(3)  # room for a second, wrong, ERS to show up
+            finally:
+                for ledger in ledgers:
+                    ledger.halt()
+                for ledger in ledgers:
+                    ledger.join()
+            history = json.loads(fleet.batons[2].ctl("--json", "history").stdout)
+            ers = [r for r in history if r["kind"] == "ers"]
+            assert len(ers) == 1 and ers[0]["outcome"] == "succeeded", history
+            flowing = []
+            for ledger in ledgers:
+                first = min(
+                    (acked for sent, acked in ledger.acks if sent > killed_at), default=None
+                )
+                assert first is not None, (
+                    f"no write flowed through a Baton: {ledger.errors} errors "
+                    f"{ledger.error_log[-3:]}, {len(ledger.acks)} acked"
+                )
+                flowing.append(first - killed_at)
+            print(f"ERS by the leader {leader}; writes flowing per Baton {flowing}")
+            assert max(flowing) < 3.0, flowing
+        finally:
+            fleet.stop()
