@@ -14,6 +14,7 @@ for is over, it adds its buffer counts to the reparent's report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Coroutine
@@ -70,6 +71,7 @@ class Router:
         self._newest: dict[str, tuple[int, str]] = {}  # shard -> (term, primary)
         self._seen: dict[str, Seen] = {}  # shard -> what the event stream told this proxy
         self._store_ok = True
+        self._beat = asyncio.Event()  # set: tell the fleet now what changed, not at the next beat
 
     # -- routing (the data path: no store access) -------------------------------------------
 
@@ -146,6 +148,7 @@ class Router:
             self._learn(event.shard, event.term, event.new_primary)
         if self.listener is not None:
             self.listener.topology_event(event)
+        self._beat.set()
         if isinstance(event, ReparentStarted):
             self._spawn(self._report_drained(event))
         elif isinstance(event, Established | Aborted) and seen.holding is not None:
@@ -179,7 +182,9 @@ class Router:
                 if self._store_ok:
                     log.warning("cannot register with the topology store: %s", e)
                 self._store_ok = False
-            await asyncio.sleep(HEARTBEAT)
+            self._beat.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat.wait(), HEARTBEAT)
 
     async def _report_drained(self, event: ReparentStarted) -> None:
         """Report once nothing of this proxy is in flight on the shard's old primary; give up

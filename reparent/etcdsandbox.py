@@ -187,3 +187,28 @@ def _answers(member: Member) -> bool:
         return False
     finally:
         conn.close()
+
+
+def running(pid: int, data_dir: Path) -> bool:
+    """True if `pid` is the etcd of `data_dir`: a recycled pid does not count."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    zombie = stat[stat.rindex(")") + 2] in "ZX"
+    return not zombie and str(data_dir).encode() in cmdline
+
+
+def stop_pid(pid: int, data_dir: Path, timeout: float = 10.0) -> None:
+    """Stop a member started by an earlier process (`baton sandbox down`), by pid, after
+    checking that it is that member."""
+    if not running(pid, data_dir):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while running(pid, data_dir):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
