@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy etcd-server
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test fault-test lint bench-steady bench-hold bench-failover clean
+.PHONY: setup system-packages demo demo-fleet test fault-test lint bench-steady bench-hold bench-failover clean
 
 setup: system-packages $(STAMP)
 
@@ -37,10 +37,15 @@ test: setup lint
 # short version of it).
 fault-test: setup lint
 	BATON_FAULT_SUITE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py \
-	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py
+	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py \
+	  tests/test_fleet.py tests/test_etcdstore.py
 
 demo: setup
 	$(PY) -m proxy.demo
+
+# Three Batons on etcd: a PRS none of their clients sees, then kill -9 of one of them.
+demo-fleet: setup
+	$(PY) -m proxy.demo_fleet
 
 bench-steady: setup
 	$(PY) -m bench.steady

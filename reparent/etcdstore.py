@@ -486,8 +486,11 @@ class EtcdStore(TopologyStore):
                     [], [_put(self._key("proxies", _q(proxy.id)), info), _put(live, info, lease)]
                 )
             elif entry[1] != info:
+                # The kept copy too: a proxy that dies is shown as it last was.
                 lease = entry[0]
-                self.client.put(live, json.dumps(info), lease)
+                self.client.txn(
+                    [], [_put(self._key("proxies", _q(proxy.id)), info), _put(live, info, lease)]
+                )
             else:
                 return
             self._registered[proxy.id] = (lease, info)
