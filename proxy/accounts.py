@@ -116,11 +116,20 @@ class Accounts:
             return False
         if self._loading is not None and not self._loading.done():
             return await asyncio.shield(self._loading)
-        if not force and self._clock() - self._last_try < RELOAD_MIN_INTERVAL:
-            return False
+        wait = self._last_try + RELOAD_MIN_INTERVAL - self._clock()
+        if not force and wait > 0:
+            # Too soon after the last read: this login waits for the next one (logins that
+            # name unknown users cannot make Baton read the accounts more than once a second).
+            self._last_try += RELOAD_MIN_INTERVAL
+            self._loading = asyncio.ensure_future(self._load_after(wait, why))
+            return await asyncio.shield(self._loading)
         self._last_try = self._clock()
         self._loading = asyncio.ensure_future(self._load(why))
         return await asyncio.shield(self._loading)
+
+    async def _load_after(self, delay: float, why: str) -> bool:
+        await asyncio.sleep(delay)
+        return await self._load(why)
 
     async def _load(self, why: str) -> bool:
         for server in self._servers():

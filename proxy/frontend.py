@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -51,7 +52,14 @@ from proxy.packets import (
 )
 from proxy.response import Phase, ResponseParser
 from proxy.router import Router
-from proxy.session import READ_BACK_SQL, SessionState, Unmovable, reads_only
+from proxy.session import (
+    READ_BACK_SQL,
+    SessionState,
+    Unmovable,
+    reads_only,
+    routine_hazards,
+)
+from reparent.admin import AdminConnection
 from reparent.config import Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
 from reparent.topology import Established as EstablishedEvent
@@ -88,11 +96,20 @@ _RELAYED = frozenset(
 _RETRYABLE = (_RELAYED - {Command.DEBUG}) | {Command.STMT_PREPARE, Command.STMT_EXECUTE}
 
 
+# KILL naming a connection by id: the words before the id are kept as they are.
+_KILL = re.compile(
+    rb"(?is)\s*(kill(?:\s+(?:hard|soft))?(?:\s+(?:connection|query))?)\s+(\d{1,20})\s*;?\s*"
+)
+
 _UNMOVABLE_LABELS = {
     Unmovable.TEMPORARY_TABLES: "temporary tables",
     Unmovable.USER_LOCKS: "user locks from GET_LOCK",
     Unmovable.TABLE_LOCKS: "table locks from LOCK TABLES",
     Unmovable.XA: "XA transaction",
+    Unmovable.USER_VARIABLES: "user variables set since Baton last read them",
+    Unmovable.UNTRACKED_VARIABLES: "variables changed while it had session tracking off",
+    Unmovable.SQL_PREPARED: "prepared statements made from a user variable",
+    Unmovable.ROUTINE_STATE: "state left by stored routines",
 }
 
 
@@ -136,6 +153,9 @@ class ProxyContext:
     _next_id: int = 0
     # Grows with every published switch; a session's backend from an older epoch is stale.
     epoch: int = 0
+    # What each stored routine sessions called may leave behind (session.routine_hazards);
+    # None while its body is being read or when it could not be.
+    routines: dict[str, list[str] | None] = field(default_factory=dict)
     _probe: asyncio.Future[bool] | None = None
 
     def __post_init__(self) -> None:
@@ -197,6 +217,31 @@ class ProxyContext:
             self.config.proxy.backend_connect_timeout,
             header,
         )
+
+    async def inspect_routine(self, name: str) -> None:
+        """Read a stored routine's body as the admin account and note what it may leave."""
+        schema, _, routine = name.partition(".")
+
+        def read() -> bytes | None:
+            conn = AdminConnection(self.primary(), self.config.admin, 2.0)
+            try:
+                rows = conn.query(
+                    "SELECT ROUTINE_DEFINITION AS body FROM information_schema.ROUTINES"
+                    " WHERE ROUTINE_SCHEMA = %s AND ROUTINE_NAME = %s",
+                    (schema, routine),
+                )
+            finally:
+                conn.close()
+            return rows[0]["body"].encode() if rows and rows[0]["body"] is not None else None
+
+        try:
+            body = await asyncio.to_thread(read)
+        except Exception as e:  # unreachable, refused: the routine stays unknown
+            log.info("cannot read stored routine %s: %s", name, e)
+            self.routines.pop(name, None)
+            return
+        if body is not None:
+            self.routines[name] = routine_hazards(body)
 
     async def _probe_primary(self) -> bool:
         try:
@@ -292,6 +337,7 @@ class ClientConnection(asyncio.Protocol):
         self._failure: tuple[bytes, str] | None = None  # (error packet, origin)
         self._avoid: str | None = None
         self._epoch = 0
+        self._lost_from: tuple[ServerConfig, int] | None = None  # (server, epoch) of a loss
         self._connected_before = False  # a later connect moves the session's state
         self._client_slow = False
         self._backend_lock = asyncio.Lock()
@@ -644,6 +690,8 @@ class ClientConnection(asyncio.Protocol):
                 )
                 stmt.backend_id = parser.backend_stmt_id
                 stmt.rebound = False
+            for prepare in self.state.restore_sql_prepared():
+                await backend.query(prepare)
         except BackendError as e:
             backend.close()
             raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
@@ -651,7 +699,12 @@ class ClientConnection(asyncio.Protocol):
     async def refresh_if_stale(self) -> None:
         """Read the state back if tracking marked it stale and no command is in flight; a
         held session's backend is idle, any other session is claimed for the time."""
-        if not self.state.user_variables_stale and self.state.held_locks_sql() is None:
+        state = self.state
+        if (
+            not state.user_variables_stale
+            and not state.last_insert_id_stale
+            and state.held_locks_sql() is None
+        ):
             return
         claimed = self.held_entry is None
         if claimed and not self.claim():
@@ -694,8 +747,15 @@ class ClientConnection(asyncio.Protocol):
         if self.backend is not None and self.backend.alive and self._epoch == self.ctx.epoch:
             return self.backend
         if self.backend is not None:
-            self._close_backend()
-        if self._connected_before and self._refuse_move():
+            if self.backend.alive:
+                self._close_backend()  # stale: a switch was published since
+            else:
+                self._drop_backend()
+        lost, self._lost_from = self._lost_from, None
+        if lost is not None and await self._lost_alone(*lost):
+            self._end_by_server(lost[0])
+            return None
+        if self._connected_before and self._refuse_move(lost is not None):
             return None
         if self.state.in_transaction:
             # The server rolled the transaction back when the connection went. Going on
@@ -722,10 +782,11 @@ class ClientConnection(asyncio.Protocol):
                 self._write_error(error)
             return None
 
-    def _refuse_move(self) -> bool:
+    def _refuse_move(self, lost: bool) -> bool:
         """A session whose server-side state cannot follow it to a new connection is ended
-        with an error naming that state, rather than going on without it."""
-        found = self.state.unmovable()
+        with an error naming that state, rather than going on without it. `lost`: the old
+        connection broke, so what was not read back from it is gone."""
+        found = self.state.unmovable(lost, self.ctx.routines)
         if not found:
             return False
         parts = []
@@ -893,7 +954,17 @@ class ClientConnection(asyncio.Protocol):
             return
         backend = self.backend
         ready = backend is not None and backend.alive and self._epoch == self.ctx.epoch
-        if command in _RELAYED:
+        if ready and (
+            command == Command.PROCESS_KILL
+            or (command == Command.QUERY and len(raw) > 9 and raw[5] | 0x20 == 0x6B)  # k, K
+        ):
+            # Translated only on a current connection: a thread id means one server.
+            killed = self._kill(raw)
+            if killed is None:
+                self._finish()
+                return
+            command, raw = Command.QUERY, killed
+        if command in _RELAYED or command == Command.PROCESS_KILL:
             if ready:
                 self._send(command, raw)
                 return
@@ -946,6 +1017,39 @@ class ClientConnection(asyncio.Protocol):
             return
         self.busy = True
         self._spawn(self._slow_command(command, raw))
+
+    def _kill(self, raw: bytes) -> bytes | None:
+        """`KILL [CONNECTION | QUERY] <id>` (or COM_PROCESS_KILL) naming a Baton session: the
+        same KILL of that session's server thread, sent on this session's own connection, so
+        that the server allows it exactly when it would direct (the same user, or CONNECTION
+        ADMIN). Any other statement or id goes to the server unchanged. None when answered
+        here (no such session)."""
+        if raw[4] == Command.PROCESS_KILL:
+            if len(raw) < 9:
+                self._error(ErrorKind.MALFORMED_PACKET, "Malformed communication packet")
+                return None
+            words, target = b"KILL", int.from_bytes(raw[5:9], "little")
+        else:
+            m = _KILL.fullmatch(raw, 5)
+            if m is None:
+                return raw
+            words, target = m.group(1), int(m.group(2))
+        if not SESSION_ID_BASE <= target < SESSION_ID_BASE + SESSION_ID_SPAN:
+            return raw if raw[4] == Command.QUERY else frame(b"\x03KILL %d" % target, 0)
+        other = self.ctx.sessions.get(target)
+        thread = other.server_thread if other is not None else None
+        if thread is None or other is None or other.backend_server != self.backend_server:
+            self._error(ErrorKind.NO_SUCH_THREAD, f"Unknown thread id: {target}")
+            return None
+        return frame(b"\x03" + words + b" %d" % thread, 0)
+
+    @property
+    def server_thread(self) -> int | None:
+        """The server's thread id of this session's connection, if it has one."""
+        backend = self.backend
+        if backend is None or not backend.alive or backend.handshake is None:
+            return None
+        return backend.handshake.connection_id
 
     async def _slow_command(self, command: int, raw: bytes) -> None:
         """Commands that must wait: a reconnect first, or a re-authentication."""
@@ -1044,13 +1148,27 @@ class ClientConnection(asyncio.Protocol):
                 self._finish()
             return
         command = parser.command
-        if state.apply(parser.status, parser.tracked) and command == Command.QUERY:
-            state.note_statement(self._raw[5:])
+        changed = state.apply(parser.status, parser.tracked)
         err = parser.err
+        retrack = False
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
         elif command == Command.QUERY:
-            state.note_locks(self._raw, 5)
+            ok = parser.ok
+            retrack = state.after_statement(
+                self._raw, 5, changed, ok.last_insert_id if ok is not None else 0
+            )
+            if state.routines:
+                self._inspect_routines()
+        elif command == Command.STMT_EXECUTE:
+            stmt = state.statements.get(check_stmt_header(self._raw[4:]))
+            if stmt is not None:
+                ok = parser.ok
+                retrack = state.after_statement(
+                    stmt.sql, 0, changed, ok.last_insert_id if ok is not None else 0
+                )
+                if state.routines:
+                    self._inspect_routines()
         elif command == Command.STMT_PREPARE:
             state.add_statement(
                 parser.client_stmt_id,
@@ -1061,12 +1179,23 @@ class ClientConnection(asyncio.Protocol):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
+            retrack = True
+        if retrack:
             self._spawn(self._retrack())
             return
         self._finish()
 
+    def _inspect_routines(self) -> None:
+        """Read the body of every stored routine the session called that Baton has not read
+        yet (once per routine, through the admin account): what it may leave behind decides
+        whether the session can move."""
+        for name in self.state.routines - self.ctx.routines.keys():
+            self.ctx.routines[name] = None
+            asyncio.get_running_loop().create_task(self.ctx.inspect_routine(name))
+
     async def _retrack(self) -> None:
-        """After COM_RESET_CONNECTION the server forgot Baton's tracking settings too."""
+        """Set Baton's session tracking again: after COM_RESET_CONNECTION the server forgot
+        it, and a statement of the client's may have changed it."""
         try:
             assert self.backend is not None
             await self.backend.query(TRACKING_SQL)
@@ -1176,10 +1305,18 @@ class ClientConnection(asyncio.Protocol):
         server = self.backend_server
         error = self._error_packet(ErrorKind.BACKEND_LOST, self._loss_message(exc))
         hopeless = not self._reads_only()
-        if not hopeless:
+        lost = self._lost_from
+        if not hopeless and lost is not None:
+            # A read waits for the next primary unless the loss was this session's alone;
+            # a write's client hears at once, and its next command finds out which it was.
+            self._lost_from = None
             try:
-                hopeless = await self.ctx.primary_writable()
+                alone = await self._lost_alone(*lost)
             except asyncio.CancelledError:
+                return
+            if alone:
+                self._write_error(error)
+                self._end_by_server(lost[0])
                 return
         if not self._failed(
             FailureCause.LOST, error, server.name if server else None, hopeless=hopeless
@@ -1341,11 +1478,39 @@ class ClientConnection(asyncio.Protocol):
         self._write(packet)
 
     def _drop_backend(self) -> None:
+        """The server connection broke: remember where and when, so that the next command can
+        tell a switch (move on) from the server ending this session (as direct: it ends)."""
         server = self.backend_server
         if server is not None:
             metrics.BACKEND_LOST.labels(server.name).inc()
+            self._lost_from = (server, self._epoch)
         self._close_backend()
         self.state.in_flight = None
+
+    async def _lost_alone(self, server: ServerConfig, epoch: int) -> bool:
+        """Was the loss this session's alone (a KILL, its wait_timeout, a network fault on
+        this connection)? Yes when no switch came since, none is under way, and the server
+        is still the primary and takes writes. Sessions that lose their connections
+        together share one probe."""
+        ctx = self.ctx
+        if epoch != ctx.epoch or ctx.holder.should_hold(self._shard):
+            return False
+        if ctx.primary().name != server.name:
+            return False
+        return await ctx.primary_writable()
+
+    def _end_by_server(self, server: ServerConfig) -> None:
+        """The server ended this session on its own terms: the client's connection ends too,
+        and its library reports the loss (2013 or 2006) as it would direct. Moving the session
+        to a new connection would hide the end and lose what the server dropped with it."""
+        metrics.SESSIONS_ENDED_BY_SERVER.inc()
+        log.info(
+            "session %d: %s ended its connection (a KILL, wait_timeout, or a fault on it) while "
+            "it is the writable primary; closing the client connection",
+            self.connection_id,
+            server.name,
+        )
+        self._close()
 
     @staticmethod
     def _loss_message(e: BackendError) -> str:

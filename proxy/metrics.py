@@ -145,6 +145,12 @@ FAILED_COMMANDS = Counter(
     ["cause", "outcome"],
     registry=REGISTRY,
 )
+SESSIONS_ENDED_BY_SERVER = Counter(
+    "baton_sessions_ended_by_server",
+    "Sessions whose server connection the writable primary ended (a KILL, wait_timeout), "
+    "ended for the client too, as direct",
+    registry=REGISTRY,
+)
 SESSIONS_REFUSED = Counter(
     "baton_sessions_refused",
     "Sessions that could not move to a new primary, by the state that could not move",

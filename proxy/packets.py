@@ -449,7 +449,8 @@ def make_handshake_response(
         out += auth
     if database:
         out += database.encode() + b"\x00"
-    out += b"mysql_native_password\x00"
+    if caps & Cap.PLUGIN_AUTH:
+        out += b"mysql_native_password\x00"
     if attrs:
         blob = b"".join(
             lenenc_bytes(k.encode()) + lenenc_bytes(v.encode()) for k, v in attrs.items()

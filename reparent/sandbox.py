@@ -498,6 +498,9 @@ class Sandbox:
             "--relay-log=relay-bin",
             "--log-slave-updates",
             "--binlog-format=ROW",
+            # Application accounts create their own triggers and routines (as a dump they
+            # re-import does), which binary logging otherwise reserves to SUPER.
+            "--log-bin-trust-function-creators=1",
             "--gtid-domain-id=0",
             "--gtid-strict-mode=1",
             "--slave-parallel-threads=2",

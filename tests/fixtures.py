@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -159,9 +160,11 @@ def start_baton(
     env: dict[str, str] | None = None,
     users: list[dict[str, str]] | None = None,
     topology: dict[str, Any] | None = None,
+    nofile: int | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
-    (`users`: a fixed list of logins instead of the servers' accounts)."""
+    (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
+    open files, soft and hard)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -190,6 +193,11 @@ def start_baton(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, **env} if env else None,
+            preexec_fn=(
+                (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+                if nofile
+                else None
+            ),
         )
     deadline = time.monotonic() + 20
     while True:

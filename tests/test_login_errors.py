@@ -102,7 +102,12 @@ def test_backend_unreachable_gives_an_error_and_the_session_stays(
         b.stop()
 
 
-def test_backend_killed_mid_session_then_reconnects(baton: Baton, primary_port: int) -> None:
+def test_backend_killed_mid_session_ends_the_session_as_direct(
+    baton: Baton, primary_port: int
+) -> None:
+    """A KILL of the session's server thread on a healthy primary: the statement gets the
+    server's error, and the session is over, as it is direct (Baton does not reconnect it
+    behind the client's back: its server-side state is gone)."""
     conn = baton.connect()
     cur = conn.cursor()
     cur.execute("SELECT CONNECTION_ID()")
@@ -119,14 +124,16 @@ def test_backend_killed_mid_session_then_reconnects(baton: Baton, primary_port: 
         cur.execute("SELECT SLEEP(5)")
     t.join()
     # The server's own error passes through (connection killed), or Baton's if it lost the
-    # socket first; either way the client connection is still there.
-    assert exc.value.args[0] in (1927, 2013)
-    cur.execute("SELECT 1")
-    assert cur.fetchone() == (1,)
-    cur.execute("SELECT CONNECTION_ID()")
-    assert cur.fetchone()[0] != backend_id
+    # socket first.
+    assert exc.value.args[0] == 1927
+    with pytest.raises(pymysql.err.OperationalError) as exc:
+        cur.execute("SELECT 1")
+    assert exc.value.args[0] in (2006, 2013)
     conn.close()
     admin.close()
+    fresh = baton.connect()
+    fresh.cursor().execute("SELECT 1")
+    fresh.close()
 
 
 def test_oversized_packet_closes_only_that_connection(baton: Baton) -> None:

@@ -49,7 +49,8 @@ def ubaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         conn = b.connect()
         conn.cursor().execute("CREATE DATABASE IF NOT EXISTS baton_unplanned")
         conn.cursor().execute(
-            "CREATE TABLE IF NOT EXISTS baton_unplanned.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+            "CREATE TABLE IF NOT EXISTS baton_unplanned.t"
+            " (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
         )
         conn.close()
         yield b
@@ -209,7 +210,10 @@ def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
     free = [
         ["SELECT GET_LOCK('unplanned-free', 1)", "SELECT RELEASE_LOCK('unplanned-free')"],
         ["SELECT 'no get_lock(''unplanned-str'', 0) here'"],
-        ["CREATE TEMPORARY TABLE unplanned.tmp2 (a INT)", "DROP TEMPORARY TABLE unplanned.tmp2"],
+        [
+            "CREATE TEMPORARY TABLE baton_unplanned.tmp2 (a INT)",
+            "DROP TEMPORARY TABLE baton_unplanned.tmp2",
+        ],
     ]
     conns: dict[str, pymysql.Connection] = {}
     for name, statements in [*stuck.items(), *((f"free{i}", f) for i, f in enumerate(free))]:
@@ -251,7 +255,7 @@ def test_commands_for_a_dead_primary_wait_for_the_emergency_reparent_unless_they
     pid = next(s["pid"] for s in box.status()["servers"] if s["name"] == old)
     os.kill(pid, signal.SIGKILL)
     write_t.join(5)
-    assert write_out.error is not None and write_out.error.args[0] == 2013, write_out
+    assert write_out.error is not None and write_out.error.args[0] == 1927, write_out
     assert "may or may not have been executed" in write_out.error.args[1]
     time.sleep(0.3)  # the idle session's connection is seen closed
     idle_t, idle_out = in_thread(idle, "INSERT INTO baton_unplanned.t (v) VALUES (3)")
