@@ -123,10 +123,24 @@ def _put(key: str, value: Any, lease: int = 0) -> dict[str, Any]:
     return {"request_put": body}
 
 
-def _range(key: str, prefix: bool = False) -> dict[str, Any]:
-    body = {"key": b64(key)}
+def _range(
+    key: str,
+    prefix: bool = False,
+    limit: int = 0,
+    last_first: bool = False,
+    keys_only: bool = False,
+) -> dict[str, Any]:
+    """A range op: the key, or the keys under a prefix (the last by key first, at most
+    `limit` of them, without their values)."""
+    body: dict[str, Any] = {"key": b64(key)}
     if prefix:
         body["range_end"] = b64(prefix_end(key))
+    if limit:
+        body["limit"] = str(limit)
+    if last_first:
+        body.update(sort_order="DESCEND", sort_target="KEY")
+    if keys_only:
+        body["keys_only"] = True
     return {"request_range": body}
 
 
@@ -325,8 +339,9 @@ class EtcdStore(TopologyStore):
         """Keep the newest HISTORY_PER_SHARD reports of the shard (and their buffer counts)."""
         try:
             with self._reach():
-                kvs, _ = self.client.range(self._key("history", _q(shard), ""), prefix=True)
-                for kv in sorted(kvs, key=lambda kv: kv.key)[:-HISTORY_PER_SHARD]:
+                where = _range(self._key("history", _q(shard), ""), prefix=True, keys_only=True)
+                ok, responses, _ = self.client.txn([], [where])
+                for kv in sorted(_kvs(responses[0]), key=lambda kv: kv.key)[:-HISTORY_PER_SHARD]:
                     self.client.delete(kv.key)
                     record_id = kv.key.rsplit("/", 1)[1].split("-", 1)[1]
                     self.client.delete(self._key("buffers", record_id, ""), prefix=True)
@@ -345,31 +360,45 @@ class EtcdStore(TopologyStore):
         return self._record(current[0]) if current else None
 
     def history(self, shard: str | None = None, limit: int = 50) -> list[ReparentRecord]:
-        where = self._key("history", _q(shard), "") if shard else self._key("history", "")
-        with self._reach():
-            ok, responses, _ = self.client.txn(
-                [], [_range(where, prefix=True), _range(self._key("buffers", ""), prefix=True)]
-            )
-        records = [self._record(kv) for kv in _kvs(responses[0])]
-        buffers: dict[str, dict[str, dict[str, int]]] = {}
-        for kv in _kvs(responses[1]):
-            record_id, proxy = (_uq(p) for p in kv.key.rsplit("/", 2)[1:])
-            try:
-                buffers.setdefault(record_id, {})[proxy] = buffer_counts(self._decode(kv))
-            except ValueError as e:
-                log.warning("etcd key %s: damaged buffer counts: %s", kv.key, e)
-        records.sort(key=lambda r: r.finished_at or r.started_at, reverse=True)
-        return [
-            r.with_buffers(buffers[r.id]) if r.id in buffers else r
-            for r in records[: max(0, limit)]
+        """The newest `limit` of each shard asked (history keys sort by finish time), then
+        their proxies' counts: two round trips however long the history is, since the
+        detector asks for the last report every round."""
+        if limit <= 0:
+            return []
+        shards = [shard] if shard is not None else self.shards()
+        newest = [
+            _range(self._key("history", _q(s), ""), prefix=True, limit=limit, last_first=True)
+            for s in shards
         ]
+        with self._reach():
+            ok, responses, _ = self.client.txn([], newest)
+        records = [self._record(kv) for response in responses for kv in _kvs(response)]
+        records.sort(key=lambda r: r.finished_at or r.started_at, reverse=True)
+        records = records[:limit]
+        if not records:
+            return []
+        counts = [_range(self._key("buffers", _q(r.id), ""), prefix=True) for r in records]
+        with self._reach():
+            ok, responses, _ = self.client.txn([], counts)
+        kept = []
+        for record, response in zip(records, responses, strict=True):
+            buffers = {}
+            for kv in _kvs(response):
+                try:
+                    buffers[_uq(kv.key.rsplit("/", 1)[1])] = buffer_counts(self._decode(kv))
+                except ValueError as e:
+                    log.warning("etcd key %s: damaged buffer counts: %s", kv.key, e)
+            kept.append(record.with_buffers(buffers) if buffers else record)
+        return kept
 
     def annotate(
         self, record_id: str, proxy_id: str, held: int, flushed: int, evicted: int
     ) -> bool:
         with self._reach():
-            kvs, _ = self.client.range(self._key("history", ""), prefix=True)
-            if not any(kv.key.endswith(f"-{_q(record_id)}") for kv in kvs):
+            ok, responses, _ = self.client.txn(
+                [], [_range(self._key("history", ""), prefix=True, keys_only=True)]
+            )
+            if not any(kv.key.endswith(f"-{_q(record_id)}") for kv in _kvs(responses[0])):
                 return False
             counts = {"held": held, "flushed": flushed, "evicted": evicted}
             self.client.put(self._key("buffers", _q(record_id), _q(proxy_id)), json.dumps(counts))

@@ -311,3 +311,23 @@ def test_a_hold_that_ended_in_a_gap_is_aborted(tmp_path: Path) -> None:
         store.close()
     finally:
         cluster.stop()
+
+
+def test_history_is_newest_first_and_trimmed(
+    store: TopologyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reparent import etcdstore, filestore
+
+    monkeypatch.setattr(etcdstore, "HISTORY_PER_SHARD", 3)
+    monkeypatch.setattr(filestore, "HISTORY_PER_SHARD", 3)
+    for i in range(5):
+        r = record(f"r{i}")
+        store.journal_put(r)
+        store.journal_finish(
+            replace(r, step=Step.DONE, outcome=Outcome.ABORTED, finished_at=1000.0 + i)
+        )
+    assert store.annotate("r4", "p1", 1, 1, 0)
+    assert not store.annotate("r0", "p1", 1, 1, 0)  # trimmed
+    assert [r.id for r in store.history("main")] == ["r4", "r3", "r2"]
+    assert [r.id for r in store.history(limit=2)] == ["r4", "r3"]
+    assert store.history("main", 1)[0].held == 1
