@@ -168,9 +168,8 @@ async def run(config: Config) -> None:
         watch = Watch(config, store, controller, reported=control.add_buffer_counts)
     if watch is not None:
         watch.start()
-    # Finish or undo the switch of a Baton that died holding it (and, in a fleet, report it
-    # with this proxy's buffer counts like any other).
-    follower = loop.create_task(controller.follow(control.add_buffer_counts))
+    # Finish or undo the switch of a Baton that died holding it (any Baton of a fleet).
+    follower = loop.create_task(controller.follow())
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
         "baton serving %s:%d -> %s (%s); control %s; metrics %s:%d",

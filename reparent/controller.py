@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
 
@@ -162,19 +162,16 @@ class Controller:
                 await self._release(lease)
         return done
 
-    async def follow(
-        self, resumed: Callable[[ReparentRecord], Awaitable[None]] | None = None
-    ) -> None:
+    async def follow(self) -> None:
         """For ever: finish or undo any reparent whose controller died (its lock lapsed with
-        the journal unfinished). Every Baton runs this; the shard lock lets one of them act."""
+        the journal unfinished). Every Baton runs this; the shard lock lets one of them act.
+        Each proxy adds its own buffer counts to the report when the switch ends for it."""
         reachable = True
         while True:
             await asyncio.sleep(FOLLOW_INTERVAL)
             try:
                 for report in await self.resume():
                     log.warning("resumed reparent %s: %s", report.id, report.outcome)
-                    if resumed is not None:
-                        await resumed(report)
                 reachable = True
             except ReparentRefused as e:
                 if reachable:

@@ -169,7 +169,10 @@ class EtcdStore(TopologyStore):
         self._clock = clock
         self._lock = threading.RLock()
         # The proxies registered through this store: id -> (lease, what was last written).
+        # A lock of their own: a heartbeat waiting on a slow member must not hold up the
+        # delivery of events, which runs under `_lock`.
         self._registered: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._proxy_lock = threading.Lock()
         self._subscribers: dict[int, Callable[[TopologyEvent], None]] = {}
         self._pending: set[int] = set()  # subscribers not yet told what is going on now
         self._ids = itertools.count()
@@ -504,7 +507,7 @@ class EtcdStore(TopologyStore):
     def register_proxy(self, proxy: ProxyInfo, ttl: float) -> None:
         info = proxy.to_dict()
         live = self._key("live", _q(proxy.id))
-        with self._lock, self._reach():
+        with self._proxy_lock, self._reach():
             entry = self._registered.get(proxy.id)
             if entry is not None and self.client.keepalive(entry[0]) == 0:
                 log.warning("proxy %s: its registration lapsed; registering again", proxy.id)
@@ -525,7 +528,7 @@ class EtcdStore(TopologyStore):
             self._registered[proxy.id] = (lease, info)
 
     def unregister_proxy(self, proxy_id: str) -> None:
-        with self._lock, self._reach():
+        with self._proxy_lock, self._reach():
             entry = self._registered.pop(proxy_id, None)
             if entry is not None:
                 self.client.revoke(entry[0])
@@ -564,7 +567,7 @@ class EtcdStore(TopologyStore):
         ]
 
     def report_drained(self, proxy_id: str, shard: str, term: int, drained: bool) -> None:
-        with self._lock:
+        with self._proxy_lock:
             entry = self._registered.get(proxy_id)
         if entry is None:
             raise TopologyError(f"proxy {proxy_id} reports drained before it registered")
