@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -252,19 +253,43 @@ def test_unreachable_then_back(tmp_path: Path) -> None:
         cluster.stop()
 
 
-def test_three_members_with_one_down_and_a_compacted_gap(tmp_path: Path) -> None:
-    """With one of three members down the store works; a subscriber cut off while a switch
-    ran and the history was compacted is told the outcome (the new term) when it is back."""
+@contextmanager
+def a_member_cut_off(tmp_path: Path) -> Iterator[tuple[EtcdCluster, EtcdStore, Events, EtcdStore]]:
+    """A 3-member cluster, a store talking only to its first member (cut off by killing that
+    member) with a subscriber whose stream is live, and a store talking to the other two."""
     cluster = etcd_cluster(tmp_path, members=3)
+    stores: list[EtcdStore] = []
     try:
         prefix = f"/test-{uuid.uuid4().hex[:8]}"
         first, *others = cluster.members
         cut_off = EtcdStore.open([first.endpoint], prefix, CONFIG)
+        stores.append(cut_off)
         events = Events(cut_off)
         cut_off.publish(Aborted("main", "the stream is live"))
         events.wait_for(1)
         store = EtcdStore(EtcdClient([m.endpoint for m in others]), prefix)
-        cluster.kill(first.name)
+        stores.append(store)
+        yield cluster, cut_off, events, store
+    finally:
+        for s in stores:
+            s.close()
+        cluster.stop()
+
+
+def compact_and_reconnect(cluster: EtcdCluster, store: EtcdStore) -> None:
+    """Compact away the revisions the cut-off member's subscriber missed, then bring it back."""
+    _, revision = store.client.range(store.prefix)
+    store.client.compact(revision)
+    first = cluster.members[0].name
+    cluster.start_member(first)
+    cluster.wait_ready()
+
+
+def test_three_members_with_one_down_and_a_compacted_gap(tmp_path: Path) -> None:
+    """With one of three members down the store works; a subscriber cut off while a switch
+    ran and the history was compacted is told the outcome (the new term) when it is back."""
+    with a_member_cut_off(tmp_path) as (cluster, cut_off, events, store):
+        cluster.kill(cluster.members[0].name)
         lease = store.lock("main", "b", 10)
         assert lease is not None
         r = record()
@@ -274,43 +299,23 @@ def test_three_members_with_one_down_and_a_compacted_gap(tmp_path: Path) -> None
         assert store.compare_and_set("main", current.version, moved, lease=lease)
         done = replace(r, step=Step.DONE, outcome=Outcome.SUCCEEDED, finished_at=time.time())
         store.journal_finish(done, (Established("main", "db2", 2),), lease=lease)
-        _, revision = store.client.range(prefix)
-        store.client.compact(revision)
-        cluster.start_member(first.name)
-        cluster.wait_ready()
+        compact_and_reconnect(cluster, store)
         got = events.wait_for(2, timeout=20)
         assert got[1:] == [Established("main", "db2", 2)]
         assert cut_off.read("main").value == moved
-        cut_off.close()
-        store.close()
-    finally:
-        cluster.stop()
 
 
 def test_a_hold_that_ended_in_a_gap_is_aborted(tmp_path: Path) -> None:
-    cluster = etcd_cluster(tmp_path, members=3)
-    try:
-        prefix = f"/test-{uuid.uuid4().hex[:8]}"
-        first, *others = cluster.members
-        cut_off = EtcdStore.open([first.endpoint], prefix, CONFIG)
-        events = Events(cut_off)
-        store = EtcdStore(EtcdClient([m.endpoint for m in others]), prefix)
+    with a_member_cut_off(tmp_path) as (cluster, cut_off, events, store):
         r = record()
         store.journal_put(r, (ReparentStarted("main", 2),))
-        assert events.wait_for(1) == [ReparentStarted("main", 2)]
-        cluster.kill(first.name)
+        assert events.wait_for(2)[1:] == [ReparentStarted("main", 2)]
+        cluster.kill(cluster.members[0].name)
         undone = replace(r, step=Step.DONE, outcome=Outcome.UNDONE, finished_at=time.time())
         store.journal_finish(undone, (Aborted("main", "test"),))
-        _, revision = store.client.range(prefix)
-        store.client.compact(revision)
-        cluster.start_member(first.name)
-        cluster.wait_ready()
-        got = events.wait_for(2, timeout=20)
-        assert got[1].kind == "aborted" and got[1].shard == "main"
-        cut_off.close()
-        store.close()
-    finally:
-        cluster.stop()
+        compact_and_reconnect(cluster, store)
+        got = events.wait_for(3, timeout=20)
+        assert got[2].kind == "aborted" and got[2].reason != "test"  # caught up, not replayed
 
 
 def test_history_is_newest_first_and_trimmed(

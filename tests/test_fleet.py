@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +75,19 @@ def other(box: Sandbox, fleet: Fleet) -> str:
     return next(s["name"] for s in box.status()["servers"] if s["name"] != primary)
 
 
+def switches(box: Sandbox, fleet: Fleet, count: int, settle: float, pause: float) -> list[Any]:
+    """`count` PRS driven by baton-1, baton-2, baton-3, baton-1, ... in turn, each to another
+    server, `settle` seconds after the load started and `pause` seconds apart; their reports."""
+    time.sleep(settle)
+    reports = []
+    for i in range(count):
+        out = prs(fleet.batons[i % len(fleet.batons)], "--to", other(box, fleet))
+        assert out.returncode == 0, out.stdout + out.stderr
+        reports.append(json.loads(out.stdout))
+        time.sleep(pause)
+    return reports
+
+
 def truncate(fleet: Fleet) -> None:
     conn = fleet.batons[0].connect()
     conn.cursor().execute(f"TRUNCATE {TABLE}")
@@ -102,16 +116,10 @@ def test_prs_driven_from_each_baton_with_writers_on_all_three(box: Sandbox, flee
     client error, no acknowledged write lost, never two writable servers, every proxy
     drained before each demotion, and everyone routes to the new primary."""
     truncate(fleet)
-    reports = []
     with WritablePoller(server_ports(box)) as poller:
         ledger = Ledger(fleet.connector(), writers=6).start()
         try:
-            time.sleep(0.5)
-            for b in fleet.batons:
-                out = prs(b, "--to", other(box, fleet))
-                assert out.returncode == 0, out.stdout + out.stderr
-                reports.append(json.loads(out.stdout))
-                time.sleep(0.5)
+            reports = switches(box, fleet, 3, settle=0.5, pause=0.5)
         finally:
             ledger.halt()
             ledger.join()
@@ -175,17 +183,11 @@ def test_sysbench_and_a_ledger_on_three_batons_through_ten_prs(box: Sandbox, fle
         )
         for b in fleet.batons
     ]
-    reports = []
     try:
         with WritablePoller(server_ports(box)) as poller:
             ledger = Ledger(fleet.connector(), writers=3).start()
             try:
-                time.sleep(3)
-                for i in range(10):
-                    out = prs(fleet.batons[i % 3], "--to", other(box, fleet))
-                    assert out.returncode == 0, out.stdout + out.stderr
-                    reports.append(json.loads(out.stdout))
-                    time.sleep(4)
+                reports = switches(box, fleet, 10, settle=3, pause=4)
             finally:
                 ledger.halt()
                 ledger.join()
