@@ -78,7 +78,7 @@ DECIDED = re.compile(r"^(\S+ \S+) WARNING \S+: detector: decided run_ers (.*)$",
 
 # What the errors clients see around a kill mean, for the results page.
 ERROR_MEANINGS = {
-    "2013": "2013 is a write in flight at the kill, one per writer: it may have committed (its"
+    "1927": "1927 is a write in flight at the kill, one per writer: it may have committed (its"
     " commit may even be on the new primary already), so Baton does not run it again and the"
     " client is told it may or may not have run (README, *Hold and flush*). The ledger does"
     " not count it as acknowledged.",

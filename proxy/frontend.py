@@ -1154,21 +1154,11 @@ class ClientConnection(asyncio.Protocol):
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
         elif command == Command.QUERY:
-            ok = parser.ok
-            retrack = state.after_statement(
-                self._raw, 5, changed, ok.last_insert_id if ok is not None else 0
-            )
-            if state.routines:
-                self._inspect_routines()
+            retrack = self._after_statement(self._raw, 5, changed)
         elif command == Command.STMT_EXECUTE:
             stmt = state.statements.get(check_stmt_header(self._raw[4:]))
             if stmt is not None:
-                ok = parser.ok
-                retrack = state.after_statement(
-                    stmt.sql, 0, changed, ok.last_insert_id if ok is not None else 0
-                )
-                if state.routines:
-                    self._inspect_routines()
+                retrack = self._after_statement(stmt.sql, 0, changed)
         elif command == Command.STMT_PREPARE:
             state.add_statement(
                 parser.client_stmt_id,
@@ -1184,6 +1174,18 @@ class ClientConnection(asyncio.Protocol):
             self._spawn(self._retrack())
             return
         self._finish()
+
+    def _after_statement(self, sql: bytes, start: int, changed: bool) -> bool:
+        """What the statement just run did that the server's reports leave out (its text from
+        `start`); True when Baton must set its session tracking again."""
+        ok = self._parser.ok
+        state = self.state
+        retrack = state.after_statement(
+            sql, start, changed, ok.last_insert_id if ok is not None else 0
+        )
+        if state.routines:
+            self._inspect_routines()
+        return retrack
 
     def _inspect_routines(self) -> None:
         """Read the body of every stored routine the session called that Baton has not read

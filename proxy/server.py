@@ -21,14 +21,14 @@ from proxy.hold import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
 from proxy.router import Router, default_proxy_id
 from reparent.admin import AdminConnection, AdminError, AdminPool
-from reparent.config import Config, ConfigError, ServerConfig, StoreKind, load
+from reparent.config import Config, ConfigError, ServerConfig, StoreKind, check_files, load
 from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
 from reparent.etcdstore import EtcdStore
 from reparent.filestore import FileStore
 from reparent.revoke import FollowerFencing, GracefulDemotion
 from reparent.store import StoreUnavailableError, TopologyStore
-from reparent.topology import ReparentKind
+from reparent.topology import ReparentKind, TopologyError
 from reparent.watch import Watch
 
 log = logging.getLogger("baton")
@@ -203,12 +203,13 @@ def main(config_path: str) -> int:
     )
     try:
         config = load(config_path)
+        check_files(config)
     except ConfigError as e:
         print(f"baton: bad config: {e}", file=sys.stderr)
         return 2
     try:
         uvloop.run(run(config))
-    except OSError as e:
+    except (OSError, TopologyError) as e:  # a port in use; a store file that cannot be used
         print(f"baton: cannot start: {e}", file=sys.stderr)
         return 1
     return 0

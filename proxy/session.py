@@ -71,7 +71,7 @@ def routine_hazards(body: bytes) -> list[str]:
 _LOCK_HINT = re.compile(rb"_[lL][oO][cC][kK]")
 # What every query is screened for, in one scan: GET_LOCK and friends, LAST_INSERT_ID(expr),
 # session_track_*. Most statements contain none; those that do are read further.
-_HINTS = re.compile(rb"_[lL][oO][cC][kK]|_[iI][dD]\b|[sS][eE][sS][sS][iI][oO][nN]_[tT][rR]")
+_HINTS = re.compile(rb"_(?:[lL][oO][cC][kK]|[iI][dD]\b|[tT][rR][aA][cC][kK])")
 _LOCK_CALL = re.compile(
     rb"(?i)\b(get_lock|release_lock|release_all_locks)\s*\(\s*(?:'((?:[^'\\]|\\.)*)'|\))?"
 )
@@ -103,8 +103,13 @@ _CALL = re.compile(rb"(?is)call\s+((?:`[^`]{1,64}`|\w{1,64})(?:\.(?:`[^`]{1,64}`
 _ESCAPES = {b"0": b"\x00", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a", b"b": b"\b"}
 
 
+_NOT_A_WORD = frozenset(b" \t\r\n\x0b\x0c/-#")
+
+
 def statement_start(sql: bytes, start: int = 0) -> int:
     """Where a statement's first word begins, past whitespace and comments."""
+    if start >= len(sql) or sql[start] not in _NOT_A_WORD:
+        return start  # the common case: the statement starts with its first word
     m = _LEADING.match(sql, start)
     return m.end() if m else start
 
@@ -329,17 +334,17 @@ class SessionState:
             self.note_locks(sql, start)
             if _INSERT_ID_CALL.search(sql, start):
                 self.last_insert_id_stale = True
-        first = sql[start : start + 1].lower()
-        if first == b"p" or first == b"d":
+        first = sql[start] | 0x20 if start < len(sql) else 0  # lower-cased, for letters
+        if first == 0x70 or first == 0x64:  # p(repare), d(eallocate), d(rop prepare)
             self._note_sql_prepare(sql, start)
-        elif first == b"c" and (m := _CALL.match(sql, start)):
+        elif first == 0x63 and (m := _CALL.match(sql, start)):
             name = _name(m.group(1))
             if "." not in name and self.schema:
                 name = f"{self.schema.lower()}.{name}"
             self.routines.add(name)
             self.user_variables_stale = True
             self.last_insert_id_stale = True
-        elif first == b"e" and depth == 0 and (m := _SQL_EXECUTE.match(sql, start)):
+        elif first == 0x65 and depth == 0 and (m := _SQL_EXECUTE.match(sql, start)):
             text = self.sql_prepared.get(_name(m.group(1)))
             if text:
                 return self.after_statement(text, 0, changed, 0, depth=1)

@@ -71,8 +71,6 @@ INNODB_LOG_FILE_SIZE = "48M"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 CATCH_UP_TIMEOUT = 20
-# Linux sun_path is 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
 # Proxy and metrics ports are searched from base_port + this, clear of the servers' ports.
 SERVICE_PORT_OFFSET = 100
 
@@ -328,7 +326,7 @@ class Sandbox:
         for tool in ("mariadbd", "mariadb-install-db"):
             _binary(tool)
         longest = max((str(n.socket) for n in nodes), key=len)
-        if len(longest.encode()) > MAX_SOCKET_PATH:
+        if len(longest.encode()) > config.MAX_SOCKET_PATH:
             raise SandboxError(f"socket path too long: {longest}; use a shorter dir")
         for node in nodes:
             if not _port_free(node.port):
@@ -692,7 +690,7 @@ class Sandbox:
                 f"port = {node.port}",
                 f"role = {q(node.role.value)}",
             ]
-        _atomic_write(path, "\n".join(lines) + "\n")
+        _atomic_write(path, "\n".join(lines) + "\n", mode=0o600)
         config.load(path)
 
     def _remove_files(self, nodes: Iterable[Node]) -> None:
@@ -834,9 +832,14 @@ def _address(port: int | None) -> str | None:
     return None if port is None else f"{HOST}:{port}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace `path` whole. The file has `mode` from birth (the umask may narrow it), not
+    after a chmod: baton.toml holds the admin password and is never readable by others, not
+    even for a moment."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)  # a leftover keeps its own mode: O_CREAT would not change it
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -161,10 +161,11 @@ def start_baton(
     users: list[dict[str, str]] | None = None,
     topology: dict[str, Any] | None = None,
     nofile: int | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
     (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
-    open files, soft and hard)."""
+    open files, soft and hard; `extra`: other tables, merged key by key)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -183,6 +184,8 @@ def start_baton(
         data["shards"][0]["servers"] = servers
     if users is not None:
         data["users"] = users
+    for table, values in (extra or {}).items():
+        data.setdefault(table, {}).update(values)
     cfg = workdir / "baton.toml"
     cfg.write_text(dump_toml(data))
     log = workdir / "baton.log"
@@ -214,6 +217,22 @@ def start_baton(
             raise RuntimeError(f"baton did not start: {log.read_text()}")
         time.sleep(0.05)
     return Baton(proc, cfg, port, metrics_port, sock, log)
+
+
+def start_baton_without_primary(
+    config_path: Path, workdir: Path, port_hint: int, **changes: Any
+) -> Baton:
+    """Baton whose only server is a port nothing listens on (with a fixed list of logins:
+    there is no server to read the accounts from)."""
+    dead = free_port(port_hint)
+    return start_baton(
+        config_path,
+        workdir,
+        port_hint + 1,
+        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+        users=[{"name": "app", "password": "app-pass"}],
+        **changes,
+    )
 
 
 def port_hint() -> int:

@@ -35,19 +35,12 @@ from proxy.packets import (
     make_handshake_response,
     parse_server_handshake,
 )
+from tests.rawclient import DEFAULT_CAPS
 
 DEADLINE = 1.0  # seconds: the greeting and the canary's answer, after every frame
 READ_WAIT = 0.1  # seconds the fuzzer waits for Baton's answer to a frame
-BASE_CAPS = (
-    Cap.LONG_PASSWORD
-    | Cap.LONG_FLAG
-    | Cap.PROTOCOL_41
-    | Cap.TRANSACTIONS
-    | Cap.SECURE_CONNECTION
-    | Cap.MULTI_STATEMENTS
-    | Cap.MULTI_RESULTS
-    | Cap.PS_MULTI_RESULTS
-)
+# What every fuzzed login has; the optional capabilities below are mixed in at random.
+BASE_CAPS = DEFAULT_CAPS & ~(Cap.PLUGIN_AUTH | Cap.PLUGIN_AUTH_LENENC_CLIENT_DATA)
 OPTIONAL_CAPS = (
     Cap.PLUGIN_AUTH,
     Cap.PLUGIN_AUTH_LENENC_CLIENT_DATA,

@@ -6,6 +6,8 @@ Each attack is followed by the two checks of the issue: a new client gets its gr
 
 from __future__ import annotations
 
+import json
+import resource
 import socket
 import struct
 import subprocess
@@ -20,7 +22,14 @@ import pytest
 from proxy.auth import scramble, stage1
 from proxy.packets import Cap, Command, frame, lenenc_bytes, parse_err
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, admin_conn, metric, port_hint, start_baton
+from tests.fixtures import (
+    Baton,
+    admin_conn,
+    metric,
+    port_hint,
+    start_baton,
+    start_baton_without_primary,
+)
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -207,9 +216,12 @@ def test_huge_logins_cost_no_memory(door: Baton) -> None:
 
 
 def test_idle_sockets_are_closed_after_the_login_timeout(door: Baton) -> None:
-    socks = [socket.create_connection(("127.0.0.1", door.port), timeout=10) for _ in range(200)]
+    """2,000 clients that connect and say nothing: each is closed after connect_timeout."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    socks = [socket.create_connection(("127.0.0.1", door.port), timeout=10) for _ in range(2000)]
     try:
-        time.sleep(3.0)  # connect_timeout is 2 s here
+        time.sleep(4.0)  # connect_timeout is 2 s here
         closed = 0
         for s in socks:
             s.settimeout(2)
@@ -319,16 +331,7 @@ def test_backend_refusals_reach_the_client(door: Baton, primary_port: int) -> No
 def test_mariadb_cli_reads_batons_own_errors(sandbox: Sandbox, tmp_path: Path) -> None:
     """libmariadb turns a server-sent code in 2000-2999 into 2027 'malformed packet'; Baton's
     'cannot reach the primary' must arrive with its meaning."""
-    from tests.fixtures import free_port
-
-    dead = free_port(port_hint() + 60)
-    b = start_baton(
-        sandbox.config_path,
-        tmp_path / "cli",
-        port_hint() + 61,
-        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
-        users=[{"name": "app", "password": "app-pass"}],
-    )
+    b = start_baton_without_primary(sandbox.config_path, tmp_path / "cli", port_hint() + 60)
     try:
         out = subprocess.run(
             [
@@ -422,3 +425,39 @@ def test_a_60_mib_command_does_not_stall_other_sessions(
         b.stop()
         admin.cursor().execute("SET GLOBAL max_allowed_packet = DEFAULT")
         admin.close()
+
+
+def test_failed_logins_block_an_address_until_an_operator_lifts_it(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    b = start_baton(
+        sandbox.config_path, tmp_path / "block", port_hint() + 57, proxy={"max_connect_errors": 3}
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(pymysql.err.OperationalError) as exc:
+                b.connect(password="wrong")
+            assert exc.value.args[0] == 1045
+        with pytest.raises(pymysql.err.OperationalError) as exc:
+            b.connect()  # the right password too: the address is blocked
+        assert exc.value.args[0] == 1129 and "baton ctl unblock 127.0.0.1" in exc.value.args[1]
+        status = b.ctl("--json", "status")
+        assert json.loads(status.stdout)["front_door"]["blocked"] == ["127.0.0.1"]
+        assert b.ctl("unblock", "127.0.0.2").returncode == 1  # not blocked: says so
+        done = b.ctl("unblock", "127.0.0.1")
+        assert done.returncode == 0 and "may connect again" in done.stdout
+        b.connect().close()
+    finally:
+        b.stop()
+
+
+def test_ctl_users_lists_the_accounts_and_the_unfenced_ones(door: Baton) -> None:
+    out = door.ctl("--json", "users", "--reload")
+    assert out.returncode == 0, out.stderr
+    users = {a["account"]: a for a in json.loads(out.stdout)["accounts"]}
+    assert users["'app'@'127.0.0.1'"]["unfenced"] == [] and users["'app'@'127.0.0.1'"]["usable"]
+    assert users["'baton_admin'@'127.0.0.1'"]["unfenced"] == ["READ ONLY ADMIN", "SUPER"]
+    status = json.loads(door.ctl("--json", "status").stdout)
+    assert "'baton_admin'@'127.0.0.1'" in status["unfenced_users"]
+    table = door.ctl("users")
+    assert "baton_admin" in table.stdout and "SUPER" in table.stdout

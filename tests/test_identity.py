@@ -243,3 +243,38 @@ def test_dump_with_definers_reimports_through_baton(ibaton: Baton, primary_port:
     run(client(primary_port), f"DROP DATABASE {schema};")
 
 
+def test_proxy_protocol_lets_the_server_see_the_clients_address(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory, primary_port: int
+) -> None:
+    """With backend.proxy_protocol, Baton sends a PROXY header: a client bound to 127.0.0.2
+    is 'baton_pp'@'127.0.0.2' on the server (host-based grants and audit logs see it),
+    where without the header the server would see Baton's 127.0.0.1."""
+    b = start_baton(
+        sandbox.config_path,
+        tmp_path_factory.mktemp("proxy-protocol"),
+        port_hint() + 75,
+        extra={"backend": {"proxy_protocol": True}},
+    )
+    admin = admin_conn(primary_port)
+    a = admin.cursor()
+    a.execute("SET GLOBAL proxy_protocol_networks = '127.0.0.1/32'")
+    a.execute("CREATE USER 'baton_pp'@'127.0.0.2' IDENTIFIED BY 'pp'")
+    a.execute("GRANT SELECT ON baton_test.* TO 'baton_pp'@'127.0.0.2'")
+    try:
+        conn = pymysql.connect(
+            host="127.0.0.1",
+            port=b.port,
+            user="baton_pp",
+            password="pp",
+            bind_address="127.0.0.2",
+            ssl_disabled=True,
+        )
+        cur = conn.cursor()
+        cur.execute("SELECT CURRENT_USER(), USER()")
+        assert cur.fetchone() == ("baton_pp@127.0.0.2", "baton_pp@127.0.0.2")
+        conn.close()
+    finally:
+        a.execute("DROP USER 'baton_pp'@'127.0.0.2'")
+        a.execute("SET GLOBAL proxy_protocol_networks = ''")
+        admin.close()
+        b.stop()

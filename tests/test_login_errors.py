@@ -13,7 +13,13 @@ import pytest
 
 from proxy.auth import scramble, stage1
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import Baton, admin_conn, app_conn, free_port, port_hint, start_baton
+from tests.fixtures import (
+    Baton,
+    admin_conn,
+    app_conn,
+    port_hint,
+    start_baton_without_primary,
+)
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -76,15 +82,7 @@ def test_handshake_shows_backend_version_and_no_query_attributes(
 def test_backend_unreachable_gives_an_error_and_the_session_stays(
     sandbox: object, tmp_path: Path
 ) -> None:
-    dead = free_port(port_hint() + 20)
-    b = start_baton(
-        sandbox.config_path,
-        tmp_path / "b",
-        port_hint() + 21,
-        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
-        # No server to read the accounts from: a fixed list.
-        users=[{"name": "app", "password": "app-pass"}],
-    )
+    b = start_baton_without_primary(sandbox.config_path, tmp_path / "b", port_hint() + 20)
     try:
         c = RawClient(b.port)
         assert c.logged_in

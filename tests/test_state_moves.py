@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import mysql.connector
 import pytest
 
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, port_hint, private_sandbox, start_baton
+from tests.fixtures import Baton, app_connector, port_hint, private_sandbox, start_baton
 
 DB = "baton_moves"
 
@@ -131,6 +132,11 @@ def kinds(lost: bool) -> dict[str, Kind]:
     }
 
 
+def backend_id(cur: Any) -> int:
+    cur.execute("SELECT CONNECTION_ID()")
+    return cur.fetchall()[0][0]
+
+
 def primary(b: Baton) -> str:
     return json.loads(b.ctl("--json", "status").stdout)["shards"][0]["primary"]
 
@@ -197,6 +203,67 @@ def test_each_kind_of_state_after_a_planned_switch(mbaton: Baton) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert primary(mbaton) != before
     assert check(conns) == {}
+
+
+def test_values_keep_their_exact_types_and_bytes_across_a_switch(mbaton: Baton) -> None:
+    """Variables, the collation after SET NAMES ... COLLATE, user variables of every type
+    (read back with their types and exact bytes) and a server-side prepared statement."""
+    conn = app_connector(mbaton.port, autocommit=True)
+    cur = conn.cursor()
+    cur.execute("CREATE DATABASE IF NOT EXISTS baton_migr")
+    cur.execute("USE baton_migr")
+    cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES,NO_ZERO_DATE', time_zone = '+03:00'")
+    cur.execute("SET SESSION wait_timeout = 1234, max_join_size = 99999")
+    cur.execute("SET NAMES latin1 COLLATE latin1_german1_ci")
+    cur.execute(
+        "SET @i = 42, @r = 1.5e3, @d = 3.25, @s = CONVERT(X'68c3a9' USING utf8mb4),"
+        " @b = X'00ff27', @n = NULL, @q = 'it''s \\\\ here', @u = 18446744073709551615"
+    )
+    prepared = conn.cursor(prepared=True)
+    prepared.execute("SELECT ? * 2", (21,))
+    assert prepared.fetchall() == [(42,)]
+    old = backend_id(cur)
+    result = mbaton.ctl("--json", "prs")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    cur.execute(
+        "SELECT DATABASE(), @@sql_mode, @@time_zone, @@wait_timeout, @@max_join_size,"
+        " @@character_set_client, @@collation_connection"
+    )
+    assert cur.fetchall() == [
+        (
+            "baton_migr",
+            "ANSI_QUOTES,NO_ZERO_DATE",
+            "+03:00",
+            1234,
+            99999,
+            "latin1",
+            "latin1_german1_ci",
+        )
+    ]
+    assert backend_id(cur) != old
+    cur.execute("SELECT @i, @r, @d, HEX(@s), CHARSET(@s), HEX(@b), @n, @q, @u")
+    row = cur.fetchall()[0]
+    assert row[0] == 42 and float(row[1]) == 1500.0 and str(row[2]).startswith("3.25")
+    assert row[3:] == ("68C3A9", "utf8mb4", "00FF27", None, "it's \\ here", 18446744073709551615)
+    cur.execute("SELECT VARIABLE_NAME, VARIABLE_TYPE FROM information_schema.USER_VARIABLES")
+    assert dict(cur.fetchall()) == {
+        "i": "INT",
+        "r": "DOUBLE",
+        "d": "DECIMAL",
+        "s": "VARCHAR",
+        "b": "VARCHAR",
+        "n": "VARCHAR",
+        "q": "VARCHAR",
+        "u": "INT UNSIGNED",
+    }
+    prepared.execute("SELECT ? * 2", (50,))
+    assert prepared.fetchall() == [(100,)]
+    assert re.search(r'^baton_sessions_moved_total\{outcome="moved"\} [1-9]', mbaton.scrape(), re.M)
+    sessions = json.loads(mbaton.ctl("--json", "sessions").stdout)
+    assert any(s["user_variables"].get("i") == "42" for s in sessions)
+    cur.execute("DROP DATABASE baton_migr")
+    conn.close()
 
 
 def test_each_kind_of_state_after_a_lost_connection(box: Sandbox, mbaton: Baton) -> None:

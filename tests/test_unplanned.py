@@ -168,7 +168,8 @@ def test_a_write_refused_as_read_only_runs_once_the_primary_takes_writes_again(b
 
 def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
     """A KILL of one backend connection is that session's failure, not the primary's: the
-    client hears of it at once instead of waiting for a switch that is not coming."""
+    client hears of it at once instead of waiting for a switch that is not coming, and the
+    session ends, as direct."""
     current = primary(ubaton)
     port = server_ports(box)[current]
     conn = ubaton.connect()
@@ -187,11 +188,15 @@ def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
     admin_query(port, f"KILL CONNECTION {rows[0]['ID']}")
     t.join(10)
     assert out.error is not None and out.elapsed < 2.0, out
-    # The session goes on: its next statement runs on a new connection.
-    with conn.cursor() as cur:
+    # The server ended the session, as it would direct: the next statement fails too, and
+    # a new session works.
+    with pytest.raises(pymysql.err.OperationalError) as exc, conn.cursor() as cur:
         cur.execute("SELECT 1")
-        assert cur.fetchone() == (1,)
+    assert exc.value.args[0] in (2006, 2013)
     conn.close()
+    fresh = ubaton.connect()
+    fresh.cursor().execute("SELECT 1")
+    fresh.close()
 
 
 def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
@@ -241,7 +246,7 @@ def test_commands_for_a_dead_primary_wait_for_the_emergency_reparent_unless_they
     """kill -9 of the primary. A read in flight waits and runs again on the primary that ERS
     establishes; so does an insert sent after the kill (it cannot connect: it never ran). An
     insert in flight may have committed, and its commit may reach the next primary: it is not
-    run again, and its client gets 2013 at once. Last in this module: the old primary stays
+    run again, and its client gets 1927 at once. Last in this module: the old primary stays
     down."""
     old = primary(ubaton)
     idle, reader, writer = ubaton.connect(), ubaton.connect(), ubaton.connect()
