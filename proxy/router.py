@@ -220,7 +220,8 @@ class Router:
     async def annotate(self, shard: str, term: int, record_id: str) -> Finished | None:
         """Once this proxy's hold for the switch to `term` is over, its counts go into the
         report `record_id`; returns them (None if it did not hold)."""
-        assert self.listener is not None
+        if self.listener is None:
+            return None  # not serving clients: nothing was held
         holder = self.listener.holder
         episode = await holder.episode(shard, term, holder.settings.window)
         if episode is None:

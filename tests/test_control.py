@@ -27,7 +27,8 @@ from proxy.hold import Holder
 from proxy.router import Router
 from proxy.server import FALLBACK
 from reparent.controller import Controller
-from reparent.topology import FileStore, ReparentKind
+from reparent.filestore import FileStore
+from reparent.topology import ReparentKind
 from tests.fixtures import Baton
 from tests.test_orchestrator import CONFIG, Fakes
 
