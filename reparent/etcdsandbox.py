@@ -41,6 +41,8 @@ class Member:
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on `port` of 127.0.0.1. With SO_REUSEADDR as the servers use it, so a
+    port in TIME_WAIT still counts as free. (The MariaDB sandbox asks this too.)"""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

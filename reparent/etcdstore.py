@@ -62,6 +62,7 @@ from reparent.store import (
     StoreUnavailableError,
     TopologyStore,
     adopt_shards,
+    notify,
     report_from_json,
 )
 from reparent.topology import (
@@ -439,11 +440,7 @@ class EtcdStore(TopologyStore):
         """To every subscriber (or those in `only`), on the watch thread."""
         with self._lock:
             targets = [cb for k, cb in self._subscribers.items() if only is None or k in only]
-        for callback in targets:
-            try:
-                callback(event)
-            except Exception:
-                log.exception("shard %s: a watcher failed on %s", event.shard, event.kind)
+        notify(targets, event)
 
     # -- locks ---------------------------------------------------------------------------------
 

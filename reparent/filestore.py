@@ -25,6 +25,7 @@ from reparent.store import (
     TopologyStore,
     Waiter,
     adopt_shards,
+    notify,
 )
 from reparent.topology import (
     JournalConflictError,
@@ -242,11 +243,7 @@ class FileStore(TopologyStore):
         with self._publishing:
             with self._lock:
                 watchers = list(self._watchers.values())
-            for callback in watchers:
-                try:
-                    callback(event)
-                except Exception:
-                    log.exception("shard %s: a watcher failed on %s", event.shard, event.kind)
+            notify(watchers, event)
 
     # -- shard lock -------------------------------------------------------------------------
 

@@ -32,7 +32,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -329,7 +328,7 @@ class Sandbox:
         if len(longest.encode()) > config.MAX_SOCKET_PATH:
             raise SandboxError(f"socket path too long: {longest}; use a shorter dir")
         for node in nodes:
-            if not _port_free(node.port):
+            if not etcdsandbox.port_free(node.port):
                 raise SandboxError(
                     f"port {node.port} ({node.name}) is in use; use another base port"
                 )
@@ -803,17 +802,6 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _port_free(port: int) -> bool:
-    # SO_REUSEADDR as the servers use it, so a port in TIME_WAIT still counts as free.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_ports(start: int, count: int, taken: set[int]) -> list[int]:
     """The first `count` free ports at or after `start`, so sandboxes on other bases don't meet."""
     found: list[int] = []
@@ -821,7 +809,7 @@ def _free_ports(start: int, count: int, taken: set[int]) -> list[int]:
     while len(found) < count:
         if port > 65535:
             raise SandboxError(f"no {count} free ports at or after {start}")
-        if port not in taken and _port_free(port):
+        if port not in taken and etcdsandbox.port_free(port):
             found.append(port)
         port += 1
     return found

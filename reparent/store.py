@@ -285,6 +285,16 @@ class TopologyStore(ABC):
         """Stop the store's own threads and connections."""
 
 
+def notify(callbacks: list[Callable[[TopologyEvent], None]], event: TopologyEvent) -> None:
+    """Deliver `event` to each callback in turn; one that raises is logged, and the others
+    still get the event."""
+    for callback in callbacks:
+        try:
+            callback(event)
+        except Exception:
+            log.exception("shard %s: a watcher failed on %s", event.shard, event.kind)
+
+
 def adopt_shards(store: TopologyStore, config: Config, where: str) -> None:
     """Add the config's shards the store lacks (term 1, the config's primary).
 

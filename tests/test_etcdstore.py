@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from reparent.config import load
-from reparent.etcd import EtcdClient
-from reparent.etcdsandbox import EtcdCluster
+from reparent.etcdsandbox import EtcdCluster, pick_ports
 from reparent.etcdstore import EtcdStore
 from reparent.filestore import FileStore
 from reparent.store import LEADER, LockLostError, ProxyInfo, StoreUnavailableError, TopologyStore
@@ -30,7 +29,8 @@ from reparent.topology import (
     Step,
     TopologyEvent,
 )
-from tests.fixtures import etcd_cluster
+from tests.faultshim import FaultShim
+from tests.fixtures import ETCD_PORTS, etcd_cluster
 
 CONFIG = load(Path(__file__).resolve().parent.parent / "configs" / "example.toml")
 
@@ -254,42 +254,56 @@ def test_unreachable_then_back(tmp_path: Path) -> None:
 
 
 @contextmanager
-def a_member_cut_off(tmp_path: Path) -> Iterator[tuple[EtcdCluster, EtcdStore, Events, EtcdStore]]:
-    """A 3-member cluster, a store talking only to its first member (cut off by killing that
-    member) with a subscriber whose stream is live, and a store talking to the other two."""
-    cluster = etcd_cluster(tmp_path, members=3)
-    stores: list[EtcdStore] = []
-    try:
+def cut_off(etcd: EtcdCluster) -> Iterator[tuple[FaultShim, EtcdStore, Events, EtcdStore]]:
+    """A store that reaches etcd only through a fault shim, with a subscriber whose stream is
+    live, and a store that reaches it directly, on one prefix."""
+    with FaultShim(etcd.members[0].client_port, port=pick_ports(1, *ETCD_PORTS)[0]) as shim:
         prefix = f"/test-{uuid.uuid4().hex[:8]}"
-        first, *others = cluster.members
-        cut_off = EtcdStore.open([first.endpoint], prefix, CONFIG)
-        stores.append(cut_off)
-        events = Events(cut_off)
-        cut_off.publish(Aborted("main", "the stream is live"))
-        events.wait_for(1)
-        store = EtcdStore(EtcdClient([m.endpoint for m in others]), prefix)
-        stores.append(store)
-        yield cluster, cut_off, events, store
+        behind = EtcdStore.open([f"http://127.0.0.1:{shim.port}"], prefix, CONFIG)
+        store = EtcdStore.open(etcd.endpoints, prefix, CONFIG)
+        try:
+            events = Events(behind)
+            behind.publish(Aborted("main", "the stream is live"))
+            events.wait_for(1)
+            yield shim, behind, events, store
+        finally:
+            behind.close()
+            store.close()
+
+
+def compact(store: EtcdStore) -> None:
+    """Compact away every revision so far (a write outside Baton's keys first, so the last of
+    Baton's is compacted too): a watch that resumes from before gets none of them."""
+    revision = store.client.put(store.prefix + "-unrelated", "x")
+    store.client.compact(revision)
+
+
+def test_three_members_with_one_down(tmp_path: Path) -> None:
+    """One member of three killed: the lock, the journal, compare-and-set and the event stream
+    all work through the other two, and the killed member rejoins."""
+    cluster = etcd_cluster(tmp_path, members=3)
+    try:
+        store = etcd_store(cluster)
+        events = Events(store)
+        cluster.kill(cluster.members[0].name)  # the endpoint every call tries first
+        lease = store.lock("main", "b", 10)
+        assert lease is not None
+        store.journal_put(record(), (ReparentStarted("main", 2),), lease=lease)
+        current = store.read("main")
+        assert store.compare_and_set("main", current.version, current.value, lease=lease)
+        assert events.wait_for(1, timeout=20) == [ReparentStarted("main", 2)]
+        cluster.start_member(cluster.members[0].name)
+        cluster.wait_ready()
+        store.close()
     finally:
-        for s in stores:
-            s.close()
         cluster.stop()
 
 
-def compact_and_reconnect(cluster: EtcdCluster, store: EtcdStore) -> None:
-    """Compact away the revisions the cut-off member's subscriber missed, then bring it back."""
-    _, revision = store.client.range(store.prefix)
-    store.client.compact(revision)
-    first = cluster.members[0].name
-    cluster.start_member(first)
-    cluster.wait_ready()
-
-
-def test_three_members_with_one_down_and_a_compacted_gap(tmp_path: Path) -> None:
-    """With one of three members down the store works; a subscriber cut off while a switch
-    ran and the history was compacted is told the outcome (the new term) when it is back."""
-    with a_member_cut_off(tmp_path) as (cluster, cut_off, events, store):
-        cluster.kill(cluster.members[0].name)
+def test_a_switch_in_a_compacted_gap_arrives_as_its_new_term(etcd: EtcdCluster) -> None:
+    """A subscriber cut off while a switch ran and the history was compacted is told the
+    outcome (the new term) when it is back, and reads the new topology."""
+    with cut_off(etcd) as (shim, behind, events, store):
+        shim.reset()
         lease = store.lock("main", "b", 10)
         assert lease is not None
         r = record()
@@ -299,21 +313,23 @@ def test_three_members_with_one_down_and_a_compacted_gap(tmp_path: Path) -> None
         assert store.compare_and_set("main", current.version, moved, lease=lease)
         done = replace(r, step=Step.DONE, outcome=Outcome.SUCCEEDED, finished_at=time.time())
         store.journal_finish(done, (Established("main", "db2", 2),), lease=lease)
-        compact_and_reconnect(cluster, store)
+        compact(store)
+        shim.restore()
         got = events.wait_for(2, timeout=20)
         assert got[1:] == [Established("main", "db2", 2)]
-        assert cut_off.read("main").value == moved
+        assert behind.read("main").value == moved
 
 
-def test_a_hold_that_ended_in_a_gap_is_aborted(tmp_path: Path) -> None:
-    with a_member_cut_off(tmp_path) as (cluster, cut_off, events, store):
+def test_a_hold_that_ended_in_a_compacted_gap_is_aborted(etcd: EtcdCluster) -> None:
+    with cut_off(etcd) as (shim, behind, events, store):
         r = record()
         store.journal_put(r, (ReparentStarted("main", 2),))
         assert events.wait_for(2)[1:] == [ReparentStarted("main", 2)]
-        cluster.kill(cluster.members[0].name)
+        shim.reset()
         undone = replace(r, step=Step.DONE, outcome=Outcome.UNDONE, finished_at=time.time())
         store.journal_finish(undone, (Aborted("main", "test"),))
-        compact_and_reconnect(cluster, store)
+        compact(store)
+        shim.restore()
         got = events.wait_for(3, timeout=20)
         assert got[2].kind == "aborted" and got[2].reason != "test"  # caught up, not replayed
 
