@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy etcd-server
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo demo-fleet test fault-test fuzz lint bench-steady bench-hold bench-failover clean
+.PHONY: setup system-packages demo demo-fleet test fault-test fuzz lint bench-steady bench-hold bench-failover bench-fleet clean
 
 setup: system-packages $(STAMP)
 
@@ -59,6 +59,10 @@ bench-hold: setup
 
 bench-failover: setup
 	$(PY) -m bench.failover
+
+# The failover benchmark's fleet path: three Batons on etcd, 10 PRS driven from each in turn.
+bench-fleet: setup
+	$(PY) -m bench.fleet
 
 clean:
 	-$(VENV)/bin/baton sandbox down

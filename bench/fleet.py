@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-port", type=int, default=21301, help="the sandbox's first port")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
+    machine = machine_info()  # its load average is the one at the start
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     box = Sandbox(work / "sandbox", base_port=args.base_port, replicas=2)
     box.up()
@@ -223,18 +225,20 @@ def main(argv: list[str] | None = None) -> int:
         rows = analyse(writers.log, switches, 3)
         record = {
             "command": shlex.join(["python", "-m", "bench.fleet", *(argv or sys.argv[1:])]),
-            "machine": machine_info(),
+            "machine": machine,
             "args": vars(args),
             "switches": switches,
             "rows": rows,
             "sysbench_errors": sysbench_errors,
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
         }
         text = "\n".join(
             [
                 "# Fleet failover: three Batons on etcd, 10 PRS driven from each in turn",
                 "",
-                f"`{record['command']}` at commit {record['machine'].get('commit')}, "
-                f"load average {record['machine'].get('load_average')}.",
+                f"`{record['command']}` at commit {record['machine'].get('commit')}; load "
+                f"average {record['machine'].get('load_average_start')} at the start, "
+                f"{record['load_average_end']} at the end (2 cores, shared).",
                 "",
                 table(rows, sysbench_errors),
                 "",
