@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -32,11 +31,11 @@ from typing import Any
 
 import pymysql
 
-from bench.common import machine_info
+from bench.record import load_average, machine_info
+from bench.writes import paced_write_command, prepare_writes
+from harness.fleet import Fleet, status
 from reparent.etcdsandbox import EtcdCluster, pick_ports
 from reparent.sandbox import Sandbox
-from tests.fixtures import sysbench
-from tests.fleet import Fleet, status
 
 ROOT = Path(__file__).resolve().parent.parent
 ETCD_PORTS = (22000, 23000)
@@ -154,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         fleet = Fleet(box, cluster.endpoints, "/bench", work, args.base_port + 200)
         ports = {s["name"]: s["port"] for s in box.status()["servers"]}
-        subprocess.run(
-            sysbench(ports["db1"], "--threads=4", "oltp_write_only", "prepare"),
-            check=True,
-            capture_output=True,
-        )
+        prepare_writes(ports["db1"])
         setup = fleet.batons[0].connect()
         setup.cursor().execute(
             f"CREATE TABLE IF NOT EXISTS {TABLE} (id BIGINT AUTO_INCREMENT PRIMARY KEY, baton INT)"
@@ -171,16 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         with Writers(fleet, args.writers, args.writer_rate) as writers:
             benches = [
                 subprocess.Popen(
-                    sysbench(
-                        b.port,
-                        "--threads=2",
-                        f"--time={args.duration}",
-                        f"--rate={args.rate}",
-                        "--mysql-ignore-errors=all",
-                        "oltp_write_only",
-                        "run",
-                        timeout=args.duration + 60,
-                    ),
+                    [
+                        "timeout",
+                        "-s",
+                        "KILL",
+                        str(args.duration + 60),
+                        *paced_write_command(b.port, 2, args.duration, args.rate, "all"),
+                    ],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -230,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "switches": switches,
             "rows": rows,
             "sysbench_errors": sysbench_errors,
-            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "load_average_end": load_average(),
         }
         text = "\n".join(
             [

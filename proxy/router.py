@@ -7,8 +7,10 @@ safe: the term fence never routes to an older term, and a demoted primary is `re
 
 It registers this proxy with the store (a heartbeat on a lease, with what it knows: terms and
 the shards it holds for), and when a reparent starts it reports "drained" once none of its
-sessions has a transaction or a statement in flight on the old primary. Once a switch it held
-for is over, it adds its buffer counts to the reparent's report.
+sessions has a transaction or a statement in flight on the old primary. Every topology event
+goes on to the listener (the proxy's sessions and its buffer, proxy/frontend.py), which holds
+new work and moves the sessions. Once a switch it held for is over, it adds its buffer counts
+to the reparent's report.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from proxy.buffer import Finished
-from proxy.hold import Holder
+from proxy.holder import Holder
 from reparent.config import Config, ServerConfig
 from reparent.store import ProxyInfo, TopologyStore
 from reparent.topology import (

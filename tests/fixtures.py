@@ -1,120 +1,24 @@
-"""Fixtures that run the real `baton serve` against the sandbox, as a separate process."""
+"""Fixtures that run the real `baton serve` against the sandbox, as a separate process, and
+the helpers only tests use (the launcher itself and the clients tests share with the benchmarks
+live in `harness/`)."""
 
 from __future__ import annotations
 
 import os
 import re
-import resource
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import tomllib
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn
+from harness.process import free_port
 from reparent.etcdsandbox import EtcdCluster, EtcdSandboxError, pick_ports
 from reparent.sandbox import Sandbox
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(start: int) -> int:
-    """The first port at or after `start` that nothing listens on (within 20000-29999)."""
-    for port in range(start, 29999):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """Enough TOML for Baton's config: tables, arrays of tables, scalars, lists of scalars."""
-    lines: list[str] = []
-
-    def tables(v: Any) -> bool:
-        return isinstance(v, dict) or (isinstance(v, list) and all(isinstance(i, dict) for i in v))
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, list) and not tables(v):
-                lines.append(f"{k} = [{', '.join(_toml_value(i) for i in v)}]")
-            elif not tables(v):
-                lines.append(f"{k} = {_toml_value(v)}")
-        for k, v in d.items():
-            if isinstance(v, dict):
-                lines.append(f"\n[{prefix}{k}]")
-                table(f"{prefix}{k}.", v)
-            elif tables(v):
-                for item in v:
-                    lines.append(f"\n[[{prefix}{k}]]")
-                    table(f"{prefix}{k}.", item)
-
-    table("", data)
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Baton:
-    """A running `baton serve`; stopped by its pid."""
-
-    proc: subprocess.Popen[bytes]
-    config: Path
-    port: int
-    metrics_port: int
-    socket: str
-    log: Path
-
-    def connect(self, **kw: Any) -> pymysql.Connection:
-        kw.setdefault("user", "app")
-        kw.setdefault("password", "app-pass")
-        return pymysql.connect(host="127.0.0.1", port=self.port, autocommit=True, **kw)
-
-    def ctl_args(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "proxy.cli", "ctl", "--socket", self.socket, *args]
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.ctl_args(*args),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-        )
-
-    def scrape(self) -> str:
-        """Baton's Prometheus page."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as page:
-            return page.read().decode()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -148,75 +52,59 @@ class Background:
         self._thread.join(self.JOIN_TIMEOUT)
 
 
-def start_baton(
-    config_path: Path,
-    workdir: Path,
-    port_hint: int,
-    proxy: dict[str, Any] | None = None,
-    servers: list[dict[str, Any]] | None = None,
-    controller: dict[str, Any] | None = None,
-    detector: dict[str, Any] | None = None,
-    buffer: dict[str, Any] | None = None,
-    env: dict[str, str] | None = None,
-    users: list[dict[str, str]] | None = None,
-    topology: dict[str, Any] | None = None,
-    nofile: int | None = None,
-    extra: dict[str, dict[str, Any]] | None = None,
-) -> Baton:
-    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
-    (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
-    open files, soft and hard; `extra`: other tables, merged key by key)."""
-    data = tomllib.loads(config_path.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port(port_hint)
-    metrics_port = free_port(port + 1)
-    sock = str(workdir / "baton.sock")
-    data["proxy"].update(listen_port=port, metrics_port=metrics_port, control_socket=sock)
-    data["proxy"].update(proxy or {})
-    data.setdefault("controller", {}).update(controller or {})
-    if detector is not None:
-        data.setdefault("detector", {}).update(detector)
-    if buffer is not None:
-        data.setdefault("buffer", {}).update(buffer)
-    if topology is not None:
-        data.setdefault("topology", {}).update(topology)
-    if servers is not None:
-        data["shards"][0]["servers"] = servers
-    if users is not None:
-        data["users"] = users
-    for table, values in (extra or {}).items():
-        data.setdefault(table, {}).update(values)
-    cfg = workdir / "baton.toml"
-    cfg.write_text(dump_toml(data))
-    log = workdir / "baton.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, **env} if env else None,
-            preexec_fn=(
-                (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
-                if nofile
-                else None
-            ),
-        )
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"baton exited: {log.read_text()}")
+class WritablePoller(Background):
+    """Polls @@read_only on every server every few ms and remembers every moment two were
+    writable at once.
+
+    Servers read one after another are never a snapshot: under load one pass can outlast a
+    whole switch, and "both read writable in one pass" would report the old primary before its
+    demotion and the new one after its promotion. So an overlap is recorded only when it is
+    certain: a server read writable twice in a row (so writable all along, unless it flipped
+    twice in between) while another was read writable between those two reads. Passes go
+    forward and then backward, so every pair of servers has reads of each other in between.
+    """
+
+    def __init__(self, ports: dict[str, int]) -> None:
+        super().__init__()
+        self.ports = ports
+        self.overlaps: list[list[str]] = []
+        self.rounds = 0
+        self._conns: dict[str, pymysql.Connection | None] = dict.fromkeys(ports)
+
+    def _writable(self, name: str) -> bool:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            if os.path.exists(sock):
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"baton did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return Baton(proc, cfg, port, metrics_port, sock, log)
+            conn = self._conns[name] or admin_conn(self.ports[name])
+            self._conns[name] = conn
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@read_only")
+                return cur.fetchone()[0] == 0
+        except pymysql.MySQLError:
+            self._conns[name] = None  # down, or killed: not writable
+            return False
+
+    def run(self) -> None:
+        names = list(self.ports)
+        read = 0  # reads so far, the clock of this poller
+        previous: dict[str, tuple[int, bool]] = {}  # each server's last read: (when, writable)
+        last_writable: dict[str, int] = {}  # when each server was last read writable
+        while not self.stopping.is_set():
+            for name in names if self.rounds % 2 == 0 else reversed(names):
+                read += 1
+                writable = self._writable(name)
+                before = previous.get(name)
+                previous[name] = (read, writable)
+                if not writable:
+                    continue
+                if before is not None and before[1]:
+                    others = [n for n, t in last_writable.items() if n != name and t > before[0]]
+                    if others:
+                        self.overlaps.append([name, *others])
+                last_writable[name] = read
+            self.rounds += 1
+            self.stopping.wait(0.005)
+        for conn in self._conns.values():
+            if conn is not None:
+                conn.close()
 
 
 def start_baton_without_primary(
@@ -278,30 +166,6 @@ def app_connector(port: int, **kw: Any) -> Any:
     return mysql.connector.connect(
         host="127.0.0.1", port=port, user="app", password="app-pass", use_pure=True, **kw
     )
-
-
-def admin_conn(port: int) -> pymysql.Connection:
-    """The controller's account: for checks the application user may not make."""
-    return pymysql.connect(
-        host="127.0.0.1",
-        port=port,
-        user="baton_admin",
-        password="admin-pass",
-        autocommit=True,
-        connect_timeout=2,
-        ssl_disabled=True,
-    )
-
-
-def admin_query(port: int, sql: str) -> list[dict[str, Any]]:
-    """One statement as admin; rows as dicts."""
-    conn = admin_conn(port)
-    try:
-        cur = conn.cursor(pymysql.cursors.DictCursor)
-        cur.execute(sql)
-        return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
 def server_ports(box: Sandbox) -> dict[str, int]:

@@ -20,19 +20,11 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn, admin_query
 from reparent import gtid
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Background,
-    Baton,
-    admin_conn,
-    admin_query,
-    metric,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
+from tests.fixtures import Background, metric, port_hint, private_sandbox, server_ports
 
 # Default interval, failures and probe timeout: the kill-to-writes goal is for these. A short
 # cooldown, so the tests' successive emergency reparents need not wait 30 s for each other.

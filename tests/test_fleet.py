@@ -21,12 +21,15 @@ from typing import Any
 
 import pytest
 
+from harness.baton import Baton
+from harness.clients import admin_query
+from harness.fleet import CONTROLLER, Fleet, prs, routed_port, status, wait_until
+from harness.ledger import TABLE, Ledger, create_table
 from reparent.etcdsandbox import EtcdCluster
 from reparent.failpoint import ENV, EXIT_CODE
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
-    Baton,
-    admin_query,
+    WritablePoller,
     etcd_cluster,
     port_hint,
     private_sandbox,
@@ -34,9 +37,6 @@ from tests.fixtures import (
     sysbench,
     sysbench_counts,
 )
-from tests.fleet import CONTROLLER, Fleet, prs, routed_port, status, wait_until
-from tests.ledger import TABLE, Ledger, create_table
-from tests.test_crash import WritablePoller
 
 HINT = port_hint() + 200
 

@@ -1,5 +1,5 @@
 """A fleet of Batons on one etcd, in front of one sandbox: for tests/test_fleet.py and the
-fleet path of bench/failover."""
+fleet path of the failover benchmark (bench/fleet.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pymysql
 
+from harness.baton import Baton, start_baton
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, start_baton
 
 # Short enough for the tests, and within the config's rule max_failover (20 s by default)
 # >= grace + lock_ttl + 5 s.
@@ -58,7 +58,9 @@ class Fleet:
             proxy={"id": f"baton-{i + 1}"},
             controller=CONTROLLER,
             detector={"enabled": self.detector},
-            topology={"store": "etcd", "endpoints": self.endpoints, "prefix": self.prefix},
+            extra={
+                "topology": {"store": "etcd", "endpoints": self.endpoints, "prefix": self.prefix}
+            },
             env=env or self.env.get(i),
         )
 
