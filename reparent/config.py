@@ -16,8 +16,9 @@ import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+E = TypeVar("E", bound=enum.StrEnum)
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the key."""
@@ -389,13 +390,7 @@ def _topology(table: Any) -> TopologySettings:
     if not isinstance(table, dict):
         raise ConfigError("topology: expected a table")
     _unknown(table, {"store", "endpoints", "prefix", "timeout"}, "topology")
-    kind = StoreKind.FILE
-    if "store" in table:
-        text = _typed(table, "store", str, "topology")
-        try:
-            kind = StoreKind(text)
-        except ValueError:
-            raise ConfigError(f"topology.store: expected 'file' or 'etcd', got {text!r}")
+    kind = _choice(table, "store", StoreKind.FILE, "topology")
     endpoints: tuple[str, ...] = ()
     if "endpoints" in table:
         raw = _typed(table, "endpoints", list, "topology")
@@ -618,16 +613,20 @@ def _replication(table: Any, admin: Account) -> tuple[Account, Durability]:
     account = admin
     if "user" in table or "password" in table:
         account = _account({k: v for k, v in table.items() if k != "durability"}, "replication")
-    durability = Durability.ASYNC
-    if "durability" in table:
-        text = _typed(table, "durability", str, "replication")
-        try:
-            durability = Durability(text)
-        except ValueError:
-            raise ConfigError(
-                f"replication.durability: expected 'async' or 'semi_sync', got {text!r}"
-            )
+    durability = _choice(table, "durability", Durability.ASYNC, "replication")
     return account, durability
+
+
+def _choice(table: dict[str, Any], key: str, default: E, where: str) -> E:
+    """An enum's value by name, `default` when absent; the error lists the names it takes."""
+    if key not in table:
+        return default
+    text = _typed(table, key, str, where)
+    try:
+        return type(default)(text)
+    except ValueError:
+        names = " or ".join(repr(str(v)) for v in type(default))
+        raise ConfigError(f"{where}.{key}: expected {names}, got {text!r}")
 
 
 def _users(items: Any) -> tuple[Account, ...]:

@@ -88,6 +88,21 @@ def switches(box: Sandbox, fleet: Fleet, count: int, settle: float, pause: float
     return reports
 
 
+def switches_under_writes(
+    box: Sandbox, fleet: Fleet, writers: int, count: int, settle: float, pause: float
+) -> tuple[Ledger, WritablePoller, list[Any]]:
+    """`switches` while a ledger's `writers` write through the Batons in turn and every server's
+    read_only is polled; the ledger, the poller and the reports."""
+    with WritablePoller(server_ports(box)) as poller:
+        ledger = Ledger(fleet.connector(), writers=writers).start()
+        try:
+            reports = switches(box, fleet, count, settle, pause)
+        finally:
+            ledger.halt()
+            ledger.join()
+    return ledger, poller, reports
+
+
 def truncate(fleet: Fleet) -> None:
     conn = fleet.batons[0].connect()
     conn.cursor().execute(f"TRUNCATE {TABLE}")
@@ -116,13 +131,7 @@ def test_prs_driven_from_each_baton_with_writers_on_all_three(box: Sandbox, flee
     client error, no acknowledged write lost, never two writable servers, every proxy
     drained before each demotion, and everyone routes to the new primary."""
     truncate(fleet)
-    with WritablePoller(server_ports(box)) as poller:
-        ledger = Ledger(fleet.connector(), writers=6).start()
-        try:
-            reports = switches(box, fleet, 3, settle=0.5, pause=0.5)
-        finally:
-            ledger.halt()
-            ledger.join()
+    ledger, poller, reports = switches_under_writes(box, fleet, 6, 3, settle=0.5, pause=0.5)
     assert not poller.overlaps, poller.overlaps[:5]
     assert ledger.errors == 0, ledger.error_log[:5]
     assert len(ledger.acked) > 100
@@ -184,13 +193,7 @@ def test_sysbench_and_a_ledger_on_three_batons_through_ten_prs(box: Sandbox, fle
         for b in fleet.batons
     ]
     try:
-        with WritablePoller(server_ports(box)) as poller:
-            ledger = Ledger(fleet.connector(), writers=3).start()
-            try:
-                reports = switches(box, fleet, 10, settle=3, pause=4)
-            finally:
-                ledger.halt()
-                ledger.join()
+        ledger, poller, reports = switches_under_writes(box, fleet, 3, 10, settle=3, pause=4)
     finally:
         outputs = [p.communicate(timeout=duration + 90)[0] for p in benches]
     assert not poller.overlaps, poller.overlaps[:5]
