@@ -116,7 +116,7 @@ def start_baton_without_primary(
     return start_baton(
         config_path,
         workdir,
-        port_hint + 1,
+        dead + 1,  # not port_hint + 1: that may be `dead` itself when port_hint was taken
         servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
         users=[{"name": "app", "password": "app-pass"}],
         **changes,
