@@ -86,7 +86,7 @@ class ProxyContext:
         return self.router.primary(self.config.proxy.shard)
 
     def term(self) -> int:
-        return self.router.store.read(self.config.proxy.shard).value.term
+        return self.router.term(self.config.proxy.shard)
 
     def switching(self) -> bool:
         """Does the shard hold new commands now (a switch is under way)?"""

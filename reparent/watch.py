@@ -42,10 +42,14 @@ from reparent.detector import (
 )
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import FailureKind, MechanismError, ReparentContext
-from reparent.topology import ReparentKind, ReparentRecord, TopologyStore
+from reparent.store import LEADER, Lease, TopologyStore
+from reparent.topology import ReparentKind, ReparentRecord, TopologyError
 
 log = logging.getLogger(__name__)
 
+# Seconds the detector's lead outlives a leader that stopped renewing it (every round): how long
+# a fleet is without failure detection after its leader dies, before another Baton leads.
+LEADER_TTL = 3.0
 REPAIR_LOCK_TTL = 30.0  # seconds; a repair takes milliseconds, a hung one gives the lock back
 
 Generation = tuple[int, str | None, str | None]
@@ -81,6 +85,7 @@ class Watch:
             for address in ((s.host, s.port), (s.replication_host, s.replication_port))
         }
         self._task: asyncio.Task[None] | None = None
+        self._leader: Lease | None = None
         self._actions: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -98,20 +103,46 @@ class Watch:
         for task in (self._task, *self._actions):
             if task is not None:
                 task.cancel()
+        if self._leader is not None:
+            # Hand the lead over now rather than after the lease's TTL.
+            with contextlib.suppress(TopologyError):
+                self.store.unlock(self._leader)
         self.pool.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            for shard in self.config.shards:
-                if self.detector.busy(shard.name):
-                    continue
-                try:
-                    await self.round(shard)
-                except Exception:
-                    log.exception("detector: round of shard %s failed", shard.name)
+            if await self.lead():
+                for shard in self.config.shards:
+                    if self.detector.busy(shard.name):
+                        continue
+                    try:
+                        await self.round(shard)
+                    except Exception:
+                        log.exception("detector: round of shard %s failed", shard.name)
             await asyncio.sleep(max(0.0, self.settings.interval - (loop.time() - started)))
+
+    async def lead(self) -> bool:
+        """Hold (or take) the fleet's detector lease: every Baton runs a detector, and only
+        the leader probes and acts, so one failure gets one emergency reparent, not one per
+        Baton. A store out of reach means not leading: nothing is decided then."""
+        store = self.store
+        try:
+            if self._leader is not None:
+                if await asyncio.to_thread(store.renew, self._leader):
+                    return True
+                log.warning("detector: lost the lead of the fleet's failure detection")
+                self._leader = None
+            self._leader = await asyncio.to_thread(store.lock, LEADER, self.owner, LEADER_TTL)
+        except TopologyError as e:
+            if self._leader is not None:
+                log.warning("detector: not leading while the store is out of reach: %s", e)
+            self._leader = None
+            return False
+        if self._leader is not None:
+            log.warning("detector: leading the fleet's failure detection as %s", self.owner)
+        return self._leader is not None
 
     async def round(self, shard: ShardConfig) -> list[Action]:
         """Probe one shard, decide, and start carrying out the actions; returns them."""
@@ -281,7 +312,9 @@ class Watch:
             servers = {s.name: s for s in shard.servers}
             server = servers[action.server]
             if isinstance(action, Quarantine | Release):
-                self._set_quarantine(shard.name, action.server, isinstance(action, Quarantine))
+                self._set_quarantine(
+                    shard.name, action.server, isinstance(action, Quarantine), lease
+                )
                 if isinstance(action, Quarantine):
                     with contextlib.suppress(MechanismError):
                         self._conn(server).set_read_only(True)
@@ -309,12 +342,12 @@ class Watch:
     def _conn(self, server: ServerConfig) -> AdminConnection:
         return self.pool.get(server, self.config.admin, self.settings.probe_timeout)
 
-    def _set_quarantine(self, shard: str, server: str, on: bool) -> None:
+    def _set_quarantine(self, shard: str, server: str, on: bool, lease: Lease) -> None:
         current = self.store.read(shard)
         topo = current.value
         quarantined = topo.quarantined | {server} if on else topo.quarantined - {server}
         if not self.store.compare_and_set(
-            shard, current.version, replace(topo, quarantined=quarantined)
+            shard, current.version, replace(topo, quarantined=quarantined), lease=lease
         ):
             raise MechanismError(
                 FailureKind.INVALID, f"shard {shard} changed while (un)quarantining {server}"
