@@ -184,6 +184,9 @@ class _Entry:
 
 @dataclass(eq=False)
 class _Shard:
+    """One shard's holding: its state, the switch it holds for and its queue, and this
+    episode's counts (thirteen fields: what `Finished` and the drain read, kept together)."""
+
     name: str
     state: BufferState = BufferState.IDLE
     term: int = 0  # the term being established while BUFFERING

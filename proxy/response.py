@@ -75,7 +75,12 @@ _INFILE_REFUSALS = frozenset({1148, 4166})
 
 
 class ResponseParser:
-    """Tracks one command's response at a time; reused across commands to avoid allocation."""
+    """Tracks one command's response at a time; reused across commands to avoid allocation.
+
+    It carries many mutable fields on purpose: one parser per session is reset by `begin` for
+    every command instead of a new object per response (the relay's hot path allocates
+    nothing), and its public fields are the one response's record the shell reads when it
+    ends (status, tracking, error, statement ids)."""
 
     __slots__ = (
         "deprecate_eof",

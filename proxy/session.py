@@ -247,6 +247,11 @@ class PreparedStatement:
 
 @dataclass
 class SessionState:
+    """The record of one client session: every field is a piece of its server-side state
+    (what tracking reported, or Baton read back) that must move with it to a new server, or
+    that names it for `ctl sessions`; so it has as many fields as the server has kinds of
+    session state, and the logic that updates them lives in its methods."""
+
     session_id: int
     user: str
     client_address: str

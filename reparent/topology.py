@@ -165,7 +165,9 @@ class PhaseTiming:
 class ReparentRecord:
     """One reparent: its journal entry while in flight, its report once finished.
 
-    Keyword-only, because eighteen positional fields invite a silent swap of two of them.
+    Keyword-only, because eighteen positional fields invite a silent swap of two of them. The
+    fields are the journal's and the report's columns, written once per phase; nothing else
+    mutates them.
     """
 
     id: str

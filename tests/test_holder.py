@@ -29,12 +29,17 @@ def run(body) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(body())
 
 
+def switching(**bounds: int) -> tuple[Holder, Session, Session]:
+    """A holder whose shard s switches to term 2, and two sessions."""
+    holder = Holder(BufferConfig(**bounds))
+    holder.topology_event(ReparentStarted("s", 2))
+    return holder, Session(holder), Session(holder)
+
+
 def test_verdict_comes_after_hold_returns_and_after_the_batch() -> None:
     async def body() -> None:
-        holder = Holder(BufferConfig(size=1))
-        holder.topology_event(ReparentStarted("s", 2))
+        holder, first, second = switching(size=1)
         assert holder.should_hold("s")
-        first, second = Session(holder), Session(holder)
         t1 = holder.hold(1, "s", first.on_verdict)
         # The buffer is full: the oldest is evicted within this call, but told only later.
         t2 = holder.hold(2, "s", second.on_verdict)
@@ -58,9 +63,7 @@ def test_verdict_comes_after_hold_returns_and_after_the_batch() -> None:
 
 def test_ending_a_released_ticket_lets_the_next_one_flush() -> None:
     async def body() -> None:
-        holder = Holder(BufferConfig(drain_concurrency=1))
-        holder.topology_event(ReparentStarted("s", 2))
-        a, b = Session(holder), Session(holder)
+        holder, a, b = switching(drain_concurrency=1)
         ta = holder.hold(1, "s", a.on_verdict)
         tb = holder.hold(2, "s", b.on_verdict)
         holder.topology_event(Established("s", "db2", 2))
@@ -81,9 +84,7 @@ def test_client_gone_before_its_release_was_told_frees_the_slot() -> None:
     the slot does not stay taken (the shard would drain for ever)."""
 
     async def body() -> None:
-        holder = Holder(BufferConfig(drain_concurrency=1))
-        holder.topology_event(ReparentStarted("s", 2))
-        a, b = Session(holder), Session(holder)
+        holder, a, b = switching(drain_concurrency=1)
         ta = holder.hold(1, "s", a.on_verdict)
         holder.hold(2, "s", b.on_verdict)
         holder.topology_event(Established("s", "db2", 2))
@@ -97,9 +98,7 @@ def test_client_gone_before_its_release_was_told_frees_the_slot() -> None:
 
 def test_client_gone_while_held_evicts_without_a_verdict() -> None:
     async def body() -> None:
-        holder = Holder(BufferConfig())
-        holder.topology_event(ReparentStarted("s", 2))
-        a = Session(holder)
+        holder, a, _ = switching()
         ta = holder.hold(1, "s", a.on_verdict)
         holder.end(ta)
         await asyncio.sleep(0)
@@ -111,9 +110,7 @@ def test_client_gone_while_held_evicts_without_a_verdict() -> None:
 
 def test_abort_releases_back_to_the_old_primary() -> None:
     async def body() -> None:
-        holder = Holder(BufferConfig())
-        holder.topology_event(ReparentStarted("s", 2))
-        a = Session(holder)
+        holder, a, _ = switching()
         holder.hold(1, "s", a.on_verdict)
         holder.topology_event(Aborted("s", "candidate lagged"))
         await asyncio.sleep(0)

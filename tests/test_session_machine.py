@@ -429,27 +429,28 @@ def test_lost_command_that_cannot_wait_gets_the_error(case: str) -> None:
     assert m.lost_connection(ERROR, relayed=False) == (WriteError(ERROR), Do.NEXT)
 
 
-def test_released_failed_command_is_never_sent_to_the_server_that_may_have_run_it() -> None:
-    """The reparent was aborted: the only primary is the one the read was lost on."""
-    world = World()
+def waiting_after_loss(world: World) -> SessionMachine:
+    """A read whose connection to db1 broke while a switch ran: it waits for the next primary."""
     m = machine(world)
     relaying(m)
     lost_on(m)
     world.holding = True
-    m.lost_connection(ERROR, relayed=False)
+    assert m.lost_connection(ERROR, relayed=False)[-1] is Do.HOLD_FAILED
     m.ticket = TICKET
+    return m
+
+
+def test_released_failed_command_is_never_sent_to_the_server_that_may_have_run_it() -> None:
+    """The reparent was aborted: the only primary is the one the read was lost on."""
+    world = World()
+    m = waiting_after_loss(world)
     world.epoch = 1  # aborted: db1 leads again
     assert m.released(ready=False) == (WriteError(ERROR), EndTicket(TICKET), Do.NEXT)
 
 
 def test_released_failed_read_runs_on_the_new_primary() -> None:
     world = World()
-    m = machine(world)
-    relaying(m)
-    lost_on(m)
-    world.holding = True
-    m.lost_connection(ERROR, relayed=False)
-    m.ticket = TICKET
+    m = waiting_after_loss(world)
     world.epoch, world.primary_name, world.holding = 1, "db2", False
     assert m.released(ready=False) is CONNECT
 
@@ -458,12 +459,7 @@ def test_switch_back_while_a_released_read_moves_is_not_sent_there() -> None:
     """Released to db2, then db1 leads again while the session connects: the read that may
     have run on db1 gets its error rather than run there again."""
     world = World()
-    m = machine(world)
-    relaying(m)
-    lost_on(m)
-    world.holding = True
-    m.lost_connection(ERROR, relayed=False)
-    m.ticket = TICKET
+    m = waiting_after_loss(world)
     world.epoch, world.primary_name, world.holding = 1, "db2", False
     assert m.released(ready=False) is CONNECT
     world.epoch, world.primary_name = 2, "db1"
