@@ -492,7 +492,10 @@ class ClientConnection(asyncio.Protocol):
         self._started = time.perf_counter()
         holder = self._holder
         hold = holder.active and holder.should_hold(self._shard)
-        actions = self.machine.command(raw, hold, self.link.ready or self._unready())
+        link = self.link
+        backend = link.backend  # (link.ready, inline: this is the hot path)
+        ready = backend is not None and backend.alive and link.epoch == self.ctx.epoch
+        actions = self.machine.command(raw, hold, ready or self._unready())
         if actions is SEND:
             self._relay(raw)
         else:
@@ -828,7 +831,8 @@ class ClientConnection(asyncio.Protocol):
             retrack = True
         actions = machine.response_done(retrack)
         if actions is NEXT:
-            self._next()
+            _STATS.observe(self._command_byte, time.perf_counter() - self._started)
+            self._pump()
         else:
             self._carry_out(actions)
 

@@ -244,6 +244,7 @@ CONNECT: Actions = (Do.CONNECT,)
 PROBE: Actions = (Do.PROBE,)
 NOTHING: Actions = ()
 
+_E_SEND, _E_DONE = Edge.SEND, Edge.DONE
 _IN_TRANS = int(Status.IN_TRANS)
 _CHANGE_USER = int(Command.CHANGE_USER)
 _QUERY = int(Command.QUERY)
@@ -353,6 +354,7 @@ class SessionMachine:
 
     def _go(self, edge: Edge) -> None:
         self.phase = TRANSITIONS[self.phase][edge]
+        # (The two edges of the hot path look the table up inline: no call.)
 
     @property
     def busy(self) -> bool:
@@ -385,7 +387,7 @@ class SessionMachine:
             self._go(Edge.HOLD)
             return HOLD
         if ready:
-            self._go(Edge.SEND)
+            self.phase = TRANSITIONS[self.phase][_E_SEND]
             return SEND
         self._go(Edge.MOVE)
         return self._move()
@@ -422,7 +424,7 @@ class SessionMachine:
             self._go(Edge.RETRACK)
             return (Do.RETRACK,)
         if self.ticket is None:
-            self._go(Edge.DONE)
+            self.phase = TRANSITIONS[self.phase][_E_DONE]
             return NEXT
         return self._over(Edge.DONE)
 

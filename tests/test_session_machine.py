@@ -939,16 +939,24 @@ class Timeline:
         assert not self.tickets
 
 
+class Recording(dict[Edge, Phase]):
+    """One phase's edges that note each one looked up."""
+
+    def __init__(self, phase: Phase, taken: set[tuple[Phase, Edge]]) -> None:
+        super().__init__(TRANSITIONS[phase])
+        self.phase, self.taken = phase, taken
+
+    def __getitem__(self, edge: Edge) -> Phase:
+        self.taken.add((self.phase, edge))
+        return super().__getitem__(edge)
+
+
 @pytest.fixture
 def edges_taken(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[tuple[Phase, Edge]]]:
+    """Every (phase, edge) the machine looks up in its table while the test runs."""
     taken: set[tuple[Phase, Edge]] = set()
-    go = SessionMachine._go
-
-    def recording(self: SessionMachine, edge: Edge) -> None:
-        taken.add((self.phase, edge))
-        go(self, edge)
-
-    monkeypatch.setattr(SessionMachine, "_go", recording)
+    recording = {phase: Recording(phase, taken) for phase in TRANSITIONS}
+    monkeypatch.setattr(sm, "TRANSITIONS", recording)
     yield taken
 
 
