@@ -906,7 +906,11 @@ class ClientConnection(asyncio.Protocol):
         if claimed and not machine.claim():
             return
         try:
-            await self.link.refresh()
+            async with self.link.lock:
+                # A held session's command may have been released while this waited for the
+                # lock: then the connection is its command's, not Baton's.
+                if claimed or machine.waiting:
+                    await self.link.refresh()
         except BackendError as e:
             log.info("session %d: cannot read its state back: %s", self.connection_id, e)
         finally:

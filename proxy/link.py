@@ -86,7 +86,11 @@ class ServerLink:
                 self.state.schema,
                 self.peer,
             )
-            await self.restore(backend)
+            try:
+                await self.restore(backend)
+            except asyncio.CancelledError:  # the client left meanwhile
+                backend.close()
+                raise
         except BackendError:
             metrics.BACKEND_CONNECT_FAILURES.labels(label).inc()
             metrics.BACKEND_UP.labels(label).set(0)
@@ -129,19 +133,18 @@ class ServerLink:
 
     async def refresh(self) -> None:
         """Read back what tracking does not report (user variables, collation, locks); needed
-        before the state can move to another server. The caller makes sure no command is in
-        flight."""
-        async with self.lock:
-            backend = self.backend
-            if backend is None or not backend.alive:
-                return
-            self.state.read_back(await backend.query(READ_BACK_SQL))
-            exact = self.state.exact_strings_sql()
-            if exact is not None:
-                self.state.exact_strings((await backend.query(exact))[0])
-            locks = self.state.held_locks_sql()
-            if locks is not None:
-                self.state.held_locks((await backend.query(locks))[0])
+        before the state can move to another server. The caller holds `lock` and makes sure
+        no command is in flight."""
+        backend = self.backend
+        if backend is None or not backend.alive:
+            return
+        self.state.read_back(await backend.query(READ_BACK_SQL))
+        exact = self.state.exact_strings_sql()
+        if exact is not None:
+            self.state.exact_strings((await backend.query(exact))[0])
+        locks = self.state.held_locks_sql()
+        if locks is not None:
+            self.state.held_locks((await backend.query(locks))[0])
 
     async def retrack(self) -> None:
         """Set Baton's session tracking again: after COM_RESET_CONNECTION the server forgot
