@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from harness.baton import Baton, start_baton
 from proxy.packets import Cap, Command, lenenc_bytes
+from proxy.response import Phase
 from tests.fixtures import app_conn, app_connector, port_hint
 from tests.rawclient import DEFAULT_CAPS, RawClient, split_packets
 
@@ -212,22 +214,48 @@ def test_load_data_local_refused_by_default(baton: Baton, tmp_path: Path) -> Non
     conn.close()
 
 
-def test_load_data_local_relayed_when_enabled(sandbox: object, tmp_path: Path) -> None:
+@pytest.fixture
+def infile_baton(sandbox: object, tmp_path: Path) -> Iterator[Baton]:
     b = start_baton(
         sandbox.config_path, tmp_path / "b", port_hint() + 10, proxy={"allow_load_data_local": True}
     )
     try:
-        f = tmp_path / "rows.csv"
-        f.write_text("".join(f"{i},n{i}\n" for i in range(100, 5100)))
-        conn = b.connect(database=DB, local_infile=True)
-        cur = conn.cursor()
-        cur.execute(
-            f"LOAD DATA LOCAL INFILE '{f}' INTO TABLE t FIELDS TERMINATED BY ',' (id, name)"
-        )
-        assert cur.rowcount == 5000
-        cur.execute("SELECT COUNT(*) FROM t WHERE id >= 100")
-        assert cur.fetchone() == (5000,)
-        cur.execute("DELETE FROM t WHERE id >= 100")
-        conn.close()
+        yield b
     finally:
         b.stop()
+
+
+def test_load_data_local_relayed_when_enabled(infile_baton: Baton, tmp_path: Path) -> None:
+    b = infile_baton
+    f = tmp_path / "rows.csv"
+    f.write_text("".join(f"{i},n{i}\n" for i in range(100, 5100)))
+    conn = b.connect(database=DB, local_infile=True)
+    cur = conn.cursor()
+    cur.execute(f"LOAD DATA LOCAL INFILE '{f}' INTO TABLE t FIELDS TERMINATED BY ',' (id, name)")
+    assert cur.rowcount == 5000
+    cur.execute("SELECT COUNT(*) FROM t WHERE id >= 100")
+    assert cur.fetchone() == (5000,)
+    cur.execute("DELETE FROM t WHERE id >= 100")
+    conn.close()
+
+
+def test_server_connection_lost_while_the_file_comes_closes_the_client(
+    infile_baton: Baton,
+) -> None:
+    """The server's connection ends while the client sends its file (here a KILL of it): the
+    client, which had the server's request for the file, cannot be answered with an error, so
+    its connection closes when the file ends, instead of waiting for an answer for ever."""
+    c = RawClient(infile_baton.port, database=DB, caps=DEFAULT_CAPS | Cap.LOCAL_FILES)
+    c.sock.settimeout(10)
+    c.query("LOAD DATA LOCAL INFILE 'rows.csv' INTO TABLE t FIELDS TERMINATED BY ','")
+    assert c.parser.phase is Phase.INFILE  # the server asked for the file
+    killer = RawClient(infile_baton.port)
+    assert killer.error(killer.query(f"KILL CONNECTION {c.handshake.connection_id}")) is None
+    time.sleep(0.5)  # the server closes the killed thread's connection
+    c.send(b"900,nine hundred\n", seq=2)
+    c.send(b"", seq=3)  # the end of the file
+    with pytest.raises(ConnectionError):
+        c.read_packet()
+    cur = infile_baton.connect(database=DB).cursor()
+    cur.execute("SELECT COUNT(*) FROM t WHERE id = 900")
+    assert cur.fetchone() == (0,)
