@@ -583,6 +583,7 @@ class ClientConnection(asyncio.Protocol):
     # -- carrying out the machine's actions --------------------------------------------------
 
     def _carry_out(self, actions: Actions) -> None:
+        """Do what the machine said, in its order; nothing here decides anything."""
         machine = self.machine
         for action in actions:
             if action is Do.SEND:
@@ -594,7 +595,6 @@ class ClientConnection(asyncio.Protocol):
             elif action is Do.HOLD:
                 machine.ticket = self._holder.hold(self.connection_id, self._shard, self._verdict)
             elif action is Do.HOLD_FAILED:
-                log.info("session %d: holding a command that failed", self.connection_id)
                 machine.ticket = self._holder.hold_failed(
                     self.connection_id, self._shard, self.ctx.term(), self._verdict
                 )
@@ -613,6 +613,12 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(action, Close):
                 self._closed(action.reason)
             elif isinstance(action, Failed):
+                if action.held:
+                    log.info(
+                        "session %d: holding a command that failed (%s)",
+                        self.connection_id,
+                        action.cause,
+                    )
                 metrics.FAILED_COMMANDS.labels(
                     str(action.cause), "held" if action.held else "passed"
                 ).inc()
