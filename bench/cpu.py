@@ -5,6 +5,7 @@ Baton's process spends per command moves much less, so it is the figure that sho
 change to the data path made it cheaper or dearer. sysbench oltp_point_select runs a fixed
 number of events through Baton; the figure is the process's utime + stime from /proc/PID/stat
 over the run, divided by the queries sysbench reports. The median of the repeats is the result.
+`--ps-mode disable` (the default) sends text queries, `auto` server-side prepared statements.
 
 `--baseline DIR` starts a second Baton from another source tree (say a `git worktree` of main)
 on the same sandbox and alternates the runs between the two, so both meet the same neighbours.
@@ -47,13 +48,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__)
     parser.add_argument("--events", type=int, default=100_000, help="sysbench events per run")
     parser.add_argument("--threads", type=int, default=8, help="sysbench threads")
+    parser.add_argument(
+        "--ps-mode", default="disable", choices=("disable", "auto"), help="sysbench --db-ps-mode"
+    )
     parser.add_argument("--repeat", type=int, default=5, help="runs per Baton; the median counts")
     parser.add_argument("--base-port", type=int, default=23501, help="port of the primary")
     parser.add_argument("--service-port", type=int, default=23550, help="Baton's ports from")
     parser.add_argument("--baseline", type=Path, help="another source tree to compare with")
     args = parser.parse_args()
     table: dict[str, str | int] = {"tables": 4, "table-size": 10000}
-    options = {**table, "threads": args.threads, "events": args.events, "time": 0}
+    options = {
+        **table,
+        "threads": args.threads,
+        "events": args.events,
+        "time": 0,
+        "db-ps-mode": args.ps_mode,
+    }
     with exit_on_signals(), running_stack(args.base_port, 1, args.service_port) as stack:
         sysbench_prepare(
             sysbench_command("oltp_point_select", stack.primary_port, "prepare", table)
