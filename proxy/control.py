@@ -91,6 +91,11 @@ class ControlServer:
                     "primary": topo.primary,
                     "term": topo.term,
                     "reparent": in_flight.to_dict() if in_flight else None,
+                    # How the servers contradict the config and store, as the failure detector
+                    # last found it; while any, nothing is done about the shard automatically.
+                    "mismatches": [
+                        m.to_dict() for m in self.controller.mismatches(shard.name)
+                    ],
                     "servers": [
                         {
                             "name": s.name,
@@ -122,11 +127,16 @@ class ControlServer:
         timeout = request.get("timeout")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise ControlError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        allowed = request.get("allow_unreachable", [])
+        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
+            raise ControlError(f"allow_unreachable must be a list of server names, got {allowed!r}")
         report = await self.controller.reparent(
             kind,
             shard,
             request.get("to"),
             timeout,
+            preflight=not _flag(request, "force"),
+            allow_unreachable=tuple(allowed),
             progress=lambda t: emit(
                 {
                     "progress": {
@@ -162,6 +172,30 @@ class ControlServer:
             episode.evicted,
         )
 
+    async def cmd_check(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """The config and the store against what every server says (reparent/survey.py)."""
+        return await self.controller.check(self._shard(request))
+
+    async def cmd_adopt(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Take the servers' word for the primary, when they agree on one."""
+        return await self.controller.adopt(self._shard(request))
+
+    async def cmd_quarantine(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.controller.quarantine(
+            self._shard(request), _server(request), True, _flag(request, "force")
+        )
+
+    async def cmd_unquarantine(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.controller.quarantine(
+            self._shard(request), _server(request), False, _flag(request, "force")
+        )
+
+    def _shard(self, request: dict[str, Any]) -> str:
+        shard = request.get("shard") or self.ctx.config.proxy.shard
+        if not isinstance(shard, str):
+            raise ControlError(f"shard must be a name, got {shard!r}")
+        return shard
+
     async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         limit = request.get("limit", 50)
         return [r.to_dict() for r in self.controller.store.history(request.get("shard"), limit)]
@@ -173,3 +207,17 @@ class ControlServer:
             await conn.refresh_if_stale()
             out.append(conn.state.as_dict())
         return out
+
+
+def _flag(request: dict[str, Any], key: str) -> bool:
+    value = request.get(key, False)
+    if not isinstance(value, bool):
+        raise ControlError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _server(request: dict[str, Any]) -> str:
+    server = request.get("server")
+    if not isinstance(server, str) or not server:
+        raise ControlError(f"server must be a server name, got {server!r}")
+    return server

@@ -50,7 +50,7 @@ async def probe_identity(server: ServerConfig, timeout: float) -> BackendIdentit
     )
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, adopt: bool = False) -> None:
     primary = config.shard.primary
     try:
         identity = await probe_identity(primary, config.proxy.backend_connect_timeout)
@@ -75,7 +75,8 @@ async def run(config: Config) -> None:
     await router.start()
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)
-    await controller.apply_durability()
+    # Nothing acts on a shard before its servers were compared with the config and store.
+    await controller.apply_durability(skip=await controller.check_at_start(adopt))
     server = ProxyServer(ctx)
     await server.start_server(
         host=config.proxy.listen_host, port=config.proxy.listen_port, reuse_address=True
@@ -112,7 +113,7 @@ async def run(config: Config) -> None:
     router.close()
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, adopt: bool = False) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -122,7 +123,7 @@ def main(config_path: str) -> int:
         print(f"baton: bad config: {e}", file=sys.stderr)
         return 2
     try:
-        uvloop.run(run(config))
+        uvloop.run(run(config, adopt))
     except OSError as e:
         print(f"baton: cannot start: {e}", file=sys.stderr)
         return 1

@@ -210,6 +210,9 @@ class ReparentRecord:
     evicted: int = 0
     started_at: float  # wall-clock seconds
     finished_at: float | None = None
+    # Replicas an emergency under semi_sync was allowed to leave uncompared (`--allow-
+    # unreachable`): the report names them, with the risk the operator took.
+    allow_unreachable: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -232,6 +235,7 @@ class ReparentRecord:
             "evicted": self.evicted,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "allow_unreachable": list(self.allow_unreachable),
         }
 
     @classmethod
@@ -268,6 +272,10 @@ class ReparentRecord:
             evicted=_get(d, "evicted", int),
             started_at=_float(d, "started_at"),
             finished_at=None if finished_at is None else float(finished_at),
+            # Absent from records written before the field existed.
+            allow_unreachable=tuple(_str_list(d, "allow_unreachable"))
+            if "allow_unreachable" in d
+            else (),
         )
 
 

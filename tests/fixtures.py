@@ -148,8 +148,10 @@ def start_baton(
     detector: dict[str, Any] | None = None,
     buffer: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    adopt: bool = False,
 ) -> Baton:
-    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked."""
+    """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
+    (`adopt`: `baton serve --adopt`)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -169,7 +171,15 @@ def start_baton(
     log = workdir / "baton.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--config",
+                str(cfg),
+                *(["--adopt"] if adopt else []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -190,6 +200,39 @@ def start_baton(
             raise RuntimeError(f"baton did not start: {log.read_text()}")
         time.sleep(0.05)
     return Baton(proc, cfg, port, metrics_port, sock, log)
+
+
+class WritablePoller(Background):
+    """Polls @@read_only on every server every few ms; remembers any moment two were
+    writable at once. A server that does not answer within `timeout` (down, killed,
+    stopped) counts as not writable for that poll."""
+
+    def __init__(self, ports: dict[str, int], timeout: float = 1.0) -> None:
+        super().__init__()
+        self.ports = ports
+        self.timeout = timeout
+        self.overlaps: list[list[str]] = []
+
+    def run(self) -> None:
+        conns: dict[str, pymysql.Connection | None] = dict.fromkeys(self.ports)
+        while not self.stopping.is_set():
+            writable = []
+            for name, port in self.ports.items():
+                try:
+                    conn = conns[name] or admin_conn(port, self.timeout)
+                    conns[name] = conn
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT @@read_only")
+                        if cur.fetchone()[0] == 0:
+                            writable.append(name)
+                except pymysql.MySQLError:
+                    conns[name] = None  # down, or killed: not writable
+            if len(writable) > 1:
+                self.overlaps.append(writable)
+            self.stopping.wait(0.005)
+        for conn in conns.values():
+            if conn is not None:
+                conn.close()
 
 
 def port_hint() -> int:
@@ -237,8 +280,9 @@ def app_connector(port: int, **kw: Any) -> Any:
     )
 
 
-def admin_conn(port: int) -> pymysql.Connection:
-    """The controller's account: for checks the application user may not make."""
+def admin_conn(port: int, read_timeout: float | None = None) -> pymysql.Connection:
+    """The controller's account: for checks the application user may not make. A
+    `read_timeout` keeps a check of a stopped (SIGSTOP) server from hanging."""
     return pymysql.connect(
         host="127.0.0.1",
         port=port,
@@ -246,6 +290,7 @@ def admin_conn(port: int) -> pymysql.Connection:
         password="admin-pass",
         autocommit=True,
         connect_timeout=2,
+        read_timeout=read_timeout,
         ssl_disabled=True,
     )
 
@@ -265,12 +310,14 @@ def server_ports(box: Sandbox) -> dict[str, int]:
     return {s["name"]: s["port"] for s in box.status()["servers"]}
 
 
-def private_sandbox(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+def private_sandbox(
+    tmp_path_factory: pytest.TempPathFactory, name: str, replicas: int = 2
+) -> Iterator[Sandbox]:
     """A sandbox of a test module's own, for tests that move the primary: the shared one
     must stay as it is."""
     from tests.conftest import sandbox_base_port
 
-    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=2)
+    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=replicas)
     sb.up()
     try:
         yield sb

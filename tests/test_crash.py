@@ -33,9 +33,8 @@ import pytest
 from reparent.failpoint import ENV, EXIT_CODE
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
-    Background,
     Baton,
-    admin_conn,
+    WritablePoller,
     admin_query,
     port_hint,
     private_sandbox,
@@ -62,37 +61,6 @@ def points(kind: str, calls: tuple[str, ...]) -> list[Any]:
         for call in calls
         for when in ("before", "after")
     ]
-
-
-class WritablePoller(Background):
-    """Polls @@read_only on every server every few ms; remembers any moment two were
-    writable at once."""
-
-    def __init__(self, ports: dict[str, int]) -> None:
-        super().__init__()
-        self.ports = ports
-        self.overlaps: list[list[str]] = []
-
-    def run(self) -> None:
-        conns: dict[str, pymysql.Connection | None] = dict.fromkeys(self.ports)
-        while not self.stopping.is_set():
-            writable = []
-            for name, port in self.ports.items():
-                try:
-                    conn = conns[name] or admin_conn(port)
-                    conns[name] = conn
-                    with conn.cursor() as cur:
-                        cur.execute("SELECT @@read_only")
-                        if cur.fetchone()[0] == 0:
-                            writable.append(name)
-                except pymysql.MySQLError:
-                    conns[name] = None  # down, or killed: not writable
-            if len(writable) > 1:
-                self.overlaps.append(writable)
-            self.stopping.wait(0.005)
-        for conn in conns.values():
-            if conn is not None:
-                conn.close()
 
 
 def status(b: Baton) -> dict[str, Any]:
