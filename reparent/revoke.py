@@ -158,11 +158,13 @@ class _OldPrimaryFence(threading.Thread):
     def __init__(self, ctx: ReparentContext) -> None:
         super().__init__(name=f"fence-{ctx.old_primary.name}", daemon=True)
         self.ctx = ctx
-        self._answered = threading.Event()
+        self.fenced = False
+        self._over = threading.Event()  # fenced, or refused or failed: no use waiting
 
     def wait(self, grace: float) -> bool:
-        """True if the old primary has been made read_only within `grace` seconds more."""
-        return self._answered.wait(grace)
+        """True if the old primary is read_only, waiting `grace` seconds more at most."""
+        self._over.wait(grace)
+        return self.fenced
 
     def run(self) -> None:
         ctx, t0 = self.ctx, time.monotonic()
@@ -175,9 +177,11 @@ class _OldPrimaryFence(threading.Thread):
                 conn.close()
         except MechanismError as e:
             log.info("old primary %s not fenced (%.2f s): %s", name, time.monotonic() - t0, e)
-            return
-        self._answered.set()
-        log.info("old primary %s set read_only (%.3f s)", name, time.monotonic() - t0)
+        else:
+            self.fenced = True
+            log.info("old primary %s set read_only (%.3f s)", name, time.monotonic() - t0)
+        finally:
+            self._over.set()
 
 
 def _fence(conn: AdminConnection) -> str:
