@@ -167,7 +167,9 @@ class _Shard:
     faults: dict[tuple[str, Reason], int] = field(default_factory=dict)  # consecutive rounds
     repaired: dict[tuple[str, Reason], float] = field(default_factory=dict)  # when last done
     reported: set[tuple[str, Reason]] = field(default_factory=set)  # reported this episode
-    heard: dict[str, tuple[str, float]] = field(default_factory=dict)  # received, since when
+    # Per replica: what it had received, since when, and whether it was ever seen receiving
+    # something new from this primary (only then is its silence a witness).
+    heard: dict[str, tuple[str, float, bool]] = field(default_factory=dict)
     mismatches: tuple[Mismatch, ...] = ()  # the last round's
     # Servers this detector quarantined itself: only those does it release when healed. A
     # quarantine set by hand (`ctl quarantine`), or found in the store at start, stays until
@@ -196,8 +198,13 @@ class Detector:
             st.failures, st.first_failure = 0, None
             st.faults, st.reported, st.heard = {}, set(), {}
         for s in view.servers:
-            if s.reachable and st.heard.get(s.name, ("",))[0] != s.received:
-                st.heard[s.name] = (s.received, now)
+            if not s.reachable:
+                continue
+            before = st.heard.get(s.name)
+            if before is None:
+                st.heard[s.name] = (s.received, now, False)
+            elif before[0] != s.received:
+                st.heard[s.name] = (s.received, now, True)
         if st.busy:
             return []  # never two recoveries of one shard at once
         if view.reparent_in_flight:
@@ -319,17 +326,24 @@ class _Round:
         replicas' IO threads at Yes until slave_net_timeout, but sends them nothing. Half a
         round, not a whole one: rounds see a change at most once a round, and with a round
         of margin a hung primary would wait one round more than a dead one (whose replicas say
-        Connecting at once); two periods of a healthy source always show a change."""
+        Connecting at once); two periods of a healthy source always show a change.
+
+        A replica never yet seen receiving from this primary (it was just pointed at it, and
+        the primary may still be seeking its GTID position in a long binlog: measured under
+        load, 100 transactions behind and silent for over a second after a planned switch)
+        is no witness of silence: it counts as streaming."""
         if not s.streams_from(primary):
             return False
         if s.heartbeat_period <= 0:
             return True
-        silent_for = self.now - self._heard_since(s)
-        return silent_for <= 2 * s.heartbeat_period + self.settings.interval / 2
+        _, since, changed = self.st.heard.get(s.name, (s.received, self.now, False))
+        if not changed:
+            return True
+        return self.now - since <= 2 * s.heartbeat_period + self.settings.interval / 2
 
     def _heard_since(self, s: ServerView) -> float:
         """When the detector last saw `s` receive something."""
-        return self.st.heard.get(s.name, (s.received, self.now))[1]
+        return self.st.heard.get(s.name, (s.received, self.now, False))[1]
 
     # -- every other server ------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ once, each bounded by `detector.probe_timeout` for the connect, the greeting and
 timeout; a server that did not answer last time gets a fresh probe and `QUICK` seconds, and a
 probe still unanswered then counts as a failed one for the round, and goes on alone. So a
 stopped (SIGSTOP) primary costs the detector one timeout, the first time, and then rounds come
-every interval as for a dead one: a hung primary is found as fast as a dead one.
+every interval as for a dead one: a hung primary is found as fast as a dead one. A probe that
+answers after its round stopped waiting counts for the next round: a server that answers within
+the timeout at least every other time (loaded, not hung) fails two rounds in a row at most.
 
 A round is thrown away if the shard's topology, journal or history moved while it was probed:
 a reparent's transient states (a candidate writable before the store names it) must never be
@@ -24,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from reparent import metrics, probe
 from reparent.admin import AdminConnection, AdminPool
@@ -88,6 +91,8 @@ class Watch:
         self._threads = ThreadPoolExecutor(2 * servers + 4, thread_name_prefix="baton-probe")
         self._in_flight: dict[tuple[str, int], asyncio.Future[ServerView]] = {}
         self._answered: dict[tuple[str, int], bool] = {}  # did its last probe answer in time?
+        # Answers that came after their round stopped waiting: evidence for the next round.
+        self._late: dict[tuple[str, int], ServerView] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run())
@@ -175,6 +180,7 @@ class Watch:
             future = self._in_flight.get(key)
             if future is None or future.done():
                 future = asyncio.wrap_future(self._threads.submit(self.prober.probe, s))
+                future.add_done_callback(partial(self._landed, key))
                 self._in_flight[key] = future
             futures[key] = future
         answering = [f for k, f in futures.items() if self._answered.get(k, True)]
@@ -188,13 +194,21 @@ class Watch:
         for s in servers:
             key = (s.host, s.port)
             future = futures[key]
+            late = self._late.pop(key, None)
             if future.done():
                 v = future.result()
+            elif late is not None:
+                v = late  # it answered since the last round, after that round stopped waiting
             else:
                 v = ServerView(s.name, reachable=False, error="no answer yet (probe in flight)")
             self._answered[key] = v.reachable
             views.append(v)
         return views
+
+    def _landed(self, key: tuple[str, int], future: asyncio.Future[ServerView]) -> None:
+        """Every probe that answers; the round that collects it takes it back out."""
+        if not future.cancelled() and future.exception() is None and future.result().reachable:
+            self._late[key] = future.result()
 
     def _generation(self, shard: str) -> Generation:
         """What changes whenever a reparent starts, ends or moves the shard."""

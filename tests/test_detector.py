@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import pytest
 
 from proxy.router import Router
 from reparent import survey
-from reparent.config import ConfigError, DetectorConfig, load
+from reparent.config import ConfigError, DetectorConfig, ServerConfig, load
+from reparent.controller import Controller
 from reparent.detector import (
     CONFIRM,
     Detector,
@@ -25,8 +28,10 @@ from reparent.detector import (
     SetReadOnly,
     ShardView,
 )
+from reparent.establish import GtidEstablishment
 from reparent.survey import MismatchKind
 from reparent.topology import Established, FileStore, ShardTopology
+from reparent.watch import Watch
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.toml"
 SETTINGS = DetectorConfig(interval=0.5, failures=3, cooldown=30.0)
@@ -120,12 +125,23 @@ def test_blip_seen_only_by_baton_is_reported_once_not_reparented() -> None:
 def test_hung_primary_whose_replicas_hear_nothing_is_dead() -> None:
     """SIGSTOP: the replicas' IO threads still say Yes, but no heartbeat comes any more."""
     d = Detector(SETTINGS)
+    beat = {"received": "6:bin.1:100:0-1-10", "heartbeat_period": 1.0}
+    assert rounds(d, view(replica("db2", **beat), replica("db3", **beat)), 2, start=-1.0) == []
     silent = {"received": "7:bin.1:100:0-1-10", "heartbeat_period": 1.0}
     hung = view(DOWN, replica("db2", **silent), replica("db3", **silent))
     out = rounds(d, hung, 5)  # 0.0 .. 2.0 s: silent for less than two periods and a round
     assert [a.reason for a in out] == [Reason.PRIMARY_UNREACHABLE]
     (action,) = d.observe(hung, 3.0)
     assert isinstance(action, RunERS) and "IO Yes but silent" in action.detail
+
+
+def test_replicas_never_seen_receiving_are_no_witness_of_silence() -> None:
+    """Just pointed at a new primary, a replica may hear nothing for a while (the primary
+    seeks its GTID position): its silence says nothing about the primary."""
+    d = Detector(SETTINGS)
+    quiet = {"received": "0:bin.1:4:0-1-10", "heartbeat_period": 0.25}
+    out = rounds(d, view(DOWN, replica("db2", **quiet), replica("db3", **quiet)), 10)
+    assert work(out) == [] and [a.reason for a in out] == [Reason.PRIMARY_UNREACHABLE]
 
 
 def test_replicas_still_hearing_heartbeats_make_it_a_blip() -> None:
@@ -535,3 +551,64 @@ def test_a_quarantine_set_by_hand_is_never_lifted_by_the_detector() -> None:
     d = Detector(SETTINGS)
     healthy = view(replica("db3"), quarantined=frozenset({"db3"}))
     assert rounds(d, healthy, 10) == []
+
+
+# -- the watch's rounds: how long it waits for whom ------------------------------------------
+
+
+class PacedProber:
+    """Answers each server after the delay its list gives, one entry per probe (the last one
+    repeats); a delay past `timeout` is a probe that times out unanswered."""
+
+    def __init__(self, delays: dict[str, list[float]], timeout: float) -> None:
+        self.delays = delays
+        self.timeout = timeout
+
+    def probe(self, server: ServerConfig) -> ServerView:
+        todo = self.delays[server.name]
+        delay = todo.pop(0) if len(todo) > 1 else todo[0]
+        time.sleep(min(delay, self.timeout))
+        if delay >= self.timeout:
+            return ServerView(server.name, False, error="timed out")
+        return replica(server.name)
+
+    def outsiders(self, views: object) -> list[ServerConfig]:
+        return []
+
+
+async def probe_rounds(delays: dict[str, list[float]], rounds_: int) -> list[list[bool]]:
+    """Which servers answered, round by round, with rounds 0.5 s apart."""
+    cfg = load(EXAMPLE)
+    store = FileStore.open(None, cfg)
+    watch = Watch(cfg, store, Controller(cfg, store, {}, GtidEstablishment()))
+    watch.prober = PacedProber(delays, cfg.detector.probe_timeout)  # type: ignore[assignment]
+    servers = list(cfg.shards[0].servers)
+    answered = []
+    try:
+        for _ in range(rounds_):
+            started = time.monotonic()
+            views = await watch._probe_all(servers)
+            answered.append([v.reachable for v in views])
+            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+    finally:
+        watch.close()
+    return answered
+
+
+async def test_a_hung_server_is_not_waited_for_twice() -> None:
+    t0 = time.monotonic()
+    answered = await probe_rounds({"db1": [9.0], "db2": [0.0], "db3": [0.0]}, 4)
+    assert [r[0] for r in answered] == [False] * 4 and all(r[1] and r[2] for r in answered)
+    # The first round waits out the probe's timeout (0.4 s), the others do not wait for it.
+    assert time.monotonic() - t0 < 4 * 0.5 + 0.3
+
+
+async def test_a_slow_server_never_fails_three_rounds_in_a_row() -> None:
+    """A server whose every other probe answers within the timeout, slowly (loaded, not hung),
+    fails two rounds in a row at most: after a failed round it gets only a short wait, but its
+    slow answer then counts for the round after. Three make a primary dead."""
+    delays = {"db1": [9.0, 0.2] * 4, "db2": [0.0], "db3": [0.0]}
+    firsts = [r[0] for r in await probe_rounds(delays, 8)]
+    assert firsts.count(False) >= 4  # the timeouts, and the answers that came too late
+    streaks = "".join("F" if not a else "T" for a in firsts)
+    assert "FFF" not in streaks, streaks
