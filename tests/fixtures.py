@@ -12,7 +12,7 @@ import threading
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -105,6 +105,23 @@ class Baton:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something true (returned) or `timeout` passes (an
+    AssertionError naming `what` and the last value). A MySQL error counts as not yet."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except pymysql.err.MySQLError as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def metric(text: str, name: str, **labels: str) -> float:

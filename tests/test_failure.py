@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from tests.fixtures import (
     private_sandbox,
     server_ports,
     start_baton,
+    wait_for,
 )
 
 # Default interval, failures and probe timeout: the kill-to-writes goal is for these. A short
@@ -101,21 +102,6 @@ def status(b: Baton) -> dict[str, Any]:
 def one(port: int, sql: str) -> Any:
     rows = admin_query(port, sql)
     return rows[0] if rows else None
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except pymysql.err.MySQLError as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def pid_of(box: Sandbox, name: str) -> int:

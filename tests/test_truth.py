@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.fixtures import (
     private_sandbox,
     server_ports,
     start_baton,
+    wait_for,
 )
 
 DETECTOR = {"interval": 0.5, "failures": 3, "probe_timeout": 0.4, "cooldown": 1.0}
@@ -49,6 +50,18 @@ def config_servers(box: Sandbox, **ports: int) -> list[dict[str, Any]]:
         }
         for name in ("db1", "db2", "db3")
     ]
+
+
+def start(box: Sandbox, workdir: Path, adopt: bool = False, **servers: int) -> Baton:
+    """Baton on db1-db3 (`servers` overriding ports), the detector as the tests need it."""
+    return start_baton(
+        box.config_path,
+        workdir,
+        port_hint() + 100,
+        servers=config_servers(box, **servers),
+        detector=DETECTOR,
+        adopt=adopt,
+    )
 
 
 def status(b: Baton) -> dict[str, Any]:
@@ -79,13 +92,7 @@ def test_primary_named_on_a_wrong_port_is_a_mismatch_not_a_dead_primary(
     before = read_only(box)
     assert before == {"db1": 0, "db2": 1, "db3": 1, "db4": 1}
     with WritablePoller(server_ports(box)) as poller:
-        b = start_baton(
-            box.config_path,
-            tmp_path,
-            port_hint() + 100,
-            servers=config_servers(box, db1=wrong),
-            detector=DETECTOR,
-        )
+        b = start(box, tmp_path, db1=wrong)
         try:
             time.sleep(4.0)  # eight rounds; today's code ran its ERS after about one second
             assert history(b) == []
@@ -107,17 +114,6 @@ def test_primary_named_on_a_wrong_port_is_a_mismatch_not_a_dead_primary(
     log = b.log.read_text()
     assert "run_ers" not in log, log[-3000:]
     assert "durability not applied: the picture is wrong" in log
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def repoint(box: Sandbox, replica: str, source_port: int) -> None:
@@ -142,9 +138,7 @@ def test_a_replica_repointed_outside_the_config_is_reported_not_rejoined(
     box: Sandbox, tmp_path: Path
 ) -> None:
     ports = server_ports(box)
-    b = start_baton(
-        box.config_path, tmp_path, port_hint() + 100, servers=config_servers(box), detector=DETECTOR
-    )
+    b = start(box, tmp_path)
     try:
         wait_for("a first round", lambda: "baton_topology_mismatches{" in b.scrape())
         assert status(b)["mismatches"] == []
@@ -171,9 +165,7 @@ def test_a_replica_repointed_outside_the_config_is_reported_not_rejoined(
 def test_ers_of_a_healthy_primary_is_refused_and_force_goes_ahead(
     box: Sandbox, tmp_path: Path
 ) -> None:
-    b = start_baton(
-        box.config_path, tmp_path, port_hint() + 100, servers=config_servers(box), detector=DETECTOR
-    )
+    b = start(box, tmp_path)
     try:
         out = b.ctl("ers")
         assert out.returncode == 1
@@ -202,13 +194,7 @@ def test_servers_switched_by_hand_are_reported_then_adopted(
     ports = server_ports(box)
     assert [n for n, ro in read_only(box).items() if ro == 0] == ["db2"]
     with WritablePoller(ports) as poller:
-        b = start_baton(
-            box.config_path,
-            tmp_path / "first",
-            port_hint() + 100,
-            servers=config_servers(box),
-            detector=DETECTOR,
-        )
+        b = start(box, tmp_path / "first")
         try:
             st = wait_for("the mismatch reported", lambda: (s := status(b))["mismatches"] and s)
             assert kinds(st) == {("second_primary", "db2"), ("primary_replicates", "db1")}
@@ -232,14 +218,7 @@ def test_servers_switched_by_hand_are_reported_then_adopted(
         finally:
             b.stop()
     assert not poller.overlaps, poller.overlaps[:5]
-    b = start_baton(
-        box.config_path,
-        tmp_path / "second",
-        port_hint() + 100,
-        servers=config_servers(box),
-        detector=DETECTOR,
-        adopt=True,
-    )
+    b = start(box, tmp_path / "second", adopt=True)
     try:
         st = status(b)
         assert (st["primary"], st["term"], st["mismatches"]) == ("db2", 2, [])
@@ -249,14 +228,7 @@ def test_servers_switched_by_hand_are_reported_then_adopted(
 
 
 def test_quarantine_by_hand_shows_the_gtid_check(box: Sandbox, tmp_path: Path) -> None:
-    b = start_baton(
-        box.config_path,
-        tmp_path,
-        port_hint() + 100,
-        servers=config_servers(box),
-        detector=DETECTOR,
-        adopt=True,
-    )
+    b = start(box, tmp_path, adopt=True)
     ports = server_ports(box)
     try:
         assert status(b)["primary"] == "db2"
