@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test fault-test lint bench-steady bench-hold bench-failover clean
+.PHONY: setup system-packages demo test fault-test fuzz lint bench-steady bench-hold bench-failover clean
 
 setup: system-packages $(STAMP)
 
@@ -39,6 +39,10 @@ fault-test: setup lint
 	BATON_FAULT_SUITE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py \
 	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py \
 	  tests/test_truth.py tests/test_blips.py
+
+# 100,000 fuzzed logins and commands against a Baton of its own (make test runs 2,000).
+fuzz: setup
+	$(PY) -m tests.fuzz --frames 100000
 
 demo: setup
 	$(PY) -m proxy.demo

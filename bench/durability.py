@@ -89,7 +89,7 @@ DECIDED = re.compile(r"^(\S+ \S+) WARNING \S+: detector: decided run_ers (.*)$",
 
 # What the errors clients see around a kill mean, for the results page.
 ERROR_MEANINGS = {
-    "2013": "2013 is a write in flight at the fault, one per writer: it may have committed"
+    "1927": "1927 is a write in flight at the fault, one per writer: it may have committed"
     " (its commit may even be on the new primary already), so Baton does not run it again and"
     " the client is told it may or may not have run (README, *Hold and flush*); after SIGSTOP,"
     " Baton closes that connection to the stopped server once the new primary is published."

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from proxy.auth import NATIVE_PLUGIN, scramble
 from proxy.packets import (
     PROXY_CAPS,
     Cap,
@@ -18,14 +20,24 @@ from proxy.packets import (
     Err,
     PacketError,
     ServerHandshake,
+    ServerRefused,
     decode_text_row,
     frame,
     make_handshake_response,
+    parse_auth_switch,
     parse_err,
     parse_server_handshake,
     split_packets,
 )
 from proxy.response import Phase, ResponseParser
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLogin:
+    """Whom a server connection logs in as: the client's own account, by SHA1(password)."""
+
+    user: str
+    h1: bytes
 
 
 class BackendError(Exception):
@@ -51,6 +63,9 @@ class BackendConnection(asyncio.Protocol):
         self._sink: Callable[[bytes], None] | None = None
         self._on_done: Callable[[BaseException | None], None] | None = None
         self.address = ""
+        # Told when the server takes our writes slower than we send them (True) and when it
+        # caught up (False): the owner stops reading its client meanwhile.
+        self.on_full: Callable[[bool], None] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -74,13 +89,21 @@ class BackendConnection(asyncio.Protocol):
         if out:
             assert self._sink is not None
             self._sink(out)
-        phase = parser._phase
+        phase = parser.phase
         if phase is Phase.DONE or phase is Phase.INFILE:
             self._parser = None
             on_done = self._on_done
             self._on_done = None
             if on_done is not None:
                 on_done(None)
+
+    def pause_writing(self) -> None:
+        if self.on_full is not None:
+            self.on_full(True)
+
+    def resume_writing(self) -> None:
+        if self.on_full is not None:
+            self.on_full(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionResetError("backend closed the connection")
@@ -95,14 +118,15 @@ class BackendConnection(asyncio.Protocol):
         cls,
         host: str,
         port: int,
-        user: str,
-        password: str,
+        login: BackendLogin,
         client_caps: int,
         collation: int,
         database: str | None,
         timeout: float,
+        proxy_header: bytes = b"",
     ) -> BackendConnection:
-        """Open and log in; capabilities mirror the client's, plus session tracking for Baton."""
+        """Open and log in as `login`; capabilities mirror the client's, plus session tracking
+        for Baton. `proxy_header` (a PROXY protocol line) goes first when given."""
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -112,19 +136,22 @@ class BackendConnection(asyncio.Protocol):
             raise BackendError(f"cannot connect to backend {host}:{port}: {e or 'timeout'}")
         conn.address = f"{host}:{port}"
         try:
-            await asyncio.wait_for(
-                conn._login(user, password, client_caps, collation, database), timeout=timeout
-            )
+            if proxy_header:
+                conn.write(proxy_header)
+            await asyncio.wait_for(conn._login(login, client_caps, collation, database), timeout)
         except TimeoutError:
             conn.close()
             raise BackendError(f"backend {host}:{port} did not finish login in {timeout}s")
+        except ServerRefused as e:
+            conn.close()
+            raise BackendError(f"backend {host}:{port} refused the connection: {e}", e.err)
         except BaseException:
             conn.close()
             raise
         return conn
 
     async def _login(
-        self, user: str, password: str, client_caps: int, collation: int, database: str | None
+        self, login: BackendLogin, client_caps: int, collation: int, database: str | None
     ) -> None:
         seq, payload = await self.read_packet()
         hs = parse_server_handshake(payload)
@@ -135,15 +162,19 @@ class BackendConnection(asyncio.Protocol):
             # MariaDB reads the extended capability bytes only when bit 0 is clear.
             caps &= ~Cap.LONG_PASSWORD
         self.capabilities = caps
-        self.write(
-            frame(
-                make_handshake_response(caps, collation, user, password, hs.auth_data, database),
-                seq + 1,
-            )
-        )
-        _, reply = await self.read_packet()
+        auth = scramble(login.h1, hs.auth_data)
+        response = make_handshake_response(caps, collation, login.user, auth, database)
+        self.write(frame(response, seq + 1))
+        seq, reply = await self.read_packet()
         if reply[:1] == b"\xfe":
-            raise BackendError(f"backend {self.address} asked for an unsupported auth switch")
+            plugin, nonce = parse_auth_switch(reply)
+            if plugin != NATIVE_PLUGIN:
+                raise BackendError(
+                    f"backend {self.address} wants auth plugin {plugin} for {login.user}, "
+                    "which Baton cannot answer"
+                )
+            self.write(frame(scramble(login.h1, nonce), seq + 1))
+            _, reply = await self.read_packet()
         if reply[:1] == b"\xff":
             err = parse_err(reply)
             raise BackendError(f"backend {self.address} refused login: {err.message}", err)

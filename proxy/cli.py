@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = ctl.add_subparsers(dest="ctl_command", required=True)
     commands.add_parser("status", help="shards, primaries, terms, reparent in flight")
     commands.add_parser("sessions", help="every client session's state")
+    users = commands.add_parser(
+        "users", help="the accounts Baton lets in, and those it refuses (SUPER, READ ONLY ADMIN)"
+    )
+    users.add_argument("--reload", action="store_true", help="read them from the servers first")
+    unblock = commands.add_parser(
+        "unblock", help="let an address whose logins kept failing (1129) connect again"
+    )
+    unblock.add_argument("address")
     history = commands.add_parser("history", help="past reparents with their reports")
     history.add_argument("--shard")
     history.add_argument("--limit", type=int, default=20)

@@ -3,15 +3,24 @@
 It is how operators (through `baton ctl`) and tests see inside a running Baton and run reparents.
 Every command is a method named `cmd_<name>`. A reparent streams a `{"progress": ...}` line per
 finished step before its final `{"ok": ..., "result": report}` line.
+
+Every request line gets exactly one final reply, whatever its bytes: a line is parsed by
+`parse_request` (UTF-8, at most MAX_LINE bytes, nesting at most MAX_DEPTH, finite numbers) and a
+handler reads its arguments only through `Args`, which checks type and range, so bad input ends
+in `{"ok": false, "error": ...}` and the connection carries on with the next line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable
+import re
+import stat
+from collections.abc import Callable, Collection
 from typing import Any
 
 from proxy.frontend import ProxyContext
@@ -27,6 +36,186 @@ class ControlError(Exception):
 
 Emit = Callable[[dict[str, Any]], None]
 
+# Requests are a few hundred bytes; a longer line is answered with an error and skipped.
+MAX_LINE = 64 * 1024
+# Requests are flat objects; this bounds json's recursion far below Python's stack limit.
+MAX_DEPTH = 16
+MAX_INT_DIGITS = 20  # no argument needs more; Python refuses above 4,300 with a ValueError
+MAX_HISTORY = 1000
+MAX_TEXT = 256  # names of shards and servers; bounds what an error may echo back
+MAX_NAMES = 64  # a list of server names (ers --allow-unreachable)
+MAX_TIMEOUT = 3600.0
+# A JSON string (closed or running to the end of the line) or one bracket outside strings.
+_DEPTH_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, as JSON and cut short: the reply must not echo a 64 KiB
+    line."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _too_deep(line: bytes) -> bool:
+    depth = 0
+    for m in _DEPTH_TOKENS.finditer(line):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ControlError(f"an integer has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ControlError(f"number {_show(text[:30])} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ControlError(f"{text} is not a JSON number")
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """One request line as a dict with a string "cmd", or a ControlError saying what is wrong.
+
+    Total and bounded: invalid UTF-8, a byte-order mark, nesting deeper than MAX_DEPTH (json
+    would raise RecursionError), integers too long for int() and NaN/Infinity (which json
+    accepts and every comparison then passes) all end in a ControlError."""
+    if not line.strip():
+        raise ControlError('empty line: send one JSON object per line, like {"cmd": "status"}')
+    try:
+        text = line.decode()
+    except UnicodeDecodeError as e:
+        raise ControlError(f"not UTF-8: byte {e.start} is 0x{line[e.start]:02x}")
+    if text.startswith("\ufeff"):
+        raise ControlError("the line starts with a byte-order mark; send plain UTF-8 JSON")
+    if _too_deep(line):
+        raise ControlError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        request = json.loads(
+            text,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
+    except json.JSONDecodeError as e:
+        raise ControlError(f"not JSON: {e}")
+    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+        raise ControlError('expected a JSON object like {"cmd": "status"}')
+    return request
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next line (the last one may lack its newline); None at the end of the stream.
+
+    A line longer than the reader's limit is read to its end and dropped, and a ControlError
+    says so: the next line is then read from its true start, never from the middle of the long
+    one (StreamReader.readline would raise, and leave the rest to be read as a line)."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as e:
+        return e.partial or None
+    except asyncio.LimitOverrunError as e:
+        consumed = e.consumed
+    while True:
+        await reader.readexactly(consumed)
+        try:
+            await reader.readuntil(b"\n")
+            break
+        except asyncio.IncompleteReadError:
+            break
+        except asyncio.LimitOverrunError as e:
+            consumed = e.consumed
+    raise ControlError(f"request line longer than {MAX_LINE} bytes; skipped it")
+
+
+class Args:
+    """A request's arguments, each read with its type and range checked.
+
+    Handlers read arguments only through this, so a wrong type or an absurd value ends in a
+    ControlError naming the argument, not in a TypeError deep in the controller. `known` are
+    the argument names the command takes: any other is refused, so that a misspelt `to` does
+    not silently run a reparent to a server of Baton's choosing. JSON null counts as absent.
+    """
+
+    def __init__(self, request: dict[str, Any], *known: str) -> None:
+        extra = sorted(set(request) - {"cmd", *known})
+        if extra:
+            takes = ", ".join(known) or "no arguments"
+            raise ControlError(
+                f"{request['cmd']}: unknown argument {_show(extra[0])} (it takes {takes})"
+            )
+        self._request = request
+
+    def text(self, key: str, choices: Collection[str] | None = None) -> str | None:
+        value = self._request.get(key)
+        if value is None:
+            return None
+        return _text(key, value, choices)
+
+    def texts(self, key: str, choices: Collection[str] | None = None) -> tuple[str, ...]:
+        """A list of at most MAX_NAMES strings, each checked as `text` checks one; () if
+        absent."""
+        value = self._request.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or len(value) > MAX_NAMES:
+            raise ControlError(
+                f"{key} must be a list of at most {MAX_NAMES} strings, got {_show(value)}"
+            )
+        return tuple(_text(key, v, choices) for v in value)
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._request.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ControlError(f"{key} must be an integer from {low} to {high}, got {_show(value)}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self._request.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise ControlError(f"{key} must be true or false, got {_show(value)}")
+        return value
+
+    def seconds(self, key: str, high: float) -> float | None:
+        """A positive duration of at most `high` seconds, or None."""
+        value = self._request.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
+            raise ControlError(
+                f"{key} must be a number of seconds above 0 and at most {high:g}, "
+                f"got {_show(value)}"
+            )
+        return float(value)
+
+
+def _text(key: str, value: Any, choices: Collection[str] | None) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise ControlError(
+            f"{key} must be a non-empty string of at most {MAX_TEXT} characters, "
+            f"got {_show(value)}"
+        )
+    if choices is not None and value not in choices:
+        one_of = ", ".join(sorted(choices))
+        raise ControlError(f"{key} must be one of {one_of}, got {_show(value)}")
+    return value
+
 
 class ControlServer:
     def __init__(self, ctx: ProxyContext, controller: Controller, path: str) -> None:
@@ -36,12 +225,17 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        # A stale socket left by a Baton that did not stop cleanly goes; anything else stays,
+        # and the bind then fails: a wrong path must never delete a file (check_files says so).
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
         # The umask makes the socket 0600 from birth, with no window where others could connect.
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=self.path)
+            self._server = await asyncio.start_unix_server(
+                self._client, path=self.path, limit=MAX_LINE
+            )
         finally:
             os.umask(old)
 
@@ -52,13 +246,19 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def emit(obj: dict[str, Any]) -> None:
+            writer.write(json.dumps(obj).encode() + b"\n")
+
         try:
-            while line := await reader.readline():
-
-                def emit(obj: dict[str, Any]) -> None:
-                    writer.write(json.dumps(obj).encode() + b"\n")
-
-                emit(await self.handle(line, emit))
+            while True:
+                try:
+                    line = await read_line(reader)
+                except ControlError as e:
+                    emit({"ok": False, "error": str(e)})
+                else:
+                    if line is None:
+                        break
+                    emit(await self.handle(line, emit))
                 await writer.drain()
         except ConnectionError:
             pass
@@ -66,20 +266,24 @@ class ControlServer:
             writer.close()
 
     async def handle(self, line: bytes, emit: Emit | None = None) -> dict[str, Any]:
+        """The final reply to one request line; never raises for anything the line holds."""
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-                raise ControlError('expected a JSON object like {"cmd": "status"}')
+            request = parse_request(line)
             method = getattr(self, f"cmd_{request['cmd']}", None)
             if method is None:
-                raise ControlError(f"unknown command {request['cmd']!r}")
+                known = ", ".join(sorted(n[4:] for n in dir(self) if n.startswith("cmd_")))
+                raise ControlError(f"unknown command {_show(request['cmd'])}; known: {known}")
             return {"ok": True, "result": await method(request, emit or (lambda _: None))}
-        except json.JSONDecodeError as e:
-            return {"ok": False, "error": f"not JSON: {e}"}
         except (ControlError, ReparentRefused) as e:
             return {"ok": False, "error": str(e)}
+        except Exception as e:
+            # A bug, not bad input: the traceback goes to the log, and the caller still
+            # gets its one reply instead of a connection closed without a word.
+            log.exception("control request %s failed", _show(line))
+            return {"ok": False, "error": f"internal error ({type(e).__name__}); see Baton's log"}
 
     async def cmd_status(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        Args(request)  # it takes no arguments: refuse any
         store = self.controller.store
         shards = []
         for shard in self.ctx.config.shards:
@@ -108,10 +312,47 @@ class ControlServer:
                     ],
                 }
             )
+        admission = self.ctx.admission
         return {
             "shards": shards,
             "sessions": len(self.ctx.sessions),
             "version": self.ctx.identity.version,
+            "front_door": {
+                "open": admission.open,
+                "capacity": admission.capacity,
+                "blocked": admission.blocked,
+                "refused": {str(k): v for k, v in admission.refused.items()},
+            },
+            "unfenced_users": [a.name for a in self.ctx.accounts.book.unfenced()],
+        }
+
+    async def cmd_unblock(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Lift the block on an address whose logins failed max_connect_errors times."""
+        address = Args(request, "address").text("address")
+        if address is None:
+            raise ControlError("unblock needs an address")
+        if not self.ctx.admission.unblock(address):
+            raise ControlError(f"{address} is not blocked")
+        log.info("address %s unblocked by an operator", address)
+        return {"unblocked": address}
+
+    async def cmd_users(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """The accounts Baton lets in; with reload, read them from the servers first."""
+        accounts = self.ctx.accounts
+        if Args(request, "reload").flag("reload"):
+            await accounts.reload("ctl users reload", force=True)
+        return {
+            "source": accounts.source,
+            "error": accounts.error,
+            "accounts": [
+                {
+                    "account": a.name,
+                    "plugin": a.plugin,
+                    "usable": a.h2 is not None,
+                    "unfenced": sorted(a.unfenced),
+                }
+                for a in accounts.book
+            ],
         }
 
     async def cmd_prs(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -123,20 +364,17 @@ class ControlServer:
     async def _reparent(
         self, kind: ReparentKind, request: dict[str, Any], emit: Emit
     ) -> dict[str, Any]:
-        shard = request.get("shard") or self.ctx.config.proxy.shard
-        timeout = request.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise ControlError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        allowed = request.get("allow_unreachable", [])
-        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
-            raise ControlError(f"allow_unreachable must be a list of server names, got {allowed!r}")
+        args = Args(request, "shard", "to", "timeout", "force", "allow_unreachable")
+        shard = args.text("shard", self._shards()) or self.ctx.config.proxy.shard
+        to = args.text("to")
+        timeout = args.seconds("timeout", MAX_TIMEOUT)
         report = await self.controller.reparent(
             kind,
             shard,
-            request.get("to"),
+            to,
             timeout,
-            preflight=not _flag(request, "force"),
-            allow_unreachable=tuple(allowed),
+            preflight=not args.flag("force"),
+            allow_unreachable=args.texts("allow_unreachable"),
             progress=lambda t: emit(
                 {
                     "progress": {
@@ -154,9 +392,7 @@ class ControlServer:
         """What this proxy held for the reparent goes into its report, here and in the
         history. The drain ends moments after the reparent; it is waited for up to a window."""
         holder = self.ctx.holder
-        episode = await holder.episode(
-            report.shard, report.term_before + 1, holder.settings.window
-        )
+        episode = await holder.episode(report.shard, report.term_before + 1, holder.settings.window)
         if episode is None:
             return
         report.held, report.flushed, report.evicted = (
@@ -174,50 +410,44 @@ class ControlServer:
 
     async def cmd_check(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """The config and the store against what every server says (reparent/survey.py)."""
-        return await self.controller.check(self._shard(request))
+        return await self.controller.check(self._shard(Args(request, "shard")))
 
     async def cmd_adopt(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Take the servers' word for the primary, when they agree on one."""
-        return await self.controller.adopt(self._shard(request))
+        return await self.controller.adopt(self._shard(Args(request, "shard")))
 
     async def cmd_quarantine(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self.controller.quarantine(
-            self._shard(request), _server(request), True, _flag(request, "force")
-        )
+        return await self._quarantine(request, True)
 
     async def cmd_unquarantine(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self._quarantine(request, False)
+
+    async def _quarantine(self, request: dict[str, Any], on: bool) -> dict[str, Any]:
+        args = Args(request, "shard", "server", "force")
+        server = args.text("server")
+        if server is None:
+            raise ControlError(f"{request['cmd']} needs a server")
         return await self.controller.quarantine(
-            self._shard(request), _server(request), False, _flag(request, "force")
+            self._shard(args), server, on, args.flag("force")
         )
 
-    def _shard(self, request: dict[str, Any]) -> str:
-        shard = request.get("shard") or self.ctx.config.proxy.shard
-        if not isinstance(shard, str):
-            raise ControlError(f"shard must be a name, got {shard!r}")
-        return shard
+    def _shard(self, args: Args) -> str:
+        return args.text("shard", self._shards()) or self.ctx.config.proxy.shard
 
     async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
-        limit = request.get("limit", 50)
-        return [r.to_dict() for r in self.controller.store.history(request.get("shard"), limit)]
+        args = Args(request, "shard", "limit")
+        shard = args.text("shard", self._shards())
+        limit = args.integer("limit", 50, 1, MAX_HISTORY)
+        return [r.to_dict() for r in self.controller.store.history(shard, limit)]
+
+    def _shards(self) -> list[str]:
+        return [s.name for s in self.ctx.config.shards]
 
     async def cmd_sessions(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         """Every session's state; stale user variables are read back from idle sessions."""
+        Args(request)  # it takes no arguments: refuse any
         out = []
         for conn in list(self.ctx.sessions.values()):
             await conn.refresh_if_stale()
             out.append(conn.state.as_dict())
         return out
-
-
-def _flag(request: dict[str, Any], key: str) -> bool:
-    value = request.get(key, False)
-    if not isinstance(value, bool):
-        raise ControlError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-def _server(request: dict[str, Any]) -> str:
-    server = request.get("server")
-    if not isinstance(server, str) or not server:
-        raise ControlError(f"server must be a server name, got {server!r}")
-    return server

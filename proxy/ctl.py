@@ -36,6 +36,8 @@ def request(
         stream = s.makefile("rb")
         for line in stream:
             reply = json.loads(line)
+            if not isinstance(reply, dict):
+                raise RuntimeError(f"baton sent a reply that is not a JSON object: {line[:80]!r}")
             if "progress" in reply:
                 if on_progress is not None:
                     on_progress(reply["progress"])
@@ -110,6 +112,14 @@ def render(cmd: str, result: Any) -> str:
         return (
             f"shard {result['shard']}: {result['server']} {state}\n  {result['check']['summary']}"
         )
+    if cmd == "users":
+        rows = [{**a, "unfenced": " and ".join(a["unfenced"]) or "-"} for a in result["accounts"]]
+        head = f"accounts from the {result['source']}"
+        if result["error"]:
+            head += f" (last read failed: {result['error']})"
+        return head + "\n" + table(rows, ["account", "plugin", "usable", "unfenced"])
+    if cmd == "unblock":
+        return f"{result['unblocked']} may connect again"
     if cmd == "history":
         return "\n".join(render_report(r) for r in result) or "no reparents yet"
     lines = []
@@ -124,6 +134,18 @@ def render(cmd: str, result: Any) -> str:
             lines.append("  (nothing is done about this shard automatically; see baton ctl check)")
         lines.append(table(shard["servers"], ["name", "host", "port", "role", "quarantined"]))
     lines.append(f"sessions: {result['sessions']}   version: {result['version']}")
+    door = result["front_door"]
+    lines.append(
+        f"client connections: {door['open']} of {door['capacity']}; refused "
+        + ", ".join(f"{k} {v}" for k, v in door["refused"].items())
+    )
+    if door["blocked"]:
+        lines.append("blocked addresses: " + ", ".join(door["blocked"]))
+    if result["unfenced_users"]:
+        lines.append(
+            "refused through Baton (read_only does not fence them): "
+            + ", ".join(result["unfenced_users"])
+        )
     return "\n".join(lines)
 
 
@@ -157,12 +179,13 @@ _CHECK_OPTIONAL = ("source", "io", "sql", "heartbeat_period", "gtid_binlog_pos",
 
 def run(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
-    for key in ("shard", "to", "timeout", "limit", "server", "allow_unreachable"):
+    for key in ("shard", "to", "timeout", "limit", "address", "server", "allow_unreachable"):
         value = getattr(args, key, None)
         if value is not None:
             params[key] = value
-    if getattr(args, "force", False):
-        params["force"] = True
+    for flag in ("reload", "force"):
+        if getattr(args, flag, False):
+            params[flag] = True
 
     def progress(step: dict[str, Any]) -> None:
         if not args.json:

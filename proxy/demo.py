@@ -71,7 +71,7 @@ def switch_under_load(port: int, control_socket: str) -> None:
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                cur.execute("INSERT INTO demo.visits (at) VALUES (NOW(6))")
+                cur.execute("INSERT INTO baton_demo.visits (at) VALUES (NOW(6))")
             except pymysql.err.MySQLError as e:
                 errors.append(str(e))
             latencies.append(time.perf_counter() - t0)
@@ -131,8 +131,8 @@ def main() -> int:
         cur = conn.cursor()
         print(f"server version seen by the client: {conn.get_server_info()}")
         for sql in (
-            "CREATE DATABASE IF NOT EXISTS demo",
-            "USE demo",
+            "CREATE DATABASE IF NOT EXISTS baton_demo",
+            "USE baton_demo",
             "CREATE TABLE IF NOT EXISTS visits (id INT AUTO_INCREMENT PRIMARY KEY, at DATETIME(6))",
             "INSERT INTO visits (at) VALUES (NOW(6))",
             "SET @greeting = 'hello', time_zone = '+01:00'",

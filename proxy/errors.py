@@ -15,8 +15,18 @@ class ErrorKind(enum.Enum):
     """(code, SQLSTATE) of each error Baton makes; the enum name is the metrics label."""
 
     ACCESS_DENIED = (1045, "28000")
-    BACKEND_UNREACHABLE = (2003, "HY000")
-    BACKEND_LOST = (2013, "HY000")
+    BAD_HANDSHAKE = (1043, "08S01")
+    AUTH_PLUGIN = (1251, "08004")  # ER_NOT_SUPPORTED_AUTH_MODE
+    TOO_MANY_CONNECTIONS = (1040, "08004")
+    HOST_BLOCKED = (1129, "HY000")
+    MALFORMED_PACKET = (1835, "HY000")  # what MariaDB answers a truncated COM_STMT_*
+    NO_SUCH_THREAD = (1094, "HY000")
+    # Client libraries built on libmariadb turn any server-sent code in 2000-2999 into 2027
+    # "malformed packet", so Baton's own "cannot reach" and "lost" use server codes of the
+    # same meaning: ER_CONNECT_TO_FOREIGN_DATA_SOURCE (never ran) and ER_CONNECTION_KILLED
+    # (the connection under the statement ended; it may have run).
+    BACKEND_UNREACHABLE = (1429, "HY000")
+    BACKEND_LOST = (1927, "70100")
     UNKNOWN_COMMAND = (1047, "08S01")
     UNKNOWN_STATEMENT = (1243, "HY000")
     PACKET_TOO_LARGE = (1153, "08S01")

@@ -1,10 +1,11 @@
-"""The client-facing side: mysql-mimic for accept, handshake and login; Baton's own command relay.
+"""The client-facing side: accept, login, then a callback relay of each command to its backend.
 
-mysql-mimic answers queries and prepared statements itself, which a proxy must not do, and it
-keeps a session going after a failed login. So Baton uses its server loop, handshake parsing and
-auth plugins, sends its own HandshakeV10 (the backend's version, collation and the capabilities
-both sides share), closes the connection on any failed login, and replaces the command phase
-with a relay that forwards each command to the session's backend connection.
+Every client socket gets a `ClientConnection`, an asyncio Protocol. Before login it only buffers
+bytes (bounded) for the login coroutine (proxy/login.py), which checks the client against the
+servers' own accounts and logs the session in to the primary as that account; any refusal is
+the error the server would send, and the connection closes. After login, commands are relayed
+from the client's `data_received` to the backend and responses back from the backend's, with no
+task and no future on the hot path.
 """
 
 from __future__ import annotations
@@ -12,27 +13,30 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from mysql_mimic import packets as mimic_packets
-from mysql_mimic.auth import IdentityProvider, NativePasswordAuthPlugin, User
-from mysql_mimic.charset import CharacterSet
-from mysql_mimic.connection import Connection
-from mysql_mimic.errors import ErrorCode
-from mysql_mimic.server import MysqlServer
-from mysql_mimic.session import BaseSession
-from mysql_mimic.stream import ConnectionClosed, MysqlStream
-from mysql_mimic.types import Capabilities, ServerStatus
-
 from proxy import metrics
-from proxy.backend import BackendConnection, BackendError
+from proxy.accounts import Accounts
+from proxy.admission import Admission, LoginFailure, Refusal
+from proxy.auth import nonce as new_nonce
+from proxy.auth import stage1
+from proxy.backend import BackendConnection, BackendError, BackendLogin
 from proxy.buffer import EvictReason
+from proxy.client_packets import (
+    STMT_HEADER,
+    ClientPacketError,
+    Malformed,
+    check_stmt_header,
+    parse_change_user,
+)
 from proxy.errors import ErrorKind
 from proxy.hold import Holder
+from proxy.login import LoginRefused, LoginSettings, read_handshake, verify
 from proxy.packets import (
     COMMAND_NAMES,
     MAX_PAYLOAD,
@@ -40,13 +44,22 @@ from proxy.packets import (
     Command,
     Status,
     frame,
+    make_err,
+    make_ok,
     make_server_handshake,
-    stmt_id,
+    proxy_header,
     with_stmt_id,
 )
 from proxy.response import Phase, ResponseParser
 from proxy.router import Router
-from proxy.session import READ_BACK_SQL, SessionState, Unmovable, reads_only
+from proxy.session import (
+    READ_BACK_SQL,
+    SessionState,
+    Unmovable,
+    reads_only,
+    routine_hazards,
+)
+from reparent.admin import AdminConnection
 from reparent.config import Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
 from reparent.topology import Established as EstablishedEvent
@@ -75,15 +88,6 @@ _RELAYED = frozenset(
         Command.DEBUG,
     }
 )
-_STMT_COMMANDS = frozenset(
-    {
-        Command.STMT_EXECUTE,
-        Command.STMT_FETCH,
-        Command.STMT_RESET,
-        Command.STMT_SEND_LONG_DATA,
-        Command.STMT_CLOSE,
-    }
-)
 
 
 # Commands that may wait for the next primary after failing on this one: they carry everything
@@ -92,11 +96,20 @@ _STMT_COMMANDS = frozenset(
 _RETRYABLE = (_RELAYED - {Command.DEBUG}) | {Command.STMT_PREPARE, Command.STMT_EXECUTE}
 
 
+# KILL naming a connection by id: the words before the id are kept as they are.
+_KILL = re.compile(
+    rb"(?is)\s*(kill(?:\s+(?:hard|soft))?(?:\s+(?:connection|query))?)\s+(\d{1,20})\s*;?\s*"
+)
+
 _UNMOVABLE_LABELS = {
     Unmovable.TEMPORARY_TABLES: "temporary tables",
     Unmovable.USER_LOCKS: "user locks from GET_LOCK",
     Unmovable.TABLE_LOCKS: "table locks from LOCK TABLES",
     Unmovable.XA: "XA transaction",
+    Unmovable.USER_VARIABLES: "user variables set since Baton last read them",
+    Unmovable.UNTRACKED_VARIABLES: "variables changed while it had session tracking off",
+    Unmovable.SQL_PREPARED: "prepared statements made from a user variable",
+    Unmovable.ROUTINE_STATE: "state left by stored routines",
 }
 
 
@@ -117,22 +130,46 @@ class BackendIdentity:
     collation: int
 
 
+# Baton's session ids (the connection id in its greeting) start here, above any server's thread
+# ids, so that `KILL <id>` can tell a Baton session from a server thread.
+SESSION_ID_BASE = 1 << 30
+SESSION_ID_SPAN = 1 << 24
+
+
 @dataclass
 class ProxyContext:
-    """What every client session shares: config, routing, identity and the live sessions."""
+    """What every client session shares: config, routing, accounts and the live sessions."""
 
     config: Config
     identity: BackendIdentity
     router: Router
     holder: Holder
+    accounts: Accounts
+    admission: Admission
+    # The largest command a client may send: proxy.max_packet_size, or the primary's
+    # max_allowed_packet read at start.
+    max_packet: int = 64 << 20
     sessions: dict[int, ClientConnection] = field(default_factory=dict)
-    next_id: int = 1
+    _next_id: int = 0
     # Grows with every published switch; a session's backend from an older epoch is stale.
     epoch: int = 0
+    # What each stored routine sessions called may leave behind (session.routine_hazards);
+    # None while its body is being read or when it could not be.
+    routines: dict[str, list[str] | None] = field(default_factory=dict)
     _probe: asyncio.Future[bool] | None = None
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
+        admin = self.config.admin
+        self._admin_login = BackendLogin(admin.user, stage1(admin.password))
+
+    def new_session_id(self) -> int:
+        """The next free session id (ids wrap within their span, skipping live ones)."""
+        while True:
+            self._next_id = (self._next_id + 1) % SESSION_ID_SPAN
+            session_id = SESSION_ID_BASE + self._next_id
+            if session_id not in self.sessions:
+                return session_id
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
@@ -157,24 +194,60 @@ class ProxyContext:
         return await asyncio.shield(self._probe)
 
     async def connect(
-        self, server: ServerConfig, client_caps: int, collation: int, schema: str | None
+        self,
+        server: ServerConfig,
+        login: BackendLogin,
+        client_caps: int,
+        collation: int,
+        schema: str | None,
+        client: tuple[str, int] | None = None,
     ) -> BackendConnection:
-        """A backend connection to `server` as Baton's backend account."""
-        cfg = self.config
+        """A backend connection to `server`, logged in as `login` (the client's own account).
+        With backend.proxy_protocol the server is told `client`'s address first."""
+        header = b""
+        if client is not None and self.config.backend.proxy_protocol:
+            header = proxy_header(client, (server.host, server.port))
         return await BackendConnection.connect(
             server.host,
             server.port,
-            cfg.backend.user,
-            cfg.backend.password,
+            login,
             client_caps,
             collation,
             schema,
-            cfg.proxy.backend_connect_timeout,
+            self.config.proxy.backend_connect_timeout,
+            header,
         )
+
+    async def inspect_routine(self, name: str) -> None:
+        """Read a stored routine's body as the admin account and note what it may leave."""
+        schema, _, routine = name.partition(".")
+
+        def read() -> bytes | None:
+            conn = AdminConnection(self.primary(), self.config.admin, 2.0)
+            try:
+                rows = conn.query(
+                    "SELECT ROUTINE_DEFINITION AS body FROM information_schema.ROUTINES"
+                    " WHERE ROUTINE_SCHEMA = %s AND ROUTINE_NAME = %s",
+                    (schema, routine),
+                )
+            finally:
+                conn.close()
+            return rows[0]["body"].encode() if rows and rows[0]["body"] is not None else None
+
+        try:
+            body = await asyncio.to_thread(read)
+        except Exception as e:  # unreachable, refused: the routine stays unknown
+            log.info("cannot read stored routine %s: %s", name, e)
+            self.routines.pop(name, None)
+            return
+        if body is not None:
+            self.routines[name] = routine_hazards(body)
 
     async def _probe_primary(self) -> bool:
         try:
-            backend = await self.connect(self.primary(), 0, self.identity.collation, None)
+            backend = await self.connect(
+                self.primary(), self._admin_login, 0, self.identity.collation, None
+            )
         except BackendError:
             return False
         try:
@@ -224,67 +297,33 @@ class ProxyContext:
             self.holder.aborted(event.shard)
 
 
-class ConfigIdentityProvider(IdentityProvider):
-    """The users from the config, with mysql_native_password only."""
+class ClientConnection(asyncio.Protocol):
+    """One client socket: its login, then a byte relay of its session to a backend."""
 
-    def __init__(self, users: dict[str, str]) -> None:
-        self._users = {
-            name: NativePasswordAuthPlugin.create_auth_string(pw) for name, pw in users.items()
-        }
-
-    def get_plugins(self) -> list[NativePasswordAuthPlugin]:  # type: ignore[override]
-        return [NativePasswordAuthPlugin()]
-
-    async def get_user(self, username: str) -> User | None:
-        auth = self._users.get(username)
-        if auth is None:
-            return None
-        return User(name=username, auth_string=auth, auth_plugin=NativePasswordAuthPlugin.name)
-
-
-class LoginFailed(Exception):
-    """Authentication failed; the client has its error and the connection must close."""
-
-
-class _NoSession(BaseSession):
-    """mysql-mimic wants a session object; Baton's state lives in SessionState instead."""
-
-
-class ClientConnection(Connection):
-    """One client session: login through mysql-mimic, then a byte relay to its backend."""
-
-    def __init__(self, stream: MysqlStream, ctx: ProxyContext, session_id: int) -> None:
-        identity = ctx.identity
-        server_caps = identity.capabilities
-        if not ctx.config.proxy.allow_load_data_local:
-            server_caps &= ~Cap.LOCAL_FILES
-        super().__init__(
-            stream=stream,
-            session=_NoSession(),
-            control=None,  # type: ignore[arg-type]
-            identity_provider=ConfigIdentityProvider(
-                {u.user: u.password for u in ctx.config.users}
-            ),
-            server_capabilities=Capabilities(server_caps & 0xFFFFFFFF),
-        )
+    def __init__(self, ctx: ProxyContext, session_id: int) -> None:
         self.ctx = ctx
         self.connection_id = session_id
-        self.status_flags = ServerStatus.SERVER_STATUS_AUTOCOMMIT
-        peer = stream.writer.get_extra_info("peername")
-        self.state = SessionState(
-            session_id=session_id,
-            user="",
-            client_address=f"{peer[0]}:{peer[1]}" if peer else "?",
-        )
+        self.state = SessionState(session_id=session_id, user="", client_address="?")
         self.backend: BackendConnection | None = None
         self.backend_server: ServerConfig | None = None
         self.client_caps = 0
+        self.login: BackendLogin | None = None
+        self._peer: tuple[str, int] | None = None
+        self._nonce = b""
         # True while a command (or Baton's own query) owns the backend connection.
         self.busy = False
-        self._inbuf = b""
+        # What the client sent that is not consumed yet: a bytearray read from `_inpos`, so
+        # appending is amortized O(1) and taking a command never copies the rest.
+        self._inbuf = bytearray()
+        self._inpos = 0
+        self._reader: asyncio.Future[None] | None = None  # a coroutine waits for bytes
+        self._logged_in = False
+        self._gone = False
+        self._admitted = False
         self._infile = False
         self._paused = False
-        self._feed_stream = False
+        self._backend_full = False  # the server reads our writes slower than we send
+        self._streaming = 0  # bytes of a large command already passed on, packet by packet
         self._started = 0.0
         self._command_byte = 0
         self._prepare_sql = b""
@@ -300,135 +339,321 @@ class ClientConnection(Connection):
         self._failure: tuple[bytes, str] | None = None  # (error packet, origin)
         self._avoid: str | None = None
         self._epoch = 0
+        self._lost_from: tuple[ServerConfig, int] | None = None  # (server, epoch) of a loss
         self._connected_before = False  # a later connect moves the session's state
         self._client_slow = False
         self._backend_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
-        self._transport: asyncio.Transport = stream.writer.transport  # type: ignore[assignment]
+        self._transport: asyncio.Transport | None = None
         self._parser = ResponseParser(deprecate_eof=False, client_tracks=False)
         self._relayed = False
-        self._login_user = ""
-        self._write: Callable[[bytes], None] = self._transport.write
+        self._write: Callable[[bytes], None] = lambda data: None
 
-    # mysql-mimic reads these from its own session variables, which Baton does not keep; they
-    # only encode its login errors and auth-switch requests.
-    @property
-    def server_charset(self) -> CharacterSet:
-        return CharacterSet.utf8mb4
+    # -- asyncio.Protocol ------------------------------------------------------------------
 
-    @property
-    def client_charset(self) -> CharacterSet:
-        return CharacterSet.utf8mb4
-
-    # -- login ---------------------------------------------------------------------------
-
-    async def _start(self) -> None:
-        """Login, then relay; a failed login ends here, before any backend is touched."""
-        try:
-            await self.connection_phase()
-        except (LoginFailed, ConnectionError, ConnectionClosed, asyncio.IncompleteReadError):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._write = self._transport.write  # type: ignore[union-attr]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._peer = (str(peer[0]), int(peer[1]))
+            self.state.client_address = f"{peer[0]}:{peer[1]}"
+        ctx = self.ctx
+        refusal = ctx.admission.admit(self.address)
+        if refusal is not None:
+            self._refuse(refusal)
             return
-        except Exception as e:
-            log.info("session %d: handshake failed: %s", self.connection_id, e)
-            metrics.CLIENT_PROTOCOL_ERRORS.inc()
-            return
-        self.ctx.sessions[self.connection_id] = self
+        self._admitted = True
+        metrics.CLIENT_CONNECTIONS.inc()
+        metrics.CLIENT_CONNECTIONS_TOTAL.inc()
+        self._spawn(self._login_and_start())
+
+    def data_received(self, data: bytes) -> None:
         try:
-            try:
-                await self._connect_backend()
-            except BackendError as e:
-                # The session stays: each command retries and explains with an error packet.
-                log.info("session %d: no backend yet: %s", self.connection_id, e)
-            await self.command_phase()
-        finally:
+            self._inbuf += data
+            self._wake()
+            if self._logged_in:
+                self._pump()
+            if (
+                (self.busy or not self._logged_in)
+                and not (self._infile or self._streaming)
+                and len(self._inbuf) - self._inpos > HIGH_WATER
+            ):
+                # Nobody takes these bytes now (a login or a command runs): let them wait in
+                # the kernel, not in Baton's memory. `_pump` and `read_packet` resume reading.
+                self._pause(True)
+        except Exception:
+            self.crashed()
+
+    def _pause(self, paused: bool) -> None:
+        if paused != self._paused and self._transport is not None:
+            self._paused = paused
+            if paused:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+        self._wake()
+        if self.held_entry is not None:
+            entry, self.held_entry = self.held_entry, None
+            self.ctx.holder.cancel(entry)
+        if self._task is not None:
+            self._task.cancel()
+        if self._logged_in:
             self.ctx.sessions.pop(self.connection_id, None)
             self._close_backend()
+        if self._admitted:
+            self._admitted = False
+            self.ctx.admission.closed()
+            metrics.CLIENT_CONNECTIONS.dec()
 
-    async def connection_phase(self) -> None:
-        plugin = self.identity_provider.get_default_plugin()
-        auth_data, auth_state = await plugin.start()
-        assert isinstance(auth_data, bytes)
-        self.handshake_auth_data = auth_data
-        self.handshake_auth_plugin = plugin.name
-        identity = self.ctx.identity
-        await self.stream.write(
-            make_server_handshake(
-                identity.version,
-                self.connection_id,
-                int(self.server_capabilities),
-                identity.collation,
-                Status.AUTOCOMMIT,
-                auth_data.rstrip(b"\x00"),
+    # The transport calls these around its write-buffer limits: a client that reads slowly
+    # stops the server's results at the backend socket instead of in Baton's memory.
+    def pause_writing(self) -> None:
+        self.client_slow(True)
+
+    def resume_writing(self) -> None:
+        self.client_slow(False)
+
+    @property
+    def address(self) -> str:
+        return self._peer[0] if self._peer else "?"
+
+    def _wake(self) -> None:
+        waiter = self._reader
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._reader = None
+
+    def _consume(self, n: int) -> None:
+        """Drop `n` bytes from the front of the input; the buffer is compacted once at least
+        half of it was consumed, so each byte is moved at most a bounded number of times."""
+        self._inpos += n
+        if self._inpos >= len(self._inbuf):
+            self._inbuf.clear()
+            self._inpos = 0
+        elif self._inpos > 65536 and self._inpos * 2 > len(self._inbuf):
+            del self._inbuf[: self._inpos]
+            self._inpos = 0
+
+    async def read_packet(self, limit: int) -> tuple[int, bytes]:
+        """One whole packet of at most `limit` bytes, for the login and COM_CHANGE_USER; the
+        header is checked before the body is waited for."""
+        while True:
+            buf, pos = self._inbuf, self._inpos
+            if len(buf) - pos >= 4:
+                length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+                if length > limit:
+                    raise ClientPacketError(
+                        Malformed.TOO_LONG, f"a packet of {length} bytes, more than {limit}"
+                    )
+                if len(buf) - pos >= 4 + length:
+                    seq = buf[pos + 3]
+                    payload = bytes(buf[pos + 4 : pos + 4 + length])
+                    self._consume(4 + length)
+                    return seq, payload
+            if self._gone:
+                raise ConnectionResetError("the client closed the connection")
+            self._pause(False)
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+
+    def write(self, data: bytes) -> None:
+        self._write(data)
+
+    # -- login -------------------------------------------------------------------------------
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Too many connections, no descriptors to spare, or a blocked address: the error the
+        server would send instead of its greeting, then close."""
+        ctx = self.ctx
+        metrics.CONNECTIONS_REFUSED.labels(str(refusal)).inc()
+        if refusal is Refusal.BLOCKED:
+            packet = ErrorKind.HOST_BLOCKED.packet(
+                f"Host '{self.address}' is blocked because of many connection errors; "
+                f"unblock with 'baton ctl unblock {self.address}'"
+            )
+        else:
+            limit = (
+                "proxy.max_connections"
+                if refusal is Refusal.MAX_CONNECTIONS
+                else ("the file descriptors Baton can spare")
+            )
+            packet = ErrorKind.TOO_MANY_CONNECTIONS.packet(
+                f"Too many connections: Baton serves {ctx.admission.open} client connections, "
+                f"the most {limit} allows"
+            )
+        if ctx.admission.should_log(str(refusal), time.monotonic()):
+            log.warning(
+                "refusing connections from %s and others (%s): %d open, capacity %d",
+                self.address,
+                refusal,
+                ctx.admission.open,
+                ctx.admission.capacity,
+            )
+        self._write(frame(packet, 0))
+        self._transport.close()  # type: ignore[union-attr]
+
+    async def _login_and_start(self) -> None:
+        """The greeting, the login and the session's first server connection; then the relay
+        takes over. A refused login gets its error and the connection closes."""
+        ctx = self.ctx
+        cfg = ctx.config.proxy
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                verified, response = await self._authenticate()
+            await self._first_backend(verified.seq)
+        except LoginRefused as e:
+            self._login_failed(e.reason, str(e), e.packet)
+            return
+        except TimeoutError:
+            self._login_failed(
+                LoginFailure.TIMEOUT, f"no complete login within {cfg.connect_timeout:g} s", None
+            )
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            self._login_failed(LoginFailure.CLIENT_GONE, "the client went away", None)
+            return
+        except Exception:
+            log.exception("session %d: login failed", self.connection_id)
+            self._close()
+            return
+        finally:
+            self._task = None
+        ctx.admission.login_ok(self.address)
+        self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
+        self._logged_in = True
+        ctx.sessions[self.connection_id] = self
+        self._transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[union-attr]
+        self._pump()  # commands the client pipelined behind its login
+
+    async def _authenticate(self) -> tuple[Any, Any]:
+        ctx = self.ctx
+        identity = ctx.identity
+        offered = identity.capabilities
+        if not ctx.config.proxy.allow_load_data_local:
+            offered &= ~Cap.LOCAL_FILES
+        self._nonce = new_nonce()
+        self._write(
+            frame(
+                make_server_handshake(
+                    identity.version,
+                    self.connection_id,
+                    offered,
+                    identity.collation,
+                    Status.AUTOCOMMIT,
+                    self._nonce,
+                ),
+                0,
             )
         )
-        data = await self.stream.read()
-        response = mimic_packets.parse_handshake_response(
-            capabilities=self.server_capabilities, data=data
-        )
-        if not isinstance(response, mimic_packets.HandshakeResponse41):
-            # An SSL request: Baton offers no TLS, so a client that insists cannot go on.
-            raise LoginFailed()
-        self.capabilities = response.capabilities
-        self.client_caps = int.from_bytes(data[:4], "little") & int(self.server_capabilities)
-        self.state.collation = data[8]
-        self.state.schema = response.database or None
+        response = await read_handshake(self, offered)
+        self.client_caps = response.capabilities & offered
+        self.state.collation = response.collation
+        self.state.schema = response.database
+        self.state.user = response.user
         self._parser = ResponseParser(
             deprecate_eof=bool(self.client_caps & Cap.DEPRECATE_EOF),
             client_tracks=bool(self.client_caps & Cap.SESSION_TRACK),
         )
-        await self.authenticate(
-            auth_state=auth_state,
-            server_plugin=plugin,
-            username=response.username,
-            client_plugin_name=response.client_plugin,
-            auth_response=response.auth_response,
-            connect_attrs=response.connect_attrs,
+        verified = await verify(
+            self,
+            ctx.accounts,
+            self._login_settings(offered),
+            response.user,
+            response.auth_plugin,
+            response.auth_response,
+            self._nonce,
+            1,
         )
-        self.stream.reset_seq()
+        self.login = verified.login
+        return verified, response
 
-    async def authenticate(self, username: str, **kwargs: object) -> None:  # type: ignore[override]
-        """mysql-mimic's login, but a refusal always ends the connection."""
-        self.session.username = None
-        self._login_user = username
-        if await self.identity_provider.get_user(username) is None:
-            await self._deny(username)
-        await super().authenticate(username=username, **kwargs)  # type: ignore[arg-type]
-        if self.session.username != username:
-            metrics.LOGIN_FAILURES.inc()
-            raise LoginFailed()
-        self.state.user = username
-
-    async def _deny(self, username: str) -> None:
-        """An unknown user gets the same answer as a wrong password: nothing to probe."""
-        await self.stream.write(self._access_denied(username))
-        metrics.LOGIN_FAILURES.inc()
-        raise LoginFailed()
-
-    def _access_denied(self, username: str) -> bytes:
-        host = self.state.client_address.rsplit(":", 1)[0]
-        return ErrorKind.ACCESS_DENIED.packet(
-            f"Access denied for user '{username}'@'{host}' (using password: YES)"
+    def _login_settings(self, offered: int) -> LoginSettings:
+        return LoginSettings(
+            offered=offered,
+            address=self.address,
+            allow_unfenced=self.ctx.config.proxy.allow_unfenced_users,
         )
 
-    def error(self, **kwargs: Any) -> bytes:
-        """mysql-mimic's login errors, with the server's wording and SQLSTATE for a refusal."""
-        if kwargs.get("code") == ErrorCode.ACCESS_DENIED_ERROR:
-            return self._access_denied(self._login_user)
-        return super().error(**kwargs)
+    async def _first_backend(self, seq: int) -> None:
+        """Log the session in to the primary as its own account. The server's refusal (too
+        many connections, host blocked, unknown database, a changed password) is the
+        client's answer; a server that cannot be reached is not: the session starts and
+        its commands wait for, or explain, the primary."""
+        try:
+            await self._connect_backend()
+        except BackendError as e:
+            if e.err is None:
+                log.info("session %d: no backend yet: %s", self.connection_id, e)
+                return
+            if e.err.code == 1045:
+                # The password changed on the server since Baton read the accounts.
+                await self.ctx.accounts.reload("server refused a login", force=True)
+            err = e.err
+            raise LoginRefused(
+                LoginFailure.SERVER_REFUSED,
+                frame(make_err(err.code, err.sqlstate, err.message), seq),
+                f"the server refused the login: {e.err.code} {e.err.message}",
+            )
+
+    def _login_failed(self, reason: LoginFailure, detail: str, packet: bytes | None) -> None:
+        """Count, log (rate-limited), tell the client if there is something to tell, close."""
+        ctx = self.ctx
+        metrics.LOGIN_FAILURES.labels(str(reason)).inc()
+        blocked = ctx.admission.login_failed(self.address, reason)
+        if reason is not LoginFailure.CLIENT_GONE and ctx.admission.should_log(
+            f"login:{reason}", time.monotonic()
+        ):
+            log.info(
+                "login refused (%s): user %r from %s: %s",
+                reason,
+                self.state.user,
+                self.state.client_address,
+                detail,
+            )
+        if blocked:
+            log.warning(
+                "address %s blocked after %d failed logins in a row; lift with "
+                "'baton ctl unblock %s'",
+                self.address,
+                ctx.config.proxy.max_connect_errors,
+                self.address,
+            )
+        if packet is not None and not self._gone:
+            code = int.from_bytes(packet[5:7], "little")
+            metrics.ERRORS.labels(str(code), "baton").inc()
+            self._write(packet)
+        self._close()
 
     # -- backend -------------------------------------------------------------------------------
 
     async def _connect_backend(self) -> BackendConnection:
+        """A server connection on the current primary, as the client's account, with the
+        session's state restored on it."""
         # The epoch of the primary chosen now: a switch published while this connects makes
         # the new connection stale at once, and the next command moves it again.
         epoch = self.ctx.epoch
         server = self.ctx.primary()
         label = server.name
         moving = self._connected_before
+        assert self.login is not None
         try:
             backend = await self.ctx.connect(
-                server, self.client_caps, self.state.collation, self.state.schema
+                server,
+                self.login,
+                self.client_caps,
+                self.state.collation,
+                self.state.schema,
+                self._peer,
             )
             await self._restore(backend)
         except BackendError:
@@ -439,16 +664,20 @@ class ClientConnection(Connection):
             raise
         if moving:
             metrics.SESSIONS_MOVED.labels("moved").inc()
+        self._attach(backend, server, epoch)
+        return backend
+
+    def _attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
         self._connected_before = True
-        metrics.BACKEND_UP.labels(label).set(1)
-        metrics.BACKEND_CONNECTIONS.labels(label).inc()
+        metrics.BACKEND_UP.labels(server.name).set(1)
+        metrics.BACKEND_CONNECTIONS.labels(server.name).inc()
         self.backend = backend
         self.backend_server = server
+        backend.on_full = self.backend_full
         if self._client_slow:
             backend.pause_reading(True)
         self._epoch = epoch
         self.state.backend = f"{server.name} ({server.host}:{server.port})"
-        return backend
 
     async def _restore(self, backend: BackendConnection) -> None:
         """Give a new server session this session's state: Baton's tracking, the variables
@@ -463,6 +692,8 @@ class ClientConnection(Connection):
                 )
                 stmt.backend_id = parser.backend_stmt_id
                 stmt.rebound = False
+            for prepare in self.state.restore_sql_prepared():
+                await backend.query(prepare)
         except BackendError as e:
             backend.close()
             raise BackendError(f"cannot restore the session's state on {backend.address}: {e}")
@@ -470,7 +701,12 @@ class ClientConnection(Connection):
     async def refresh_if_stale(self) -> None:
         """Read the state back if tracking marked it stale and no command is in flight; a
         held session's backend is idle, any other session is claimed for the time."""
-        if not self.state.user_variables_stale and self.state.held_locks_sql() is None:
+        state = self.state
+        if (
+            not state.user_variables_stale
+            and not state.last_insert_id_stale
+            and state.held_locks_sql() is None
+        ):
             return
         claimed = self.held_entry is None
         if claimed and not self.claim():
@@ -503,8 +739,8 @@ class ClientConnection(Connection):
         server: an emergency's old primary, which is hung or cut off (after a planned switch
         nothing of ours runs there: the demotion drained or killed it). Its answer would come
         late or never, and its client would wait with it; the connection is closed instead,
-        and the command fails as on any lost connection (a write gets 2013, "may or may not
-        have been executed")."""
+        and the command fails as on any lost connection (a write gets 1927: it may or may not
+        have been executed)."""
         server = self.backend_server
         if (
             self.backend is not None
@@ -535,8 +771,15 @@ class ClientConnection(Connection):
         if self.backend is not None and self.backend.alive and self._epoch == self.ctx.epoch:
             return self.backend
         if self.backend is not None:
-            self._close_backend()
-        if self._connected_before and self._refuse_move():
+            if self.backend.alive:
+                self._close_backend()  # stale: a switch was published since
+            else:
+                self._drop_backend()
+        lost, self._lost_from = self._lost_from, None
+        if lost is not None and await self._lost_alone(*lost):
+            self._end_by_server(lost[0])
+            return None
+        if self._connected_before and self._refuse_move(lost is not None):
             return None
         if self.state.in_transaction:
             # The server rolled the transaction back when the connection went. Going on
@@ -563,10 +806,11 @@ class ClientConnection(Connection):
                 self._write_error(error)
             return None
 
-    def _refuse_move(self) -> bool:
+    def _refuse_move(self, lost: bool) -> bool:
         """A session whose server-side state cannot follow it to a new connection is ended
-        with an error naming that state, rather than going on without it."""
-        found = self.state.unmovable()
+        with an error naming that state, rather than going on without it. `lost`: the old
+        connection broke, so what was not read back from it is gone."""
+        found = self.state.unmovable(lost, self.ctx.routines)
         if not found:
             return False
         parts = []
@@ -587,91 +831,76 @@ class ClientConnection(Connection):
 
     # -- command phase: a callback relay ---------------------------------------------------------
     #
-    # After login the socket is handed to a Protocol. A command the session can relay as it is
-    # (the backend is up, the statement id is known) goes to the backend from the client's
-    # data_received callback, and the response goes back from the backend's: no task, no future.
-    # Commands that need to wait for something (a reconnect, a re-authentication, Baton's own
-    # queries) run in a task; meanwhile the client's next bytes wait in `_inbuf`.
-
-    async def command_phase(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
-        reader = self.stream.reader
-        leftover = bytes(reader._buffer)  # type: ignore[attr-defined]  # sent right after login
-        reader._buffer.clear()  # type: ignore[attr-defined]
-        self._transport.set_protocol(_ClientProtocol(self))
-        self._transport.set_write_buffer_limits(high=HIGH_WATER)
-        # A client that sent more than the stream reader's limit right after login (while the
-        # backend connected) got its socket paused by the reader, which nobody reads any more:
-        # reading resumes here, and the relay's own back-pressure takes over.
-        self._transport.resume_reading()
-        if leftover:
-            self.on_client_data(leftover)
-        try:
-            await self._closed
-        finally:
-            if self._task is not None:
-                self._task.cancel()
-
-    def on_client_data(self, data: bytes) -> None:
-        if self._feed_stream:
-            # A task is reading through mysql-mimic's stream (COM_CHANGE_USER's auth switch).
-            self.stream.reader.feed_data(data)
-            return
-        self._inbuf = self._inbuf + data if self._inbuf else data
-        if self.busy and len(self._inbuf) > HIGH_WATER and not self._paused:
-            self._paused = True
-            self._transport.pause_reading()
-        self._pump()
+    # A command the session can relay as it is (the backend is up, the statement id is known)
+    # goes to the backend from the client's data_received callback, and the response goes back
+    # from the backend's: no task, no future. Commands that need to wait for something (a
+    # reconnect, a re-authentication, Baton's own queries) run in a task; meanwhile the
+    # client's next bytes wait in `_inbuf`.
 
     def client_slow(self, slow: bool) -> None:
         self._client_slow = slow
         if self.backend is not None:
             self.backend.pause_reading(slow)
 
-    def on_client_lost(self) -> None:
-        if self.held_entry is not None:
-            entry, self.held_entry = self.held_entry, None
-            self.ctx.holder.cancel(entry)
-        if not self._closed.done():
-            self._closed.set_result(None)
+    def backend_full(self, full: bool) -> None:
+        """The server's connection has more of our writes queued than it takes (a large
+        command or a LOAD DATA file): stop reading the client until it drains."""
+        self._backend_full = full
+        if full:
+            self._pause(True)
+        else:
+            self._pump()
 
     def _close(self) -> None:
-        self._transport.close()
-        self.on_client_lost()
+        self._gone = True
+        if self._transport is not None:
+            self._transport.close()
 
     def _pump(self) -> None:
         """Take whole packets from the client while the session is free to act on them."""
-        if self._closed.done():
+        if self._gone or self._backend_full:
             return
-        limit = self.ctx.config.proxy.max_packet_size
-        while (not self.busy or self._infile) and len(self._inbuf) >= 4:
-            buf = self._inbuf
-            length = buf[0] | buf[1] << 8 | buf[2] << 16
-            end = 4 + length
-            while length == MAX_PAYLOAD and end - 4 <= limit:
+        limit = self.ctx.max_packet
+        buf = self._inbuf
+        while (not self.busy or self._infile or self._streaming) and len(buf) - self._inpos >= 4:
+            pos = self._inpos
+            length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            if self._streaming:
+                if not self._stream_packet(pos, length, limit):
+                    break
+                continue
+            end = pos + 4 + length
+            total = length  # the command's payload, over all its packets
+            while length == MAX_PAYLOAD and total <= limit:
                 # A command of 16 MiB or more spans several packets.
                 if len(buf) < end + 4:
                     break
                 length = buf[end] | buf[end + 1] << 8 | buf[end + 2] << 16
                 end += 4 + length
-            if end - 4 > limit:
-                self._protocol_error(
-                    ErrorKind.PACKET_TOO_LARGE,
-                    f"Got a packet bigger than max_packet_size ({limit} bytes); "
-                    "closing the connection",
-                )
+                total += length
+            if total > limit:
+                self._too_large(limit)
                 return
+            if not self._infile and buf[pos + 3] != 0 and length != 0:
+                self._protocol_error(None, "malformed command packet")
+                return
+            if (
+                total >= MAX_PAYLOAD
+                and len(buf) >= pos + 4 + MAX_PAYLOAD
+                and not self._infile
+                and self._can_stream(buf[pos + 4])
+            ):
+                # Large commands go on packet by packet as they arrive, not kept whole.
+                self._start_stream(pos)
+                continue
             if len(buf) < end or length == MAX_PAYLOAD:
                 break  # the rest of the command has not arrived yet
-            if len(buf) == end:
-                raw, self._inbuf = buf, b""
-            else:
-                raw, self._inbuf = buf[:end], buf[end:]
+            raw = bytes(buf[pos:end])
+            self._consume(end - pos)
             if self._infile:
                 self._infile_packet(raw)
-            elif raw[3] != 0 or end == 4:
-                self._protocol_error(None, "malformed command packet")
+            elif end == pos + 4:
+                self._protocol_error(None, "empty command packet")
                 return
             else:
                 self._failed_once = False  # a new command from the client
@@ -679,11 +908,58 @@ class ClientConnection(Connection):
                     self._hold(raw)
                 else:
                     self._command(raw)
-            if self._closed.done():
+            if self._gone:
                 return
-        if self._paused and not self.busy:
-            self._paused = False
-            self._transport.resume_reading()
+        if not self.busy or self._infile or self._streaming:
+            self._pause(False)
+
+    def _too_large(self, limit: int) -> None:
+        self._protocol_error(
+            ErrorKind.PACKET_TOO_LARGE,
+            f"Got a packet bigger than max_allowed_packet ({limit} bytes); the statement was "
+            "not executed and Baton closes the connection",
+        )
+
+    def _can_stream(self, command: int) -> bool:
+        """A large command is passed on packet by packet only when it would be relayed at
+        once; one that must wait (held, or for a reconnect) is kept whole."""
+        backend = self.backend
+        return (
+            command == Command.QUERY
+            and backend is not None
+            and backend.alive
+            and self._epoch == self.ctx.epoch
+            and not self._should_hold()
+        )
+
+    def _start_stream(self, pos: int) -> None:
+        buf = self._inbuf
+        first = bytes(buf[pos : pos + 4 + MAX_PAYLOAD])
+        self._consume(4 + MAX_PAYLOAD)
+        self._raw = b""  # its bytes are not kept: it can never be sent again
+        self._command_byte = first[4]
+        self._started = time.perf_counter()
+        self._streaming = MAX_PAYLOAD
+        self._send(first[4], first)
+
+    def _stream_packet(self, pos: int, length: int, limit: int) -> bool:
+        """The next packet of a large command; False when it has not arrived whole."""
+        end = pos + 4 + length
+        if len(self._inbuf) < end:
+            return False
+        self._streaming += length
+        if self._streaming > limit:
+            self._drop_backend()
+            self._too_large(limit)
+            return False
+        packet = bytes(self._inbuf[pos:end])
+        self._consume(end - pos)
+        if length < MAX_PAYLOAD:
+            self._streaming = 0
+        backend = self.backend
+        if backend is not None and backend.alive:
+            backend.write(packet)
+        return True
 
     def _protocol_error(self, kind: ErrorKind | None, message: str) -> None:
         log.info("session %d: closing: %s", self.connection_id, message)
@@ -701,13 +977,30 @@ class ClientConnection(Connection):
             self._close()
             return
         backend = self.backend
-        ready = backend is not None and backend._lost is None and self._epoch == self.ctx.epoch
-        if command in _RELAYED:
+        ready = backend is not None and backend.alive and self._epoch == self.ctx.epoch
+        if ready and (
+            command == Command.PROCESS_KILL
+            or (command == Command.QUERY and len(raw) > 9 and raw[5] | 0x20 == 0x6B)  # k, K
+        ):
+            # Translated only on a current connection: a thread id means one server.
+            killed = self._kill(raw)
+            if killed is None:
+                self._finish()
+                return
+            command, raw = Command.QUERY, killed
+        if command in _RELAYED or command == Command.PROCESS_KILL:
             if ready:
                 self._send(command, raw)
                 return
-        elif command in _STMT_COMMANDS:
-            client_id = stmt_id(raw[4:]) if len(raw) >= 9 else -1
+        elif command in STMT_HEADER:
+            try:
+                client_id = check_stmt_header(raw[4:])
+            except ClientPacketError as e:
+                if command not in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
+                    # The server's answer to a truncated header (it answers neither of those).
+                    self._error(ErrorKind.MALFORMED_PACKET, f"Malformed communication packet: {e}")
+                self._finish()
+                return
             stmt = self.state.statements.get(client_id)
             if stmt is None:
                 self._unknown_statement(command, client_id)
@@ -748,6 +1041,39 @@ class ClientConnection(Connection):
             return
         self.busy = True
         self._spawn(self._slow_command(command, raw))
+
+    def _kill(self, raw: bytes) -> bytes | None:
+        """`KILL [CONNECTION | QUERY] <id>` (or COM_PROCESS_KILL) naming a Baton session: the
+        same KILL of that session's server thread, sent on this session's own connection, so
+        that the server allows it exactly when it would direct (the same user, or CONNECTION
+        ADMIN). Any other statement or id goes to the server unchanged. None when answered
+        here (no such session)."""
+        if raw[4] == Command.PROCESS_KILL:
+            if len(raw) < 9:
+                self._error(ErrorKind.MALFORMED_PACKET, "Malformed communication packet")
+                return None
+            words, target = b"KILL", int.from_bytes(raw[5:9], "little")
+        else:
+            m = _KILL.fullmatch(raw, 5)
+            if m is None:
+                return raw
+            words, target = m.group(1), int(m.group(2))
+        if not SESSION_ID_BASE <= target < SESSION_ID_BASE + SESSION_ID_SPAN:
+            return raw if raw[4] == Command.QUERY else frame(b"\x03KILL %d" % target, 0)
+        other = self.ctx.sessions.get(target)
+        thread = other.server_thread if other is not None else None
+        if thread is None or other is None or other.backend_server != self.backend_server:
+            self._error(ErrorKind.NO_SUCH_THREAD, f"Unknown thread id: {target}")
+            return None
+        return frame(b"\x03" + words + b" %d" % thread, 0)
+
+    @property
+    def server_thread(self) -> int | None:
+        """The server's thread id of this session's connection, if it has one."""
+        backend = self.backend
+        if backend is None or not backend.alive or backend.handshake is None:
+            return None
+        return backend.handshake.connection_id
 
     async def _slow_command(self, command: int, raw: bytes) -> None:
         """Commands that must wait: a reconnect first, or a re-authentication."""
@@ -799,7 +1125,7 @@ class ClientConnection(Connection):
     def _infile_packet(self, raw: bytes) -> None:
         """LOAD DATA LOCAL: the client's file goes to the server, up to the empty packet."""
         backend = self.backend
-        if backend is None or backend._lost is not None:
+        if backend is None or not backend.alive:
             return  # _response_done has already reported the loss
         if len(raw) > 4:
             backend.write(raw)
@@ -833,7 +1159,7 @@ class ClientConnection(Connection):
                 return
             self._finish()
             return
-        if parser._phase is Phase.INFILE:
+        if parser.phase is Phase.INFILE:
             self._infile = True
             self._pump()
             return
@@ -846,13 +1172,17 @@ class ClientConnection(Connection):
                 self._finish()
             return
         command = parser.command
-        if state.apply(parser.status, parser.tracked) and command == Command.QUERY:
-            state.note_statement(self._raw[5:])
+        changed = state.apply(parser.status, parser.tracked)
         err = parser.err
+        retrack = False
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
         elif command == Command.QUERY:
-            state.note_locks(self._raw, 5)
+            retrack = self._after_statement(self._raw, 5, changed)
+        elif command == Command.STMT_EXECUTE:
+            stmt = state.statements.get(check_stmt_header(self._raw[4:]))
+            if stmt is not None:
+                retrack = self._after_statement(stmt.sql, 0, changed)
         elif command == Command.STMT_PREPARE:
             state.add_statement(
                 parser.client_stmt_id,
@@ -863,12 +1193,35 @@ class ClientConnection(Connection):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
+            retrack = True
+        if retrack:
             self._spawn(self._retrack())
             return
         self._finish()
 
+    def _after_statement(self, sql: bytes, start: int, changed: bool) -> bool:
+        """What the statement just run did that the server's reports leave out (its text from
+        `start`); True when Baton must set its session tracking again."""
+        ok = self._parser.ok
+        state = self.state
+        retrack = state.after_statement(
+            sql, start, changed, ok.last_insert_id if ok is not None else 0
+        )
+        if state.routines:
+            self._inspect_routines()
+        return retrack
+
+    def _inspect_routines(self) -> None:
+        """Read the body of every stored routine the session called that Baton has not read
+        yet (once per routine, through the admin account): what it may leave behind decides
+        whether the session can move."""
+        for name in self.state.routines - self.ctx.routines.keys():
+            self.ctx.routines[name] = None
+            asyncio.get_running_loop().create_task(self.ctx.inspect_routine(name))
+
     async def _retrack(self) -> None:
-        """After COM_RESET_CONNECTION the server forgot Baton's tracking settings too."""
+        """Set Baton's session tracking again: after COM_RESET_CONNECTION the server forgot
+        it, and a statement of the client's may have changed it."""
         try:
             assert self.backend is not None
             await self.backend.query(TRACKING_SQL)
@@ -928,7 +1281,12 @@ class ClientConnection(Connection):
         """Could this command wait for the next primary if it fails on this one? Only once,
         only outside a transaction (the server rolled the rest of it back), and only commands
         that can be sent again as they are."""
-        return command in _RETRYABLE and not self._failed_once and not self.state.in_transaction
+        return (
+            command in _RETRYABLE
+            and bool(self._raw)
+            and not self._failed_once
+            and not self.state.in_transaction
+        )
 
     def _failed(
         self,
@@ -973,10 +1331,18 @@ class ClientConnection(Connection):
         server = self.backend_server
         error = self._error_packet(ErrorKind.BACKEND_LOST, self._loss_message(exc))
         hopeless = not self._reads_only()
-        if not hopeless:
+        lost = self._lost_from
+        if not hopeless and lost is not None:
+            # A read waits for the next primary unless the loss was this session's alone;
+            # a write's client hears at once, and its next command finds out which it was.
+            self._lost_from = None
             try:
-                hopeless = await self.ctx.primary_writable()
+                alone = await self._lost_alone(*lost)
             except asyncio.CancelledError:
+                return
+            if alone:
+                self._write_error(error)
+                self._end_by_server(lost[0])
                 return
         if not self._failed(
             FailureCause.LOST, error, server.name if server else None, hopeless=hopeless
@@ -992,7 +1358,7 @@ class ClientConnection(Connection):
         if command == Command.QUERY:
             return reads_only(raw, 5)
         if command == Command.STMT_EXECUTE:
-            stmt = self.state.statements.get(stmt_id(raw[4:]))
+            stmt = self.state.statements.get(check_stmt_header(raw[4:]))
             return stmt is not None and reads_only(stmt.sql)
         return True
 
@@ -1062,33 +1428,65 @@ class ClientConnection(Connection):
         )
 
     async def _change_user(self, raw: bytes) -> bool:
-        """Re-authenticate against Baton's users, then give the backend session a clean slate."""
-        self.stream.seq.value = 1
-        change = mimic_packets.parse_com_change_user(
-            capabilities=self.capabilities, client_charset=self.client_charset, data=raw[5:]
-        )
-        self._feed_stream = True
+        """COM_CHANGE_USER: check the new login as at connect (always after an auth switch,
+        as MariaDB does), then give the session a server connection as the new account. A
+        refusal is the error the server would send, and the session stays as it was. False
+        when the client cannot be answered any more."""
+        ctx = self.ctx
         try:
-            await self.authenticate(
-                username=change.username,
-                auth_response=change.auth_response,
-                client_plugin_name=change.client_plugin,
-                connect_attrs=change.connect_attrs or {},
+            change = parse_change_user(raw[4:], self.client_caps)
+        except ClientPacketError as e:
+            self._error(ErrorKind.MALFORMED_PACKET, f"Malformed communication packet: {e}")
+            return True
+        try:
+            verified = await verify(
+                self,
+                ctx.accounts,
+                self._login_settings(self.client_caps),
+                change.user,
+                change.auth_plugin,
+                change.auth_response,
+                None,
+                0,
             )
-        except LoginFailed:
-            return False
-        finally:
-            self._feed_stream = False
-            self.stream.reset_seq()
-        self.state.reset(change.database or None)
-        backend = self.backend
-        if backend is not None and backend.alive:
-            await backend.command(frame(bytes((Command.RESET_CONNECTION,)), 0))
-            await backend.query(TRACKING_SQL)
-            if change.database:
-                await backend.command(
-                    frame(bytes((Command.INIT_DB,)) + change.database.encode(), 0)
+        except LoginRefused as e:
+            metrics.LOGIN_FAILURES.labels(str(e.reason)).inc()
+            log.info(
+                "session %d: change of user to %r refused: %s", self.connection_id, change.user, e
+            )
+            if e.packet is not None:
+                self._write_error(e.packet)
+            return e.reason is not LoginFailure.BAD_HANDSHAKE
+        collation = change.collation if change.collation is not None else self.state.collation
+        epoch = ctx.epoch
+        server = ctx.primary()
+        try:
+            backend = await ctx.connect(
+                server, verified.login, self.client_caps, collation, change.database, self._peer
+            )
+        except BackendError as e:
+            err = e.err
+            if err is None:
+                err_packet = ErrorKind.BACKEND_UNREACHABLE.packet(
+                    f"Baton cannot reach the primary {server.name} to change user: {e}"
                 )
+            else:
+                err_packet = make_err(err.code, err.sqlstate, err.message)
+            self._write_error(frame(err_packet, verified.seq))
+            return True
+        self._close_backend()
+        self.login = verified.login
+        self.state.user = change.user
+        self.state.collation = collation
+        self.state.reset(change.database)
+        try:
+            await self._restore(backend)  # only Baton's tracking: the new session is empty
+        except BackendError as e:
+            lost = ErrorKind.BACKEND_LOST.packet(self._loss_message(e))
+            self._write_error(frame(lost, verified.seq))
+            return True
+        self._attach(backend, server, epoch)
+        self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
         return True
 
     # -- errors ----------------------------------------------------------------------------------
@@ -1106,11 +1504,39 @@ class ClientConnection(Connection):
         self._write(packet)
 
     def _drop_backend(self) -> None:
+        """The server connection broke: remember where and when, so that the next command can
+        tell a switch (move on) from the server ending this session (as direct: it ends)."""
         server = self.backend_server
         if server is not None:
             metrics.BACKEND_LOST.labels(server.name).inc()
+            self._lost_from = (server, self._epoch)
         self._close_backend()
         self.state.in_flight = None
+
+    async def _lost_alone(self, server: ServerConfig, epoch: int) -> bool:
+        """Was the loss this session's alone (a KILL, its wait_timeout, a network fault on
+        this connection)? Yes when no switch came since, none is under way, and the server
+        is still the primary and takes writes. Sessions that lose their connections
+        together share one probe."""
+        ctx = self.ctx
+        if epoch != ctx.epoch or ctx.holder.should_hold(self._shard):
+            return False
+        if ctx.primary().name != server.name:
+            return False
+        return await ctx.primary_writable()
+
+    def _end_by_server(self, server: ServerConfig) -> None:
+        """The server ended this session on its own terms: the client's connection ends too,
+        and its library reports the loss (2013 or 2006) as it would direct. Moving the session
+        to a new connection would hide the end and lose what the server dropped with it."""
+        metrics.SESSIONS_ENDED_BY_SERVER.inc()
+        log.info(
+            "session %d: %s ended its connection (a KILL, wait_timeout, or a fault on it) while "
+            "it is the writable primary; closing the client connection",
+            self.connection_id,
+            server.name,
+        )
+        self._close()
 
     @staticmethod
     def _loss_message(e: BackendError) -> str:
@@ -1129,58 +1555,24 @@ class ClientConnection(Connection):
         return True
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """The client socket's protocol after login; everything goes to the ClientConnection."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: ClientConnection) -> None:
-        self.conn = conn
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.conn.on_client_data(data)
-        except Exception:
-            self.conn.crashed()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.on_client_lost()
-
-    def eof_received(self) -> bool:
-        self.conn.on_client_lost()
-        return False
-
-    # The transport calls these around its write-buffer limits: a client that reads slowly
-    # stops the server's results at the backend socket instead of in Baton's memory.
-    def pause_writing(self) -> None:
-        self.conn.client_slow(True)
-
-    def resume_writing(self) -> None:
-        self.conn.client_slow(False)
-
-
-class ProxyServer(MysqlServer):
-    """mysql-mimic's accept loop, creating Baton's ClientConnection for each socket."""
+class ProxyServer:
+    """The listening socket: a `ClientConnection` for every client that connects."""
 
     def __init__(self, ctx: ProxyContext) -> None:
-        super().__init__()
         self.ctx = ctx
+        self._server: asyncio.AbstractServer | None = None
 
-    async def _client_connected_cb(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session_id = self.ctx.next_id
-        self.ctx.next_id += 1
-        metrics.CLIENT_CONNECTIONS.inc()
-        metrics.CLIENT_CONNECTIONS_TOTAL.inc()
-        conn = ClientConnection(MysqlStream(reader, writer), self.ctx, session_id)
-        try:
-            await conn._start()
-        except Exception:
-            log.exception("session %d failed", session_id)
-        finally:
-            metrics.CLIENT_CONNECTIONS.dec()
-            writer.close()
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx
+        self._server = await loop.create_server(
+            lambda: ClientConnection(ctx, ctx.new_session_id()),
+            host,
+            port,
+            reuse_address=True,
+            backlog=1024,
+        )
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()

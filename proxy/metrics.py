@@ -30,7 +30,18 @@ CLIENT_CONNECTIONS_TOTAL = Counter(
     "baton_client_connections_accepted", "Client connections accepted", registry=REGISTRY
 )
 LOGIN_FAILURES = Counter(
-    "baton_login_failures", "Client logins refused (the connection is closed)", registry=REGISTRY
+    "baton_login_failures",
+    "Client logins refused, by reason (access_denied, unknown_user, unfenced_user, "
+    "unsupported_plugin, bad_handshake, timeout, server_refused, client_gone)",
+    ["reason"],
+    registry=REGISTRY,
+)
+CONNECTIONS_REFUSED = Counter(
+    "baton_connections_refused",
+    "Client connections refused before the greeting, by reason (max_connections, fd_budget, "
+    "blocked)",
+    ["reason"],
+    registry=REGISTRY,
 )
 ERRORS = Counter(
     "baton_errors",
@@ -132,6 +143,12 @@ FAILED_COMMANDS = Counter(
     "Commands that failed on the primary before any of their result reached the client, by "
     "cause (read_only, lost, unreachable) and outcome (held for the next primary, or passed)",
     ["cause", "outcome"],
+    registry=REGISTRY,
+)
+SESSIONS_ENDED_BY_SERVER = Counter(
+    "baton_sessions_ended_by_server",
+    "Sessions whose server connection the writable primary ended (a KILL, wait_timeout), "
+    "ended for the client too, as direct",
     registry=REGISTRY,
 )
 SESSIONS_REFUSED = Counter(

@@ -8,7 +8,6 @@ they are relayed as bytes (see `response.py`).
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 from dataclasses import dataclass, field
 
@@ -152,6 +151,14 @@ class Track(enum.IntEnum):
 
 class PacketError(Exception):
     """A packet that does not parse: the connection that sent it cannot be trusted further."""
+
+
+class ServerRefused(PacketError):
+    """The server answered a new connection with an error instead of its greeting."""
+
+    def __init__(self, err: Err) -> None:
+        super().__init__(f"server refused the connection: {err.code} {err.message}")
+        self.err = err
 
 
 def frame(payload: bytes, seq: int) -> bytes:
@@ -350,25 +357,28 @@ class ServerHandshake:
 
 
 def parse_server_handshake(payload: bytes) -> ServerHandshake:
-    """HandshakeV10 from a backend, including MariaDB's extended capability bytes."""
+    """HandshakeV10 from a backend, including MariaDB's extended capability bytes. A server
+    that refuses the connection sends an ERR instead (1040, 1129): `ServerRefused`."""
+    if payload[:1] == b"\xff":
+        raise ServerRefused(parse_err(payload))
     if not payload or payload[0] != 10:
-        if payload[:1] == b"\xff":
-            err = parse_err(payload)
-            raise PacketError(f"server refused the connection: {err.code} {err.message}")
         raise PacketError("not a protocol 10 handshake")
-    end = payload.index(b"\x00", 1)
-    version = payload[1:end].decode("utf-8", "replace")
-    pos = end + 1
-    conn_id = _U32.unpack_from(payload, pos)[0]
-    auth1 = payload[pos + 4 : pos + 12]
-    pos += 13
-    caps = _U16.unpack_from(payload, pos)[0]
-    collation = payload[pos + 2]
-    status = _U16.unpack_from(payload, pos + 3)[0]
-    caps |= _U16.unpack_from(payload, pos + 5)[0] << 16
-    auth_len = payload[pos + 7]
-    # Six filler bytes, then four bytes of MariaDB extended capabilities.
-    caps |= _U32.unpack_from(payload, pos + 14)[0] << 32
+    try:
+        end = payload.index(b"\x00", 1)
+        version = payload[1:end].decode("utf-8", "replace")
+        pos = end + 1
+        conn_id = _U32.unpack_from(payload, pos)[0]
+        auth1 = payload[pos + 4 : pos + 12]
+        pos += 13
+        caps = _U16.unpack_from(payload, pos)[0]
+        collation = payload[pos + 2]
+        status = _U16.unpack_from(payload, pos + 3)[0]
+        caps |= _U16.unpack_from(payload, pos + 5)[0] << 16
+        auth_len = payload[pos + 7]
+        # Six filler bytes, then four bytes of MariaDB extended capabilities.
+        caps |= _U32.unpack_from(payload, pos + 14)[0] << 32
+    except (ValueError, IndexError, struct.error):
+        raise PacketError("truncated server handshake")
     pos += 18
     auth2 = b""
     if caps & Cap.SECURE_CONNECTION:
@@ -377,7 +387,7 @@ def parse_server_handshake(payload: bytes) -> ServerHandshake:
         pos += n
     plugin = ""
     if caps & Cap.PLUGIN_AUTH:
-        plugin = payload[pos:].split(b"\x00", 1)[0].decode()
+        plugin = payload[pos:].split(b"\x00", 1)[0].decode("ascii", "replace")
     return ServerHandshake(version, conn_id, caps, collation, status, auth1 + auth2, plugin)
 
 
@@ -406,25 +416,16 @@ def make_server_handshake(
     )
 
 
-def native_password_scramble(password: str, nonce: bytes) -> bytes:
-    if not password:
-        return b""
-    stage1 = hashlib.sha1(password.encode()).digest()
-    stage2 = hashlib.sha1(stage1).digest()
-    mix = hashlib.sha1(nonce[:20] + stage2).digest()
-    return bytes(a ^ b for a, b in zip(stage1, mix, strict=True))
-
-
 def make_handshake_response(
     capabilities: int,
     collation: int,
     user: str,
-    password: str,
-    nonce: bytes,
+    auth: bytes,
     database: str | None,
     attrs: dict[str, str] | None = None,
 ) -> bytes:
-    """HandshakeResponse41 from Baton to a backend (mysql_native_password)."""
+    """HandshakeResponse41 from Baton to a backend, with `auth` already computed for the
+    server's nonce (mysql_native_password)."""
     caps = capabilities
     if database:
         caps |= Cap.CONNECT_WITH_DB
@@ -434,7 +435,6 @@ def make_handshake_response(
         caps |= Cap.CONNECT_ATTRS
     else:
         caps &= ~Cap.CONNECT_ATTRS
-    auth = native_password_scramble(password, nonce)
     out = bytearray()
     out += _U32.pack(caps & 0xFFFFFFFF)
     out += _U32.pack(MAX_PAYLOAD)
@@ -449,13 +449,38 @@ def make_handshake_response(
         out += auth
     if database:
         out += database.encode() + b"\x00"
-    out += b"mysql_native_password\x00"
+    if caps & Cap.PLUGIN_AUTH:
+        out += b"mysql_native_password\x00"
     if attrs:
         blob = b"".join(
             lenenc_bytes(k.encode()) + lenenc_bytes(v.encode()) for k, v in attrs.items()
         )
         out += lenenc_bytes(blob)
     return bytes(out)
+
+
+def make_ok(status: int, seq: int) -> bytes:
+    """A bare OK packet (no rows, no insert id) with these status flags."""
+    return frame(b"\x00\x00\x00" + _U16.pack(status) + b"\x00\x00", seq)
+
+
+def make_auth_switch(plugin: str, nonce: bytes) -> bytes:
+    """AuthSwitchRequest: answer `nonce` again, with `plugin`."""
+    return b"\xfe" + plugin.encode() + b"\x00" + nonce + b"\x00"
+
+
+def parse_auth_switch(payload: bytes) -> tuple[str, bytes]:
+    """A server's AuthSwitchRequest: the plugin it wants and its nonce."""
+    end = payload.find(b"\x00", 1)
+    if end < 0:
+        raise PacketError("auth switch request without a plugin name")
+    return payload[1:end].decode("ascii", "replace"), payload[end + 1 :].rstrip(b"\x00")
+
+
+def proxy_header(client: tuple[str, int], local: tuple[str, int]) -> bytes:
+    """A PROXY protocol v1 line: the server sees the client's address instead of Baton's."""
+    family = "TCP6" if ":" in client[0] else "TCP4"
+    return f"PROXY {family} {client[0]} {local[0]} {client[1]} {local[1]}\r\n".encode()
 
 
 def stmt_id(payload: bytes) -> int:

@@ -83,6 +83,7 @@ class ResponseParser:
         "_phase",
         "_count",
         "_pending",
+        "_skip",
         "_continued",
         "_seq",
         "command",
@@ -106,6 +107,7 @@ class ResponseParser:
         self._phase = Phase.DONE
         self._count = 0
         self._pending = b""
+        self._skip = 0
         self._continued = False
         self._seq = 0
         self.command = 0
@@ -152,6 +154,7 @@ class ResponseParser:
         self.client_stmt_id = client_stmt_id
         self.infile_refused = not infile_allowed
         self._pending = b""
+        self._skip = 0
         self._continued = False
         if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA, Command.QUIT):
             self._phase = Phase.DONE
@@ -172,6 +175,13 @@ class ResponseParser:
             self._pending = b""
         n = len(data)
         pos = 0
+        if self._skip:
+            # The rest of a large packet whose head was already classified: relay it as it
+            # comes, so a row of many MiB costs no more than its bytes.
+            pos = min(self._skip, n)
+            self._skip -= pos
+            if pos == n:
+                return data
         out_start = 0
         pieces: list[bytes] | None = None
         rows = Phase.ROWS
@@ -183,6 +193,10 @@ class ResponseParser:
             length = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
             end = pos + 4 + length
             if end > n:
+                if pos + 4 < n and self._passes_through(data[pos + 4], length):
+                    self._continued = length == MAX_PAYLOAD
+                    self._skip = end - n
+                    pos = n
                 break
             if self._continued:
                 # The tail of a packet of 16 MiB or more: nothing to classify.
@@ -216,6 +230,16 @@ class ResponseParser:
             return data[out_start:pos] if (out_start or pos < n) else data
         pieces.append(data[out_start:pos])
         return b"".join(pieces)
+
+    def _passes_through(self, first: int, length: int) -> bool:
+        """Is a packet that has not fully arrived one the parser need not read whole: the
+        tail of a packet of 16 MiB or more, or a row that is not a terminator? (Its header
+        and first byte say so.)"""
+        if self._continued:
+            return True
+        if self._phase is Phase.ROWS:
+            return first != 0xFE and first != 0xFF or (first == 0xFE and length >= MAX_PAYLOAD)
+        return False
 
     # -- one complete packet ------------------------------------------------------------
 

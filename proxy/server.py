@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -11,18 +12,20 @@ from pathlib import Path
 import uvloop
 
 from proxy import metrics
+from proxy.accounts import Accounts, book_from_config
+from proxy.admission import Admission
 from proxy.backend import BackendConnection, BackendError
 from proxy.control import ControlServer
 from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
 from proxy.hold import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
 from proxy.router import Router
-from reparent.admin import AdminPool
-from reparent.config import Config, ConfigError, ServerConfig, load
+from reparent.admin import AdminConnection, AdminError, AdminPool
+from reparent.config import Config, ConfigError, ServerConfig, check_files, load
 from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
 from reparent.revoke import FollowerFencing, GracefulDemotion
-from reparent.topology import FileStore, ReparentKind
+from reparent.topology import FileStore, ReparentKind, TopologyError
 from reparent.watch import Watch
 
 log = logging.getLogger("baton")
@@ -50,6 +53,44 @@ async def probe_identity(server: ServerConfig, timeout: float) -> BackendIdentit
     )
 
 
+DEFAULT_MAX_PACKET = 64 << 20  # when the primary's max_allowed_packet cannot be read
+
+
+def file_limit() -> int:
+    """Raise the soft limit on open files to the hard one, and return it: every session
+    holds two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+    return soft
+
+
+def max_allowed_packet(config: Config) -> int:
+    """The largest command a client may send: the config's, else the primary's own limit, so
+    an oversized command is refused by Baton at once instead of relayed to be refused."""
+    if config.proxy.max_packet_size is not None:
+        return config.proxy.max_packet_size
+    primary = config.shard.primary
+    try:
+        conn = AdminConnection(primary, config.admin, config.proxy.backend_connect_timeout)
+        try:
+            return int(conn.query("SELECT @@global.max_allowed_packet AS m")[0]["m"])
+        finally:
+            conn.close()
+    except AdminError as e:
+        log.warning(
+            "cannot read max_allowed_packet from %s (%s); using %d",
+            primary.name,
+            e,
+            DEFAULT_MAX_PACKET,
+        )
+        return DEFAULT_MAX_PACKET
+
+
 async def run(config: Config, adopt: bool = False) -> None:
     primary = config.shard.primary
     try:
@@ -70,17 +111,34 @@ async def run(config: Config, adopt: bool = False) -> None:
     router = Router(config, store, controller.owner)
     holder = Holder(config.buffer)
     metrics.REGISTRY.register(holder)
-    ctx = ProxyContext(config=config, identity=identity, router=router, holder=holder)
+    accounts = Accounts(
+        book_from_config(config.users) if config.users else None,
+        lambda: [router.primary(config.proxy.shard), *config.shard.servers],
+        config.admin,
+    )
+    admission = Admission(
+        max_connections=config.proxy.max_connections,
+        fd_limit=file_limit(),
+        max_connect_errors=config.proxy.max_connect_errors,
+    )
+    ctx = ProxyContext(
+        config=config,
+        identity=identity,
+        router=router,
+        holder=holder,
+        accounts=accounts,
+        admission=admission,
+        max_packet=await asyncio.to_thread(max_allowed_packet, config),
+    )
     router.listener = ctx
     await router.start()
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)
     # Nothing acts on a shard before its servers were compared with the config and store.
     await controller.apply_durability(skip=await controller.check_at_start(adopt))
+    refresh = asyncio.ensure_future(accounts.refresh_forever())
     server = ProxyServer(ctx)
-    await server.start_server(
-        host=config.proxy.listen_host, port=config.proxy.listen_port, reuse_address=True
-    )
+    await server.start(config.proxy.listen_host, config.proxy.listen_port)
     control = ControlServer(ctx, controller, config.proxy.control_socket)
     await control.start()
     watch = None
@@ -108,6 +166,7 @@ async def run(config: Config, adopt: bool = False) -> None:
     log.info("baton stopping")
     if watch is not None:
         watch.close()
+    refresh.cancel()
     server.close()
     control.close()
     router.close()
@@ -119,12 +178,13 @@ def main(config_path: str, adopt: bool = False) -> int:
     )
     try:
         config = load(config_path)
+        check_files(config)
     except ConfigError as e:
         print(f"baton: bad config: {e}", file=sys.stderr)
         return 2
     try:
         uvloop.run(run(config, adopt))
-    except OSError as e:
+    except (OSError, TopologyError) as e:  # a port in use; a store file that cannot be used
         print(f"baton: cannot start: {e}", file=sys.stderr)
         return 1
     return 0

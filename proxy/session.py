@@ -39,6 +39,29 @@ class Unmovable(enum.StrEnum):
     USER_LOCKS = "user_locks"  # GET_LOCK
     TABLE_LOCKS = "table_locks"  # LOCK TABLES
     XA = "xa"
+    # Known only while the old server answers; unknown after the connection was lost.
+    USER_VARIABLES = "user_variables"  # set since Baton last read them back
+    UNTRACKED_VARIABLES = "untracked_variables"  # changed while session tracking was off
+    SQL_PREPARED = "sql_prepared"  # PREPARE ... FROM @variable: its text is not known
+    ROUTINE_STATE = "routine_state"  # what a stored routine it called may have left
+
+
+# A stored routine's body, screened for state it may leave in the session: what it may leave.
+ROUTINE_HAZARDS = (
+    (re.compile(rb"(?i)\btemporary\s+table"), "temporary tables"),
+    (re.compile(rb"(?i)\bget_lock\s*\("), "user locks"),
+    (re.compile(rb"(?i)\block\s+tables?\b"), "table locks"),
+    (re.compile(rb"(?i)\bxa\s+(?:start|begin)\b"), "an XA transaction"),
+    (re.compile(rb"(?i)\bprepare\b"), "prepared statements"),
+    (re.compile(rb"(?i)session_track"), "session tracking"),
+    (re.compile(rb"(?i)\bcall\b"), "other routines"),
+)
+
+
+def routine_hazards(body: bytes) -> list[str]:
+    """What a routine body may leave behind that cannot be read back (empty: only variables,
+    which can)."""
+    return [label for pattern, label in ROUTINE_HAZARDS if pattern.search(body)]
 
 
 # Statements are read only where the server's reports leave a gap: a state change that no
@@ -46,15 +69,74 @@ class Unmovable(enum.StrEnum):
 # may take or free a user lock, which the server reports nowhere. The cheap pattern screens
 # every query; the full ones run on the few it lets through.
 _LOCK_HINT = re.compile(rb"_[lL][oO][cC][kK]")
+# What every query is screened for, in one scan: GET_LOCK and friends, LAST_INSERT_ID(expr),
+# session_track_*. Most statements contain none; those that do are read further.
+_HINTS = re.compile(rb"_(?:[lL][oO][cC][kK]|[iI][dD]\b|[tT][rR][aA][cC][kK])")
 _LOCK_CALL = re.compile(
     rb"(?i)\b(get_lock|release_lock|release_all_locks)\s*\(\s*(?:'((?:[^'\\]|\\.)*)'|\))?"
 )
 _TEMP_CREATE = re.compile(
-    rb"(?is)^\s*create\s+(?:or\s+replace\s+)?temporary\s+table\s+(?:if\s+not\s+exists\s+)?"
+    rb"(?is)create\s+(?:or\s+replace\s+)?temporary\s+table\s+(?:if\s+not\s+exists\s+)?"
     rb"([`\w$.]+)"
 )
-_TABLE_DROP = re.compile(rb"(?is)^\s*drop\s+(?:temporary\s+)?tables?\s+(?:if\s+exists\s+)?(.*)")
-_XA_START = re.compile(rb"(?is)^\s*xa\s+(?:start|begin)\b")
+_TABLE_DROP = re.compile(rb"(?is)drop\s+(?:temporary\s+)?tables?\s+(?:if\s+exists\s+)?(.*)")
+_XA_START = re.compile(rb"(?is)xa\s+(?:start|begin)\b")
+# Statements read past their leading comments (`/*! ... */` is code, not a comment).
+_LEADING = re.compile(rb"(?s)(?:\s+|/\*(?!!).*?\*/|(?:--\s|#)[^\n]*(?:\n|$))*")
+_TRACK_HINT = re.compile(rb"(?i)session_track")
+# A SET that assigns session_track_* variables and nothing else.
+_ONLY_TRACKING = re.compile(
+    rb"(?is)set\s+(?:(?:session|local)\s+|@@(?:session\.|local\.)?)?session_track_\w+\s*:?=\s*"
+    rb"(?:'[^']*'|\"[^\"]*\"|[\w.-]+)"
+    rb"(?:\s*,\s*(?:(?:session|local)\s+|@@(?:session\.|local\.)?)?session_track_\w+\s*:?=\s*"
+    rb"(?:'[^']*'|\"[^\"]*\"|[\w.-]+))*\s*;?\s*"
+)
+_USER_VARIABLE = re.compile(rb"(?<!@)@(?!@)")
+_INSERT_ID_CALL = re.compile(rb"(?i)\blast_insert_id\s*\(\s*[^)\s]")
+_SQL_PREPARE = re.compile(
+    rb"(?is)prepare\s+(`[^`]{1,64}`|\w{1,64})\s+from\s+"
+    rb"(?:'((?:[^'\\]|\\.|'')*)'|\"((?:[^\"\\]|\\.|\"\")*)\"|(@))"
+)
+_SQL_DEALLOCATE = re.compile(rb"(?is)(?:deallocate|drop)\s+prepare\s+(`[^`]{1,64}`|\w{1,64})")
+_SQL_EXECUTE = re.compile(rb"(?is)execute\s+(`[^`]{1,64}`|\w{1,64})")
+_CALL = re.compile(rb"(?is)call\s+((?:`[^`]{1,64}`|\w{1,64})(?:\.(?:`[^`]{1,64}`|\w{1,64}))?)")
+_ESCAPES = {b"0": b"\x00", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a", b"b": b"\b"}
+
+
+_NOT_A_WORD = frozenset(b" \t\r\n\x0b\x0c/-#")
+
+
+def statement_start(sql: bytes, start: int = 0) -> int:
+    """Where a statement's first word begins, past whitespace and comments."""
+    if start >= len(sql) or sql[start] not in _NOT_A_WORD:
+        return start  # the common case: the statement starts with its first word
+    m = _LEADING.match(sql, start)
+    return m.end() if m else start
+
+
+def _unquote(literal: bytes, quote: bytes) -> bytes:
+    """A string literal's bytes (backslash escapes, doubled quotes), as the server reads it
+    under the default sql_mode."""
+    out = bytearray()
+    i = 0
+    while i < len(literal):
+        c = literal[i : i + 1]
+        if c == b"\\" and i + 1 < len(literal):
+            nxt = literal[i + 1 : i + 2]
+            out += _ESCAPES.get(nxt, nxt)
+            i += 2
+        elif c == quote and literal[i + 1 : i + 2] == quote:
+            out += quote
+            i += 2
+        else:
+            out += c
+            i += 1
+    return bytes(out)
+
+
+def _name(raw: bytes) -> str:
+    """A name as written (`quoted` parts, a schema.name pair), lower-cased without quotes."""
+    return raw.decode("utf-8", "surrogateescape").replace("`", "").lower()
 UNKNOWN_LOCK = "?"  # GET_LOCK of an expression: which lock is not known
 # Statements that only read, so that running one twice is harmless.
 _READS = re.compile(rb"(?is)\s*(?:\(\s*)*(?:select|show|describe|desc|help|values)\b")
@@ -79,6 +161,7 @@ READ_BACK_SQL = (
     "SELECT VARIABLE_NAME, VARIABLE_VALUE, VARIABLE_TYPE, CHARACTER_SET_NAME"
     " FROM information_schema.USER_VARIABLES"
     " UNION ALL SELECT NULL, @@collation_connection, NULL, NULL"
+    " UNION ALL SELECT NULL, LAST_INSERT_ID(), 'LAST_INSERT_ID', NULL"
 )
 # Restored first and in this order: each SET of a character set resets the collation after it.
 _CHARSET_ORDER = (
@@ -185,6 +268,17 @@ class SessionState:
     temporary_tables: set[str] = field(default_factory=set)
     user_locks: set[str] = field(default_factory=set)
     xa: bool = False
+    # SQL-level prepared statements by name: their text, or None when prepared from a user
+    # variable (not known to Baton).
+    sql_prepared: dict[str, bytes | None] = field(default_factory=dict)
+    # LAST_INSERT_ID(): from the last OK that carried one, or read back.
+    last_insert_id: int = 0
+    last_insert_id_stale: bool = False
+    # The client changed session_track_* itself: variables it changed meanwhile may not have
+    # been reported, until Baton reads them back.
+    variables_untracked: bool = False
+    # Stored routines the session called, by `schema.name`.
+    routines: set[str] = field(default_factory=set)
 
     @property
     def autocommit(self) -> bool:
@@ -212,27 +306,85 @@ class SessionState:
             elif kind is Track.SCHEMA:
                 self.schema = value or None
             elif kind is Track.STATE_CHANGE:
+                # User variables, temporary tables and the like are not reported one by one:
+                # the statement's text says which (`after_statement`).
                 self.state_changed = value == "1"
-                # User variables, temporary tables and the like are not reported one by one.
-                self.user_variables_stale = True
                 unexplained = True
             elif kind is Track.TRANSACTION_STATE:
                 self.transaction_state = value
                 unexplained = True
         return unexplained
 
-    def note_statement(self, sql: bytes) -> None:
+    def after_statement(
+        self, sql: bytes, start: int, changed: bool, insert_id: int, depth: int = 0
+    ) -> bool:
+        """Fold in what one successful statement (its text from `start`: a query, or the SQL
+        of a prepared statement it executed) did that the server's reports leave out. True
+        when Baton must set its session tracking again (the statement touched it)."""
+        start = statement_start(sql, start)
+        if insert_id:
+            self.last_insert_id = insert_id
+            self.last_insert_id_stale = False
+        if changed:
+            self.note_statement(sql, start)
+            if _USER_VARIABLE.search(sql, start):
+                self.user_variables_stale = True
+        hinted = _HINTS.search(sql, start) is not None  # one cheap scan of every query
+        if hinted:
+            self.note_locks(sql, start)
+            if _INSERT_ID_CALL.search(sql, start):
+                self.last_insert_id_stale = True
+        first = sql[start] | 0x20 if start < len(sql) else 0  # lower-cased, for letters
+        if first == 0x70 or first == 0x64:  # p(repare), d(eallocate), d(rop prepare)
+            self._note_sql_prepare(sql, start)
+        elif first == 0x63 and (m := _CALL.match(sql, start)):
+            name = _name(m.group(1))
+            if "." not in name and self.schema:
+                name = f"{self.schema.lower()}.{name}"
+            self.routines.add(name)
+            self.user_variables_stale = True
+            self.last_insert_id_stale = True
+        elif first == 0x65 and depth == 0 and (m := _SQL_EXECUTE.match(sql, start)):
+            text = self.sql_prepared.get(_name(m.group(1)))
+            if text:
+                return self.after_statement(text, 0, changed, 0, depth=1)
+        if hinted and _TRACK_HINT.search(sql, start):
+            if not _ONLY_TRACKING.fullmatch(sql, start):
+                # It may have changed variables while their tracking was off.
+                self.variables_untracked = True
+            return True
+        return False
+
+    def _note_sql_prepare(self, sql: bytes, start: int) -> None:
+        if m := _SQL_PREPARE.match(sql, start):
+            if m.group(4):
+                self.sql_prepared[_name(m.group(1))] = None
+            else:
+                quote = b"'" if m.group(2) is not None else b'"'
+                literal = m.group(2) if m.group(2) is not None else m.group(3)
+                self.sql_prepared[_name(m.group(1))] = _unquote(literal, quote)
+        elif m := _SQL_DEALLOCATE.match(sql, start):
+            self.sql_prepared.pop(_name(m.group(1)), None)
+
+    def note_statement(self, sql: bytes, start: int = 0) -> None:
         """A statement whose OK reported a change tracking cannot name: temporary tables
         created or dropped, an XA transaction begun."""
-        if m := _TEMP_CREATE.match(sql):
-            self.temporary_tables.add(self._table_name(m.group(1)))
-        elif m := _TABLE_DROP.match(sql):
-            for name in m.group(1).split(b","):
-                words = name.split()
-                if words:
-                    self.temporary_tables.discard(self._table_name(words[0]))
-        elif _XA_START.match(sql):
-            self.xa = True
+        while True:
+            # Each statement of a multi-statement text, from past its leading comments.
+            start = statement_start(sql, start)
+            if m := _TEMP_CREATE.match(sql, start):
+                self.temporary_tables.add(self._table_name(m.group(1)))
+            elif m := _TABLE_DROP.match(sql, start):
+                end = sql.find(b";", start)
+                for name in m.group(1)[: None if end < 0 else end - m.start(1)].split(b","):
+                    words = name.split()
+                    if words:
+                        self.temporary_tables.discard(self._table_name(words[0]))
+            elif _XA_START.match(sql, start):
+                self.xa = True
+            start = sql.find(b";", start) + 1
+            if start <= 0:
+                return
 
     def note_locks(self, sql: bytes, start: int = 0) -> None:
         """Any query (its text from `start`, so the hot path copies nothing): GET_LOCK and
@@ -266,9 +418,33 @@ class SessionState:
             if held != b"1":
                 self.user_locks.discard(name)
 
-    def unmovable(self) -> dict[Unmovable, list[str]]:
-        """What of this session cannot move to another server, with names where known."""
+    def unmovable(
+        self, lost: bool = False, routines: dict[str, list[str]] | None = None
+    ) -> dict[Unmovable, list[str]]:
+        """What of this session cannot move to another server, with names where known.
+
+        `lost`: the old connection is gone, so what Baton has not read back is lost with it.
+        `routines`: what each stored routine may leave behind (None for a routine whose body
+        Baton could not read: it may leave anything)."""
         found: dict[Unmovable, list[str]] = {}
+        if lost and (self.user_variables_stale or self.last_insert_id_stale):
+            found[Unmovable.USER_VARIABLES] = (
+                ["LAST_INSERT_ID()"] if self.last_insert_id_stale else []
+            )
+        if self.variables_untracked:
+            found[Unmovable.UNTRACKED_VARIABLES] = []
+        unknown = sorted(n for n, text in self.sql_prepared.items() if text is None)
+        if unknown:
+            found[Unmovable.SQL_PREPARED] = unknown
+        hazards = []
+        for name in sorted(self.routines):
+            left = (routines or {}).get(name)
+            if left is None:
+                left = ["anything (its body was not read)"]
+            if left:
+                hazards.append(f"{name}: {', '.join(left)}")
+        if hazards:
+            found[Unmovable.ROUTINE_STATE] = hazards
         if self.temporary_tables:
             found[Unmovable.TEMPORARY_TABLES] = sorted(self.temporary_tables)
         if self.user_locks:
@@ -288,7 +464,10 @@ class SessionState:
         variables = {}
         for name, value, kind, charset in rows:
             text = None if value is None else value.decode("utf-8", "surrogateescape")
-            if name is None:
+            if name is None and kind == b"LAST_INSERT_ID":
+                self.last_insert_id = int(text or 0)
+                self.last_insert_id_stale = False
+            elif name is None:
                 self.variables["collation_connection"] = text or ""
             else:
                 variables[name.decode()] = UserVariable(
@@ -325,7 +504,18 @@ class SessionState:
         out += [
             f"@`{n.replace('`', '``')}` = {v.literal()}" for n, v in self.user_variables.items()
         ]
+        if self.last_insert_id:
+            out.append(f"last_insert_id = {self.last_insert_id}")
         return out
+
+    def restore_sql_prepared(self) -> list[str]:
+        """PREPARE statements that give a new server session this session's SQL-level
+        prepared statements (those whose text Baton knows)."""
+        return [
+            f"PREPARE `{name.replace('`', '``')}` FROM X'{text.hex()}'"
+            for name, text in self.sql_prepared.items()
+            if text is not None
+        ]
 
     def reset(self, schema: str | None) -> None:
         """COM_RESET_CONNECTION / COM_CHANGE_USER: the server forgot everything."""
@@ -340,6 +530,11 @@ class SessionState:
         self.temporary_tables.clear()
         self.user_locks.clear()
         self.xa = False
+        self.sql_prepared.clear()
+        self.last_insert_id = 0
+        self.last_insert_id_stale = False
+        self.variables_untracked = False
+        self.routines.clear()
 
     def reserve_statement_id(self) -> int:
         """A client-facing statement id of Baton's, stable across backend changes."""
@@ -367,6 +562,9 @@ class SessionState:
             "state_changed": self.state_changed,
             "in_flight": self.in_flight,
             "unmovable": {str(k): v for k, v in self.unmovable().items()},
+            "last_insert_id": self.last_insert_id,
+            "sql_prepared": sorted(self.sql_prepared),
+            "routines": sorted(self.routines),
             "variables": dict(sorted(self.variables.items())),
             "user_variables": {k: v.value for k, v in sorted(self.user_variables.items())},
             "prepared_statements": [

@@ -8,6 +8,11 @@ fix the file without reading code.
 from __future__ import annotations
 
 import enum
+import math
+import os
+import re
+import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +21,17 @@ from typing import Any
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the key."""
+
+
+# A config is a few KiB; the bound keeps `--config /dev/zero` from reading for ever.
+MAX_CONFIG_BYTES = 1024 * 1024
+# Linux sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+# Every (int, float) key is a duration in seconds. A day bounds them: pymysql refuses a
+# connect_timeout over a year, and a thread's wait or a socket timeout of 1e12 s raises
+# OverflowError ("timestamp out of range for platform time_t").
+MAX_SECONDS = 86400
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Role(enum.StrEnum):
@@ -73,8 +89,24 @@ class ProxyConfig:
     metrics_port: int = 9104
     shard: str = ""
     allow_load_data_local: bool = False
-    max_packet_size: int = 64 * 1024 * 1024
+    # None: the primary's max_allowed_packet, read at start (64 MiB if it cannot be read).
+    max_packet_size: int | None = None
     backend_connect_timeout: float = 2.0
+    connect_timeout: float = 10.0  # seconds a client has to finish logging in
+    max_connections: int = 4096  # client connections, logged in or not
+    max_connect_errors: int = 100  # failed logins in a row that block an address; 0: never
+    # Let in accounts that read_only does not fence (SUPER, READ ONLY ADMIN).
+    allow_unfenced_users: bool = False
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """How Baton connects to the servers for client sessions. Each session logs in as its
+    client's own account, so there is no account here."""
+
+    # Send a PROXY protocol v1 header, so the server sees (and grants by) the client's address;
+    # the servers must list Baton in proxy_protocol_networks.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,8 +146,9 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
-    backend: Account
+    backend: BackendSettings
     admin: Account
+    # A fixed list of logins; empty: the servers' own accounts (proxy/accounts.py).
     users: tuple[Account, ...]
     # The account replicas use to replicate from a new primary; the admin account if absent.
     replication: Account
@@ -142,6 +175,10 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "allow_load_data_local": bool,
     "max_packet_size": int,
     "backend_connect_timeout": (int, float),
+    "connect_timeout": (int, float),
+    "max_connections": int,
+    "max_connect_errors": int,
+    "allow_unfenced_users": bool,
 }
 
 
@@ -150,11 +187,31 @@ def _typed(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where
         raise ConfigError(f"{where}.{key}: missing")
     value = table[key]
     # bool is an int in Python; a port of `true` is still a mistake.
-    if isinstance(value, bool) and kind is not bool:
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    # TOML has nan and inf, and every `<= 0` check lets them through.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}.{key}: expected a finite number, got {value}")
+    if kind == (int, float) and value > MAX_SECONDS:
+        raise ConfigError(f"{where}.{key}: at most {MAX_SECONDS} seconds, got {value}")
+    # Every string key is a name, a host or a path; an empty listen_host would mean all
+    # interfaces, an empty control_socket the config's folder. (Passwords go by _secret.)
+    if isinstance(value, str) and not value:
+        raise ConfigError(f"{where}.{key}: must not be empty")
+    # TOML's \u0000 and friends: a NUL in a path or host raised ValueError deep in os or socket.
+    if isinstance(value, str) and (bad := _CONTROL.search(value)):
+        raise ConfigError(f"{where}.{key}: control character {bad.group()!r} in {value!r}")
     return value
+
+
+def _secret(table: dict[str, Any], key: str, where: str) -> str:
+    """A password: any string, empty too (MariaDB allows it); its value never appears in a
+    message, which may end up in a log or a ticket."""
+    if key not in table:
+        raise ConfigError(f"{where}.{key}: missing")
+    if not isinstance(table[key], str):
+        raise ConfigError(f"{where}.{key}: expected a quoted string (value not shown)")
+    return table[key]
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -184,15 +241,26 @@ def _port(value: int, where: str) -> int:
     return value
 
 
+def _host(value: str, where: str) -> str:
+    """A host name or address that the resolver takes: one with an empty or over-long label
+    (`a..b`, 64+ characters between dots) raised UnicodeError from getaddrinfo at start."""
+    try:
+        value.encode("idna")
+    except UnicodeError as e:
+        raise ConfigError(f"{where}: {value!r} is not a valid host name: {e.__cause__ or e}")
+    return value
+
+
 def _account(table: dict[str, Any], where: str, user_key: str = "user") -> Account:
     _unknown(table, {user_key, "password"}, where)
     return Account(
-        user=_typed(table, user_key, str, where),
-        password=_typed(table, "password", str, where),
+        user=_typed(table, user_key, str, where), password=_secret(table, "password", where)
     )
 
 
-def _proxy(table: dict[str, Any], default_shard: str) -> ProxyConfig:
+def _proxy(table: Any, default_shard: str) -> ProxyConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("proxy: expected a table")
     _unknown(table, set(_PROXY_TYPES), "proxy")
     values: dict[str, Any] = {}
     for key, kind in _PROXY_TYPES.items():
@@ -201,9 +269,15 @@ def _proxy(table: dict[str, Any], default_shard: str) -> ProxyConfig:
     for key in ("listen_port", "metrics_port"):
         if key in values:
             _port(values[key], f"proxy.{key}")
+    for key in ("listen_host", "metrics_host"):
+        if key in values:
+            _host(values[key], f"proxy.{key}")
     values.setdefault("shard", default_shard)
-    if values.get("max_packet_size", 1) <= 0:
-        raise ConfigError("proxy.max_packet_size: must be positive")
+    for key in ("max_packet_size", "connect_timeout", "max_connections"):
+        if values.get(key, 1) <= 0:
+            raise ConfigError(f"proxy.{key}: must be positive, got {values[key]}")
+    if values.get("max_connect_errors", 0) < 0:
+        raise ConfigError("proxy.max_connect_errors: must not be negative (0: never block)")
     return ProxyConfig(**values)
 
 
@@ -242,6 +316,8 @@ def _buffer(table: Any) -> BufferSettings:
     for key in ("size", "window", "max_failover", "drain_concurrency"):
         if key in values and values[key] <= 0:
             raise ConfigError(f"buffer.{key}: must be positive, got {values[key]}")
+    if values.get("min_between", 0) < 0:
+        raise ConfigError(f"buffer.min_between: must not be negative, got {values['min_between']}")
     settings = BufferSettings(**values)
     if settings.window > settings.max_failover:
         raise ConfigError("buffer.window: must not exceed buffer.max_failover")
@@ -272,13 +348,15 @@ def _detector(table: Any) -> DetectorConfig:
 def _shards(items: Any) -> tuple[ShardConfig, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError("shards: expected at least one [[shards]] table")
-    shards = []
+    shards: list[ShardConfig] = []
     for i, raw in enumerate(items):
         where = f"shards[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
         _unknown(raw, {"name", "servers"}, where)
         name = _typed(raw, "name", str, where)
+        if name in (s.name for s in shards):
+            raise ConfigError(f"{where}.name: shard {name!r} is named twice")
         servers_raw = raw.get("servers")
         if not isinstance(servers_raw, list) or not servers_raw:
             raise ConfigError(f"{where}.servers: expected at least one [[shards.servers]] table")
@@ -298,11 +376,13 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
             servers.append(
                 ServerConfig(
                     name=_typed(s, "name", str, sw),
-                    host=_typed(s, "host", str, sw),
+                    host=_host(_typed(s, "host", str, sw), f"{sw}.host"),
                     port=_port(_typed(s, "port", int, sw), f"{sw}.port"),
                     role=role,
                     replication_host=(
-                        _typed(s, "replication_host", str, sw) if "replication_host" in s else ""
+                        _host(_typed(s, "replication_host", str, sw), f"{sw}.replication_host")
+                        if "replication_host" in s
+                        else ""
                     ),
                     replication_port=(
                         _port(_typed(s, "replication_port", int, sw), f"{sw}.replication_port")
@@ -320,7 +400,48 @@ def _shards(items: Any) -> tuple[ShardConfig, ...]:
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}.servers: server names must be unique")
         shards.append(ShardConfig(name=name, servers=tuple(servers)))
+    _unique_addresses(shards)
     return tuple(shards)
+
+
+def _address(host: str, port: int) -> tuple[str, int]:
+    """What two entries must not share. Host names are compared as written (case aside):
+    `localhost` and `127.0.0.1` are not found to be the same server."""
+    return host.lower(), port
+
+
+def _unique_addresses(shards: list[ShardConfig]) -> None:
+    """One MariaDB server listed twice (in one shard or two) would be reparented against itself:
+    its replica would be its own primary."""
+    seen: dict[tuple[str, int], str] = {}
+    for i, shard in enumerate(shards):
+        for j, server in enumerate(shard.servers):
+            where = f"shards[{i}].servers[{j}]"
+            first = seen.setdefault(_address(server.host, server.port), where)
+            if first != where:
+                raise ConfigError(
+                    f"{where}: {server.host}:{server.port} is also the address of {first}"
+                )
+
+
+def _check_listeners(proxy: ProxyConfig, shards: tuple[ShardConfig, ...]) -> None:
+    """Baton's own listeners must not be a backend's address (Baton would proxy to itself) nor
+    each other's (the second bind fails once the first is up)."""
+    listen = _address(proxy.listen_host, proxy.listen_port)
+    metrics = _address(proxy.metrics_host, proxy.metrics_port)
+    if listen == metrics:
+        raise ConfigError(
+            f"proxy.metrics_port: {proxy.metrics_host}:{proxy.metrics_port} is also the "
+            "address of proxy.listen_port"
+        )
+    for i, shard in enumerate(shards):
+        for j, server in enumerate(shard.servers):
+            for key, own in (("listen_port", listen), ("metrics_port", metrics)):
+                if _address(server.host, server.port) == own:
+                    raise ConfigError(
+                        f"proxy.{key}: {server.host}:{server.port} is also the address of "
+                        f"shards[{i}].servers[{j}] ({server.name})"
+                    )
 
 
 def parse(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -344,18 +465,13 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
     if proxy.shard not in {s.name for s in shards}:
         raise ConfigError(f"proxy.shard: no shard named {proxy.shard!r}")
-    users_raw = data.get("users")
-    if not isinstance(users_raw, list) or not users_raw:
-        raise ConfigError("users: expected at least one [[users]] table (name, password)")
-    users = tuple(
-        _account(u, f"users[{i}]", user_key="name") if isinstance(u, dict) else _bad(f"users[{i}]")
-        for i, u in enumerate(users_raw)
-    )
+    _check_listeners(proxy, shards)
+    users = _users(data.get("users", []))
     admin = _account(_table(data, "admin"), "admin")
     replication, durability = _replication(data.get("replication", {}), admin)
     return Config(
         proxy=proxy,
-        backend=_account(_table(data, "backend"), "backend"),
+        backend=_backend(data.get("backend", {})),
         admin=admin,
         users=users,
         replication=replication,
@@ -366,6 +482,23 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         detector=_detector(data.get("detector", {})),
         durability=durability,
     )
+
+
+def _backend(table: Any) -> BackendSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("backend: expected a table")
+    for key in ("user", "password"):
+        if key in table:
+            raise ConfigError(
+                f"backend.{key}: Baton has no shared backend account any more; each client "
+                "session logs in to the servers as its own account. Remove backend.user and "
+                "backend.password."
+            )
+    _unknown(table, {"proxy_protocol"}, "backend")
+    values = {}
+    if "proxy_protocol" in table:
+        values["proxy_protocol"] = _typed(table, "proxy_protocol", bool, "backend")
+    return BackendSettings(**values)
 
 
 def _replication(table: Any, admin: Account) -> tuple[Account, Durability]:
@@ -389,26 +522,105 @@ def _replication(table: Any, admin: Account) -> tuple[Account, Durability]:
     return account, durability
 
 
-def _bad(where: str) -> Account:
-    raise ConfigError(f"{where}: expected a table")
+def _users(items: Any) -> tuple[Account, ...]:
+    """`[[users]]`: a fixed list of logins (none: the servers' own accounts); a name twice
+    would leave one password unused."""
+    if not isinstance(items, list):
+        raise ConfigError("users: expected [[users]] tables (name, password)")
+    users: list[Account] = []
+    for i, raw in enumerate(items):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"users[{i}]: expected a table")
+        account = _account(raw, f"users[{i}]", user_key="name")
+        if account.user in (u.user for u in users):
+            raise ConfigError(f"users[{i}].name: user {account.user!r} is listed twice")
+        users.append(account)
+    return tuple(users)
+
+
+def _read(p: Path) -> str:
+    """The file's text, or a ConfigError saying why not. Only a regular file is opened (a FIFO
+    would block, /dev/zero never ends), at most MAX_CONFIG_BYTES are read, and the text must be
+    UTF-8 as TOML requires (tomllib then refuses NUL and other control characters)."""
+    try:
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise ConfigError(f"{p}: not a regular file")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; is it the config?")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{p}: not UTF-8 text: byte 0x{data[e.start]:02x} on line {line}")
 
 
 def load(path: str | Path) -> Config:
     """Read and check a config file; relative socket paths are taken from the file's folder."""
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror}")
-    try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(_read(p))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}")
     cfg = parse(data, path=p)
     sock = Path(cfg.proxy.control_socket)
     if not sock.is_absolute():
         cfg = replace(cfg, proxy=replace(cfg.proxy, control_socket=str(p.parent / sock)))
+    if len(os.fsencode(cfg.proxy.control_socket)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"proxy.control_socket: {cfg.proxy.control_socket} is longer than the "
+            f"{MAX_SOCKET_PATH} bytes a Unix socket path may have; use a shorter path"
+        )
     store = Path(cfg.controller.store)
     if not store.is_absolute():
         cfg = replace(cfg, controller=replace(cfg.controller, store=str(p.parent / store)))
     return cfg
+
+
+def check_files(cfg: Config) -> None:
+    """What `baton serve` needs of the file system, checked before it binds anything, so that
+    a missing folder is named at once, not as a bare ENOENT after the listeners are up: the
+    folders of the control socket and the store exist, and the socket's path is free or holds
+    a stale socket. Never a file Baton would delete to bind (start() replaces what is there),
+    nor a socket another process still serves on (a second Baton would take it over)."""
+    sock = Path(cfg.proxy.control_socket)
+    _folder(sock, "proxy.control_socket")
+    try:
+        mode: int | None = sock.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise ConfigError(f"proxy.control_socket: {sock}: {e.strerror}")
+    if mode is not None and not stat.S_ISSOCK(mode):
+        raise ConfigError(
+            f"proxy.control_socket: {sock} exists and is not a socket; Baton will not replace it"
+        )
+    if mode is not None and _served(sock):
+        raise ConfigError(
+            f"proxy.control_socket: {sock} is served by a running process (another Baton?)"
+        )
+    store = Path(cfg.controller.store)
+    _folder(store, "controller.store")
+    if store.exists() and not store.is_file():
+        raise ConfigError(f"controller.store: {store} is not a regular file")
+
+
+def _folder(path: Path, key: str) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: folder {folder} does not exist (for {path})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: folder {folder} is not writable (for {path})")
+
+
+def _served(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False  # refused: a stale socket left by a Baton that did not stop cleanly
+        return True

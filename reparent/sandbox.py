@@ -14,9 +14,10 @@ Why it is built this way (see design.md, "Facts we rely on"):
   counts "access denied" as alive), and a node that is not up within 20 s is started once more
   from a fresh copy, because the bootstrap here sometimes refuses root's socket login.
 - Users and databases are created on the primary after its binlog is on, so they replicate:
-  every node ends with the same GTID history and no errant transaction. `app` and `baton` hold
-  no SUPER or READ_ONLY ADMIN, so `read_only` fences them; `baton_admin` holds everything and is
-  for the controller only.
+  every node ends with the same GTID history and no errant transaction. The application accounts
+  `app` (everything on its schemas) and `reporting` (SELECT only) hold no global privilege, so
+  `read_only` fences them and neither can touch `mysql.*`; Baton logs each client in as its own
+  account. `baton_admin` holds everything and is for the controller only.
 - Processes are found and stopped only by the pids recorded at launch, checked against their
   command line (`--datadir=` of this sandbox), never by name: other sandboxes and the lab's own
   servers may run on the same machine.
@@ -50,18 +51,18 @@ from reparent.config import Role
 HOST = "127.0.0.1"
 SHARD = "main"
 APP = config.Account("app", "app-pass")
-BACKEND = config.Account("baton", "baton-pass")
+REPORTING = config.Account("reporting", "reporting-pass")
 ADMIN = config.Account("baton_admin", "admin-pass")
 REPL = config.Account("repl", "repl-pass")
 STORE_FILE = "baton-state.json"  # the controller's store, beside the config
 DATABASES = ("sbtest", "baton_test")
 
-# Explicit, so that neither SUPER nor READ_ONLY ADMIN slips in: read_only must fence these users.
-CLIENT_PRIVILEGES = (
-    "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, CREATE TEMPORARY TABLES, "
-    "LOCK TABLES, EXECUTE, CREATE VIEW, SHOW VIEW, CREATE ROUTINE, ALTER ROUTINE, EVENT, "
-    "TRIGGER, REFERENCES, PROCESS"
-)
+# The application accounts' schemas: `sbtest` (sysbench) and every schema named `baton_...`
+# (the tests'). No global privilege: `app` can neither read `mysql.*` nor ALTER another user,
+# and read_only fences both accounts (no SUPER, no READ ONLY ADMIN).
+APP_SCHEMAS = ("sbtest", "baton\\_%")
+APP_PRIVILEGES = "ALL PRIVILEGES"
+REPORTING_PRIVILEGES = "SELECT"
 # TCP from loopback for clients, the Unix socket for people poking at a node by hand.
 USER_HOSTS = ("127.0.0.1", "localhost")
 
@@ -70,8 +71,6 @@ INNODB_LOG_FILE_SIZE = "48M"
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 CATCH_UP_TIMEOUT = 20
-# Linux sun_path is 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
 # Proxy and metrics ports are searched from base_port + this, clear of the servers' ports.
 SERVICE_PORT_OFFSET = 100
 
@@ -269,7 +268,7 @@ class Sandbox:
             "metrics": _address(saved["metrics_port"]),
             "users": {
                 "app": {"user": APP.user, "password": APP.password},
-                "backend": {"user": BACKEND.user, "password": BACKEND.password},
+                "reporting": {"user": REPORTING.user, "password": REPORTING.password},
                 "admin": {"user": ADMIN.user, "password": ADMIN.password},
             },
         }
@@ -292,7 +291,7 @@ class Sandbox:
         for tool in ("mariadbd", "mariadb-install-db"):
             _binary(tool)
         longest = max((str(n.socket) for n in nodes), key=len)
-        if len(longest.encode()) > MAX_SOCKET_PATH:
+        if len(longest.encode()) > config.MAX_SOCKET_PATH:
             raise SandboxError(f"socket path too long: {longest}; use a shorter dir")
         for node in nodes:
             if not _port_free(node.port):
@@ -388,6 +387,9 @@ class Sandbox:
             "--relay-log=relay-bin",
             "--log-slave-updates",
             "--binlog-format=ROW",
+            # Application accounts create their own triggers and routines (as a dump they
+            # re-import does), which binary logging otherwise reserves to SUPER.
+            "--log-bin-trust-function-creators=1",
             "--gtid-domain-id=0",
             "--gtid-strict-mode=1",
             "--slave-parallel-threads=2",
@@ -446,13 +448,17 @@ class Sandbox:
     def _create_accounts(self, primary: Node) -> None:
         """Run on the primary with its binlog on, so the replicas get the same GTIDs."""
         with _root(primary) as conn, conn.cursor() as cur:
-            for account in (APP, BACKEND, ADMIN):
+            for account in (APP, REPORTING, ADMIN):
                 for host in USER_HOSTS:
                     _create_user(cur, account, host)
             _create_user(cur, REPL, HOST)
-            for account in (APP, BACKEND):
+            for account, privileges in ((APP, APP_PRIVILEGES), (REPORTING, REPORTING_PRIVILEGES)):
                 for host in USER_HOSTS:
-                    cur.execute(f"GRANT {CLIENT_PRIVILEGES} ON *.* TO %s@%s", (account.user, host))
+                    for schema in APP_SCHEMAS:
+                        pattern = schema.replace("%", "%%")  # PyMySQL formats the statement
+                        cur.execute(
+                            f"GRANT {privileges} ON `{pattern}`.* TO %s@%s", (account.user, host)
+                        )
             for host in USER_HOSTS:
                 cur.execute(
                     "GRANT ALL PRIVILEGES ON *.* TO %s@%s WITH GRANT OPTION", (ADMIN.user, host)
@@ -529,10 +535,6 @@ class Sandbox:
             f"metrics_port = {metrics_port}",
             f"shard = {q(SHARD)}",
             "",
-            "[backend]",
-            f"user = {q(BACKEND.user)}",
-            f"password = {q(BACKEND.password)}",
-            "",
             "[admin]",
             f"user = {q(ADMIN.user)}",
             f"password = {q(ADMIN.password)}",
@@ -543,10 +545,6 @@ class Sandbox:
             "",
             "[controller]",
             f"store = {q(STORE_FILE)}",
-            "",
-            "[[users]]",
-            f"name = {q(APP.user)}",
-            f"password = {q(APP.password)}",
             "",
             "[[shards]]",
             f"name = {q(SHARD)}",
@@ -560,7 +558,7 @@ class Sandbox:
                 f"port = {node.port}",
                 f"role = {q(node.role.value)}",
             ]
-        _atomic_write(self.config_path, "\n".join(lines) + "\n")
+        _atomic_write(self.config_path, "\n".join(lines) + "\n", mode=0o600)
         config.load(self.config_path)
 
     def _remove_files(self, nodes: Iterable[Node]) -> None:
@@ -696,9 +694,14 @@ def _address(port: int | None) -> str | None:
     return None if port is None else f"{HOST}:{port}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace `path` whole. The file has `mode` from birth (the umask may narrow it), not
+    after a chmod: baton.toml holds the admin password and is never readable by others, not
+    even for a moment."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)  # a leftover keeps its own mode: O_CREAT would not change it
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

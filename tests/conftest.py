@@ -7,27 +7,43 @@ fixture fails loudly rather than skipping, so CI cannot pass without having test
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from reparent.sandbox import Sandbox
 
+_BLOCK_LOCKS: list[int] = []  # lock files held for this process's life
+
 
 def sandbox_base_port() -> int:
-    """A base port per test run, so parallel runs on one machine do not collide.
+    """A block of 20 ports of this sandbox's own, so parallel runs on one machine do not
+    collide (servers at +0..+2; Baton's own ports are searched from +100 and skip taken ones).
 
-    Each run owns 20 ports from here (servers at +0..+9, extra sandboxes in tests at +10..+19),
-    all within 24301-25300; Baton's own ports are then searched from +100 and skip taken ones.
-    The pid picks the first block tried; a block with any port in use is skipped.
+    Blocks lie within 24301-25300. The pid picks the first block tried; a block is taken only
+    if this process gets its lock file (held until the process ends: two runs that look at
+    once cannot both take it) and none of its ports is in use.
     """
+    lock_dir = Path(tempfile.gettempdir()) / "baton-test-ports"
+    lock_dir.mkdir(exist_ok=True)
     first = os.getpid() % 50
     for i in range(50):
         base = 24301 + ((first + i) % 50) * 20
+        fd = os.open(lock_dir / f"{base}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
         if all(_free(p) for p in range(base, base + 20)):
+            _BLOCK_LOCKS.append(fd)
             return base
+        os.close(fd)
     raise RuntimeError("no free block of 20 ports in 24301-25300")
 
 

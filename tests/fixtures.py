@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -165,10 +166,15 @@ def start_baton(
     detector: dict[str, Any] | None = None,
     buffer: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    users: list[dict[str, str]] | None = None,
+    nofile: int | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
     adopt: bool = False,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
-    (`adopt`: `baton serve --adopt`)."""
+    (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
+    open files, soft and hard; `extra`: other tables, merged key by key; `adopt`: `baton serve
+    --adopt`)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -183,6 +189,10 @@ def start_baton(
         data.setdefault("buffer", {}).update(buffer)
     if servers is not None:
         data["shards"][0]["servers"] = servers
+    if users is not None:
+        data["users"] = users
+    for table, values in (extra or {}).items():
+        data.setdefault(table, {}).update(values)
     cfg = workdir / "baton.toml"
     cfg.write_text(dump_toml(data))
     log = workdir / "baton.log"
@@ -201,6 +211,11 @@ def start_baton(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, **env} if env else None,
+            preexec_fn=(
+                (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+                if nofile
+                else None
+            ),
         )
     deadline = time.monotonic() + 20
     while True:
@@ -250,6 +265,22 @@ class WritablePoller(Background):
         for conn in conns.values():
             if conn is not None:
                 conn.close()
+
+
+def start_baton_without_primary(
+    config_path: Path, workdir: Path, port_hint: int, **changes: Any
+) -> Baton:
+    """Baton whose only server is a port nothing listens on (with a fixed list of logins:
+    there is no server to read the accounts from)."""
+    dead = free_port(port_hint)
+    return start_baton(
+        config_path,
+        workdir,
+        port_hint + 1,
+        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
+        users=[{"name": "app", "password": "app-pass"}],
+        **changes,
+    )
 
 
 def port_hint() -> int:

@@ -2,10 +2,10 @@
 
 Each writer inserts ids of its own, one autocommit INSERT at a time, through Baton, and records
 an id only when its COMMIT was acknowledged (the OK arrived). An error means "not acknowledged"
-(2013 may or may not have committed: such an id may turn up, but it is not owed). After the
-primary dies and an emergency reparent promotes a replica, every recorded id must be on the new
-primary; the ones missing are acknowledged writes lost. Used by tests/test_durability.py and
-bench/durability.py.
+(Baton's 1927 for a write in flight may or may not have committed: such an id may turn up, but
+it is not owed). After the primary dies and an emergency reparent promotes a replica, every
+recorded id must be on the new primary; the ones missing are acknowledged writes lost. Used by
+tests/test_durability.py and bench/durability.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pymysql
 
-TABLE = "ledger_t.acked"
+TABLE = "baton_ledger.acked"
 ID_STRIDE = 10_000_000  # writer w writes ids (w + 1) * ID_STRIDE + 1, + 2, ...
 
 
@@ -114,7 +114,7 @@ class Outcome:
 
 def create_table(conn: pymysql.Connection) -> None:
     with conn.cursor() as cur:
-        cur.execute("CREATE DATABASE IF NOT EXISTS ledger_t")
+        cur.execute("CREATE DATABASE IF NOT EXISTS baton_ledger")
         cur.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id BIGINT PRIMARY KEY)")
 
 

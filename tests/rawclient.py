@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 
+from proxy.auth import scramble, stage1
 from proxy.packets import (
     Cap,
     Command,
@@ -59,7 +60,7 @@ class RawClient:
         if login:
             self.send(
                 make_handshake_response(
-                    caps, 45, user, password, self.handshake.auth_data, database
+                    caps, 45, user, scramble(stage1(password), self.handshake.auth_data), database
                 ),
                 seq=1,
             )

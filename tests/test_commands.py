@@ -67,7 +67,7 @@ def test_query_multi_statements_and_multiple_result_sets(pair: tuple[RawClient, 
 
 
 def test_init_db_ping_field_list_statistics_set_option(pair: tuple[RawClient, RawClient]) -> None:
-    assert both(pair, Command.INIT_DB, b"mysql")[4:5] == b"\x00"
+    assert both(pair, Command.INIT_DB, b"baton_test")[4:5] == b"\x00"
     assert both(pair, Command.INIT_DB, b"no_such_db")[4:5] == b"\xff"
     both(pair, Command.INIT_DB, DB.encode())
     assert both(pair, Command.PING)[4:5] == b"\x00"
@@ -108,9 +108,9 @@ def test_reset_connection_forgets_state(baton: Baton) -> None:
     assert row == b"\xfb" + lenenc_bytes(b"1") + lenenc_bytes(DB.encode())
     assert c.error(c.execute(stmt))[0] == 1243
     # Baton still learns state after the reset: its tracking was set again.
-    c.query("USE mysql")
+    c.query("USE baton_test")
     sessions = {s["id"]: s for s in baton_sessions(baton)}
-    assert any(s["schema"] == "mysql" for s in sessions.values())
+    assert any(s["schema"] == "baton_test" for s in sessions.values())
     c.close()
 
 
@@ -124,13 +124,32 @@ def test_change_user(baton: Baton) -> None:
     conn = app_connector(baton.port, database=DB)
     cur = conn.cursor()
     cur.execute("SET @x = 1")
-    conn.cmd_change_user(username="app", password="app-pass", database="mysql")
+    conn.cmd_change_user(username="app", password="app-pass", database="baton_test")
     cur = conn.cursor()
     cur.execute("SELECT @x, DATABASE()")
-    assert cur.fetchall() == [(None, "mysql")]
+    assert cur.fetchall() == [(None, "baton_test")]
     with pytest.raises(mysql.connector.Error) as exc:
         conn.cmd_change_user(username="app", password="wrong")
     assert exc.value.errno == 1045
+    # As with MariaDB, a refused change leaves the session as it was.
+    cur = conn.cursor()
+    cur.execute("SELECT CURRENT_USER(), DATABASE()")
+    assert cur.fetchall() == [("app@127.0.0.1", "baton_test")]
+    # The server decides: the new account is logged in as itself, with its own privileges.
+    conn.cmd_change_user(username="reporting", password="reporting-pass", database="sbtest")
+    cur = conn.cursor()
+    cur.execute("SELECT CURRENT_USER(), DATABASE()")
+    assert cur.fetchall() == [("reporting@127.0.0.1", "sbtest")]
+    with pytest.raises(mysql.connector.Error) as exc:
+        cur.execute("CREATE TABLE sbtest.reporting_may_not (a INT)")
+    assert exc.value.errno == 1142
+    # One error for a database the account may not use, and the session goes on.
+    with pytest.raises(mysql.connector.Error) as exc:
+        conn.cmd_change_user(username="app", password="app-pass", database="no_such_db")
+    assert exc.value.errno == 1044
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    assert cur.fetchall() == [(1,)]
     conn.close()
 
 

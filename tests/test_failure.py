@@ -83,9 +83,9 @@ def running(box: Sandbox, workdir: Path) -> Iterator[Running]:
     try:
         conn = r.baton.connect()
         cur = conn.cursor()
-        cur.execute("CREATE DATABASE IF NOT EXISTS failure_t")
+        cur.execute("CREATE DATABASE IF NOT EXISTS baton_failure")
         cur.execute(
-            "CREATE TABLE IF NOT EXISTS failure_t.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+            "CREATE TABLE IF NOT EXISTS baton_failure.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
         )
         conn.close()
         yield r
@@ -135,7 +135,7 @@ class Writer(Background):
             try:
                 if conn is None:
                     conn = self.b.connect(connect_timeout=2, read_timeout=10)
-                conn.cursor().execute("INSERT INTO failure_t.t (v) VALUES (1)")
+                conn.cursor().execute("INSERT INTO baton_failure.t (v) VALUES (1)")
                 self.acks.append(time.monotonic())
             except pymysql.err.MySQLError as e:
                 self.errors.append((time.monotonic(), str(e)))
@@ -247,13 +247,13 @@ def test_old_primary_without_errant_transactions_rejoins_as_a_replica(running: R
     assert one(p[old], "SELECT @@read_only AS r")["r"] == 1
     assert old not in {s["name"] for s in status(r.baton)["servers"] if s["quarantined"]}
     conn = r.baton.connect()
-    conn.cursor().execute("INSERT INTO failure_t.t (v) VALUES (2)")
+    conn.cursor().execute("INSERT INTO baton_failure.t (v) VALUES (2)")
     conn.close()
     pos = one(p[new], "SELECT @@gtid_binlog_pos AS p")["p"]
     assert one(p[old], f"SELECT MASTER_GTID_WAIT('{pos}', 10) AS w")["w"] == 0
     assert (
-        one(p[old], "CHECKSUM TABLE failure_t.t")["Checksum"]
-        == one(p[new], "CHECKSUM TABLE failure_t.t")["Checksum"]
+        one(p[old], "CHECKSUM TABLE baton_failure.t")["Checksum"]
+        == one(p[new], "CHECKSUM TABLE baton_failure.t")["Checksum"]
     )
 
 
@@ -285,7 +285,7 @@ def test_primary_cut_off_from_baton_only_is_reported_not_reparented(
         )
         try:
             conn = b.connect()
-            conn.cursor().execute("INSERT INTO failure_t.t (v) VALUES (5)")
+            conn.cursor().execute("INSERT INTO baton_failure.t (v) VALUES (5)")
             conn.close()
             shim.blackhole()
             wait_for(
@@ -300,7 +300,7 @@ def test_primary_cut_off_from_baton_only_is_reported_not_reparented(
             assert one(p[primary], "SELECT @@read_only AS r")["r"] == 0
             shim.restore()
             conn = b.connect()
-            conn.cursor().execute("INSERT INTO failure_t.t (v) VALUES (6)")
+            conn.cursor().execute("INSERT INTO baton_failure.t (v) VALUES (6)")
             conn.close()
         finally:
             b.stop()
@@ -340,7 +340,7 @@ def test_hung_primary_is_reparented_as_fast_as_a_dead_one(running: Running) -> N
     new = after["primary"]
     conn = r.baton.connect()
     cur = conn.cursor()
-    cur.execute("INSERT INTO failure_t.t (v) VALUES (4)")
+    cur.execute("INSERT INTO baton_failure.t (v) VALUES (4)")
     cur.execute("SELECT @@port")
     assert cur.fetchone()[0] == p[new]
     conn.close()
@@ -399,7 +399,7 @@ def test_errant_old_primary_is_quarantined_and_never_routed_to(running: Running)
     c = admin_conn(p[old])
     cur = c.cursor()
     cur.execute("SET SESSION sql_log_bin = 1")
-    cur.execute("INSERT INTO failure_t.t (v) VALUES (666)")
+    cur.execute("INSERT INTO baton_failure.t (v) VALUES (666)")
     c.close()
     assert errant_on(r.box, old, new)
     r.restart()
@@ -418,7 +418,7 @@ def test_errant_old_primary_is_quarantined_and_never_routed_to(running: Running)
     c.close()
     conn = r.baton.connect()
     cur = conn.cursor()
-    cur.execute("INSERT INTO failure_t.t (v) VALUES (3)")
+    cur.execute("INSERT INTO baton_failure.t (v) VALUES (3)")
     cur.execute("SELECT @@port")
     assert cur.fetchone()[0] == p[new]
     conn.close()

@@ -126,13 +126,13 @@ def test_hundred_sessions_keep_their_state_across_a_switch(hbaton: Baton) -> Non
         ("utf8mb4", "utf8mb4_bin"),
     ]
     setup = hbaton.connect()
-    setup.cursor().execute("CREATE DATABASE IF NOT EXISTS hold_a")
-    setup.cursor().execute("CREATE DATABASE IF NOT EXISTS hold_b")
+    setup.cursor().execute("CREATE DATABASE IF NOT EXISTS baton_hold_a")
+    setup.cursor().execute("CREATE DATABASE IF NOT EXISTS baton_hold_b")
     setup.close()
     for i in range(100):
         conn = app_connector(hbaton.port, autocommit=True)
         cur = conn.cursor()
-        cur.execute(f"USE hold_{'ab'[i % 2]}")
+        cur.execute(f"USE baton_hold_{'ab'[i % 2]}")
         cur.execute(f"SET SESSION sql_mode = '{modes[i % 4]}', time_zone = '{zones[i % 4]}'")
         cs, coll = charsets[i % 4]
         cur.execute(f"SET NAMES {cs} COLLATE {coll}")
@@ -153,7 +153,7 @@ def test_hundred_sessions_keep_their_state_across_a_switch(hbaton: Baton) -> Non
         )
         assert cur.fetchall() == [
             (
-                f"hold_{'ab'[i % 2]}",
+                f"baton_hold_{'ab'[i % 2]}",
                 modes[i % 4],
                 zones[i % 4],
                 cs,
@@ -178,7 +178,9 @@ def test_held_command_waits_and_runs_on_the_new_primary(box: Sandbox, hbaton: Ba
     primary; the pause is what the client sees."""
     conn = hbaton.connect()
     cur = conn.cursor()
-    cur.execute("CREATE TABLE IF NOT EXISTS hold_a.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT)")
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS baton_hold_a.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT)"
+    )
     stop = threading.Event()
     latencies: list[float] = []
     errors: list[Exception] = []
@@ -189,7 +191,7 @@ def test_held_command_waits_and_runs_on_the_new_primary(box: Sandbox, hbaton: Ba
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                k.execute("INSERT INTO hold_a.t (port) VALUES (@@port)")
+                k.execute("INSERT INTO baton_hold_a.t (port) VALUES (@@port)")
             except pymysql.err.MySQLError as e:
                 errors.append(e)
             latencies.append(time.perf_counter() - t0)
@@ -210,6 +212,6 @@ def test_held_command_waits_and_runs_on_the_new_primary(box: Sandbox, hbaton: Ba
             t.join(30)
     assert errors == []
     assert max(latencies) < 5.0
-    cur.execute("SELECT COUNT(DISTINCT port) FROM hold_a.t")
+    cur.execute("SELECT COUNT(DISTINCT port) FROM baton_hold_a.t")
     assert cur.fetchone()[0] == 2  # rows written on both sides of the switch
     conn.close()

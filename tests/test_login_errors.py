@@ -11,8 +11,15 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from proxy.auth import scramble, stage1
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import Baton, admin_conn, app_conn, free_port, port_hint, start_baton
+from tests.fixtures import (
+    Baton,
+    admin_conn,
+    app_conn,
+    port_hint,
+    start_baton_without_primary,
+)
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -38,10 +45,12 @@ def test_client_ignoring_the_login_error_reaches_nothing(
     baton: Baton, primary_port: int, user: str, password: str
 ) -> None:
     """mysql-mimic would carry on into the command phase; Baton closes the connection."""
-    name = f"guard_{user}_{int(time.time() * 1000)}"
+    name = f"baton_guard_{user}_{int(time.time() * 1000)}"
     c = RawClient(baton.port, login=False)
     c.send(
-        make_handshake_response(DEFAULT_CAPS, 45, user, password, c.handshake.auth_data, None),
+        make_handshake_response(
+            DEFAULT_CAPS, 45, user, scramble(stage1(password), c.handshake.auth_data), None
+        ),
         seq=1,
     )
     _, reply = c.read_packet()
@@ -73,13 +82,7 @@ def test_handshake_shows_backend_version_and_no_query_attributes(
 def test_backend_unreachable_gives_an_error_and_the_session_stays(
     sandbox: object, tmp_path: Path
 ) -> None:
-    dead = free_port(port_hint() + 20)
-    b = start_baton(
-        sandbox.config_path,
-        tmp_path / "b",
-        port_hint() + 21,
-        servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
-    )
+    b = start_baton_without_primary(sandbox.config_path, tmp_path / "b", port_hint() + 20)
     try:
         c = RawClient(b.port)
         assert c.logged_in
@@ -90,14 +93,19 @@ def test_backend_unreachable_gives_an_error_and_the_session_stays(
         ):
             # Each command gets the error, and the session is still usable after it.
             code, state, message = c.error(c.command(command, body))
-            assert (code, state) == (2003, "HY000")
+            assert (code, state) == (1429, "HY000")
             assert "gone" in message and "not executed" in message
         c.close()
     finally:
         b.stop()
 
 
-def test_backend_killed_mid_session_then_reconnects(baton: Baton, primary_port: int) -> None:
+def test_backend_killed_mid_session_ends_the_session_as_direct(
+    baton: Baton, primary_port: int
+) -> None:
+    """A KILL of the session's server thread on a healthy primary: the statement gets the
+    server's error, and the session is over, as it is direct (Baton does not reconnect it
+    behind the client's back: its server-side state is gone)."""
     conn = baton.connect()
     cur = conn.cursor()
     cur.execute("SELECT CONNECTION_ID()")
@@ -114,14 +122,16 @@ def test_backend_killed_mid_session_then_reconnects(baton: Baton, primary_port: 
         cur.execute("SELECT SLEEP(5)")
     t.join()
     # The server's own error passes through (connection killed), or Baton's if it lost the
-    # socket first; either way the client connection is still there.
-    assert exc.value.args[0] in (1927, 2013)
-    cur.execute("SELECT 1")
-    assert cur.fetchone() == (1,)
-    cur.execute("SELECT CONNECTION_ID()")
-    assert cur.fetchone()[0] != backend_id
+    # socket first.
+    assert exc.value.args[0] == 1927
+    with pytest.raises(pymysql.err.OperationalError) as exc:
+        cur.execute("SELECT 1")
+    assert exc.value.args[0] in (2006, 2013)
     conn.close()
     admin.close()
+    fresh = baton.connect()
+    fresh.cursor().execute("SELECT 1")
+    fresh.close()
 
 
 def test_oversized_packet_closes_only_that_connection(baton: Baton) -> None:
@@ -142,7 +152,7 @@ def test_oversized_packet_closes_only_that_connection(baton: Baton) -> None:
             data += chunk
     except ConnectionResetError:
         pass
-    assert b"max_packet_size" in data
+    assert b"max_allowed_packet" in data and data[5:7] == (1153).to_bytes(2, "little")
     cur = other.cursor()
     cur.execute("SELECT 2")
     assert cur.fetchone() == (2,)

@@ -86,7 +86,7 @@ def checksums(box: Sandbox, primary: str) -> dict[str, Any]:
     for name, port in p.items():
         if name != primary:
             assert one(port, f"SELECT MASTER_GTID_WAIT('{pos}', 10) AS w")["w"] == 0
-        out[name] = one(port, "CHECKSUM TABLE reparent_t.t")["Checksum"]
+        out[name] = one(port, "CHECKSUM TABLE baton_reparent.t")["Checksum"]
     return out
 
 
@@ -94,11 +94,11 @@ def checksums(box: Sandbox, primary: str) -> dict[str, Any]:
 def data(box: Sandbox, rbaton: Baton) -> None:
     conn = rbaton.connect()
     cur = conn.cursor()
-    cur.execute("CREATE DATABASE IF NOT EXISTS reparent_t")
+    cur.execute("CREATE DATABASE IF NOT EXISTS baton_reparent")
     cur.execute(
-        "CREATE TABLE IF NOT EXISTS reparent_t.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+        "CREATE TABLE IF NOT EXISTS baton_reparent.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
     )
-    cur.executemany("INSERT INTO reparent_t.t (v) VALUES (%s)", [(i,) for i in range(100)])
+    cur.executemany("INSERT INTO baton_reparent.t (v) VALUES (%s)", [(i,) for i in range(100)])
     conn.close()
 
 
@@ -130,7 +130,7 @@ def test_planned_reparent_there_and_back(box: Sandbox, rbaton: Baton, data: None
     assert_replicates_from(box, "db3", "db2")
     conn = rbaton.connect()  # new sessions reach the new primary
     cur = conn.cursor()
-    cur.execute("INSERT INTO reparent_t.t (v) VALUES (1000)")
+    cur.execute("INSERT INTO baton_reparent.t (v) VALUES (1000)")
     cur.execute("SELECT @@port")
     assert cur.fetchone()[0] == ports(box)["db2"]
     conn.close()
@@ -182,11 +182,11 @@ def test_lagging_candidate_aborts_before_demotion(box: Sandbox, rbaton: Baton) -
     try:
         conn = app_conn(p[primary])
         cur = conn.cursor()
-        cur.execute("INSERT INTO reparent_t.t (v) VALUES (1)")
+        cur.execute("INSERT INTO baton_reparent.t (v) VALUES (1)")
         conn.close()
         time.sleep(3)  # beyond max_lag = 2 s
         conn = app_conn(p[primary])
-        conn.cursor().execute("INSERT INTO reparent_t.t (v) VALUES (2)")
+        conn.cursor().execute("INSERT INTO baton_reparent.t (v) VALUES (2)")
         conn.close()
         code, report = ctl_json(rbaton, "prs", "--to", lagger)
         assert code != 0
@@ -243,7 +243,7 @@ def test_never_two_writable_servers_during_planned_reparents_under_load(
                 conn = rbaton.connect()
                 cur = conn.cursor()
                 while not stop.is_set():
-                    cur.execute("INSERT INTO reparent_t.t (v) VALUES (7)")
+                    cur.execute("INSERT INTO baton_reparent.t (v) VALUES (7)")
             except pymysql.err.MySQLError:
                 time.sleep(0.01)  # without the buffer a switch costs a reconnect
 
@@ -333,7 +333,7 @@ def test_emergency_reparent_after_kill_9(box: Sandbox, workdir2: Path) -> None:
         p = ports(box)
         conn = b3.connect()
         cur = conn.cursor()
-        cur.executemany("INSERT INTO reparent_t.t (v) VALUES (%s)", [(i,) for i in range(50)])
+        cur.executemany("INSERT INTO baton_reparent.t (v) VALUES (%s)", [(i,) for i in range(50)])
         conn.close()
         pid = next(s["pid"] for s in box.status()["servers"] if s["name"] == old)
         os.kill(pid, signal.SIGKILL)
@@ -345,15 +345,15 @@ def test_emergency_reparent_after_kill_9(box: Sandbox, workdir2: Path) -> None:
         assert_replicates_from(box, other, new)
         conn = b3.connect()
         cur = conn.cursor()
-        cur.execute("INSERT INTO reparent_t.t (v) VALUES (99)")
+        cur.execute("INSERT INTO baton_reparent.t (v) VALUES (99)")
         cur.execute("SELECT @@port")
         assert cur.fetchone()[0] == p[new]
         conn.close()
         pos = one(p[new], "SELECT @@gtid_binlog_pos AS pos")["pos"]
         assert one(p[other], f"SELECT MASTER_GTID_WAIT('{pos}', 10) AS w")["w"] == 0
         assert (
-            one(p[new], "CHECKSUM TABLE reparent_t.t")["Checksum"]
-            == one(p[other], "CHECKSUM TABLE reparent_t.t")["Checksum"]
+            one(p[new], "CHECKSUM TABLE baton_reparent.t")["Checksum"]
+            == one(p[other], "CHECKSUM TABLE baton_reparent.t")["Checksum"]
         )
         assert status(b3)["term"] == before["term"] + 1
     finally:

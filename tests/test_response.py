@@ -331,3 +331,32 @@ def split(data: bytes) -> list[bytes]:
         out.append(data[4 : 4 + n])
         data = data[4 + n :]
     return out
+
+
+@pytest.mark.parametrize("deprecate_eof", [True, False])
+def test_large_rows_in_small_chunks_pass_through_in_linear_time(deprecate_eof: bool) -> None:
+    """Rows of 16 MiB and more arriving 64 KiB at a time: each chunk is relayed as it comes
+    (no packet is gathered whole), so 40 MiB of rows cost their bytes, not their square, and
+    a 16 MiB-1 row whose continuation begins like a terminator does not end the result."""
+    import time
+
+    big = lenenc(MAX_PAYLOAD + 10) + b"x" * (MAX_PAYLOAD - 9)
+    tail = b"\xfe" + b"y" * 18
+    middle = lenenc_bytes(b"z" * (8 << 20))
+    end = eof() if not deprecate_eof else ok(header=b"\xfe")
+    head = packets(b"\x01", COLDEF) if deprecate_eof else packets(b"\x01", COLDEF, eof())
+    seq = 3 if deprecate_eof else 4
+    data = head + frame(big + tail, seq) + frame(middle, seq + 2) + frame(end, seq + 3)
+    p = ResponseParser(deprecate_eof=deprecate_eof, client_tracks=True)
+    p.begin(Command.QUERY)
+    out = []
+    started = time.perf_counter()
+    for i in range(0, len(data), 65536):
+        chunk = data[i : i + 65536]
+        relayed = p.feed(chunk)
+        out.append(relayed)
+        if i > len(head) and i + 65536 < len(data) - 100:
+            assert len(relayed) == len(chunk)  # nothing held back mid-row
+    elapsed = time.perf_counter() - started
+    assert b"".join(out) == data and p.done
+    assert elapsed < 2.0, f"{elapsed:.2f} s for {len(data) >> 20} MiB"

@@ -130,11 +130,11 @@ def test_app_write_on_primary_reaches_every_replica(status, primary, replicas):
             cur.execute(f"DROP TABLE {table}")
 
 
-@pytest.mark.parametrize("who", ["app", "backend"])
+@pytest.mark.parametrize("who", ["app", "reporting"])
 def test_read_only_fences_client_users_on_replicas(status, primary, replicas, who):
     account = status["users"][who]
     table = f"baton_test.fence_{who}"
-    with connect(primary, account) as conn, conn.cursor() as cur:
+    with connect(primary, status["users"]["app"]) as conn, conn.cursor() as cur:
         cur.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY)")
         cur.execute("SELECT @@gtid_binlog_pos")
         (position,) = cur.fetchone()
@@ -145,21 +145,26 @@ def test_read_only_fences_client_users_on_replicas(status, primary, replicas, wh
                 assert cur.fetchone() == (0,)
                 with pytest.raises(pymysql.err.OperationalError) as caught:
                     cur.execute(f"INSERT INTO {table} VALUES (1)")
+                # The server checks read_only before privileges.
                 assert caught.value.args[0] == ER_OPTION_PREVENTS_STATEMENT
     finally:
-        with connect(primary, account) as conn, conn.cursor() as cur:
+        with connect(primary, status["users"]["app"]) as conn, conn.cursor() as cur:
             cur.execute(f"DROP TABLE {table}")
 
 
-@pytest.mark.parametrize("who", ["app", "backend"])
-def test_client_users_hold_neither_super_nor_read_only_admin(status, replicas, who):
+@pytest.mark.parametrize("who", ["app", "reporting"])
+def test_client_users_hold_no_global_privilege(status, replicas, who):
+    """Each application account reaches only its schemas: neither SUPER nor READ ONLY ADMIN
+    (read_only must fence it), nor anything on *.* (which would cover `mysql.*`)."""
     account = status["users"][who]
     with connect(replicas[0], account) as conn, conn.cursor() as cur:
         cur.execute("SHOW GRANTS")
-        grants = " ".join(row[0] for row in cur.fetchall())
-    assert "SELECT, INSERT" in grants
-    for privilege in ("SUPER", "READ_ONLY ADMIN", "ALL PRIVILEGES"):
-        assert privilege not in grants
+        grants = [row[0] for row in cur.fetchall()]
+    on_all = [g for g in grants if " ON *.* " in g]
+    assert len(on_all) == 1 and on_all[0].startswith("GRANT USAGE ON *.*"), grants
+    assert any("ON `sbtest`.*" in g for g in grants)
+    for grant in grants:
+        assert "SUPER" not in grant and "READ_ONLY ADMIN" not in grant
 
 
 def test_admin_holds_everything(status, replicas):
@@ -196,8 +201,8 @@ def test_status_json_has_the_documented_keys(sandbox, status):
     for server in data["servers"]:
         assert set(server) >= {"name", "host", "port", "role", "read_only", "running", "pid"}
     assert [s["pid"] for s in data["servers"]] == [s["pid"] for s in status["servers"]]
-    assert set(data["users"]) == {"app", "backend", "admin"}
-    assert data["users"]["backend"] == {"user": "baton", "password": "baton-pass"}
+    assert set(data["users"]) == {"app", "reporting", "admin"}
+    assert data["users"]["reporting"] == {"user": "reporting", "password": "reporting-pass"}
     assert data["control_socket"] == str(sandbox.dir / "baton.sock")
     base = status["servers"][0]["port"]
     proxy_port = int(data["proxy"].rsplit(":", 1)[1])
@@ -219,8 +224,8 @@ def test_config_loads_and_matches_the_sandbox(sandbox, status):
     ]
     assert cfg.shard.primary.name == "db1"
     assert [s.role for s in cfg.shard.servers] == [Role.PRIMARY, Role.REPLICA, Role.REPLICA]
-    assert cfg.users == (config.Account("app", "app-pass"),)
-    assert cfg.backend == config.Account("baton", "baton-pass")
+    assert cfg.users == ()  # Baton reads the servers' own accounts
+    assert not cfg.backend.proxy_protocol
     assert cfg.admin == config.Account("baton_admin", "admin-pass")
     assert cfg.proxy.control_socket == status["control_socket"]
     assert f"{cfg.proxy.listen_host}:{cfg.proxy.listen_port}" == status["proxy"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from proxy.session import PreparedStatement, SessionState
+from proxy.session import PreparedStatement, SessionState, Unmovable
 
 
 def execute(stmt: int, params: bytes, bound: bool, types: bytes = b"") -> bytes:
@@ -64,3 +64,95 @@ def test_restore_assignments_order_and_quoting() -> None:
         "@`u` = CAST(7 AS UNSIGNED)",
         "@`s` = CONVERT(X'c3a9' USING utf8mb4)",
     ]
+
+
+def state() -> SessionState:
+    s = SessionState(1, "app", "127.0.0.1:1")
+    s.schema = "shop"
+    return s
+
+
+def test_temporary_tables_behind_comments_and_in_multi_statements() -> None:
+    s = state()
+    s.after_statement(b"/* tag */ -- x\n CREATE TEMPORARY TABLE t1 (a INT)", 0, True, 0)
+    s.after_statement(b"SELECT 1; # c\n create temporary table `other`.t2 (a int)", 0, True, 0)
+    assert s.temporary_tables == {"shop.t1", "other.t2"}
+    s.after_statement(b"DROP TEMPORARY TABLE t1; SELECT 'drop table other.t2'", 0, True, 0)
+    assert s.temporary_tables == {"other.t2"}
+    # `/*! ... */` is code, not a comment: what follows it is not a statement start.
+    s.after_statement(b"/*!40101 SET NAMES utf8 */", 0, True, 0)
+    assert s.temporary_tables == {"other.t2"}
+
+
+def test_get_lock_in_a_prepared_statement_is_seen_at_execute() -> None:
+    s = state()
+    s.after_statement(b"SELECT GET_LOCK('job', 0)", 0, False, 0)
+    assert s.user_locks == {"job"}
+
+
+def test_sql_level_prepared_statements_are_kept_by_text() -> None:
+    s = state()
+    s.after_statement(b"PREPARE q FROM 'SELECT ''it''''s'', \\'x\\\\n\\''", 0, False, 0)
+    assert s.sql_prepared == {"q": b"SELECT 'it''s', 'x\\n'"}
+    s.after_statement(b'prepare `Two` from "CREATE TEMPORARY TABLE tt (a INT)"', 0, False, 0)
+    assert s.sql_prepared["two"] == b"CREATE TEMPORARY TABLE tt (a INT)"
+    s.after_statement(b"EXECUTE two", 0, True, 0)  # its text is screened like a query
+    assert s.temporary_tables == {"shop.tt"}
+    assert s.restore_sql_prepared()[0] == "PREPARE `q` FROM X'" + s.sql_prepared["q"].hex() + "'"
+    s.after_statement(b"DEALLOCATE PREPARE q", 0, False, 0)
+    s.after_statement(b"PREPARE v FROM @text", 0, False, 0)
+    assert s.sql_prepared == {"two": s.sql_prepared["two"], "v": None}
+    assert s.unmovable()[Unmovable.SQL_PREPARED] == ["v"]
+
+
+def test_last_insert_id_from_ok_packets_and_read_back() -> None:
+    s = state()
+    s.after_statement(b"INSERT INTO t VALUES ()", 0, False, 42)
+    s.after_statement(b"UPDATE t SET a = 1", 0, False, 0)  # does not reset it
+    assert s.last_insert_id == 42 and "last_insert_id = 42" in s.restore_assignments()
+    s.after_statement(b"SELECT LAST_INSERT_ID(7)", 0, False, 0)
+    assert s.last_insert_id_stale
+    assert s.unmovable(lost=True)[Unmovable.USER_VARIABLES] == ["LAST_INSERT_ID()"]
+    assert Unmovable.USER_VARIABLES not in s.unmovable(lost=False)
+    s.read_back([[None, b"utf8mb4_general_ci", None, None], [None, b"7", b"LAST_INSERT_ID", None]])
+    assert s.last_insert_id == 7 and not s.last_insert_id_stale
+
+
+def test_user_variables_are_stale_only_after_a_statement_that_may_set_them() -> None:
+    s = state()
+    s.after_statement(b"SET sql_mode = 'ANSI', @@session.time_zone = '+01:00'", 0, True, 0)
+    assert not s.user_variables_stale
+    s.after_statement(b"SELECT @x := 5", 0, True, 0)
+    assert s.user_variables_stale
+    assert Unmovable.USER_VARIABLES in s.unmovable(lost=True)
+
+
+def test_session_tracking_changed_by_the_client() -> None:
+    s = state()
+    assert s.after_statement(b"SET session_track_schema = 0", 0, True, 0)
+    assert not s.variables_untracked  # it changed nothing else: retrack is enough
+    assert s.after_statement(
+        b"SET SESSION session_track_system_variables = '', sql_mode = 'ANSI'", 0, True, 0
+    )
+    assert s.variables_untracked
+    assert Unmovable.UNTRACKED_VARIABLES in s.unmovable()
+    assert not state().after_statement(b"SELECT 1", 0, False, 0)
+
+
+def test_stored_routines_are_judged_by_their_bodies() -> None:
+    from proxy.session import routine_hazards
+
+    s = state()
+    s.after_statement(b"CALL fill()", 0, True, 0)
+    s.after_statement(b"call `other`.`plain`(1)", 0, True, 0)
+    assert s.routines == {"shop.fill", "other.plain"}
+    assert s.user_variables_stale  # a routine may set them
+    unknown = s.unmovable()[Unmovable.ROUTINE_STATE]
+    assert len(unknown) == 2 and "not read" in unknown[0]
+    bodies = {
+        "shop.fill": routine_hazards(b"BEGIN CREATE TEMPORARY TABLE x (a INT); END"),
+        "other.plain": routine_hazards(b"BEGIN SET @v = 1; SELECT @v; END"),
+    }
+    assert s.unmovable(routines=bodies)[Unmovable.ROUTINE_STATE] == ["shop.fill: temporary tables"]
+    s.reset(None)
+    assert not s.routines and not s.unmovable()

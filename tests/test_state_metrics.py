@@ -106,7 +106,7 @@ def test_metrics(baton: Baton) -> None:
     cur = conn.cursor()
     cur.execute("SELECT 1")
     with pytest.raises(pymysql.err.ProgrammingError):
-        cur.execute("SELECT * FROM mysql.no_such_table_here")
+        cur.execute("SELECT * FROM baton_test.no_such_table_here")
     with pytest.raises(pymysql.err.OperationalError):
         baton.connect(password="wrong")
     after = baton.scrape()
@@ -116,8 +116,8 @@ def test_metrics(baton: Baton) -> None:
         >= metric(before, "baton_client_connections_accepted_total") + 2
     )
     assert (
-        metric(after, "baton_login_failures_total")
-        == metric(before, "baton_login_failures_total") + 1
+        metric(after, "baton_login_failures_total", 'reason="access_denied"')
+        == metric(before, "baton_login_failures_total", 'reason="access_denied"') + 1
     )
     assert (
         metric(after, "baton_commands_total", 'command="query"')

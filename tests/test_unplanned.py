@@ -47,9 +47,10 @@ def ubaton(box: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
     )
     try:
         conn = b.connect()
-        conn.cursor().execute("CREATE DATABASE IF NOT EXISTS unplanned")
+        conn.cursor().execute("CREATE DATABASE IF NOT EXISTS baton_unplanned")
         conn.cursor().execute(
-            "CREATE TABLE IF NOT EXISTS unplanned.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+            "CREATE TABLE IF NOT EXISTS baton_unplanned.t"
+            " (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
         )
         conn.close()
         yield b
@@ -100,7 +101,7 @@ def read_only(box: Sandbox, server: str) -> Iterator[None]:
 
 def count(box: Sandbox, server: str, v: int) -> int:
     port = server_ports(box)[server]
-    rows = admin_query(port, f"SELECT COUNT(*) AS n FROM unplanned.t WHERE v={v}")
+    rows = admin_query(port, f"SELECT COUNT(*) AS n FROM baton_unplanned.t WHERE v={v}")
     return int(rows[0]["n"])
 
 
@@ -110,7 +111,7 @@ def test_a_write_refused_as_read_only_waits_for_the_switch_and_runs_once(box, ub
     old = primary(ubaton)
     conn = ubaton.connect()
     admin_query(server_ports(box)[old], "SET GLOBAL read_only = 1")
-    t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (1)")
+    t, out = in_thread(conn, "INSERT INTO baton_unplanned.t (v) VALUES (1)")
     time.sleep(0.5)
     assert t.is_alive(), f"not held: {out}"
     result = ubaton.ctl("--json", "prs")
@@ -140,7 +141,7 @@ def test_read_only_with_no_switch_gives_the_servers_own_error_after_the_window(b
     current = primary(ubaton)
     conn = ubaton.connect()
     with read_only(box, current):
-        t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (2)")
+        t, out = in_thread(conn, "INSERT INTO baton_unplanned.t (v) VALUES (2)")
         t.join(3 * WINDOW)
     assert isinstance(out.error, pymysql.err.OperationalError | pymysql.err.InternalError), out
     assert out.error.args[0] == 1290, out.error  # the server's error, unchanged
@@ -155,7 +156,7 @@ def test_a_write_refused_as_read_only_runs_once_the_primary_takes_writes_again(b
     current = primary(ubaton)
     conn = ubaton.connect()
     with read_only(box, current):
-        t, out = in_thread(conn, "INSERT INTO unplanned.t (v) VALUES (4)")
+        t, out = in_thread(conn, "INSERT INTO baton_unplanned.t (v) VALUES (4)")
         time.sleep(1.0)
         assert t.is_alive(), f"not held: {out}"
     t.join(WINDOW)
@@ -167,7 +168,8 @@ def test_a_write_refused_as_read_only_runs_once_the_primary_takes_writes_again(b
 
 def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
     """A KILL of one backend connection is that session's failure, not the primary's: the
-    client hears of it at once instead of waiting for a switch that is not coming."""
+    client hears of it at once instead of waiting for a switch that is not coming, and the
+    session ends, as direct."""
     current = primary(ubaton)
     port = server_ports(box)[current]
     conn = ubaton.connect()
@@ -186,11 +188,15 @@ def test_a_connection_killed_on_a_healthy_primary_fails_at_once(box, ubaton):
     admin_query(port, f"KILL CONNECTION {rows[0]['ID']}")
     t.join(10)
     assert out.error is not None and out.elapsed < 2.0, out
-    # The session goes on: its next statement runs on a new connection.
-    with conn.cursor() as cur:
+    # The server ended the session, as it would direct: the next statement fails too, and
+    # a new session works.
+    with pytest.raises(pymysql.err.OperationalError) as exc, conn.cursor() as cur:
         cur.execute("SELECT 1")
-        assert cur.fetchone() == (1,)
+    assert exc.value.args[0] in (2006, 2013)
     conn.close()
+    fresh = ubaton.connect()
+    fresh.cursor().execute("SELECT 1")
+    fresh.close()
 
 
 def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
@@ -198,18 +204,21 @@ def test_sessions_whose_state_cannot_move_are_refused_naming_it(box, ubaton):
     after a switch such a session gets an error naming them and is closed. Sessions that
     released theirs, or only mentioned a lock in a string, move as usual."""
     setup = ubaton.connect()
-    setup.cursor().execute("CREATE TABLE IF NOT EXISTS unplanned.l (a INT)")
+    setup.cursor().execute("CREATE TABLE IF NOT EXISTS baton_unplanned.l (a INT)")
     setup.close()
     stuck = {
-        "temporary_tables": ["CREATE TEMPORARY TABLE unplanned.tmp1 (a INT)"],
+        "temporary_tables": ["CREATE TEMPORARY TABLE baton_unplanned.tmp1 (a INT)"],
         "user_locks": ["SELECT GET_LOCK('unplanned-lock', 1)"],
-        "table_locks": ["LOCK TABLES unplanned.l READ"],
-        "xa": ["XA START 'unplanned-xa'", "INSERT INTO unplanned.t (v) VALUES (7)"],
+        "table_locks": ["LOCK TABLES baton_unplanned.l READ"],
+        "xa": ["XA START 'unplanned-xa'", "INSERT INTO baton_unplanned.t (v) VALUES (7)"],
     }
     free = [
         ["SELECT GET_LOCK('unplanned-free', 1)", "SELECT RELEASE_LOCK('unplanned-free')"],
         ["SELECT 'no get_lock(''unplanned-str'', 0) here'"],
-        ["CREATE TEMPORARY TABLE unplanned.tmp2 (a INT)", "DROP TEMPORARY TABLE unplanned.tmp2"],
+        [
+            "CREATE TEMPORARY TABLE baton_unplanned.tmp2 (a INT)",
+            "DROP TEMPORARY TABLE baton_unplanned.tmp2",
+        ],
     ]
     conns: dict[str, pymysql.Connection] = {}
     for name, statements in [*stuck.items(), *((f"free{i}", f) for i, f in enumerate(free))]:
@@ -237,7 +246,7 @@ def test_commands_for_a_dead_primary_wait_for_the_emergency_reparent_unless_they
     """kill -9 of the primary. A read in flight waits and runs again on the primary that ERS
     establishes; so does an insert sent after the kill (it cannot connect: it never ran). An
     insert in flight may have committed, and its commit may reach the next primary: it is not
-    run again, and its client gets 2013 at once. Last in this module: the old primary stays
+    run again, and its client gets 1927 at once. Last in this module: the old primary stays
     down."""
     old = primary(ubaton)
     idle, reader, writer = ubaton.connect(), ubaton.connect(), ubaton.connect()
@@ -245,16 +254,16 @@ def test_commands_for_a_dead_primary_wait_for_the_emergency_reparent_unless_they
         cur.execute("SELECT 1")  # the session has a backend on the old primary
     read_t, read_out = in_thread(reader, "SELECT SLEEP(3) AS unplanned_read")
     write_t, write_out = in_thread(
-        writer, "INSERT INTO unplanned.t (v) SELECT 5 FROM (SELECT SLEEP(3)) s"
+        writer, "INSERT INTO baton_unplanned.t (v) SELECT 5 FROM (SELECT SLEEP(3)) s"
     )
     time.sleep(0.5)  # both statements are running on the primary
     pid = next(s["pid"] for s in box.status()["servers"] if s["name"] == old)
     os.kill(pid, signal.SIGKILL)
     write_t.join(5)
-    assert write_out.error is not None and write_out.error.args[0] == 2013, write_out
+    assert write_out.error is not None and write_out.error.args[0] == 1927, write_out
     assert "may or may not have been executed" in write_out.error.args[1]
     time.sleep(0.3)  # the idle session's connection is seen closed
-    idle_t, idle_out = in_thread(idle, "INSERT INTO unplanned.t (v) VALUES (3)")
+    idle_t, idle_out = in_thread(idle, "INSERT INTO baton_unplanned.t (v) VALUES (3)")
     time.sleep(0.5)
     assert idle_t.is_alive() and read_t.is_alive(), (idle_out, read_out)
     result = ubaton.ctl("--json", "ers")
