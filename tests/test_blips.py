@@ -16,7 +16,7 @@ spell:
 
 Checked: no reparent in the history and the term unchanged, never two servers writable (polled
 directly, not through the shims), no `run_ers` in the log, and every write the writer saw
-acknowledged is on the primary. `make fault-test` blips for ten minutes; `make test` for 40 s.
+acknowledged is on the primary. `make fault-test` blips for ten minutes; `make test` for 30 s.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ DETECTOR = {
     "probe_timeout": DEFAULTS.probe_timeout,
 }
 LONG = os.environ.get("BATON_FAULT_SUITE") == "1"
-BLIP_SECONDS = 600.0 if LONG else 40.0
+BLIP_SECONDS = 600.0 if LONG else 30.0
 MAX_PRIMARY_PAUSE = 0.8  # below the 1.05 s a stopped primary takes to be decided at least
 
 

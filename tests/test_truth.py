@@ -94,7 +94,7 @@ def test_primary_named_on_a_wrong_port_is_a_mismatch_not_a_dead_primary(
     with WritablePoller(server_ports(box)) as poller:
         b = start(box, tmp_path, db1=wrong)
         try:
-            time.sleep(4.0)  # eight rounds; today's code ran its ERS after about one second
+            time.sleep(3.0)  # six rounds; the code before ran its ERS after about one second
             assert history(b) == []
             st = status(b)
             assert (st["primary"], st["term"]) == ("db1", 1)
@@ -146,7 +146,7 @@ def test_a_replica_repointed_outside_the_config_is_reported_not_rejoined(
         st = wait_for("the mismatch reported", lambda: (s := status(b))["mismatches"] and s)
         assert kinds(st) == {("foreign_source", "db3")}
         assert f"127.0.0.1:{ports['db4']}" in st["mismatches"][0]["detail"]
-        time.sleep(2.0)  # four rounds more: a stray would have been rejoined by now
+        time.sleep(1.5)  # three rounds more: a stray would have been rejoined by now
         assert source_port(box, "db3") == ports["db4"]
         assert history(b) == []
         human = b.ctl("status").stdout
