@@ -373,7 +373,7 @@ class ControlServer:
             shard,
             to,
             timeout,
-            preflight=not args.flag("force"),
+            force=args.flag("force"),
             allow_unreachable=args.texts("allow_unreachable"),
             progress=lambda t: emit(
                 {

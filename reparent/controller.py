@@ -16,6 +16,7 @@ reparent uses the controller's pooled ones, and an `AdminConnection` serves one 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 import uuid
@@ -48,6 +49,16 @@ from reparent.topology import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Initiator(enum.StrEnum):
+    """Who asked for a reparent; it decides what is checked before it, and how long an
+    emergency waits for its old primary's fence."""
+
+    OPERATOR = "operator"  # baton ctl: the shard is probed and checked first, unless forced
+    # The failure detector: its round was the check, moments ago, and the old primary did not
+    # answer that round nor the two before it, so the emergency does not wait for it at all.
+    DETECTOR = "detector"
 
 
 class ReparentRefused(Exception):
@@ -83,16 +94,17 @@ class Controller:
         to: str | None = None,
         timeout: float | None = None,
         progress: Callable[[PhaseTiming], None] | None = None,
-        preflight: bool = True,
+        force: bool = False,
         allow_unreachable: tuple[str, ...] = (),
+        initiator: Initiator = Initiator.OPERATOR,
     ) -> ReparentRecord:
         """Run one reparent to its end and return its report.
 
-        `preflight` probes the shard first and refuses when its servers contradict the picture,
-        or (an emergency) when the primary answers and takes writes; `--force` and the failure
-        detector (whose round was that check) skip it. `allow_unreachable` names replicas an
-        emergency under semi_sync may leave uncompared, at the risk of losing an acknowledged
-        write only they received."""
+        An operator's reparent probes the shard first and is refused when its servers
+        contradict the picture, or (an emergency) when the primary answers and takes writes;
+        `force` skips that, and so does the failure detector's (see Initiator).
+        `allow_unreachable` names replicas an emergency under semi_sync may leave uncompared,
+        at the risk of losing an acknowledged write only they received."""
         servers = self._servers(shard)
         topo = self.store.read(shard).value
         if to is not None and to not in servers:
@@ -100,7 +112,7 @@ class Controller:
         if to is not None and to == topo.primary:
             raise ReparentRefused(f"{to} is already the primary of shard {shard!r}")
         self._check_allowed(kind, shard, topo.primary, allow_unreachable)
-        if preflight:
+        if initiator is Initiator.OPERATOR and not force:
             await asyncio.to_thread(self._preflight, kind, shard)
         lease = self.store.lock(shard, self.owner, self.config.controller.lock_ttl)
         if lease is None:
@@ -138,7 +150,8 @@ class Controller:
                     ", ".join(record.allow_unreachable),
                 )
             orch = Orchestrator(record)
-            return await self._run(orch, orch.start(), timeout, progress)
+            wait = initiator is Initiator.OPERATOR
+            return await self._run(orch, orch.start(), timeout, progress, wait)
         finally:
             self.store.unlock(lease)
 
@@ -409,6 +422,7 @@ class Controller:
         action: Action,
         timeout: float | None,
         progress: Callable[[PhaseTiming], None] | None,
+        wait_old_primary: bool = True,
     ) -> ReparentRecord:
         while True:
             record = action.record
@@ -434,7 +448,9 @@ class Controller:
             t0 = time.perf_counter()
             failpoint.hit("before", action.call)
             try:
-                result = await asyncio.to_thread(self._call, action.call, orch, timeout)
+                result = await asyncio.to_thread(
+                    self._call, action.call, orch, timeout, wait_old_primary
+                )
             except MechanismError as e:
                 result, error = None, e
             else:
@@ -459,9 +475,11 @@ class Controller:
         for event in events:
             self.store.publish(event)
 
-    def _call(self, call: Call, orch: Orchestrator, timeout: float | None) -> object:
+    def _call(
+        self, call: Call, orch: Orchestrator, timeout: float | None, wait_old_primary: bool
+    ) -> object:
         """One mechanism call, in a worker thread."""
-        ctx = self._context(orch, timeout)
+        ctx = replace(self._context(orch, timeout), wait_old_primary=wait_old_primary)
         p = orch.progress
         kind = orch.record.kind
         if call is Call.CHOOSE:

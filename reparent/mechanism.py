@@ -57,6 +57,9 @@ class ReparentContext:
     # Replicas an emergency under semi_sync may leave uncompared: the operator accepted that
     # an acknowledged write only they received would be lost (`ctl ers --allow-unreachable`).
     allow_unreachable: frozenset[str] = frozenset()
+    # Whether an emergency waits a moment for its old primary's fence (revoke.py); not when
+    # the failure detector decided it, after three rounds the old primary did not answer.
+    wait_old_primary: bool = True
 
 
 @dataclass(frozen=True)

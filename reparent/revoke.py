@@ -97,10 +97,12 @@ class FollowerFencing:
     The old primary is also made read_only, which fences it for real, in a thread of its own
     and in parallel with the replicas: a stopped (SIGSTOP) server accepts the TCP connection
     and never greets, and waiting for it would cost every held client a timeout. It is waited
-    for until the replicas are fenced and OLD_PRIMARY_GRACE more; one that has not answered by
-    then is `silent` in the result (later steps skip it) and its fence goes on trying, on its
-    own connection, for up to the reparent's timeout: a primary that wakes up meanwhile is
-    made read_only before anything else it does. Replicas that did not answer are `silent` too.
+    for until the replicas are fenced and OLD_PRIMARY_GRACE more (not at all when the failure
+    detector decided the emergency: the old primary answered none of its last three rounds);
+    one that has not answered by then is `silent` in the result (later steps skip it) and its
+    fence goes on trying, on its own connection, for up to the reparent's timeout: a primary
+    that wakes up meanwhile is made read_only before anything else it does. Replicas that did
+    not answer are `silent` too.
 
     Each replica's recorded position is what it will have once its relay log is applied
     (`Replication.final_position`), not what it has applied yet: the SQL thread may still
@@ -117,7 +119,7 @@ class FollowerFencing:
         old = _OldPrimaryFence(ctx)
         old.start()
         results = self.pool.each(_replicas(ctx), ctx.admin, _fence, PROBE_TIMEOUT)
-        answered = old.wait(OLD_PRIMARY_GRACE)
+        answered = old.wait(OLD_PRIMARY_GRACE if ctx.wait_old_primary else 0.0)
         positions = {name: r for name, r in results.items() if isinstance(r, str)}
         silent = [] if answered else [ctx.old_primary.name]
         for name, r in results.items():

@@ -31,7 +31,7 @@ from functools import partial
 from reparent import metrics, probe
 from reparent.admin import AdminConnection, AdminPool
 from reparent.config import Config, ServerConfig, ShardConfig
-from reparent.controller import Controller, ReparentRefused
+from reparent.controller import Controller, Initiator, ReparentRefused
 from reparent.detector import (
     Action,
     Detector,
@@ -258,10 +258,8 @@ class Watch:
             metrics.LAST_DETECTION.labels(shard.name).set(time.time())
             metrics.DETECTION_SECONDS.labels(shard.name).observe(decided - action.first_sign)
             try:
-                # No preflight: the round that decided it was one, moments ago, and a second
-                # probe of a hung primary would cost a probe timeout while clients wait.
                 report = await self.controller.reparent(
-                    ReparentKind.ERS, shard.name, None, preflight=False
+                    ReparentKind.ERS, shard.name, None, initiator=Initiator.DETECTOR
                 )
             except ReparentRefused as e:
                 log.warning("detector: emergency reparent of %s refused: %s", shard.name, e)
