@@ -150,9 +150,7 @@ def one_run(
                 if path == "manual":
                     result = manual(baton, pids, ids, durability, writers, seconds)
                 else:
-                    result = automatic(
-                        baton, pids, ids, durability, writers, seconds, after, fault
-                    )
+                    result = automatic(baton, pids, ids, durability, writers, seconds, after, fault)
                 result["ports"] = {
                     "servers": sorted(ports.values()),
                     "baton": [baton.port, baton.metrics_port],
@@ -259,9 +257,7 @@ def automatic(
         "detection_s": round(decided_at - killed_wall, 3) if decided_at else None,
         "detection_log_s": [round(t - killed_wall, 3) for t, _ in log_decisions],
         "decisions": [text for _, text in log_decisions],
-        "first_sign_to_decision_s": sample_sum(
-            metrics, "baton_detector_detection_seconds", "_sum"
-        ),
+        "first_sign_to_decision_s": sample_sum(metrics, "baton_detector_detection_seconds", "_sum"),
         "decision_to_published_s": sample_sum(metrics, "baton_detector_recovery_seconds", "_sum"),
         "fault": fault,
         "old_primary_end": old_primary_end,

@@ -208,8 +208,7 @@ class Args:
 def _text(key: str, value: Any, choices: Collection[str] | None) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
         raise ControlError(
-            f"{key} must be a non-empty string of at most {MAX_TEXT} characters, "
-            f"got {_show(value)}"
+            f"{key} must be a non-empty string of at most {MAX_TEXT} characters, got {_show(value)}"
         )
     if choices is not None and value not in choices:
         one_of = ", ".join(sorted(choices))
@@ -297,9 +296,7 @@ class ControlServer:
                     "reparent": in_flight.to_dict() if in_flight else None,
                     # How the servers contradict the config and store, as the failure detector
                     # last found it; while any, nothing is done about the shard automatically.
-                    "mismatches": [
-                        m.to_dict() for m in self.controller.mismatches(shard.name)
-                    ],
+                    "mismatches": [m.to_dict() for m in self.controller.mismatches(shard.name)],
                     "servers": [
                         {
                             "name": s.name,
@@ -427,9 +424,7 @@ class ControlServer:
         server = args.text("server")
         if server is None:
             raise ControlError(f"{request['cmd']} needs a server")
-        return await self.controller.quarantine(
-            self._shard(args), server, on, args.flag("force")
-        )
+        return await self.controller.quarantine(self._shard(args), server, on, args.flag("force"))
 
     def _shard(self, args: Args) -> str:
         return args.text("shard", self._shards()) or self.ctx.config.proxy.shard

@@ -165,8 +165,9 @@ def render_check(r: dict[str, Any]) -> str:
         }
         for s in r["servers"]
     ]
-    lines.append(table(rows, ["name", "address", "store_role", "reachable", "read_only",
-                              *_CHECK_OPTIONAL]))
+    lines.append(
+        table(rows, ["name", "address", "store_role", "reachable", "read_only", *_CHECK_OPTIONAL])
+    )
     for m in r["mismatches"]:
         lines.append(f"MISMATCH {m['kind']} {m['server']}: {m['detail']}")
     lines.extend(f"note: {n}" for n in r["notes"])

@@ -319,8 +319,10 @@ class Controller:
         with self._locked(shard, "quarantine"):
             topo = self.store.read(shard).value
             if server == topo.primary:
-                raise ReparentRefused(f"{server} is the primary of shard {shard}; it cannot be"
-                                      " quarantined (move the primary first: prs or ers)")
+                raise ReparentRefused(
+                    f"{server} is the primary of shard {shard}; it cannot be"
+                    " quarantined (move the primary first: prs or ers)"
+                )
             if on == (server in topo.quarantined):
                 raise ReparentRefused(
                     f"{server} is {'already' if on else 'not'} quarantined in shard {shard}"
@@ -407,8 +409,9 @@ class Controller:
     def _locked(self, shard: str, what: str) -> Iterator[None]:
         lease = self.store.lock(shard, self.owner, self.config.controller.lock_ttl)
         if lease is None:
-            raise ReparentRefused(f"shard {shard!r} is locked by a reparent or a repair; {what}"
-                                  " again when it is done")
+            raise ReparentRefused(
+                f"shard {shard!r} is locked by a reparent or a repair; {what} again when it is done"
+            )
         try:
             yield
         finally:

@@ -184,9 +184,7 @@ def test_ers_of_a_healthy_primary_is_refused_and_force_goes_ahead(
         b.stop()
 
 
-def test_servers_switched_by_hand_are_reported_then_adopted(
-    box: Sandbox, tmp_path: Path
-) -> None:
+def test_servers_switched_by_hand_are_reported_then_adopted(box: Sandbox, tmp_path: Path) -> None:
     """After the forced ERS above, db2 leads and db1, db3 replicate from it; a Baton started
     on a fresh store believes the config (db1). It must neither make db1 writable (a
     read_only primary is a fault it repairs when the picture is right) nor reparent: it
