@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy
+APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy libmariadb-dev pkg-config
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
 .PHONY: setup system-packages demo test fault-test fuzz lint bench-steady bench-hold bench-failover clean
@@ -13,7 +13,8 @@ setup: system-packages $(STAMP)
 # Debian packages only when a tool is missing, so a second run is a no-op.
 system-packages:
 	@missing=""; \
-	for bin in mariadbd:mariadb-server mariadb:mariadb-client sysbench:sysbench haproxy:haproxy; do \
+	for bin in mariadbd:mariadb-server mariadb:mariadb-client sysbench:sysbench haproxy:haproxy \
+	    mariadb_config:libmariadb-dev pkg-config:pkg-config; do \
 	  command -v $${bin%%:*} >/dev/null 2>&1 || missing="$$missing $${bin##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -3,7 +3,7 @@ against `semi_sync`), and, with the failure detector at its defaults, detection 
 until writes flow again.
 
 Each run starts a sandbox of its own (1 primary, 2 replicas) and a Baton with the durability
-under test, writes through Baton with a ledger of acknowledged ids (tests/ledger.py), kills
+under test, writes through Baton with a ledger of acknowledged ids (harness/ledger.py), kills
 the primary with SIGKILL mid-load, and counts the acknowledged ids missing from the new
 primary. Two paths:
 
@@ -45,24 +45,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    dump_json,
-    exit_on_signals,
-    head_lines,
-    machine_info,
-    neighbours,
-    progress,
-    quantile,
-    run_main,
-    run_record,
-    sample_sum,
-    scrape_metrics,
-)
+from bench.figures import quantile, sample_sum, scrape_metrics
+from bench.process import exit_on_signals, progress, run_main
+from bench.record import dump_json, head_lines, machine_info, neighbours, run_record
+from harness.baton import Baton, dump_toml, start_baton
+from harness.clients import admin_query
+from harness.ledger import TABLE, Ledger, create_table, kill_primary_then_ers
 from reparent.config import DetectorConfig
 from reparent.config import load as load_config
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, admin_query, dump_toml, start_baton
-from tests.ledger import TABLE, Ledger, create_table, kill_primary_then_ers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_PORT = 21801  # the sandbox's servers from here, Baton's ports from here + 100
@@ -488,7 +479,7 @@ def markdown(record: dict[str, Any]) -> str:
     lines += [
         f"Took {record['took_s']} s. Each run: a fresh sandbox (1 primary, 2 replicas, loopback)"
         f" and a fresh Baton; {s['writers']} writers insert ids through Baton, one autocommit"
-        f" INSERT at a time, each recording an id when its OK arrives (tests/ledger.py); after"
+        f" INSERT at a time, each recording an id when its OK arrives (harness/ledger.py); after"
         f" {s['seconds']} s (and at least {MIN_ACKED} acknowledged writes) the primary gets"
         f" `{label}`. Lost = acknowledged ids missing from the new primary.",
         "",

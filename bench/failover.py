@@ -28,8 +28,8 @@ Why it is built this way:
 - The Python client is the measure (bench.probe): sysbench reports once a second and cannot
   follow a primary that moves, but it is the realistic background load on the servers. On the
   paths that drop clients it runs with `--mysql-ignore-errors=all` under `timeout -s KILL`,
-  because Debian's sysbench 1.0.20 crashes on its first reconnect (design.md); its exit is
-  recorded as it happened, crash included.
+  because Debian's sysbench 1.0.20 crashes (SIGSEGV) on its first reconnect (akopytov/sysbench
+  #527); its exit is recorded as it happened, crash included.
 - Throughput per 100 ms counts the client's successful inserts by their completion time. The
   client is paced (it does not catch up after a stall), so a bucket below its steady rate is
   writes that did not happen, not writes that were late.
@@ -53,27 +53,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.common import (
-    ROOT,
-    Background,
-    Stack,
-    dump_json,
-    exit_on_signals,
-    head_lines,
-    in_background,
-    machine_info,
-    neighbours,
-    paced_write_command,
-    parse_load,
-    progress,
-    quantile,
-    run_main,
-    run_record,
-    running_stack,
-    sample_sum,
-    scrape_metrics,
-    setup_writes,
-)
+from bench.figures import quantile, sample_sum, scrape_metrics
 from bench.probe import (
     WINDOW_S,
     FixedTarget,
@@ -92,6 +72,11 @@ from bench.probe import (
     switch_times,
     switchover,
 )
+from bench.process import exit_on_signals, progress, run_main
+from bench.record import ROOT, dump_json, head_lines, machine_info, neighbours, run_record
+from bench.stack import Stack, running_stack
+from bench.sysbench import Background, in_background
+from bench.writes import paced_write_command, parse_load, setup_writes
 
 PATHS = ("direct", "haproxy", "baton-unbuffered", "baton-buffered")
 LABELS = {
@@ -235,10 +220,10 @@ def wait_routing(stack: Stack, primary: str) -> None:
 class KeptLoad:
     """sysbench on one path until `end` (monotonic), started again whenever it ends early.
 
-    Debian's sysbench 1.0.20 crashes on its first reconnect (design.md), which on the paths
-    that drop clients is the first switchover: without a restart those paths would carry the
-    Python client alone for most of the run while the others carry sysbench too, and their
-    numbers would not compare. An application's supervisor would start it again; so does this,
+    Debian's sysbench 1.0.20 crashes on its first reconnect (akopytov/sysbench#527), which on
+    the paths that drop clients is the first switchover: without a restart those paths would
+    carry the Python client alone for most of the run while the others carry sysbench too, and
+    their numbers would not compare. An application's supervisor would start it again; so does this,
     after the switch call has returned, to wherever `command_for` points then. Every run is
     recorded with its exit, so each crash is counted, not hidden.
     """

@@ -11,9 +11,9 @@ commands and the raw data, to OUT/hold.md and OUT/hold.json.
 
 Why it is built this way:
 - Half capacity, not full: at full load a replica lags and the catch-up wait, not the
-  switchover, is measured (lab.md: gtid_wait 1.4 s unthrottled against 48 ms median under a
-  moderate load). Half leaves headroom for that catch-up and still has writes in flight at
-  every moment of a switch.
+  switchover, is what gets measured (on this machine, before Baton: the catch-up wait took 1.4 s
+  under an unthrottled load against a 48 ms median under a moderate one). Half leaves headroom
+  for that catch-up and still has writes in flight at every moment of a switch.
 - The Python client is the ground truth for what a client sees. sysbench times whole
   transactions (several statements), per second only as a percentile, and stops at its first
   error (`--mysql-ignore-errors=none`): it says whether anything failed, not which single
@@ -33,28 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    DATABASE,
-    ROOT,
-    SYSBENCH_GRACE,
-    Stack,
-    dump_json,
-    exit_on_signals,
-    head_lines,
-    in_background,
-    machine_info,
-    neighbours,
-    paced_write_command,
-    parse_load,
-    progress,
-    quantile,
-    run_main,
-    run_record,
-    running_stack,
-    sample_sum,
-    scrape_metrics,
-    setup_writes,
-)
+from bench.figures import quantile, sample_sum, scrape_metrics
 from bench.probe import (
     FIRST_SWITCH_S,
     HOLD_PHASES,
@@ -75,6 +54,11 @@ from bench.probe import (
     switch_times,
     switchover,
 )
+from bench.process import exit_on_signals, progress, run_main
+from bench.record import ROOT, dump_json, head_lines, machine_info, neighbours, run_record
+from bench.stack import Stack, running_stack
+from bench.sysbench import DATABASE, SYSBENCH_GRACE, in_background
+from bench.writes import paced_write_command, parse_load, setup_writes
 
 PORT_RANGE = range(20000, 30000)  # the ports this machine's benchmarks may use
 REPLICAS = 2  # db1 and db2 take turns as primary, db3 follows every switch
@@ -490,7 +474,7 @@ def report(record: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str
         "",
         f"One sandbox: db1 primary, db2 and db3 replicas on ports {s['base_port']}-"
         f"{s['base_port'] + REPLICAS}; `baton serve` with the sandbox's config (buffering on, "
-        "the defaults); HAProxy is started by bench.common's stack but carries no traffic. "
+        "the defaults); HAProxy is started with the stack (bench/stack.py) but carries no traffic. "
         "sysbench, the Python client, the servers and Baton share the same CPUs. The "
         f"switchovers alternate {SWITCH_BETWEEN[0]} <-> {SWITCH_BETWEEN[1]}; the first "
         f"{FIRST_SWITCH_S:g} s after the load starts, the rest evenly spaced "

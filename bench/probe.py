@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 import pymysql
 
-from bench.common import DATABASE, connect
+from bench.sysbench import DATABASE
+from harness.clients import connect
 
 SWITCH_BETWEEN = ("db1", "db2")  # db1 and db2 take turns as primary, db3 follows every switch
 FIRST_SWITCH_S = 5.0  # the load settles first

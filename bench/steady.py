@@ -29,18 +29,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    ROOT,
-    SysbenchRun,
-    exit_on_signals,
-    load_average,
-    machine_info,
-    progress,
-    run_sysbench,
-    running_stack,
-    sysbench_command,
-    sysbench_prepare,
-)
+from bench.process import exit_on_signals, progress
+from bench.record import ROOT, load_average, machine_info
+from bench.stack import running_stack
+from bench.sysbench import SysbenchRun, run_sysbench, sysbench_command, sysbench_prepare
 
 PATHS = ("direct", "baton", "haproxy")
 PS_MODES = ("disable", "auto")

@@ -1,10 +1,12 @@
 """The failover buffer's pure core: which held command runs, fails or keeps waiting, and when.
 
-Like the orchestrator it does no I/O and reads no clock: the shell (the frontend) passes `now`
-into every call and carries out the returned actions. So every decision is a function of the
-calls and their times, and the tests can walk any timeline in microseconds.
+Like the orchestrator it does no I/O and reads no clock: its shell (`Holder`, proxy/holder.py)
+passes `now` into every call and carries out the returned actions. So every decision is a
+function of the calls and their times, and the tests can walk any timeline in microseconds. Its
+bounds are `[buffer]` (`reparent.config.BufferConfig`), checked when the config is loaded.
 
-Where it departs from vtgate's buffer (the bar in /work/shared/reference/vitess.md, section 1):
+Where it departs from vtgate's failover buffer (Vitess, go/vt/vtgate/buffer, whose defaults of
+1000 slots, a 10 s window and 20 s of maximum failover are these bounds' defaults too):
 
 - Buffering starts on the controller's `reparent_started`, before anything is demoted, not after
   a request has already failed, so a quiet shard is covered too.
@@ -17,7 +19,7 @@ Time-based work is done at the start of every call that takes `now`, not only in
 outcome does not depend on whether the shell's timer fired just before or just after an event.
 `now` must not go backwards (use the event loop's monotonic clock).
 
-Choices the brief left open:
+Choices of its own, where neither vtgate nor the topology contract settles the question:
 
 - A `hold` while DRAINING queues behind the entries that are draining and flushes in turn.
   `buffering(shard)` stays True during a drain only until every entry held before the drain
@@ -42,6 +44,8 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+
+from reparent.config import BufferConfig
 
 
 class BufferState(enum.StrEnum):
@@ -84,34 +88,6 @@ class SkipReason(enum.StrEnum):
 
     TOO_RECENT = "too_recent"
     DRY_RUN = "dry_run"
-
-
-@dataclass(frozen=True)
-class BufferConfig:
-    size: int = 1000  # slots shared by all shards
-    window: float = 10.0  # seconds one held command may wait
-    max_failover: float = 20.0  # seconds after reparent_started when buffering always stops
-    min_between: float = 0.0  # seconds after a failover ended before the shard buffers again
-    drain_concurrency: int = 16  # commands flushing at once per shard
-    dry_run: bool = False  # decide and count as if buffering, but hold nothing
-
-    def __post_init__(self) -> None:
-        # Checked here, so a bad config fails at start-up rather than in the middle of a
-        # failover. Infinite times are refused too: they would switch the deadline off.
-        if self.size < 1:
-            raise ValueError(f"size must be at least 1, got {self.size}")
-        for name in ("window", "max_failover"):
-            value = getattr(self, name)
-            if not (0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
-        if not (0 <= self.min_between < math.inf):
-            raise ValueError(f"min_between must be zero or more seconds, got {self.min_between}")
-        if self.window > self.max_failover:
-            raise ValueError(
-                f"window ({self.window}) must not exceed max_failover ({self.max_failover})"
-            )
-        if self.drain_concurrency < 1:
-            raise ValueError(f"drain_concurrency must be at least 1, got {self.drain_concurrency}")
 
 
 # -- actions for the shell --------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The `baton` command: serve, sandbox and ctl.
 
 Each subcommand's module is imported only when it runs, so `baton ctl` starts fast and does not
-pull in the data path.
+pull in the data path. What `--help` prints is written for operators (DESCRIPTION, EPILOG and
+each command's help), not taken from this docstring.
 """
 
 from __future__ import annotations
@@ -28,12 +29,38 @@ def _ctl(args: argparse.Namespace) -> int:
     return ctl.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+Baton is a MySQL-protocol proxy for a replicated MariaDB group: applications connect to it as
+to MariaDB, and it moves the primary (planned or after a failure) while holding their commands,
+so a switchover costs them a pause instead of errors."""
 
-    serve = sub.add_parser("serve", help="run the proxy and its control socket")
-    serve.add_argument("--config", required=True, help="path to baton.toml")
+EPILOG = """\
+a first try, on this machine:
+  baton sandbox up                              # three local servers and .sandbox/baton.toml
+  baton serve --config .sandbox/baton.toml &    # the proxy, on 127.0.0.1:23401
+  baton ctl --config .sandbox/baton.toml prs    # move the primary under your clients
+  baton sandbox down
+
+`baton COMMAND --help` says more about each command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baton",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxy: client port, reparent controller, control socket, metrics",
+        description="Run Baton as configured in FILE: the port applications connect to, the "
+        "reparent controller and failure detector, the control socket `baton ctl` talks to, "
+        "and the Prometheus endpoint. A bad config is reported with its key named (exit 2).",
+    )
+    serve.add_argument("--config", required=True, metavar="FILE", help="path to baton.toml")
     serve.add_argument(
         "--adopt",
         action="store_true",
@@ -41,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    sandbox = sub.add_parser("sandbox", help="local MariaDB servers with GTID replication")
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="start or stop local MariaDB servers to try Baton on",
+        description="A disposable local group: one primary and N replicas of mariadbd on "
+        "127.0.0.1 with GTID replication, and a ready baton.toml in DIR. `down` stops only "
+        "the sandbox's own processes, by pid, and deletes its data.",
+    )
     sandbox.add_argument("action", choices=["up", "down", "status"])
     sandbox.add_argument("--dir", default=".sandbox", help="where datadirs and config live")
     sandbox.add_argument("--base-port", type=int, default=23301, help="port of the first server")
@@ -49,12 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--json", action="store_true", help="status as JSON, for scripts")
     sandbox.set_defaults(func=_sandbox)
 
-    ctl = sub.add_parser("ctl", help="talk to a running baton through its control socket")
+    ctl = sub.add_parser(
+        "ctl",
+        help="operate a running Baton: status, sessions, reparents and their history",
+        description="Talk to a running Baton through its control socket. Tables by default, "
+        "--json for scripts; the exit is non-zero on an error or a reparent that did not "
+        "succeed.",
+    )
     ctl.add_argument("--socket", help="control socket (default: $BATON_SOCKET or the config's)")
     ctl.add_argument("--config", help="read the socket path from this config")
     ctl.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ctl.set_defaults(func=_ctl)
-    commands = ctl.add_subparsers(dest="ctl_command", required=True)
+    commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
     commands.add_parser("status", help="shards, primaries, terms, reparent in flight")
     commands.add_parser("sessions", help="every client session's state")
     users = commands.add_parser(
@@ -68,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="past reparents with their reports")
     history.add_argument("--shard")
     history.add_argument("--limit", type=int, default=20)
-    for name, text in (("prs", "planned reparent"), ("ers", "emergency reparent")):
+    reparents = (
+        ("prs", "planned reparent: move the primary while the old one still answers"),
+        ("ers", "emergency reparent: promote a replica when the primary is dead"),
+    )
+    for name, text in reparents:
         reparent = commands.add_parser(name, help=text)
         reparent.add_argument("--shard", help="default: the proxy's shard")
         reparent.add_argument("--to", help="the new primary (default: the best replica)")

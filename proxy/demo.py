@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pymysql
@@ -36,6 +37,40 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20)
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"baton did not listen on {port} within {timeout}s")
+
+
+# The figures that tell the demo's story: what the clients sent, the two reparents, what the
+# buffer held and flushed, the sessions moved, and any error Baton answered with.
+FIGURES = (
+    "baton_commands_total",
+    "baton_reparents_total",
+    "baton_buffer_held_total",
+    "baton_buffer_flushed_total",
+    "baton_buffer_evicted_total",
+    "baton_sessions_moved_total",
+    "baton_errors_total",
+)
+
+
+def figure_lines(page: str) -> list[str]:
+    """FIGURES' samples from a Prometheus page, as `curl` shows them, leaving out the zeros
+    (five eviction reasons that did not happen say less than one "0")."""
+    lines = page.splitlines()
+    shown = []
+    for name in FIGURES:
+        found = [
+            line
+            for line in lines
+            if line.startswith((name + "{", name + " ")) and float(line.rsplit(" ", 1)[1]) != 0
+        ]
+        shown += found or [f"{name} 0"]
+    return shown
+
+
+def show_metrics(host: str, port: int) -> None:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as page:
+        for line in figure_lines(page.read().decode()):
+            print(f"  {line}")
 
 
 def step(text: str) -> None:
@@ -149,6 +184,7 @@ def main() -> int:
         conn.close()
         switch_under_load(cfg.proxy.listen_port, cfg.proxy.control_socket)
         step(f"metrics: curl http://{cfg.proxy.metrics_host}:{cfg.proxy.metrics_port}/metrics")
+        show_metrics(cfg.proxy.metrics_host, cfg.proxy.metrics_port)
         if args.keep:
             print(f"\nleft running: baton pid {baton.pid}, sandbox in {box.dir}")
             print(f"  mariadb -h127.0.0.1 -P{cfg.proxy.listen_port} -uapp -papp-pass")

@@ -35,7 +35,7 @@ from proxy.client_packets import (
     parse_change_user,
 )
 from proxy.errors import ErrorKind
-from proxy.hold import Holder
+from proxy.holder import Holder
 from proxy.login import LoginRefused, LoginSettings, read_handshake, verify
 from proxy.packets import (
     COMMAND_NAMES,
@@ -401,6 +401,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
+        self._write = _discard
         self._wake()
         if self.held_entry is not None:
             entry, self.held_entry = self.held_entry, None
@@ -853,6 +854,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._gone = True
+        self._write = _discard  # the transport refuses writes once closed: drop them
         if self._transport is not None:
             self._transport.close()
 
@@ -1405,7 +1407,20 @@ class ClientConnection(asyncio.Protocol):
         self._finish()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._spawned_done)
+        self._task = task
+
+    def _spawned_done(self, task: asyncio.Task[None]) -> None:
+        """A session task that ended in an exception is a bug: it costs this session only,
+        with one log line, never an unretrieved task exception."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session %d: closing after an internal error",
+                self.connection_id,
+                exc_info=task.exception(),
+            )
+            self._close()
 
     def claim(self) -> bool:
         """Claim an idle session for Baton's own queries; False when a command is running."""
@@ -1553,6 +1568,10 @@ class ClientConnection(asyncio.Protocol):
             return False
         self._error(ErrorKind.BACKEND_LOST, self._loss_message(e))
         return True
+
+
+def _discard(data: bytes) -> None:
+    """A closed client's writes."""
 
 
 class ProxyServer:

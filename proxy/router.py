@@ -3,8 +3,9 @@
 The router reads the shard's primary from the topology store, so a session that connects (or
 reconnects) after a reparent reaches the new primary. It registers this proxy with the store and,
 when a planned reparent starts, reports "drained" once none of its sessions has a transaction or
-a statement in flight on the old primary. Holding new work and moving sessions belong to the
-buffer; until it exists, a session's next command after the switch reconnects to the new primary.
+a statement in flight on the old primary. Every topology event goes on to the listener (the
+proxy's sessions and its buffer, proxy/frontend.py), which holds new work and moves the sessions;
+the router only learns the new primary and term from `Established`.
 """
 
 from __future__ import annotations

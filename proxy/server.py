@@ -17,7 +17,7 @@ from proxy.admission import Admission
 from proxy.backend import BackendConnection, BackendError
 from proxy.control import ControlServer
 from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
-from proxy.hold import Holder
+from proxy.holder import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
 from proxy.router import Router
 from reparent.admin import AdminConnection, AdminError, AdminPool

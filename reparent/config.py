@@ -119,16 +119,38 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
-class BufferSettings:
-    """The failover buffer's bounds (proxy.buffer.BufferConfig checks them further)."""
+class BufferConfig:
+    """`[buffer]`: whether the failover buffer holds, and its bounds (proxy/buffer.py is the
+    buffer, proxy/holder.py its shell; both take this one type).
 
-    enabled: bool = True
-    size: int = 1000
-    window: float = 10.0
-    max_failover: float = 20.0
-    min_between: float = 0.0
-    drain_concurrency: int = 16
-    dry_run: bool = False
+    The bounds are checked here, so a bad config fails at load rather than in the middle of a
+    failover; infinite times are refused too, since they would switch the deadline off. A bad
+    value raises ValueError naming the field ("size: ..."); `load` reports it as
+    `buffer.size: ...`."""
+
+    enabled: bool = True  # false: no command is held; a switch is seen as an error or a pause
+    size: int = 1000  # slots shared by all shards
+    window: float = 10.0  # seconds one held command may wait
+    max_failover: float = 20.0  # seconds after reparent_started when buffering always stops
+    min_between: float = 0.0  # seconds after a failover ended before the shard buffers again
+    drain_concurrency: int = 16  # commands flushing at once per shard
+    dry_run: bool = False  # decide and count as if buffering, but hold nothing
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size: must be at least 1, got {self.size}")
+        for name in ("window", "max_failover"):
+            value = getattr(self, name)
+            if not (0 < value < math.inf):
+                raise ValueError(f"{name}: must be a positive number of seconds, got {value}")
+        if not (0 <= self.min_between < math.inf):
+            raise ValueError(f"min_between: must be zero or more seconds, got {self.min_between}")
+        if self.window > self.max_failover:
+            raise ValueError(
+                f"window: must not exceed max_failover ({self.window} > {self.max_failover})"
+            )
+        if self.drain_concurrency < 1:
+            raise ValueError(f"drain_concurrency: must be at least 1, got {self.drain_concurrency}")
 
 
 @dataclass(frozen=True)
@@ -153,7 +175,7 @@ class Config:
     # The account replicas use to replicate from a new primary; the admin account if absent.
     replication: Account
     controller: ControllerConfig
-    buffer: BufferSettings
+    buffer: BufferConfig
     shards: tuple[ShardConfig, ...]
     path: Path | None = field(default=None, compare=False)
     detector: DetectorConfig = DetectorConfig()
@@ -299,7 +321,7 @@ def _controller(table: Any) -> ControllerConfig:
     return ControllerConfig(**values)
 
 
-def _buffer(table: Any) -> BufferSettings:
+def _buffer(table: Any) -> BufferConfig:
     if not isinstance(table, dict):
         raise ConfigError("buffer: expected a table")
     kinds: dict[str, type | tuple[type, ...]] = {
@@ -313,15 +335,10 @@ def _buffer(table: Any) -> BufferSettings:
     }
     _unknown(table, set(kinds), "buffer")
     values = {k: _typed(table, k, kind, "buffer") for k, kind in kinds.items() if k in table}
-    for key in ("size", "window", "max_failover", "drain_concurrency"):
-        if key in values and values[key] <= 0:
-            raise ConfigError(f"buffer.{key}: must be positive, got {values[key]}")
-    if values.get("min_between", 0) < 0:
-        raise ConfigError(f"buffer.min_between: must not be negative, got {values['min_between']}")
-    settings = BufferSettings(**values)
-    if settings.window > settings.max_failover:
-        raise ConfigError("buffer.window: must not exceed buffer.max_failover")
-    return settings
+    try:
+        return BufferConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"buffer.{e}") from None
 
 
 def _detector(table: Any) -> DetectorConfig:

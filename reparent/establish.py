@@ -1,6 +1,6 @@
 """Establishment by MariaDB GTID replication: choose a replica, catch it up, make it the source.
 
-The rules it stands on (design.md, "Facts we rely on"; gtid.py for the arithmetic):
+The rules it stands on (verified against MariaDB 10.11; gtid.py for the arithmetic):
 - A candidate is fit when it is reachable, its replication runs, it has no transaction the old
   primary lacks (errant: under gtid_strict_mode it would break every server that replicates
   from it), and it is not lagging.
@@ -40,11 +40,11 @@ from reparent.admin import GtidVariable as Var
 from reparent.config import Durability, ServerConfig
 from reparent.mechanism import (
     Candidate,
-    Established,
+    EstablishmentProof,
     FailureKind,
     MechanismError,
     ReparentContext,
-    Revoked,
+    RevocationProof,
 )
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ class GtidEstablishment:
     # -- establish -----------------------------------------------------------------------------
 
     def establish(
-        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
-    ) -> Established:
+        self, ctx: ReparentContext, candidate: Candidate, revoked: RevocationProof
+    ) -> EstablishmentProof:
         """Catch up, stop replicating, become writable, then repoint everyone else. Running it
         again (a controller resuming from its journal) changes nothing and returns the same.
 
@@ -169,10 +169,10 @@ class GtidEstablishment:
         conn.set_read_only(False)
         position = conn.gtid(Var.BINLOG_POS)
         repointed, failed = self._follow_all(ctx, conn.server, was_primary=ctx.old_primary.name)
-        return Established(candidate.name, position, repointed, failed)
+        return EstablishmentProof(candidate.name, position, repointed, failed)
 
     def _emergency_target(
-        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
+        self, ctx: ReparentContext, candidate: Candidate, revoked: RevocationProof
     ) -> str:
         """What the candidate's SQL thread must apply before it is promoted: everything its IO
         thread received before the fence, provided no fenced replica received more."""

@@ -6,7 +6,7 @@ per replication domain (`@@gtid_binlog_pos`, `@@gtid_slave_pos`, `@@gtid_current
 `Gtid_IO_Pos` of SHOW SLAVE STATUS), or one per (domain, server_id) pair in
 `@@gtid_binlog_state`. The server has no GTID_SUBSET: "has b everything a has" is computed here.
 
-Everything rests on `gtid_strict_mode=1` (the sandbox and design.md require it): within a domain
+Everything rests on `gtid_strict_mode=1` (the sandbox sets it; Baton needs it): within a domain
 sequence numbers only grow, so one history is one line of seq numbers, and two histories with
 the same seq but a different server_id have forked. Positions alone cannot see a fork further
 back than their last GTID; `errant` therefore compares binlog states, which keep the last seq of

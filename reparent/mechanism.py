@@ -63,8 +63,9 @@ class ReparentContext:
 
 
 @dataclass(frozen=True)
-class Revoked:
-    """Proof that the old primary can no longer complete a write."""
+class RevocationProof:
+    """Proof that the old primary can no longer complete a write. (The topology event
+    `reparent.topology.Revoked` is what the proxies hear of it.)"""
 
     old_primary: str
     gtid_position: str  # the old primary's final @@gtid_binlog_pos ("" when unreachable)
@@ -83,7 +84,10 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class Established:
+class EstablishmentProof:
+    """Proof that the new primary takes writes, and which servers now replicate from it. (The
+    topology event `reparent.topology.Established` is what the proxies hear of it.)"""
+
     new_primary: str
     gtid_position: str  # the new primary's @@gtid_binlog_pos once writable
     repointed: tuple[str, ...]  # servers now replicating from the new primary
@@ -95,11 +99,11 @@ class Revocation(Protocol):
 
     name: str
 
-    def revoke(self, ctx: ReparentContext) -> Revoked:
+    def revoke(self, ctx: ReparentContext) -> RevocationProof:
         """Act and verify; raise MechanismError if revocation does not hold."""
         ...
 
-    def undo(self, ctx: ReparentContext, revoked: Revoked | None) -> None:
+    def undo(self, ctx: ReparentContext, revoked: RevocationProof | None) -> None:
         """Give the old primary back what `revoke` took (a failed planned reparent)."""
         ...
 
@@ -120,8 +124,8 @@ class Establishment(Protocol):
         ...
 
     def establish(
-        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
-    ) -> Established:
+        self, ctx: ReparentContext, candidate: Candidate, revoked: RevocationProof
+    ) -> EstablishmentProof:
         """Catch up to `revoked.gtid_position` (or the most advanced fenced replica), stop
         replicating, become writable, repoint every other server including the old primary."""
         ...

@@ -6,7 +6,7 @@ make next. The shell (`controller.py`) carries actions out and feeds back each c
 Because every decision is a function of the record, a controller that restarts with a
 half-finished record (`resume`) decides the same way every time.
 
-The invariant it enforces: establishment starts only after revocation returned a `Revoked`
+The invariant it enforces: establishment starts only after revocation returned a `RevocationProof`
 (the mechanisms verify it). A planned reparent that fails before establishment has promoted
 anyone is undone. An emergency reparent cannot give a dead primary back, so it rolls forward
 or fails loudly.
@@ -17,22 +17,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from reparent.mechanism import Candidate, Established, MechanismError, Revoked
+from reparent.mechanism import Candidate, EstablishmentProof, MechanismError, RevocationProof
 from reparent.topology import (
     Aborted,
+    Established,
     Outcome,
     PhaseTiming,
     ReparentKind,
     ReparentRecord,
     ReparentStarted,
+    Revoked,
     Step,
     TopologyEvent,
-)
-from reparent.topology import (
-    Established as EstablishedEvent,
-)
-from reparent.topology import (
-    Revoked as RevokedEvent,
 )
 
 
@@ -66,8 +62,8 @@ class Progress:
     """What a reparent has learnt so far; rebuilt from the record on resume."""
 
     candidate: Candidate | None = None
-    revoked: Revoked | None = None
-    established: Established | None = None
+    revoked: RevocationProof | None = None
+    established: EstablishmentProof | None = None
 
 
 def _with(record: ReparentRecord, step: Step, **changes: object) -> ReparentRecord:
@@ -139,18 +135,18 @@ class Orchestrator:
         if call is Call.PREPARE:
             return self._hold_then_revoke()
         if call is Call.REVOKE:
-            assert isinstance(result, Revoked)
+            assert isinstance(result, RevocationProof)
             self.progress.revoked = result
             positions = dict(self.record.positions)
             positions["old_primary_final"] = result.gtid_position
             positions.update({f"{k}_fenced": v for k, v in result.replica_positions.items()})
             self.record = replace(self.record, positions=positions)
-            event = RevokedEvent(self.record.shard, self.record.old_primary, result.gtid_position)
+            event = Revoked(self.record.shard, self.record.old_primary, result.gtid_position)
             if self.planned:
                 return self._act(Step.REVOKED, Call.ESTABLISH, (event,))
             return self._act(Step.REVOKED, Call.CHOOSE, (event,))
         if call is Call.ESTABLISH:
-            assert isinstance(result, Established)
+            assert isinstance(result, EstablishmentProof)
             self.progress.established = result
             positions = dict(self.record.positions)
             positions["new_primary_writable"] = result.gtid_position
@@ -160,7 +156,7 @@ class Orchestrator:
             new = self.record.new_primary or self.record.candidate
             assert new is not None
             self.record = replace(self.record, new_primary=new, term_after=self.new_term)
-            event = EstablishedEvent(self.record.shard, new, self.new_term)
+            event = Established(self.record.shard, new, self.new_term)
             return self._finish(Outcome.SUCCEEDED, events=(event,))
         if call is Call.ABANDON:
             return self._act(Step.UNDOING, Call.UNDO)
@@ -235,4 +231,4 @@ class Orchestrator:
             self.progress.candidate = Candidate(r.candidate, pos.get(f"{r.candidate}_chosen", ""))
         if "old_primary_final" in pos:
             fenced = {k[: -len("_fenced")]: v for k, v in pos.items() if k.endswith("_fenced")}
-            self.progress.revoked = Revoked(r.old_primary, pos["old_primary_final"], fenced)
+            self.progress.revoked = RevocationProof(r.old_primary, pos["old_primary_final"], fenced)

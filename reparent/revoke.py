@@ -22,7 +22,7 @@ from reparent.admin import (
 )
 from reparent.admin import GtidVariable as Var
 from reparent.config import ServerConfig
-from reparent.mechanism import FailureKind, MechanismError, ReparentContext, Revoked
+from reparent.mechanism import FailureKind, MechanismError, ReparentContext, RevocationProof
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class GracefulDemotion:
     def __init__(self, pool: AdminPool | None = None) -> None:
         self.pool = pool or AdminPool()
 
-    def revoke(self, ctx: ReparentContext) -> Revoked:
+    def revoke(self, ctx: ReparentContext) -> RevocationProof:
         drained = ctx.wait_drained(ctx.grace)
         conn = self.pool.get(ctx.old_primary, ctx.admin)
         # The replication account too: a replica's IO thread is not a 'Binlog Dump' yet while
@@ -75,14 +75,14 @@ class GracefulDemotion:
             killed = conn.kill_clients(spare)
             conn.set_read_only(True, within=ctx.timeout)  # the killed ones still roll back
         killed += conn.kill_clients(spare)
-        return Revoked(
+        return RevocationProof(
             old_primary=ctx.old_primary.name,
             gtid_position=conn.gtid(Var.BINLOG_POS),
             killed_connections=killed,
             drained=drained,
         )
 
-    def undo(self, ctx: ReparentContext, revoked: Revoked | None) -> None:
+    def undo(self, ctx: ReparentContext, revoked: RevocationProof | None) -> None:
         self.pool.get(ctx.old_primary, ctx.admin).set_read_only(False)
 
 
@@ -115,7 +115,7 @@ class FollowerFencing:
     def __init__(self, pool: AdminPool | None = None) -> None:
         self.pool = pool or AdminPool()
 
-    def revoke(self, ctx: ReparentContext) -> Revoked:
+    def revoke(self, ctx: ReparentContext) -> RevocationProof:
         old = _OldPrimaryFence(ctx)
         old.start()
         results = self.pool.each(_replicas(ctx), ctx.admin, _fence, PROBE_TIMEOUT)
@@ -130,14 +130,14 @@ class FollowerFencing:
         if not positions:
             reasons = "; ".join(str(r) for r in results.values())
             raise MechanismError(FailureKind.UNREACHABLE, f"no replica could be fenced: {reasons}")
-        return Revoked(
+        return RevocationProof(
             ctx.old_primary.name,
             gtid_position="",
             replica_positions=positions,
             silent=tuple(silent),
         )
 
-    def undo(self, ctx: ReparentContext, revoked: Revoked | None) -> None:
+    def undo(self, ctx: ReparentContext, revoked: RevocationProof | None) -> None:
         """Restart the IO threads (they resume from where they stopped) and make the old
         primary writable again if it answers; a replica that is down now has nothing to undo."""
 

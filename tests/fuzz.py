@@ -355,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20261130)
     parser.add_argument("--dir", default="/tmp/baton-fuzz")
     args = parser.parse_args(argv)
+    from harness.baton import start_baton
     from reparent.sandbox import Sandbox
     from tests.conftest import sandbox_base_port
-    from tests.fixtures import port_hint, start_baton
+    from tests.fixtures import port_hint
 
     work = Path(args.dir)
     box = Sandbox(work / "sandbox", base_port=sandbox_base_port(), replicas=1)

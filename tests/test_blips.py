@@ -33,19 +33,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.baton import dump_toml, start_baton
+from harness.clients import admin_query
+from harness.ledger import TABLE, Ledger, create_table
 from reparent.config import DetectorConfig
 from reparent.sandbox import Sandbox
 from tests.faultshim import FaultShim
-from tests.fixtures import (
-    WritablePoller,
-    admin_query,
-    dump_toml,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
-from tests.ledger import TABLE, Ledger, create_table
+from tests.fixtures import WritablePoller, port_hint, private_sandbox, server_ports
 
 DEFAULTS = DetectorConfig()
 DETECTOR = {

@@ -11,7 +11,6 @@ import pytest
 from proxy.buffer import (
     Action,
     Buffer,
-    BufferConfig,
     BufferState,
     Evict,
     EvictReason,
@@ -24,6 +23,7 @@ from proxy.buffer import (
     Stopped,
     StopReason,
 )
+from reparent.config import BufferConfig
 
 IDLE, BUFFERING, DRAINING = BufferState.IDLE, BufferState.BUFFERING, BufferState.DRAINING
 SUSPECT = BufferState.SUSPECT

@@ -13,8 +13,9 @@ import mysql.connector
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
 from proxy.packets import Cap, Command, lenenc_bytes
-from tests.fixtures import Baton, app_conn, app_connector, port_hint, start_baton
+from tests.fixtures import app_conn, app_connector, port_hint
 from tests.rawclient import DEFAULT_CAPS, RawClient, split_packets
 
 DB = "baton_cmds"

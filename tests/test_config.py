@@ -162,6 +162,24 @@ def test_bad_replication_address_is_named(tmp_path: Path, edit: str, key: str) -
     assert str(exc.value).startswith(key), str(exc.value)
 
 
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("size = 1000", "size = 0"), "buffer.size"),
+        (("window = 10.0", "window = 30.0"), "buffer.window"),
+        (("drain_concurrency = 16", "drain_concurrency = 0"), "buffer.drain_concurrency"),
+    ],
+)
+def test_bad_buffer_bound_is_named_at_load(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    """The buffer's own bounds are checked by the one type the loader, the buffer and its shell
+    share, so a bound the buffer would refuse fails the load, not the start of the proxy."""
+    text = EXAMPLE.read_text()
+    assert edit[0] in text
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text.replace(edit[0], edit[1], 1)))
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
 # -- operator input that must end in a ConfigError naming what is wrong, never a traceback ----
 
 SECRET = "s3cret-Value"
@@ -285,7 +303,7 @@ def test_every_key_with_every_type(tmp_path: Path) -> None:
     import datetime
     import tomllib
 
-    from proxy.hold import Holder
+    from proxy.holder import Holder
     from reparent.config import parse
 
     base = tomllib.loads(WITH_USERS)

@@ -18,17 +18,17 @@ from typing import Any
 
 import pytest
 
+from harness.baton import Baton
 from proxy import control
 from proxy.accounts import AccountBook, Accounts
 from proxy.admission import Admission
 from proxy.control import ControlServer
 from proxy.frontend import ProxyContext
-from proxy.hold import Holder
+from proxy.holder import Holder
 from proxy.router import Router
 from proxy.server import FALLBACK
 from reparent.controller import Controller
 from reparent.topology import FileStore, ReparentKind
-from tests.fixtures import Baton
 from tests.test_orchestrator import CONFIG, Fakes
 
 STATUS = b'{"cmd": "status"}'

@@ -30,18 +30,12 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_query
+from harness.ledger import TABLE, Ledger, create_table
 from reparent.failpoint import ENV, EXIT_CODE
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Baton,
-    WritablePoller,
-    admin_query,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
-from tests.ledger import TABLE, Ledger, create_table
+from tests.fixtures import WritablePoller, port_hint, private_sandbox, server_ports
 
 PRS_CALLS = ("choose", "prepare", "revoke", "establish", "commit")
 ERS_CALLS = ("revoke", "choose", "establish", "commit")

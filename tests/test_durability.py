@@ -2,7 +2,7 @@
 
 Each group is a sandbox of its own whose servers Baton reaches through one shim each and whose
 replicas replicate through another (`replication_port`), and a Baton with the detector off:
-these tests call ERS themselves. The ledger (tests/ledger.py) records every id whose COMMIT was
+these tests call ERS themselves. The ledger (harness/ledger.py) records every id whose COMMIT was
 acknowledged; after `kill -9` of the primary and `baton ctl ers`, those missing from the new
 primary are acknowledged writes lost.
 """
@@ -22,12 +22,14 @@ from typing import Any
 
 import pytest
 
+from harness.baton import Baton, dump_toml, start_baton
+from harness.clients import admin_query
+from harness.ledger import TABLE, create_table, kill_primary_then_ers
 from reparent.durability import SEMI_SYNC_TIMEOUT_MS
 from reparent.sandbox import ADMIN, Sandbox, SandboxError
 from tests.conftest import sandbox_base_port
 from tests.faultshim import ShimmedGroup
-from tests.fixtures import Baton, admin_query, dump_toml, port_hint, start_baton
-from tests.ledger import TABLE, create_table, kill_primary_then_ers
+from tests.fixtures import port_hint
 
 pytestmark = pytest.mark.sandbox
 

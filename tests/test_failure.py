@@ -20,18 +20,16 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn, admin_query
 from reparent import gtid
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
     Background,
-    Baton,
-    admin_conn,
-    admin_query,
     metric,
     port_hint,
     private_sandbox,
     server_ports,
-    start_baton,
     wait_for,
 )
 

@@ -11,8 +11,9 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton
 from proxy.packets import Cap
-from tests.fixtures import Baton, app_conn, app_connector
+from tests.fixtures import app_conn, app_connector
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 DB = "baton_fidelity"

@@ -19,17 +19,12 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn
 from proxy.auth import scramble, stage1
 from proxy.packets import Cap, Command, frame, lenenc_bytes, parse_err
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Baton,
-    admin_conn,
-    metric,
-    port_hint,
-    start_baton,
-    start_baton_without_primary,
-)
+from tests.fixtures import metric, port_hint, start_baton_without_primary
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -461,3 +456,18 @@ def test_ctl_users_lists_the_accounts_and_the_unfenced_ones(door: Baton) -> None
     assert "'baton_admin'@'127.0.0.1'" in status["unfenced_users"]
     table = door.ctl("users")
     assert "baton_admin" in table.stdout and "SUPER" in table.stdout
+
+
+def test_mysqldb_reads_batons_own_errors(sandbox: Sandbox, tmp_path: Path) -> None:
+    """MySQLdb (libmariadb) sees 1429 with its message where a 2003 of Baton's became 2027."""
+    import MySQLdb
+
+    b = start_baton_without_primary(sandbox.config_path, tmp_path / "mysqldb", port_hint() + 62)
+    try:
+        with pytest.raises(MySQLdb.OperationalError) as exc:
+            # Its connect() runs a statement of its own: the error comes there.
+            conn = MySQLdb.connect(host="127.0.0.1", port=b.port, user="app", password="app-pass")
+            conn.cursor().execute("SELECT 1")
+        assert exc.value.args[0] == 1429 and "cannot reach the primary" in exc.value.args[1]
+    finally:
+        b.stop()

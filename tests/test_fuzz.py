@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.baton import Baton, start_baton
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, port_hint, start_baton
+from tests.fixtures import port_hint
 from tests.fuzz import fuzz
 
 FRAMES = 2000

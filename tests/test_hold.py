@@ -12,15 +12,14 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_query
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
-    Baton,
-    admin_query,
     app_connector,
     port_hint,
     private_sandbox,
     server_ports,
-    start_baton,
     sysbench,
     sysbench_counts,
 )

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, admin_conn, port_hint, start_baton
+from tests.fixtures import port_hint
 
 
 @pytest.fixture(scope="module")

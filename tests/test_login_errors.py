@@ -11,15 +11,11 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from harness.baton import Baton
+from harness.clients import admin_conn
 from proxy.auth import scramble, stage1
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import (
-    Baton,
-    admin_conn,
-    app_conn,
-    port_hint,
-    start_baton_without_primary,
-)
+from tests.fixtures import app_conn, port_hint, start_baton_without_primary
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 

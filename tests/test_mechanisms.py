@@ -20,22 +20,22 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.process import free_port
 from reparent import config, gtid
 from reparent.admin import AdminPool
 from reparent.config import Role, ServerConfig
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import (
     Candidate,
-    Established,
+    EstablishmentProof,
     FailureKind,
     MechanismError,
     ReparentContext,
-    Revoked,
+    RevocationProof,
 )
 from reparent.revoke import READ_ONLY_PATIENCE, FollowerFencing, GracefulDemotion
 from reparent.sandbox import ADMIN, APP, HOST, REPL, Sandbox, SandboxError
 from tests.conftest import sandbox_base_port
-from tests.fixtures import free_port
 
 pytestmark = pytest.mark.sandbox
 
@@ -92,7 +92,7 @@ def context(
     )
 
 
-def planned(pool: AdminPool, ctx: ReparentContext) -> tuple[Revoked, Established]:
+def planned(pool: AdminPool, ctx: ReparentContext) -> tuple[RevocationProof, EstablishmentProof]:
     """choose → prepare → revoke → establish, in the orchestrator's order."""
     establishment = GtidEstablishment(pool=pool, max_lag_seconds=5)
     candidate = establishment.choose(ctx)

@@ -12,11 +12,11 @@ from reparent.config import load
 from reparent.controller import Controller, ReparentRefused
 from reparent.mechanism import (
     Candidate,
-    Established,
+    EstablishmentProof,
     FailureKind,
     MechanismError,
     ReparentContext,
-    Revoked,
+    RevocationProof,
 )
 from reparent.orchestrator import Orchestrator
 from reparent.topology import (
@@ -56,20 +56,20 @@ class Fakes:
     def prepare(self, ctx: ReparentContext, candidate: Candidate) -> None:
         self._enter("prepare")
 
-    def revoke(self, ctx: ReparentContext) -> Revoked:
+    def revoke(self, ctx: ReparentContext) -> RevocationProof:
         self._enter("revoke")
         assert "establish" not in self.calls
-        return Revoked(ctx.old_primary.name, "0-1-12", {"db2": "0-1-12", "db3": "0-1-11"})
+        return RevocationProof(ctx.old_primary.name, "0-1-12", {"db2": "0-1-12", "db3": "0-1-11"})
 
-    def undo(self, ctx: ReparentContext, revoked: Revoked | None) -> None:
+    def undo(self, ctx: ReparentContext, revoked: RevocationProof | None) -> None:
         self._enter("undo")
 
     def establish(
-        self, ctx: ReparentContext, candidate: Candidate, revoked: Revoked
-    ) -> Established:
+        self, ctx: ReparentContext, candidate: Candidate, revoked: RevocationProof
+    ) -> EstablishmentProof:
         self._enter("establish")
         assert "revoke" in self.calls or self.revoked_earlier, "establishment before revocation"
-        return Established(candidate.name, "0-2-13", ("db1", "db3"))
+        return EstablishmentProof(candidate.name, "0-2-13", ("db1", "db3"))
 
     def abandon(self, ctx: ReparentContext, candidate: Candidate) -> None:
         self._enter("abandon")
@@ -174,7 +174,9 @@ def test_commit_conflict_fails() -> None:
     controller, fakes, store, _ = setup()
     original = fakes.establish
 
-    def establish_and_race(ctx: ReparentContext, c: Candidate, r: Revoked) -> Established:
+    def establish_and_race(
+        ctx: ReparentContext, c: Candidate, r: RevocationProof
+    ) -> EstablishmentProof:
         current = store.read("main")
         store.compare_and_set("main", current.version, replace(current.value, term=7))
         return original(ctx, c, r)

@@ -14,17 +14,10 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn, admin_query
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Baton,
-    admin_conn,
-    admin_query,
-    app_conn,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
+from tests.fixtures import WritablePoller, app_conn, port_hint, private_sandbox, server_ports
 
 # These tests stop replication and kill servers on purpose and reparent by hand: the failure
 # detector would repair or reparent under them (tests/test_failure.py tests it).
@@ -220,22 +213,6 @@ def test_never_two_writable_servers_during_planned_reparents_under_load(
 ) -> None:
     p = ports(box)
     stop = threading.Event()
-    seen: list[set[str]] = []
-    polls = [0]
-
-    def poll() -> None:
-        conns = {name: admin_conn(port) for name, port in p.items()}
-        while not stop.is_set():
-            rw = set()
-            for name, c in conns.items():
-                cur = c.cursor()
-                cur.execute("SELECT @@read_only")
-                if not cur.fetchone()[0]:
-                    rw.add(name)
-            polls[0] += 1
-            if len(rw) > 1:
-                seen.append(rw)
-            time.sleep(0.002)
 
     def load() -> None:
         while not stop.is_set():
@@ -247,20 +224,20 @@ def test_never_two_writable_servers_during_planned_reparents_under_load(
             except pymysql.err.MySQLError:
                 time.sleep(0.01)  # without the buffer a switch costs a reconnect
 
-    threads = [threading.Thread(target=poll)] + [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
     try:
-        names = ["db2", "db1"] * 10
-        for target in names:
-            code, report = ctl_json(rbaton, "prs", "--to", target)
-            assert code == 0, report
+        with WritablePoller(p) as poller:
+            for target in ["db2", "db1"] * 10:
+                code, report = ctl_json(rbaton, "prs", "--to", target)
+                assert code == 0, report
     finally:
         stop.set()
         for t in threads:
             t.join(10)
-    assert polls[0] > 100
-    assert seen == []
+    assert poller.rounds > 50
+    assert poller.overlaps == []
     sums = checksums(box, "db1")
     assert len(set(sums.values())) == 1, sums
 

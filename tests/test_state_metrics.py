@@ -11,7 +11,8 @@ import mysql.connector
 import pymysql
 import pytest
 
-from tests.fixtures import Baton, app_connector
+from harness.baton import Baton
+from tests.fixtures import app_connector
 
 
 def sessions(baton: Baton) -> dict[int, dict]:

@@ -17,8 +17,9 @@ from typing import Any
 import mysql.connector
 import pytest
 
+from harness.baton import Baton, start_baton
 from reparent.sandbox import Sandbox
-from tests.fixtures import Baton, app_connector, port_hint, private_sandbox, start_baton
+from tests.fixtures import app_connector, port_hint, private_sandbox
 
 DB = "baton_moves"
 

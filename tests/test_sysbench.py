@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from tests.fixtures import Baton, admin_query, sysbench, sysbench_counts
+from harness.baton import Baton
+from harness.clients import admin_query
+from tests.fixtures import sysbench, sysbench_counts
 
 
 @pytest.fixture(scope="module")

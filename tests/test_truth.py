@@ -15,18 +15,16 @@ from typing import Any
 
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn, admin_query
+from harness.process import free_port
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
-    Baton,
     WritablePoller,
-    admin_conn,
-    admin_query,
-    free_port,
     metric,
     port_hint,
     private_sandbox,
     server_ports,
-    start_baton,
     wait_for,
 )
 

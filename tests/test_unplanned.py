@@ -16,16 +16,10 @@ from typing import Any
 import pymysql
 import pytest
 
+from harness.baton import Baton, start_baton
+from harness.clients import admin_query
 from reparent.sandbox import Sandbox
-from tests.fixtures import (
-    Baton,
-    admin_query,
-    metric,
-    port_hint,
-    private_sandbox,
-    server_ports,
-    start_baton,
-)
+from tests.fixtures import metric, port_hint, private_sandbox, server_ports
 
 WINDOW = 3.0  # seconds a held command waits: short, so giving up is quick to see
 

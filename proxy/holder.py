@@ -22,7 +22,6 @@ from proxy import metrics
 from proxy.buffer import (
     Action,
     Buffer,
-    BufferConfig,
     BufferState,
     Evict,
     EvictReason,
@@ -33,7 +32,7 @@ from proxy.buffer import (
     StartReason,
     Stopped,
 )
-from reparent.config import BufferSettings
+from reparent.config import BufferConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +58,9 @@ EVICTION_MESSAGES = {
 
 
 class Holder(Collector):
-    def __init__(self, settings: BufferSettings) -> None:
+    def __init__(self, settings: BufferConfig) -> None:
         self.settings = settings
-        self.config = BufferConfig(
-            size=settings.size,
-            window=settings.window,
-            max_failover=settings.max_failover,
-            min_between=settings.min_between,
-            drain_concurrency=settings.drain_concurrency,
-            dry_run=settings.dry_run,
-        )
-        self.buffer = Buffer(self.config)
+        self.buffer = Buffer(settings)
         self._sessions: dict[int, HeldSession] = {}
         self._held_at: dict[int, float] = {}
         self._next_entry = 1
@@ -167,7 +158,7 @@ class Holder(Collector):
             elif isinstance(action, Evict):
                 session = self._sessions.pop(action.entry)
                 self._held_at.pop(action.entry, None)
-                why = EVICTION_MESSAGES[action.reason].format(**vars(self.config))
+                why = EVICTION_MESSAGES[action.reason].format(**vars(self.settings))
                 session.evict_held(action.entry, action.reason, why)
             elif isinstance(action, Started):
                 if action.reason is StartReason.FAILURE:
@@ -239,7 +230,7 @@ class Holder(Collector):
         yield _by_reason("baton_buffer_stops", "Times holding stopped", c.stops_by_reason)
         yield _by_reason("baton_buffer_starts", "Times holding started", c.starts_by_reason)
         used = GaugeMetricFamily("baton_buffer_utilization", "Share of buffer slots in use")
-        used.add_metric([], self.buffer.slots_used() / self.config.size)
+        used.add_metric([], self.buffer.slots_used() / self.settings.size)
         yield used
 
 

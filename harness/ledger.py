@@ -5,7 +5,7 @@ an id only when its COMMIT was acknowledged (the OK arrived). An error means "no
 (Baton's 1927 for a write in flight may or may not have committed: such an id may turn up, but
 it is not owed). After the primary dies and an emergency reparent promotes a replica, every
 recorded id must be on the new primary; the ones missing are acknowledged writes lost. Used by
-tests/test_durability.py and bench/durability.py.
+tests/test_durability.py, tests/test_crash.py and bench/durability.py.
 """
 
 from __future__ import annotations
