@@ -191,12 +191,14 @@ def server_ports(box: Sandbox) -> dict[str, int]:
     return {s["name"]: s["port"] for s in box.status()["servers"]}
 
 
-def private_sandbox(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+def private_sandbox(
+    tmp_path_factory: pytest.TempPathFactory, name: str, replicas: int = 2
+) -> Iterator[Sandbox]:
     """A sandbox of a test module's own, for tests that move the primary: the shared one
     must stay as it is."""
     from tests.conftest import sandbox_base_port
 
-    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=2)
+    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=replicas)
     sb.up()
     try:
         yield sb
