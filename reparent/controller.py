@@ -123,6 +123,8 @@ class Controller:
                     f"shard {shard!r} has an unfinished reparent in the journal; "
                     "restart baton to resume it"
                 )
+            # Read again under the lock: another reparent may have ended during the preflight.
+            topo = self.store.read(shard).value
             record = ReparentRecord(
                 id=uuid.uuid4().hex[:12],
                 kind=kind,
