@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy libmariadb-dev pkg-config
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test fault-test fuzz lint bench-steady bench-hold bench-failover clean
+.PHONY: setup system-packages demo test fault-test fuzz compat lint bench-steady bench-hold bench-failover clean
 
 setup: system-packages $(STAMP)
 
@@ -44,6 +44,12 @@ fault-test: setup lint
 # 100,000 fuzzed logins and commands against a Baton of its own (make test runs 2,000).
 fuzz: setup
 	$(PY) -m tests.fuzz --frames 100000
+
+# PyMySQL's and mysql-connector-python's own test suites, directly and through Baton, compared
+# test by test, into bench/results/compat.md (tests/compat.py; not part of `make test`).
+# COMPAT_ARGS: more options, e.g. --base-port 22500.
+compat: setup
+	$(PY) -m tests.compat $(COMPAT_ARGS)
 
 demo: setup
 	$(PY) -m proxy.demo

@@ -292,10 +292,10 @@ class BackendConnection(asyncio.Protocol):
     def alive(self) -> bool:
         return self._lost is None and self.transport is not None and not self.transport.is_closing()
 
-    def close(self) -> None:
+    def close(self, quit: bool = True) -> None:
+        """Close the connection; with `quit`, say so first (COM_QUIT). Without it the server
+        counts the connection as aborted, as it would the client's own dropped socket."""
         if self.transport is not None and not self.transport.is_closing():
-            try:
+            if quit:
                 self.transport.write(frame(bytes((Command.QUIT,)), 0))
-            except Exception:
-                pass
             self.transport.close()

@@ -20,6 +20,7 @@ class ErrorKind(enum.Enum):
     TOO_MANY_CONNECTIONS = (1040, "08004")
     HOST_BLOCKED = (1129, "HY000")
     MALFORMED_PACKET = (1835, "HY000")  # what MariaDB answers a truncated COM_STMT_*
+    PACKETS_OUT_OF_ORDER = (1156, "08S01")  # a command that does not start at sequence 0
     NO_SUCH_THREAD = (1094, "HY000")
     # Client libraries built on libmariadb turn any server-sent code in 2000-2999 into 2027
     # "malformed packet", so Baton's own "cannot reach" and "lost" use server codes of the

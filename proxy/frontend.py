@@ -339,6 +339,7 @@ class ClientConnection(asyncio.Protocol):
         self._failure: tuple[bytes, str] | None = None  # (error packet, origin)
         self._avoid: str | None = None
         self._epoch = 0
+        self._client_quit = False  # the client said COM_QUIT (else its close was an abort)
         self._lost_from: tuple[ServerConfig, int] | None = None  # (server, epoch) of a loss
         self._connected_before = False  # a later connect moves the session's state
         self._client_slow = False
@@ -410,7 +411,9 @@ class ClientConnection(asyncio.Protocol):
             self._task.cancel()
         if self._logged_in:
             self.ctx.sessions.pop(self.connection_id, None)
-            self._close_backend()
+            # A client that dropped its socket without COM_QUIT is an aborted client to the
+            # server too (Aborted_clients), as it would be direct.
+            self._close_backend(quit=self._client_quit)
         if self._admitted:
             self._admitted = False
             self.ctx.admission.closed()
@@ -755,11 +758,11 @@ class ClientConnection(asyncio.Protocol):
                 self.connection_id,
                 server.name,
             )
-            self.backend.close()
+            self.backend.close(quit=False)  # abandoned, not ended: no COM_QUIT queued
 
-    def _close_backend(self) -> None:
+    def _close_backend(self, quit: bool = True) -> None:
         if self.backend is not None:
-            self.backend.close()
+            self.backend.close(quit)
             assert self.backend_server is not None
             metrics.BACKEND_CONNECTIONS.labels(self.backend_server.name).dec()
         self.backend = None
@@ -884,7 +887,17 @@ class ClientConnection(asyncio.Protocol):
                 self._too_large(limit)
                 return
             if not self._infile and buf[pos + 3] != 0 and length != 0:
-                self._protocol_error(None, "malformed command packet")
+                if length == 1 and buf[pos + 4] == Command.QUIT:
+                    # MariaDB takes COM_QUIT whatever its sequence id (some clients send it
+                    # mid-sequence when they close).
+                    self._client_quit = True
+                    self._close()
+                    return
+                self._protocol_error(
+                    ErrorKind.PACKETS_OUT_OF_ORDER,
+                    "Got packets out of order: a command must start at sequence id 0",
+                    seq=(buf[pos + 3] + 1) & 0xFF,
+                )
                 return
             if (
                 total >= MAX_PAYLOAD
@@ -963,11 +976,11 @@ class ClientConnection(asyncio.Protocol):
             backend.write(packet)
         return True
 
-    def _protocol_error(self, kind: ErrorKind | None, message: str) -> None:
+    def _protocol_error(self, kind: ErrorKind | None, message: str, seq: int = 1) -> None:
         log.info("session %d: closing: %s", self.connection_id, message)
         metrics.CLIENT_PROTOCOL_ERRORS.inc()
         if kind is not None:
-            self._error(kind, message)
+            self._write_error(frame(kind.packet(message), seq))
         self._close()
 
     def _command(self, raw: bytes) -> None:
@@ -976,6 +989,7 @@ class ClientConnection(asyncio.Protocol):
         self._command_byte = command
         self._started = time.perf_counter()
         if command == Command.QUIT:
+            self._client_quit = True
             self._close()
             return
         backend = self.backend
@@ -1149,6 +1163,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _response_finished(self, exc: BaseException | None) -> None:
         parser = self._parser
+        if exc is not None and self._gone:
+            # The client left first (its connection_lost closed this backend): nobody to
+            # answer, nothing to hold or run again.
+            self._drop_backend()
+            return
         if exc is not None:
             retry = not self._relayed and not self._infile and self._may_retry(parser.command)
             self._infile = False

@@ -38,12 +38,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
     raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sample of `name` whose labels include `labels`, from a scraped page."""
+def metric(text: str, name: str, absent: float | None = None, **labels: str) -> float:
+    """The sample of `name` whose labels include `labels`, from a scraped page (`absent`, if
+    given, for a labelled sample not counted yet)."""
     for line in text.splitlines():
-        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+        m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
             return float(m.group(2))
+    if absent is not None:
+        return absent
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     raise AssertionError(f"no {name}{{{want}}} in metrics")
 

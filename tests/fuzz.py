@@ -187,7 +187,9 @@ def command_payload(rng: random.Random, nonce: bytes) -> bytes:
         body = b"app\x00" + bytes((len(auth),)) + auth + b"baton_test\x00\x2d\x00"
         body += b"mysql_native_password\x00"
     elif command == Command.PROCESS_KILL:
-        body = struct.pack("<I", rng.choice((1 << 30, 5, 0)))
+        # Ids no session has (a small one could be the canary's server thread, which the
+        # fuzzer's own account may rightly kill).
+        body = struct.pack("<I", rng.choice((1 << 30, 0xFFFFFFFF, 999_999_999, 0)))
     else:
         body = b""
     return bytes((command,)) + body

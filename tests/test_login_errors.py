@@ -12,10 +12,10 @@ import pymysql
 import pytest
 
 from harness.baton import Baton
-from harness.clients import admin_conn
+from harness.clients import admin_conn, admin_query
 from proxy.auth import scramble, stage1
 from proxy.packets import Command, frame, make_handshake_response
-from tests.fixtures import app_conn, port_hint, start_baton_without_primary
+from tests.fixtures import app_conn, metric, port_hint, start_baton_without_primary
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 
@@ -160,6 +160,8 @@ def test_malformed_packet_closes_only_that_connection(baton: Baton) -> None:
     c = RawClient(baton.port)
     c.sock.sendall(frame(b"\x03SELECT 1", 5))  # a command must start at sequence 0
     c.sock.settimeout(5)
+    seq, reply = c.read_packet()  # the server's own answer, then the connection closes
+    assert (seq, reply[1:3]) == (6, (1156).to_bytes(2, "little")), reply
     try:
         assert c.sock.recv(100) == b""
     except ConnectionResetError:
@@ -238,3 +240,55 @@ def test_slow_client_holds_back_the_server_not_batons_memory(baton: Baton) -> No
     out = c.response(Command.QUERY)
     assert out.count(b"x" * 1024) >= 64 * 1024
     c.close()
+
+
+def aborted_clients(port: int) -> int:
+    rows = admin_query(port, "SHOW GLOBAL STATUS LIKE 'Aborted_clients'")
+    return int(rows[0]["Value"])
+
+
+def test_a_dropped_client_is_an_aborted_client_on_the_server_as_direct(
+    baton: Baton, primary_port: int
+) -> None:
+    """A client that drops its socket without COM_QUIT counts in the server's Aborted_clients
+    (connector/python's test_shutdown checks it); one that says COM_QUIT, even with a
+    sequence id other than 0 as some clients send it, does not, and is no protocol error."""
+    for port in (primary_port, baton.port):
+        before = aborted_clients(primary_port)
+        c = RawClient(port)
+        c.query("SELECT 1")
+        c.sock.close()  # no COM_QUIT
+        time.sleep(0.5)
+        assert aborted_clients(primary_port) == before + 1, port
+    before = aborted_clients(primary_port)
+    errors = metric(baton.scrape(), "baton_client_protocol_errors_total")
+    c = RawClient(baton.port)
+    c.query("SELECT 1")
+    c.sock.sendall(frame(bytes((Command.QUIT,)), 6))
+    c.sock.settimeout(5)
+    assert c.sock.recv(10) == b""
+    time.sleep(0.5)
+    assert aborted_clients(primary_port) == before
+    assert metric(baton.scrape(), "baton_client_protocol_errors_total") == errors
+
+
+def test_a_client_that_leaves_mid_statement_costs_nothing_more(
+    baton: Baton, primary_port: int
+) -> None:
+    """Its statement is not held or sent again for a client that is gone, and the server sees
+    no second connection for it."""
+    held = metric(baton.scrape(), "baton_failed_commands_total", 0.0, cause="lost", outcome="held")
+    c = RawClient(baton.port)
+    c.send(b"\x03SELECT SLEEP(1) AS baton_leaving")
+    time.sleep(0.3)
+    c.sock.close()
+    time.sleep(1.5)
+    rows = admin_query(
+        primary_port,
+        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST WHERE INFO LIKE '%baton_leaving%'"
+        " AND INFO NOT LIKE '%PROCESSLIST%'",
+    )
+    assert rows[0]["n"] == 0
+    after = metric(baton.scrape(), "baton_failed_commands_total", 0.0, cause="lost", outcome="held")
+    assert after == held
+    assert "Task exception" not in baton.log.read_text()
