@@ -3,10 +3,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy libmariadb-dev pkg-config
+APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy libmariadb-dev pkg-config etcd-server
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo test fault-test fuzz compat lint bench-steady bench-hold bench-failover clean
+.PHONY: setup system-packages demo demo-fleet test fault-test fuzz compat lint bench-steady bench-hold bench-failover bench-fleet clean
 
 setup: system-packages $(STAMP)
 
@@ -14,7 +14,7 @@ setup: system-packages $(STAMP)
 system-packages:
 	@missing=""; \
 	for bin in mariadbd:mariadb-server mariadb:mariadb-client sysbench:sysbench haproxy:haproxy \
-	    mariadb_config:libmariadb-dev pkg-config:pkg-config; do \
+	    mariadb_config:libmariadb-dev pkg-config:pkg-config etcd:etcd-server; do \
 	  command -v $${bin%%:*} >/dev/null 2>&1 || missing="$$missing $${bin##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -39,6 +39,7 @@ test: setup lint
 fault-test: setup lint
 	BATON_FAULT_SUITE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py \
 	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py \
+	  tests/test_fleet.py tests/test_etcdstore.py \
 	  tests/test_truth.py tests/test_blips.py
 
 # 100,000 fuzzed logins and commands against a Baton of its own (make test runs 2,000).
@@ -54,6 +55,10 @@ compat: setup
 demo: setup
 	$(PY) -m proxy.demo
 
+# Three Batons on etcd: a PRS none of their clients sees, then kill -9 of one of them.
+demo-fleet: setup
+	$(PY) -m proxy.demo_fleet
+
 bench-steady: setup
 	$(PY) -m bench.steady
 
@@ -62,6 +67,10 @@ bench-hold: setup
 
 bench-failover: setup
 	$(PY) -m bench.failover
+
+# The failover benchmark's fleet path: three Batons on etcd, 10 PRS driven from each in turn.
+bench-fleet: setup
+	$(PY) -m bench.fleet
 
 clean:
 	-$(VENV)/bin/baton sandbox down

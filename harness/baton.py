@@ -35,18 +35,23 @@ def _toml_value(v: Any) -> str:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Enough TOML for Baton's config: tables, arrays of tables, scalars."""
+    """Enough TOML for Baton's config: tables, arrays of tables, scalars, lists of scalars."""
     lines: list[str] = []
+
+    def tables(v: Any) -> bool:
+        return isinstance(v, dict) or (isinstance(v, list) and all(isinstance(i, dict) for i in v))
 
     def table(prefix: str, d: dict[str, Any]) -> None:
         for k, v in d.items():
-            if not isinstance(v, dict | list):
+            if isinstance(v, list) and not tables(v):
+                lines.append(f"{k} = [{', '.join(_toml_value(i) for i in v)}]")
+            elif not tables(v):
                 lines.append(f"{k} = {_toml_value(v)}")
         for k, v in d.items():
             if isinstance(v, dict):
                 lines.append(f"\n[{prefix}{k}]")
                 table(f"{prefix}{k}.", v)
-            elif isinstance(v, list):
+            elif tables(v):
                 for item in v:
                     lines.append(f"\n[[{prefix}{k}]]")
                     table(f"{prefix}{k}.", item)
@@ -71,9 +76,12 @@ class Baton:
         kw.setdefault("password", "app-pass")
         return pymysql.connect(host="127.0.0.1", port=self.port, autocommit=True, **kw)
 
+    def ctl_args(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "proxy.cli", "ctl", "--socket", self.socket, *args]
+
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "ctl", "--socket", self.socket, *args],
+            self.ctl_args(*args),
             capture_output=True,
             text=True,
             timeout=30,

@@ -30,9 +30,12 @@ class Ledger:
     """`writers` threads inserting through `connect()` until `stop()`; `acked` holds the ids
     whose COMMIT was acknowledged, `acks` when each of them was sent and when its OK arrived,
     and `error_log` when each error arrived, with its text (time.monotonic(), every writer's
-    in one list)."""
+    in one list). Ledgers that write one table at once number their writers apart (`first`).
+    """
 
-    def __init__(self, connect: Callable[[], pymysql.Connection], writers: int = 4) -> None:
+    def __init__(
+        self, connect: Callable[[], pymysql.Connection], writers: int = 4, first: int = 0
+    ) -> None:
         self.connect = connect
         self.acked: set[int] = set()
         self.errors = 0
@@ -41,7 +44,8 @@ class Ledger:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._write, args=(w,), daemon=True) for w in range(writers)
+            threading.Thread(target=self._write, args=(first + w,), daemon=True)
+            for w in range(writers)
         ]
 
     def start(self) -> Ledger:

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--base-port", type=int, default=23301, help="port of the first server")
     sandbox.add_argument("--replicas", type=int, default=2, help="replicas of the first server")
     sandbox.add_argument("--json", action="store_true", help="status as JSON, for scripts")
+    sandbox.add_argument(
+        "--etcd", action="store_true", help="also start etcd: the topology store of a fleet"
+    )
+    sandbox.add_argument("--etcd-members", type=int, default=1, help="etcd cluster size")
+    sandbox.add_argument(
+        "--proxies", type=int, default=1, help="Batons of the fleet: one config each (--etcd)"
+    )
     sandbox.set_defaults(func=_sandbox)
 
     ctl = sub.add_parser(

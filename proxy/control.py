@@ -21,11 +21,12 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.frontend import ProxyContext
 from reparent.controller import Controller, ReparentRefused
-from reparent.topology import ReparentKind, ReparentRecord
+from reparent.store import LEADER
+from reparent.topology import ReparentKind, ReparentRecord, TopologyError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ControlError(Exception):
 
 
 Emit = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 # Requests are a few hundred bytes; a longer line is answered with an error and skipped.
 MAX_LINE = 64 * 1024
@@ -286,13 +288,14 @@ class ControlServer:
         store = self.controller.store
         shards = []
         for shard in self.ctx.config.shards:
-            topo = store.read(shard.name).value
-            in_flight = store.journal_get(shard.name)
+            topo = (await self._store(store.read, shard.name)).value
+            in_flight = await self._store(store.journal_get, shard.name)
             shards.append(
                 {
                     "name": shard.name,
                     "primary": topo.primary,
                     "term": topo.term,
+                    "lock": await self._store(store.lock_owner, shard.name),
                     "reparent": in_flight.to_dict() if in_flight else None,
                     # How the servers contradict the config and store, as the failure detector
                     # last found it; while any, nothing is done about the shard automatically.
@@ -321,6 +324,10 @@ class ControlServer:
                 "refused": {str(k): v for k, v in admission.refused.items()},
             },
             "unfenced_users": [a.name for a in self.ctx.accounts.book.unfenced()],
+            "proxy": self.ctx.router.proxy_id,
+            "store": str(self.ctx.config.topology.store),
+            "proxies": [p.to_dict() for p in await self._store(store.proxies)],
+            "detector_leader": await self._store(store.lock_owner, LEADER),
         }
 
     async def cmd_unblock(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -387,23 +394,16 @@ class ControlServer:
 
     async def add_buffer_counts(self, report: ReparentRecord) -> None:
         """What this proxy held for the reparent goes into its report, here and in the
-        history. The drain ends moments after the reparent; it is waited for up to a window."""
-        holder = self.ctx.holder
-        episode = await holder.episode(report.shard, report.term_before + 1, holder.settings.window)
+        history (other proxies of a fleet add theirs to the history as their holds end).
+        The drain ends moments after the reparent; it is waited for up to a window."""
+        router = self.ctx.router
+        episode = await router.annotate(report.shard, report.term_before + 1, report.id)
         if episode is None:
             return
-        report.held, report.flushed, report.evicted = (
-            episode.held,
-            episode.flushed,
-            episode.evicted,
-        )
-        await asyncio.to_thread(
-            self.controller.store.annotate,
-            report.id,
-            episode.held,
-            episode.flushed,
-            episode.evicted,
-        )
+        counts = {"held": episode.held, "flushed": episode.flushed, "evicted": episode.evicted}
+        updated = report.with_buffers({**report.buffers, router.proxy_id: counts})
+        report.buffers = updated.buffers
+        report.held, report.flushed, report.evicted = updated.held, updated.flushed, updated.evicted
 
     async def cmd_check(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """The config and the store against what every server says (reparent/survey.py)."""
@@ -433,7 +433,15 @@ class ControlServer:
         args = Args(request, "shard", "limit")
         shard = args.text("shard", self._shards())
         limit = args.integer("limit", 50, 1, MAX_HISTORY)
-        return [r.to_dict() for r in self.controller.store.history(shard, limit)]
+        records = await self._store(self.controller.store.history, shard, limit)
+        return [r.to_dict() for r in records]
+
+    async def _store(self, call: Callable[..., T], *args: object) -> T:
+        """A store call off the event loop (a remote store may take its timeout)."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except TopologyError as e:
+            raise ControlError(str(e))
 
     def _shards(self) -> list[str]:
         return [s.name for s in self.ctx.config.shards]

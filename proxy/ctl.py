@@ -65,6 +65,8 @@ def render_report(r: dict[str, Any]) -> str:
     total = sum(p["duration_ms"] for p in r["phases"])
     lines.append(f"  total {total:.1f} ms over {len(r['phases'])} steps")
     lines.append(f"  commands held {r['held']}, flushed {r['flushed']}, evicted {r['evicted']}")
+    if r.get("not_drained"):
+        lines.append(f"  went ahead without a drained report from {', '.join(r['not_drained'])}")
     if r.get("allow_unreachable"):
         lines.append(
             f"  allowed unreachable by the operator: {', '.join(r['allow_unreachable'])} (under"
@@ -125,6 +127,8 @@ def render(cmd: str, result: Any) -> str:
     lines = []
     for shard in result["shards"]:
         lines.append(f"shard {shard['name']}: primary {shard['primary']}, term {shard['term']}")
+        if shard.get("lock"):
+            lines.append(f"  locked by {shard['lock']}")
         if shard["reparent"]:
             rp = shard["reparent"]
             lines.append(f"  reparent in flight: {rp['kind']} {rp['id']} at {rp['step']}")
@@ -146,6 +150,12 @@ def render(cmd: str, result: Any) -> str:
             "refused through Baton (read_only does not fence them): "
             + ", ".join(result["unfenced_users"])
         )
+    if "proxies" in result:
+        lines.append(
+            f"proxy {result['proxy']} ({result['store']} store); "
+            f"detector leader: {result['detector_leader'] or '-'}"
+        )
+        lines.append(table([proxy_row(p) for p in result["proxies"]], PROXY_COLUMNS))
     return "\n".join(lines)
 
 
@@ -176,6 +186,26 @@ def render_check(r: dict[str, Any]) -> str:
 
 
 _CHECK_OPTIONAL = ("source", "io", "sql", "heartbeat_period", "gtid_binlog_pos", "gtid_received")
+
+
+PROXY_COLUMNS = ["id", "address", "alive", "terms", "holding", "drained"]
+
+
+def proxy_row(p: dict[str, Any]) -> dict[str, Any]:
+    """One proxy of the fleet: the term it has seen per shard, what it holds for, and its
+    last drained report per shard (term, and whether it was drained)."""
+    return {
+        "id": p["id"],
+        "address": p["address"],
+        "alive": "yes" if p["alive"] else "NO",
+        "terms": ",".join(f"{s}={t}" for s, t in p["terms"].items()) or "-",
+        "holding": ",".join(p["holding"]) or "-",
+        "drained": ",".join(
+            f"{s}@{d['term']}" + ("" if d["drained"] else "(busy)")
+            for s, d in p["drained"].items()
+        )
+        or "-",
+    }
 
 
 def run(args: argparse.Namespace) -> int:

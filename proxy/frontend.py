@@ -175,7 +175,7 @@ class ProxyContext:
         return self.router.primary(self.config.proxy.shard)
 
     def term(self) -> int:
-        return self.router.store.read(self.config.proxy.shard).value.term
+        return self.router.term(self.config.proxy.shard)
 
     @property
     def can_switch(self) -> bool:

@@ -19,13 +19,16 @@ from proxy.control import ControlServer
 from proxy.frontend import BackendIdentity, ProxyContext, ProxyServer
 from proxy.holder import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
-from proxy.router import Router
+from proxy.router import Router, default_proxy_id
 from reparent.admin import AdminConnection, AdminError, AdminPool
-from reparent.config import Config, ConfigError, ServerConfig, check_files, load
+from reparent.config import Config, ConfigError, ServerConfig, StoreKind, check_files, load
 from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
+from reparent.etcdstore import EtcdStore
+from reparent.filestore import FileStore
 from reparent.revoke import FollowerFencing, GracefulDemotion
-from reparent.topology import FileStore, ReparentKind, TopologyError
+from reparent.store import StoreUnavailableError, TopologyStore
+from reparent.topology import ReparentKind, TopologyError
 from reparent.watch import Watch
 
 log = logging.getLogger("baton")
@@ -51,6 +54,22 @@ async def probe_identity(server: ServerConfig, timeout: float) -> BackendIdentit
     return BackendIdentity(
         version=hs.version, capabilities=hs.capabilities & PROXY_CAPS, collation=hs.collation
     )
+
+
+async def open_store(config: Config) -> TopologyStore:
+    """The configured topology store; etcd is waited for at start, since a proxy that does
+    not know the term cannot fence by it."""
+    if config.topology.store is StoreKind.FILE:
+        return FileStore.open(Path(config.controller.store), config)
+    t = config.topology
+    while True:
+        try:
+            return await asyncio.to_thread(
+                EtcdStore.open, list(t.endpoints), t.prefix, config, t.timeout
+            )
+        except StoreUnavailableError as e:
+            log.warning("waiting for the topology store: %s", e)
+            await asyncio.sleep(1.0)
 
 
 DEFAULT_MAX_PACKET = 64 << 20  # when the primary's max_allowed_packet cannot be read
@@ -92,6 +111,7 @@ def max_allowed_packet(config: Config) -> int:
 
 
 async def run(config: Config, adopt: bool = False) -> None:
+    loop = asyncio.get_running_loop()
     primary = config.shard.primary
     try:
         identity = await probe_identity(primary, config.proxy.backend_connect_timeout)
@@ -100,15 +120,17 @@ async def run(config: Config, adopt: bool = False) -> None:
             "primary %s unreachable at start (%s); presenting %s", primary.name, e, FALLBACK.version
         )
         identity = FALLBACK
-    store = FileStore.open(Path(config.controller.store), config)
+    store = await open_store(config)
+    proxy_id = default_proxy_id(config)
     pool = AdminPool()  # one admin connection per server, shared by every mechanism
     controller = Controller(
         config,
         store,
         {ReparentKind.PRS: GracefulDemotion(pool), ReparentKind.ERS: FollowerFencing(pool)},
         GtidEstablishment(max_lag_seconds=config.controller.max_lag, pool=pool),
+        owner=proxy_id,
     )
-    router = Router(config, store, controller.owner)
+    router = Router(config, store, proxy_id)
     holder = Holder(config.buffer)
     metrics.REGISTRY.register(holder)
     accounts = Accounts(
@@ -147,6 +169,8 @@ async def run(config: Config, adopt: bool = False) -> None:
         watch = Watch(config, store, controller, reported=control.add_buffer_counts)
     if watch is not None:
         watch.start()
+    # Finish or undo the switch of a Baton that died holding it (any Baton of a fleet).
+    follower = loop.create_task(controller.follow())
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
         "baton serving %s:%d -> %s (%s); control %s; metrics %s:%d",
@@ -159,17 +183,19 @@ async def run(config: Config, adopt: bool = False) -> None:
         config.proxy.metrics_port,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("baton stopping")
+    follower.cancel()
     if watch is not None:
         watch.close()
     refresh.cancel()
     server.close()
     control.close()
+    await router.unregister()
     router.close()
+    store.close()
 
 
 def main(config_path: str, adopt: bool = False) -> int:

@@ -16,8 +16,9 @@ import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+E = TypeVar("E", bound=enum.StrEnum)
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the key."""
@@ -92,6 +93,7 @@ class ProxyConfig:
     # None: the primary's max_allowed_packet, read at start (64 MiB if it cannot be read).
     max_packet_size: int | None = None
     backend_connect_timeout: float = 2.0
+    id: str = ""  # this proxy's name in a fleet; hostname:listen_port when empty
     connect_timeout: float = 10.0  # seconds a client has to finish logging in
     max_connections: int = 4096  # client connections, logged in or not
     max_connect_errors: int = 100  # failed logins in a row that block an address; 0: never
@@ -115,7 +117,27 @@ class ControllerConfig:
     grace: float = 5.0  # seconds a planned demotion waits for proxies to drain
     timeout: float = 10.0  # seconds for any one wait of a reparent (catch-up, drain)
     max_lag: float = 5.0  # seconds a candidate may take to apply what the primary has now
-    lock_ttl: float = 120.0  # seconds a shard lock lives unless renewed
+    # Seconds a shard lock lives unless renewed; the controller renews it every third of
+    # that while it runs a reparent, so this is how long a dead controller holds the shard.
+    lock_ttl: float = 10.0
+
+
+class StoreKind(enum.StrEnum):
+    """`[topology] store`: where the shard topology and the journal live."""
+
+    FILE = "file"  # embedded: one Baton, a JSON file (controller.store)
+    ETCD = "etcd"  # a fleet of Batons sharing one etcd cluster
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    """`[topology]`: the topology store. etcd's keys are all under `prefix`, so several
+    fleets can share one etcd cluster."""
+
+    store: StoreKind = StoreKind.FILE
+    endpoints: tuple[str, ...] = ()  # etcd client URLs, http://host:port
+    prefix: str = "/baton"
+    timeout: float = 2.0  # seconds for one etcd request before the next endpoint is tried
 
 
 @dataclass(frozen=True)
@@ -180,6 +202,7 @@ class Config:
     path: Path | None = field(default=None, compare=False)
     detector: DetectorConfig = DetectorConfig()
     durability: Durability = Durability.ASYNC
+    topology: TopologySettings = TopologySettings()
 
     @property
     def shard(self) -> ShardConfig:
@@ -197,6 +220,7 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "allow_load_data_local": bool,
     "max_packet_size": int,
     "backend_connect_timeout": (int, float),
+    "id": str,
     "connect_timeout": (int, float),
     "max_connections": int,
     "max_connect_errors": int,
@@ -362,6 +386,62 @@ def _detector(table: Any) -> DetectorConfig:
     return DetectorConfig(**values)
 
 
+def _topology(table: Any) -> TopologySettings:
+    if not isinstance(table, dict):
+        raise ConfigError("topology: expected a table")
+    _unknown(table, {"store", "endpoints", "prefix", "timeout"}, "topology")
+    kind = _choice(table, "store", StoreKind.FILE, "topology")
+    endpoints: tuple[str, ...] = ()
+    if "endpoints" in table:
+        raw = _typed(table, "endpoints", list, "topology")
+        if not all(isinstance(e, str) and e for e in raw):
+            raise ConfigError("topology.endpoints: expected a list of http://host:port")
+        for e in raw:
+            host, _, port = e.removeprefix("http://").partition(":")
+            if not e.startswith("http://") or not host or not port.isdigit():
+                raise ConfigError(f"topology.endpoints: {e!r} is not http://host:port")
+            _port(int(port), f"topology.endpoints: {e}")
+        endpoints = tuple(raw)
+    if kind is StoreKind.ETCD and not endpoints:
+        raise ConfigError("topology.endpoints: store = 'etcd' needs at least one endpoint")
+    prefix = "/baton"
+    if "prefix" in table:
+        prefix = _typed(table, "prefix", str, "topology")
+        if not prefix.startswith("/") or prefix.rstrip("/") == "":
+            raise ConfigError(f"topology.prefix: expected a key prefix like /baton, got {prefix!r}")
+    timeout = 2.0
+    if "timeout" in table:
+        timeout = _typed(table, "timeout", (int, float), "topology")
+        if timeout <= 0:
+            raise ConfigError(f"topology.timeout: must be positive, got {timeout}")
+    return TopologySettings(store=kind, endpoints=endpoints, prefix=prefix, timeout=timeout)
+
+
+# Seconds another Baton needs, once a dead controller's lock has lapsed, to notice it and
+# finish or undo the switch (it looks every second; the resume itself takes milliseconds).
+RESUME_ALLOWANCE = 5.0
+
+
+def _fleet_bounds(
+    topology: TopologySettings, controller: ControllerConfig, buffer: BufferConfig
+) -> None:
+    """In a fleet the Baton running a switch can die holding it: the others keep holding
+    until its lock lapses and one of them finishes the switch, so holding must last that."""
+    if topology.store is not StoreKind.ETCD:
+        return
+    if controller.lock_ttl < 2:
+        raise ConfigError(
+            f"controller.lock_ttl: etcd leases last at least 2 s, got {controller.lock_ttl}"
+        )
+    needed = controller.grace + controller.lock_ttl + RESUME_ALLOWANCE
+    if buffer.max_failover < needed:
+        raise ConfigError(
+            f"buffer.max_failover: {buffer.max_failover:g} s is shorter than controller.grace "
+            f"+ controller.lock_ttl + {RESUME_ALLOWANCE:g} s = {needed:g} s, the longest a "
+            "switch can last when the Baton running it dies; raise it or shorten those"
+        )
+
+
 def _shards(items: Any) -> tuple[ShardConfig, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError("shards: expected at least one [[shards]] table")
@@ -475,6 +555,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
             "detector",
             "users",
             "shards",
+            "topology",
         },
         "config",
     )
@@ -486,18 +567,23 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     users = _users(data.get("users", []))
     admin = _account(_table(data, "admin"), "admin")
     replication, durability = _replication(data.get("replication", {}), admin)
+    topology = _topology(data.get("topology", {}))
+    controller = _controller(data.get("controller", {}))
+    buffer = _buffer(data.get("buffer", {}))
+    _fleet_bounds(topology, controller, buffer)
     return Config(
         proxy=proxy,
         backend=_backend(data.get("backend", {})),
         admin=admin,
         users=users,
         replication=replication,
-        controller=_controller(data.get("controller", {})),
-        buffer=_buffer(data.get("buffer", {})),
+        controller=controller,
+        buffer=buffer,
         shards=shards,
         path=path,
         detector=_detector(data.get("detector", {})),
         durability=durability,
+        topology=topology,
     )
 
 
@@ -527,16 +613,20 @@ def _replication(table: Any, admin: Account) -> tuple[Account, Durability]:
     account = admin
     if "user" in table or "password" in table:
         account = _account({k: v for k, v in table.items() if k != "durability"}, "replication")
-    durability = Durability.ASYNC
-    if "durability" in table:
-        text = _typed(table, "durability", str, "replication")
-        try:
-            durability = Durability(text)
-        except ValueError:
-            raise ConfigError(
-                f"replication.durability: expected 'async' or 'semi_sync', got {text!r}"
-            )
+    durability = _choice(table, "durability", Durability.ASYNC, "replication")
     return account, durability
+
+
+def _choice(table: dict[str, Any], key: str, default: E, where: str) -> E:
+    """An enum's value by name, `default` when absent; the error lists the names it takes."""
+    if key not in table:
+        return default
+    text = _typed(table, key, str, where)
+    try:
+        return type(default)(text)
+    except ValueError:
+        names = " or ".join(repr(str(v)) for v in type(default))
+        raise ConfigError(f"{where}.{key}: expected {names}, got {text!r}")
 
 
 def _users(items: Any) -> tuple[Account, ...]:

@@ -1,8 +1,15 @@
 """The reparent controller's shell: carries out the orchestrator's actions.
 
-For each action it journals the record, publishes the events and makes the mechanism call in a
-worker thread, because mechanisms block on PyMySQL and the proxy's event loop must keep
-relaying. A shard lock in the store keeps two reparents of one shard from running at once.
+For each action it journals the record with its events (one write) and makes the mechanism call
+in a worker thread, because mechanisms block on PyMySQL and the proxy's event loop must keep
+relaying; store calls go to threads too, since a remote store may take a round trip or time out.
+
+A shard lock in the store keeps two reparents of one shard from running at once, across a
+fleet of Batons: the controller renews it while it runs, every journal and topology write
+checks it in the same atomic write, and it is checked again before each mechanism call, so a
+controller that lost it (stopped, cut off from the store) stops touching servers. Any Baton
+finishes or undoes a reparent whose controller died (`follow`): it finds a journal whose lock
+lapsed, takes the lock and resumes it from the journal.
 
 It also holds the operator's handles on the picture a reparent acts on (reparent/survey.py):
 before a manual reparent it probes the shard and refuses when the servers contradict the config
@@ -23,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from reparent import durability, failpoint, gtid, metrics, survey
 from reparent.admin import PROBE_TIMEOUT, AdminPool
@@ -37,6 +44,7 @@ from reparent.mechanism import (
 )
 from reparent.orchestrator import Action, Call, Orchestrator
 from reparent.probe import Prober
+from reparent.store import Lease, LockLostError, StoreUnavailableError, TopologyStore
 from reparent.survey import Mismatch, ServerView, ShardView
 from reparent.topology import (
     Established,
@@ -44,11 +52,16 @@ from reparent.topology import (
     ReparentKind,
     ReparentRecord,
     Step,
+    TopologyError,
     TopologyEvent,
-    TopologyStore,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+FOLLOW_INTERVAL = 1.0  # seconds between looks for a reparent whose controller died
 
 
 class Initiator(enum.StrEnum):
@@ -63,7 +76,8 @@ class Initiator(enum.StrEnum):
 
 class ReparentRefused(Exception):
     """The request cannot be carried out (unknown shard or server, a reparent already running,
-    servers that contradict the picture); the message says why and what to do."""
+    the store out of reach, servers that contradict the picture), or a reparent had to stop
+    (its lock lost); the message says which, and what to do."""
 
 
 class Controller:
@@ -106,25 +120,32 @@ class Controller:
         `allow_unreachable` names replicas an emergency under semi_sync may leave uncompared,
         at the risk of losing an acknowledged write only they received."""
         servers = self._servers(shard)
-        topo = self.store.read(shard).value
         if to is not None and to not in servers:
             raise ReparentRefused(f"no server {to!r} in shard {shard!r}")
+        topo = (await self._store(self.store.read, shard)).value
         if to is not None and to == topo.primary:
             raise ReparentRefused(f"{to} is already the primary of shard {shard!r}")
         self._check_allowed(kind, shard, topo.primary, allow_unreachable)
         if initiator is Initiator.OPERATOR and not force:
             await asyncio.to_thread(self._preflight, kind, shard)
-        lease = self.store.lock(shard, self.owner, self.config.controller.lock_ttl)
+        lease = await self._store(
+            self.store.lock, shard, self.owner, self.config.controller.lock_ttl
+        )
         if lease is None:
-            raise ReparentRefused(f"a reparent of shard {shard!r} is already running")
+            holder = await self._store(self.store.lock_owner, shard)
+            raise ReparentRefused(
+                f"a reparent of shard {shard!r} is already running"
+                + (f" (the lock is held by {holder})" if holder else "")
+            )
         try:
-            if self.store.journal_get(shard) is not None:
+            unfinished = await self._store(self.store.journal_get, shard)
+            if unfinished is not None:
                 raise ReparentRefused(
-                    f"shard {shard!r} has an unfinished reparent in the journal; "
-                    "restart baton to resume it"
+                    f"shard {shard!r} has an unfinished reparent {unfinished.id} in the journal "
+                    f"(at {unfinished.step}); a Baton finishes or undoes it within "
+                    f"{self.config.controller.lock_ttl:g} s: retry then"
                 )
-            # Read again under the lock: another reparent may have ended during the preflight.
-            topo = self.store.read(shard).value
+            topo = (await self._store(self.store.read, shard)).value  # as of holding the lock
             record = ReparentRecord(
                 id=uuid.uuid4().hex[:12],
                 kind=kind,
@@ -153,28 +174,105 @@ class Controller:
                 )
             orch = Orchestrator(record)
             wait = initiator is Initiator.OPERATOR
-            return await self._run(orch, orch.start(), timeout, progress, wait)
+            return await self._held(lease, orch, orch.start(), timeout, progress, wait)
         finally:
-            self.store.unlock(lease)
+            await self._release(lease)
 
     async def resume(self) -> list[ReparentRecord]:
-        """Finish or undo every reparent a previous run left in the journal."""
+        """Finish or undo every reparent left in the journal by a controller that died (this
+        Baton's previous run, or another Baton of the fleet): those whose lock is free."""
         done = []
-        for shard in self.store.shards():
-            record = self.store.journal_get(shard)
+        for shard in await self._store(self.store.shards):
+            record = await self._store(self.store.journal_get, shard)
             if record is None:
                 continue
-            lease = self.store.lock(shard, self.owner, self.config.controller.lock_ttl)
+            lease = await self._store(
+                self.store.lock, shard, self.owner, self.config.controller.lock_ttl
+            )
             if lease is None:
-                log.warning("shard %s: cannot lock to resume reparent %s", shard, record.id)
-                continue
+                continue  # its controller is alive (or its lock not yet lapsed)
             try:
-                log.info("shard %s: resuming reparent %s from %s", shard, record.id, record.step)
+                # Read again under the lock: the controller may have finished it meanwhile.
+                record = await self._store(self.store.journal_get, shard)
+                if record is None:
+                    continue
+                log.warning(
+                    "shard %s: resuming reparent %s from %s (its controller is gone)",
+                    shard,
+                    record.id,
+                    record.step,
+                )
                 orch = Orchestrator(record)
-                done.append(await self._run(orch, orch.resume(), None, None))
+                done.append(await self._held(lease, orch, orch.resume(), None, None))
+            except ReparentRefused as e:
+                log.warning("shard %s: resuming reparent %s stopped: %s", shard, record, e)
             finally:
-                self.store.unlock(lease)
+                await self._release(lease)
         return done
+
+    async def follow(self) -> None:
+        """For ever: finish or undo any reparent whose controller died (its lock lapsed with
+        the journal unfinished). Every Baton runs this; the shard lock lets one of them act.
+        Each proxy adds its own buffer counts to the report when the switch ends for it."""
+        reachable = True
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            try:
+                for report in await self.resume():
+                    log.warning("resumed reparent %s: %s", report.id, report.outcome)
+                reachable = True
+            except ReparentRefused as e:
+                if reachable:
+                    log.warning("cannot look for unfinished reparents: %s", e)
+                reachable = False
+
+    async def _store(self, call: Callable[..., T], *args: object) -> T:
+        """A store call off the event loop; unreachable means nothing can start."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except StoreUnavailableError as e:
+            raise ReparentRefused(str(e))
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await asyncio.to_thread(self.store.unlock, lease)
+        except TopologyError as e:
+            log.warning("shard %s: lock not released (it lapses by itself): %s", lease.shard, e)
+
+    async def _held(
+        self,
+        lease: Lease,
+        orch: Orchestrator,
+        action: Action,
+        timeout: float | None,
+        progress: Callable[[PhaseTiming], None] | None,
+        wait_old_primary: bool = True,
+    ) -> ReparentRecord:
+        """Run the reparent while renewing its lock; a lock lost or a store out of reach
+        stops it where it is (the journal says where), for a live Baton to resume."""
+        keeper = asyncio.get_running_loop().create_task(self._keep(lease))
+        try:
+            return await self._run(orch, action, timeout, progress, lease, wait_old_primary)
+        except (LockLostError, StoreUnavailableError) as e:
+            r = orch.record
+            raise ReparentRefused(
+                f"reparent {r.id} of shard {r.shard} stopped at {r.step}: {e}; a Baton that "
+                "holds the shard's lock next finishes or undoes it from the journal"
+            )
+        finally:
+            keeper.cancel()
+
+    async def _keep(self, lease: Lease) -> None:
+        """Renew the lock every third of its ttl; a failed renewal is found by the check
+        before the next call or write."""
+        while True:
+            await asyncio.sleep(max(0.5, lease.ttl / 3))
+            try:
+                if not await asyncio.to_thread(self.store.renew, lease):
+                    log.error("shard %s: the reparent's lock lapsed", lease.shard)
+                    return
+            except TopologyError as e:
+                log.warning("shard %s: lock not renewed: %s", lease.shard, e)
 
     async def apply_durability(self, skip: frozenset[str] = frozenset()) -> None:
         """At start, after `resume`: every shard's reachable servers get the configured
@@ -216,7 +314,12 @@ class Controller:
         another primary. Returns the shards that still disagree."""
         wrong = set()
         for shard in self.config.shards:
-            view = await asyncio.to_thread(self._view, shard.name)
+            try:
+                view = await asyncio.to_thread(self._view, shard.name)
+            except ReparentRefused as e:
+                log.warning("shard %s: not compared with its servers at start: %s", shard.name, e)
+                wrong.add(shard.name)
+                continue
             found = survey.compare(view)
             self.observed(shard.name, found)
             if not found:
@@ -272,7 +375,7 @@ class Controller:
         return await asyncio.to_thread(self._adopt, shard)
 
     def _adopt(self, shard: str) -> dict[str, Any]:
-        with self._locked(shard, "adopt"):
+        with self._locked(shard, "adopt") as lease:
             view = self._view(shard)
             try:
                 new = survey.adoptable(view)
@@ -284,7 +387,7 @@ class Controller:
                 raise ReparentRefused(f"shard {shard} changed while it was probed; try again")
             term = topo.term + 1
             if not self.store.compare_and_set(
-                shard, current.version, replace(topo, primary=new, term=term)
+                shard, current.version, replace(topo, primary=new, term=term), lease=lease
             ):
                 raise ReparentRefused(f"shard {shard} changed while adopting; try again")
             self.store.publish(Established(shard, new, term))
@@ -318,7 +421,7 @@ class Controller:
         servers = self._servers(shard)
         if server not in servers:
             raise ReparentRefused(f"no server {server!r} in shard {shard!r}")
-        with self._locked(shard, "quarantine"):
+        with self._locked(shard, "quarantine") as lease:
             topo = self.store.read(shard).value
             if server == topo.primary:
                 raise ReparentRefused(
@@ -339,7 +442,7 @@ class Controller:
                         " primary, or unquarantine --force"
                     )
                 try:
-                    self.set_quarantined(shard, server, on)
+                    self.set_quarantined(shard, server, on, lease)
                 except MechanismError as e:
                     raise ReparentRefused(str(e))
                 if on and mine.reachable:
@@ -353,14 +456,15 @@ class Controller:
         log.warning("shard %s: %s %s by hand (%s)", shard, verb, server, check["summary"])
         return {"shard": shard, "server": server, "quarantined": on, "check": check}
 
-    def set_quarantined(self, shard: str, server: str, on: bool) -> None:
+    def set_quarantined(self, shard: str, server: str, on: bool, lease: Lease) -> None:
         """Mark `server` quarantined in the store (never routed to, chosen or replicated
-        from) or lift it; MechanismError if the shard changed meanwhile."""
+        from) or lift it, while `lease` holds the shard's lock; MechanismError if the shard
+        changed meanwhile."""
         current = self.store.read(shard)
         topo = current.value
         quarantined = topo.quarantined | {server} if on else topo.quarantined - {server}
         if not self.store.compare_and_set(
-            shard, current.version, replace(topo, quarantined=quarantined)
+            shard, current.version, replace(topo, quarantined=quarantined), lease=lease
         ):
             raise MechanismError(
                 FailureKind.INVALID, f"shard {shard} changed while (un)quarantining {server}"
@@ -400,24 +504,35 @@ class Controller:
                 raise ReparentRefused(f"--allow-unreachable {name}: no replica {name!r} in shard")
 
     def _view(self, shard: str) -> ShardView:
-        """One probe round of `shard` over connections of its own."""
+        """One probe round of `shard` over connections of its own (in a worker thread)."""
         config = self._shard_config(shard)
-        topo = self.store.read(shard).value
-        in_flight = self.store.journal_get(shard) is not None
+        try:
+            topo = self.store.read(shard).value
+            in_flight = self.store.journal_get(shard) is not None
+        except StoreUnavailableError as e:
+            raise ReparentRefused(str(e))
         with _fresh_pool() as pool:
             return Prober(self.config, pool, PROBE_TIMEOUT).shard(config, topo, in_flight)
 
     @contextmanager
-    def _locked(self, shard: str, what: str) -> Iterator[None]:
-        lease = self.store.lock(shard, self.owner, self.config.controller.lock_ttl)
+    def _locked(self, shard: str, what: str) -> Iterator[Lease]:
+        """The shard's lock for an operator's `what` (in a worker thread); refused while a
+        reparent or a repair holds it, or the store is out of reach."""
+        try:
+            lease = self.store.lock(shard, self.owner, self.config.controller.lock_ttl)
+        except StoreUnavailableError as e:
+            raise ReparentRefused(str(e))
         if lease is None:
             raise ReparentRefused(
                 f"shard {shard!r} is locked by a reparent or a repair; {what} again when it is done"
             )
         try:
-            yield
+            yield lease
         finally:
-            self.store.unlock(lease)
+            try:
+                self.store.unlock(lease)
+            except TopologyError as e:
+                log.warning("shard %s: lock not released (it lapses by itself): %s", shard, e)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -427,6 +542,7 @@ class Controller:
         action: Action,
         timeout: float | None,
         progress: Callable[[PhaseTiming], None] | None,
+        lease: Lease,
         wait_old_primary: bool = True,
     ) -> ReparentRecord:
         while True:
@@ -434,7 +550,7 @@ class Controller:
             # Journal writes fsync: keep them off the proxy's event loop too.
             if action.finished:
                 record = replace(record, finished_at=self.clock())
-                await asyncio.to_thread(self._journal, record, action.events, True)
+                await asyncio.to_thread(self._journal, record, action.events, True, lease)
                 metrics.observe(record)
                 log.info(
                     "reparent %s %s of %s: %s -> %s, %s%s",
@@ -447,14 +563,14 @@ class Controller:
                     f" ({record.reason})" if record.reason else "",
                 )
                 return record
-            await asyncio.to_thread(self._journal, record, action.events, False)
+            await asyncio.to_thread(self._journal, record, action.events, False, lease)
             assert action.call is not None
             started = self.clock()
             t0 = time.perf_counter()
             failpoint.hit("before", action.call)
             try:
                 result = await asyncio.to_thread(
-                    self._call, action.call, orch, timeout, wait_old_primary
+                    self._call, action.call, orch, timeout, lease, wait_old_primary
                 )
             except MechanismError as e:
                 result, error = None, e
@@ -470,20 +586,29 @@ class Controller:
             action = orch.done(result) if error is None else orch.failed(error)
 
     def _journal(
-        self, record: ReparentRecord, events: tuple[TopologyEvent, ...], finished: bool
+        self,
+        record: ReparentRecord,
+        events: tuple[TopologyEvent, ...],
+        finished: bool,
+        lease: Lease,
     ) -> None:
-        """Journal first, then publish: an event is never ahead of the journal."""
+        """The step and its events in one write: an event is never ahead of the journal."""
         if finished:
-            self.store.journal_finish(record)
+            self.store.journal_finish(record, events, lease=lease)
         else:
-            self.store.journal_put(record)
-        for event in events:
-            self.store.publish(event)
+            self.store.journal_put(record, events, lease=lease)
 
     def _call(
-        self, call: Call, orch: Orchestrator, timeout: float | None, wait_old_primary: bool
+        self,
+        call: Call,
+        orch: Orchestrator,
+        timeout: float | None,
+        lease: Lease,
+        wait_old_primary: bool = True,
     ) -> object:
-        """One mechanism call, in a worker thread."""
+        """One mechanism call, in a worker thread, only while the lock is still ours."""
+        if not self.store.check(lease):
+            raise LockLostError(f"{self.owner} lost the lock of shard {lease.shard}")
         ctx = replace(self._context(orch, timeout), wait_old_primary=wait_old_primary)
         p = orch.progress
         kind = orch.record.kind
@@ -502,9 +627,9 @@ class Controller:
             return self.establishment.abandon(ctx, p.candidate)
         if call is Call.UNDO:
             return self.revocations[kind].undo(ctx, p.revoked)
-        return self._commit(orch)
+        return self._commit(orch, lease)
 
-    def _commit(self, orch: Orchestrator) -> None:
+    def _commit(self, orch: Orchestrator, lease: Lease) -> None:
         """Publish the new primary and term, unless the shard changed under us."""
         r = orch.record
         new = r.new_primary or r.candidate
@@ -517,7 +642,7 @@ class Controller:
                 FailureKind.INVALID, f"shard term moved to {topo.term} during the reparent"
             )
         updated = replace(topo, primary=new, term=orch.new_term)
-        if not self.store.compare_and_set(r.shard, current.version, updated):
+        if not self.store.compare_and_set(r.shard, current.version, updated, lease=lease):
             raise MechanismError(FailureKind.INVALID, "shard topology changed during commit")
 
     def _context(self, orch: Orchestrator, timeout: float | None) -> ReparentContext:
@@ -537,12 +662,24 @@ class Controller:
             admin=self.config.admin,
             replication=self.config.replication,
             timeout=timeout or cfg.timeout,
-            wait_drained=lambda grace: self.store.wait_drained(r.shard, term, grace),
+            wait_drained=lambda grace: self._wait_drained(orch, term, grace),
             grace=cfg.grace,
             durability=self.config.durability,
             silent=frozenset(revoked.silent) if revoked is not None else frozenset(),
             allow_unreachable=frozenset(r.allow_unreachable),
         )
+
+    def _wait_drained(self, orch: Orchestrator, term: int, grace: float) -> bool:
+        """Wait for the proxies; the report names those that did not report drained."""
+        drain = self.store.wait_drained(orch.record.shard, term, grace)
+        if drain.missing:
+            log.warning(
+                "shard %s: going ahead without a drained report from %s",
+                orch.record.shard,
+                ", ".join(drain.missing),
+            )
+        orch.not_drained(drain.missing)
+        return drain.drained
 
     def _servers(self, shard: str) -> dict[str, ServerConfig]:
         return {server.name: server for server in self._shard_config(shard).servers}

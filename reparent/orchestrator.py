@@ -194,6 +194,10 @@ class Orchestrator:
             events=(Aborted(self.record.shard, reason),),
         )
 
+    def not_drained(self, proxies: tuple[str, ...]) -> None:
+        """The proxies the demotion went ahead without (named in the report)."""
+        self.record = replace(self.record, not_drained=list(proxies))
+
     def timed(self, timing: PhaseTiming) -> None:
         """Add a finished call's timing to the report."""
         self.record.phases.append(timing)

@@ -32,7 +32,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from typing import Any
 
 import pymysql
 
-from reparent import config
+from reparent import config, etcdsandbox
 from reparent.admin import HEARTBEAT_PERIOD
 from reparent.config import Role
 
@@ -79,6 +78,7 @@ CONFIG_FILE = "baton.toml"
 CONTROL_SOCKET = "baton.sock"
 TEMPLATE_DIR = "template"
 TEMPLATE_TMP = "template-tmp"
+ETCD_DIR = "etcd"
 
 
 class SandboxError(Exception):
@@ -132,14 +132,30 @@ class Sandbox:
     """A sandbox in one folder. `base_port` and `replicas` shape only a new `up`; a sandbox that
     already exists is described by its sandbox.json, so `down` and `status` need only the dir."""
 
-    def __init__(self, dir: Path | str, base_port: int = 23301, replicas: int = 2) -> None:
+    def __init__(
+        self,
+        dir: Path | str,
+        base_port: int = 23301,
+        replicas: int = 2,
+        etcd_members: int = 0,
+        proxies: int = 1,
+        etcd_ports: list[int] | None = None,
+    ) -> None:
         if replicas < 0:
             raise SandboxError(f"replicas must be 0 or more, got {replicas}")
+        if etcd_members < 0 or proxies < 1:
+            raise SandboxError("etcd members must be 0 or more, and proxies 1 or more")
+        if proxies > 1 and not etcd_members:
+            raise SandboxError("several proxies share the topology through etcd: add --etcd")
         if not 0 < base_port or base_port + replicas > 65535:
             raise SandboxError(f"ports {base_port}-{base_port + replicas} are out of range")
         self.dir = Path(dir).resolve()
         self.base_port = base_port
         self.replicas = replicas
+        self.etcd_members = etcd_members
+        self.proxies = proxies
+        # Two per member (client, peer); by default the free ones after Baton's.
+        self.etcd_ports = etcd_ports
 
     @property
     def config_path(self) -> Path:
@@ -192,7 +208,10 @@ class Sandbox:
         pids: dict[str, int] = {}
         try:
             self._bootstrap(nodes, pids)
+            if self.etcd_members:
+                self._fleet_up(nodes, pids)
         except BaseException:
+            self._stop_etcd()
             self._stop(nodes, pids)
             self._remove_files(nodes)
             raise
@@ -209,6 +228,7 @@ class Sandbox:
             return False
         nodes = self.nodes()
         pids = {n.name: s["pid"] for n, s in zip(nodes, saved["servers"], strict=True)}
+        self._stop_etcd()
         self._stop(nodes, pids)
         self._remove_files(nodes)
         return True
@@ -259,6 +279,19 @@ class Sandbox:
                     "socket": str(node.socket),
                 }
             )
+        fleet = {}
+        if saved.get("etcd"):
+            etcd = saved["etcd"]
+            fleet = {
+                "etcd": {
+                    "endpoints": etcd["endpoints"],
+                    "members": [
+                        {**m, "running": etcdsandbox.running(m["pid"], Path(m["data_dir"]))}
+                        for m in etcd["members"]
+                    ],
+                },
+                "proxies": saved["proxies"],
+            }
         return {
             "dir": str(self.dir),
             "config": str(self.config_path),
@@ -266,6 +299,7 @@ class Sandbox:
             "proxy": _address(saved["proxy_port"]),
             "control_socket": str(self.control_socket),
             "metrics": _address(saved["metrics_port"]),
+            **fleet,
             "users": {
                 "app": {"user": APP.user, "password": APP.password},
                 "reporting": {"user": REPORTING.user, "password": REPORTING.password},
@@ -294,7 +328,7 @@ class Sandbox:
         if len(longest.encode()) > config.MAX_SOCKET_PATH:
             raise SandboxError(f"socket path too long: {longest}; use a shorter dir")
         for node in nodes:
-            if not _port_free(node.port):
+            if not etcdsandbox.port_free(node.port):
                 raise SandboxError(
                     f"port {node.port} ({node.name}) is in use; use another base port"
                 )
@@ -331,6 +365,80 @@ class Sandbox:
         self._write_state(nodes, pids, service_ports=(proxy_port, metrics_port))
         self._write_config(nodes, proxy_port, metrics_port)
         shutil.rmtree(self.dir / TEMPLATE_DIR)
+
+    def _fleet_up(self, nodes: list[Node], pids: dict[str, int]) -> None:
+        """etcd members and one config per proxy (baton.toml is baton-1's), all sharing the
+        topology through etcd; recorded in the state file for `status` and `down`."""
+        saved = self._read_state()
+        assert saved is not None
+        taken = {n.port for n in nodes} | {saved["proxy_port"], saved["metrics_port"]}
+        if self.etcd_ports is not None:
+            etcd_ports = self.etcd_ports
+            taken |= set(etcd_ports)
+        else:
+            etcd_ports = _free_ports(saved["metrics_port"] + 1, 2 * self.etcd_members, taken)
+            taken |= set(etcd_ports)
+        proxy_ports = _free_ports(saved["metrics_port"] + 1, 2 * (self.proxies - 1), taken)
+        cluster = etcdsandbox.EtcdCluster(self.dir / ETCD_DIR, etcd_ports)
+        try:
+            cluster.start()
+        finally:
+            # Recorded even when a member failed, so that `down` stops the others.
+            saved["etcd"] = {
+                "endpoints": cluster.endpoints,
+                "members": [
+                    {
+                        "name": m.name,
+                        "endpoint": m.endpoint,
+                        "pid": cluster.procs[m.name].pid,
+                        "data_dir": str(cluster.dir / m.name),
+                    }
+                    for m in cluster.members
+                    if m.name in cluster.procs
+                ],
+            }
+            _atomic_write(self.state_path, json.dumps(saved, indent=2) + "\n")
+        proxies = [
+            (self.config_path, self.control_socket, saved["proxy_port"], saved["metrics_port"])
+        ]
+        for i in range(1, self.proxies):
+            proxies.append(
+                (
+                    self.dir / f"baton-{i + 1}.toml",
+                    self.dir / f"baton-{i + 1}.sock",
+                    proxy_ports[2 * (i - 1)],
+                    proxy_ports[2 * (i - 1) + 1],
+                )
+            )
+        saved["proxies"] = []
+        for i, (path, sock, port, metrics_port) in enumerate(proxies):
+            name = f"baton-{i + 1}"
+            self._write_config(
+                nodes,
+                port,
+                metrics_port,
+                path=path,
+                control_socket=sock,
+                proxy_id=name,
+                endpoints=cluster.endpoints,
+            )
+            saved["proxies"].append(
+                {
+                    "name": name,
+                    "address": f"{HOST}:{port}",
+                    "control_socket": str(sock),
+                    "metrics": f"{HOST}:{metrics_port}",
+                    "config": str(path),
+                }
+            )
+        _atomic_write(self.state_path, json.dumps(saved, indent=2) + "\n")
+
+    def _stop_etcd(self) -> None:
+        saved = self._read_state()
+        if saved is None or not saved.get("etcd"):
+            return
+        for m in saved["etcd"]["members"]:
+            etcdsandbox.stop_pid(m["pid"], Path(m["data_dir"]))
 
     def _install_template(self) -> None:
         template = self.dir / TEMPLATE_DIR
@@ -522,19 +630,31 @@ class Sandbox:
         }
         _atomic_write(self.state_path, json.dumps(state, indent=2) + "\n")
 
-    def _write_config(self, nodes: list[Node], proxy_port: int, metrics_port: int) -> None:
-        """Write baton.toml in configs/example.toml's format and load it back as a check."""
+    def _write_config(
+        self,
+        nodes: list[Node],
+        proxy_port: int,
+        metrics_port: int,
+        path: Path | None = None,
+        control_socket: Path | None = None,
+        proxy_id: str = "",
+        endpoints: list[str] | None = None,
+    ) -> None:
+        """Write baton.toml (or a fleet proxy's config) in configs/example.toml's format and
+        load it back as a check."""
         q = json.dumps  # a JSON string is a valid TOML basic string
+        path = path or self.config_path
         lines = [
             "# Written by `baton sandbox up`; removed by `baton sandbox down`.",
             "",
             "[proxy]",
             f"listen_host = {q(HOST)}",
             f"listen_port = {proxy_port}",
-            f"control_socket = {q(str(self.control_socket))}",
+            f"control_socket = {q(str(control_socket or self.control_socket))}",
             f"metrics_host = {q(HOST)}",
             f"metrics_port = {metrics_port}",
             f"shard = {q(SHARD)}",
+            *([f"id = {q(proxy_id)}"] if proxy_id else []),
             "",
             "[admin]",
             f"user = {q(ADMIN.user)}",
@@ -547,6 +667,17 @@ class Sandbox:
             "[controller]",
             f"store = {q(STORE_FILE)}",
             "",
+            *(
+                [
+                    "[topology]",
+                    'store = "etcd"',
+                    f"endpoints = [{', '.join(q(e) for e in endpoints)}]",
+                    f"prefix = {q('/baton')}",
+                    "",
+                ]
+                if endpoints
+                else []
+            ),
             "[[shards]]",
             f"name = {q(SHARD)}",
         ]
@@ -559,8 +690,8 @@ class Sandbox:
                 f"port = {node.port}",
                 f"role = {q(node.role.value)}",
             ]
-        _atomic_write(self.config_path, "\n".join(lines) + "\n", mode=0o600)
-        config.load(self.config_path)
+        _atomic_write(path, "\n".join(lines) + "\n", mode=0o600)
+        config.load(path)
 
     def _remove_files(self, nodes: Iterable[Node]) -> None:
         for node in nodes:
@@ -568,7 +699,13 @@ class Sandbox:
         shutil.rmtree(self.dir / TEMPLATE_DIR, ignore_errors=True)
         shutil.rmtree(self.dir / TEMPLATE_TMP, ignore_errors=True)
         # The topology store describes these servers only: a new sandbox starts from its config.
-        for path in (self.config_path, self.state_path, self.dir / STORE_FILE):
+        shutil.rmtree(self.dir / ETCD_DIR, ignore_errors=True)
+        for path in (
+            self.config_path,
+            self.state_path,
+            self.dir / STORE_FILE,
+            *self.dir.glob("baton-*.toml"),
+        ):
             path.unlink(missing_ok=True)
         try:
             self.dir.rmdir()  # only if empty: the dir may be the caller's, or hold baton.sock
@@ -666,17 +803,6 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _port_free(port: int) -> bool:
-    # SO_REUSEADDR as the servers use it, so a port in TIME_WAIT still counts as free.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_ports(start: int, count: int, taken: set[int]) -> list[int]:
     """The first `count` free ports at or after `start`, so sandboxes on other bases don't meet."""
     found: list[int] = []
@@ -684,7 +810,7 @@ def _free_ports(start: int, count: int, taken: set[int]) -> list[int]:
     while len(found) < count:
         if port > 65535:
             raise SandboxError(f"no {count} free ports at or after {start}")
-        if port not in taken and _port_free(port):
+        if port not in taken and etcdsandbox.port_free(port):
             found.append(port)
         port += 1
     return found
@@ -731,6 +857,18 @@ def format_status(status: dict[str, Any]) -> str:
             f"proxy    {status['proxy']}  (config {status['config']})",
             f"control  {status['control_socket']}",
             f"metrics  {status['metrics']}",
+            *(
+                [
+                    "etcd     " + " ".join(status["etcd"]["endpoints"]),
+                    *(
+                        f"proxy    {p['name']} {p['address']}  control {p['control_socket']}"
+                        f"  metrics {p['metrics']}  config {p['config']}"
+                        for p in status["proxies"]
+                    ),
+                ]
+                if "etcd" in status
+                else []
+            ),
             "users    " + "  ".join(f"{k} {v['user']}/{v['password']}" for k, v in users.items()),
         ]
     )
@@ -739,7 +877,13 @@ def format_status(status: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """`baton sandbox up|down|status`. Exit 0 on success; `status` exits 1 unless all run."""
     try:
-        box = Sandbox(Path(args.dir), args.base_port, args.replicas)
+        box = Sandbox(
+            Path(args.dir),
+            args.base_port,
+            args.replicas,
+            etcd_members=args.etcd_members if args.etcd else 0,
+            proxies=args.proxies,
+        )
         if args.action == "up":
             started = time.monotonic()
             if box.up():

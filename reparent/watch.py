@@ -48,10 +48,14 @@ from reparent.detector import (
 )
 from reparent.establish import GtidEstablishment
 from reparent.mechanism import MechanismError, ReparentContext
-from reparent.topology import Outcome, ReparentKind, ReparentRecord, TopologyStore
+from reparent.store import LEADER, Lease, TopologyStore
+from reparent.topology import Outcome, ReparentKind, ReparentRecord, TopologyError
 
 log = logging.getLogger(__name__)
 
+# Seconds the detector's lead outlives a leader that stopped renewing it (every round): how long
+# a fleet is without failure detection after its leader dies, before another Baton leads.
+LEADER_TTL = 3.0
 REPAIR_LOCK_TTL = 30.0  # seconds; a repair takes milliseconds, a hung one gives the lock back
 # Seconds a round waits for a server whose last probe went unanswered: enough for one that
 # came back (a refused connect or an answer takes a millisecond on a LAN), and no more, so a
@@ -85,6 +89,7 @@ class Watch:
         self.prober = probe.Prober(config, self.pool, self.settings.probe_timeout)
         self.owner = f"{controller.owner}-detector"
         self._task: asyncio.Task[None] | None = None
+        self._leader: Lease | None = None
         self._actions: set[asyncio.Task[None]] = set()
         # One thread per probe in flight: a hung server's probe must not queue the others'.
         servers = sum(len(s.servers) for s in config.shards)
@@ -110,20 +115,46 @@ class Watch:
             if task is not None:
                 task.cancel()
         self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._leader is not None:
+            # Hand the lead over now rather than after the lease's TTL.
+            with contextlib.suppress(TopologyError):
+                self.store.unlock(self._leader)
         self.pool.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            for shard in self.config.shards:
-                if self.detector.busy(shard.name):
-                    continue
-                try:
-                    await self.round(shard)
-                except Exception:
-                    log.exception("detector: round of shard %s failed", shard.name)
+            if await self.lead():
+                for shard in self.config.shards:
+                    if self.detector.busy(shard.name):
+                        continue
+                    try:
+                        await self.round(shard)
+                    except Exception:
+                        log.exception("detector: round of shard %s failed", shard.name)
             await asyncio.sleep(max(0.0, self.settings.interval - (loop.time() - started)))
+
+    async def lead(self) -> bool:
+        """Hold (or take) the fleet's detector lease: every Baton runs a detector, and only
+        the leader probes and acts, so one failure gets one emergency reparent, not one per
+        Baton. A store out of reach means not leading: nothing is decided then."""
+        store = self.store
+        try:
+            if self._leader is not None:
+                if await asyncio.to_thread(store.renew, self._leader):
+                    return True
+                log.warning("detector: lost the lead of the fleet's failure detection")
+                self._leader = None
+            self._leader = await asyncio.to_thread(store.lock, LEADER, self.owner, LEADER_TTL)
+        except TopologyError as e:
+            if self._leader is not None:
+                log.warning("detector: not leading while the store is out of reach: %s", e)
+            self._leader = None
+            return False
+        if self._leader is not None:
+            log.warning("detector: leading the fleet's failure detection as %s", self.owner)
+        return self._leader is not None
 
     async def round(self, shard: ShardConfig) -> list[Action]:
         """Probe one shard, decide, and start carrying out the actions; returns them."""
@@ -300,7 +331,7 @@ class Watch:
             server = servers[action.server]
             if isinstance(action, Quarantine | Release):
                 self.controller.set_quarantined(
-                    shard.name, action.server, isinstance(action, Quarantine)
+                    shard.name, action.server, isinstance(action, Quarantine), lease
                 )
                 if isinstance(action, Quarantine):
                     with contextlib.suppress(MechanismError):

@@ -18,6 +18,7 @@ import pytest
 from harness.baton import Baton, start_baton
 from harness.clients import admin_conn
 from harness.process import free_port
+from reparent.etcdsandbox import EtcdCluster, EtcdSandboxError, pick_ports
 from reparent.sandbox import Sandbox
 
 
@@ -138,7 +139,7 @@ def start_baton_without_primary(
     return start_baton(
         config_path,
         workdir,
-        port_hint + 1,
+        dead + 1,  # not port_hint + 1: that may be `dead` itself when port_hint was taken
         servers=[{"name": "gone", "host": "127.0.0.1", "port": dead, "role": "primary"}],
         users=[{"name": "app", "password": "app-pass"}],
         **changes,
@@ -232,3 +233,33 @@ def sysbench_counts(output: str) -> dict[str, int]:
     """transactions, ignored errors and reconnects from sysbench's summary."""
     names = {"transactions": "transactions", "errors": "ignored errors", "reconnects": "reconnects"}
     return {k: int(re.search(rf"{v}:\s+(\d+)", output).group(1)) for k, v in names.items()}
+
+
+ETCD_PORTS = (22000, 23000)  # every etcd the tests start listens here, two ports per member
+
+
+def etcd_cluster(directory: Path, members: int = 1) -> EtcdCluster:
+    """A running etcd cluster on free loopback ports; a run that lost a race for its ports to a
+    parallel run tries the next block."""
+    for attempt in range(5):
+        ports = pick_ports(2 * members, *ETCD_PORTS, seed=os.getpid() + attempt * 7919)
+        cluster = EtcdCluster(directory / f"try{attempt}", ports)
+        try:
+            cluster.start()
+            return cluster
+        except EtcdSandboxError:
+            cluster.stop()
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member shared by the tests that need only a working etcd; each test uses a
+    prefix of its own."""
+    cluster = etcd_cluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -75,11 +75,29 @@ def test_shared_backend_account_is_refused_by_name(tmp_path: Path) -> None:
         (("max_connect_errors = 100", "max_connect_errors = -1"), "proxy.max_connect_errors"),
         (("proxy_protocol = false", "proxy_protocol = 1"), "backend.proxy_protocol"),
         (("port = 23302", "port = 0"), "shards[0].servers[1].port"),
+        (('store = "file"', 'store = "zookeeper"'), "topology.store"),
+        (('store = "file"', 'store = "etcd"'), "topology.endpoints"),
+        (
+            ('store = "file"', 'store = "etcd"\nendpoints = ["127.0.0.1:2379"]'),
+            "topology.endpoints",
+        ),
+        (
+            ('store = "file"', 'store = "etcd"\nendpoints = ["http://127.0.0.1:99999"]'),
+            "topology.endpoints",
+        ),
+        (('store = "file"', 'prefix = "baton"'), "topology.prefix"),
+        (
+            ('store = "file"', 'store = "etcd"\nendpoints = ["http://127.0.0.1:2379"]'),
+            None,
+        ),
     ],
 )
-def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+def test_bad_key_is_named(tmp_path: Path, edit: tuple[str, str], key: str | None) -> None:
     text = EXAMPLE.read_text()
     assert edit[0] in text
+    if key is None:  # the edit is fine
+        assert load(write(tmp_path, text.replace(edit[0], edit[1], 1))).topology.endpoints
+        return
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text.replace(edit[0], edit[1], 1)))
     assert str(exc.value).startswith(key), str(exc.value)
@@ -162,6 +180,16 @@ def test_bad_replication_address_is_named(tmp_path: Path, edit: str, key: str) -
     assert str(exc.value).startswith(key), str(exc.value)
 
 
+def test_a_fleet_holds_long_enough_for_another_baton_to_finish_a_switch(tmp_path: Path) -> None:
+    """With etcd, buffer.max_failover must cover grace + lock_ttl + the resume allowance."""
+    text = EXAMPLE.read_text().replace(
+        'store = "file"', 'store = "etcd"\nendpoints = ["http://127.0.0.1:2379"]'
+    )
+    assert load(write(tmp_path, text)).buffer.max_failover == 20.0  # 5 + 10 + 5
+    with pytest.raises(ConfigError, match="^buffer.max_failover: 19 s is shorter"):
+        load(write(tmp_path, text.replace("max_failover = 20.0", "max_failover = 19.0")))
+
+
 @pytest.mark.parametrize(
     ("edit", "key"),
     [
@@ -199,7 +227,7 @@ def edited(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
         ("backend_connect_timeout = 2.0", "backend_connect_timeout = nan", "proxy.backend_"),
         ("backend_connect_timeout = 2.0", "backend_connect_timeout = inf", "proxy.backend_"),
         ("grace = 5.0", "grace = nan", "controller.grace"),
-        ("lock_ttl = 120.0", "lock_ttl = +inf", "controller.lock_ttl"),
+        ("lock_ttl = 10.0", "lock_ttl = +inf", "controller.lock_ttl"),
         ("interval = 0.5", "interval = nan", "detector.interval"),
         ("cooldown = 30.0", "cooldown = inf", "detector.cooldown"),
         ("min_between = 0.0", "min_between = -1.0", "buffer.min_between"),
@@ -280,9 +308,7 @@ def test_duplicates(tmp_path: Path, change: tuple[str, str], message: str | None
         ('password = "ops-pass"', "users[0].password"),
     ],
 )
-def test_non_string_password_is_not_echoed(
-    tmp_path: Path, old: str, key: str, value: str
-) -> None:
+def test_non_string_password_is_not_echoed(tmp_path: Path, old: str, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load(edited(tmp_path, old, f"password = {value}"))
     message = str(exc.value)

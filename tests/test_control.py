@@ -28,7 +28,8 @@ from proxy.holder import Holder
 from proxy.router import Router
 from proxy.server import FALLBACK
 from reparent.controller import Controller
-from reparent.topology import FileStore, ReparentKind
+from reparent.filestore import FileStore
+from reparent.topology import ReparentKind
 from tests.test_orchestrator import CONFIG, Fakes
 
 STATUS = b'{"cmd": "status"}'

@@ -29,8 +29,9 @@ from reparent.detector import (
     ShardView,
 )
 from reparent.establish import GtidEstablishment
+from reparent.filestore import FileStore
 from reparent.survey import MismatchKind
-from reparent.topology import Established, FileStore, ShardTopology
+from reparent.topology import Established, ShardTopology
 from reparent.watch import Watch
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.toml"
@@ -378,34 +379,54 @@ def test_detector_config_errors_name_the_key(tmp_path: Path, line: str, key: str
 # -- fence by term at the router ---------------------------------------------------------------
 
 
-class StaleStore(FileStore):
-    """A store whose reads can be made to lag, as a remote one's may."""
+class CountingStore(FileStore):
+    """A store that counts reads, and whose reads can be made to lag, as a remote one's may."""
 
     stale: ShardTopology | None = None
+    reads = 0
 
     def read(self, shard: str):  # type: ignore[no-untyped-def]
+        self.reads += 1
         current = super().read(shard)
         if self.stale is not None:
             return replace(current, value=self.stale)
         return current
 
 
-def test_router_routes_only_to_the_primary_of_the_newest_term() -> None:
+async def test_router_routes_only_to_the_primary_of_the_newest_term() -> None:
     cfg = load(EXAMPLE)
-    store = StaleStore.open(None, cfg)
+    store = CountingStore.open(None, cfg)
     router = Router(cfg, store, "proxy-1")
-    assert router.primary("main").name == "db1"
-    topo = store.read("main")
-    assert store.compare_and_set("main", topo.version, replace(topo.value, primary="db2", term=2))
-    assert router.primary("main").name == "db2"
-    # The store now answers with the older term (db1 writable again would not matter).
-    store.stale = topo.value
-    assert router.primary("main").name == "db2"
-    # An event of a newer term wins over what the store says, too.
-    router._deliver(Established("main", "db3", 3))
-    assert router.primary("main").name == "db3"
-    store.stale = None
-    assert router.primary("main").name == "db3"  # the store's term 2 is older than 3
+    await router.start()
+    try:
+        assert router.primary("main").name == "db1"
+        reads = store.reads
+        for _ in range(100):
+            router.primary("main")
+        assert store.reads == reads  # routing never asks the store
+        topo = store.read("main")
+        store.compare_and_set("main", topo.version, replace(topo.value, primary="db2", term=2))
+        assert router.primary("main").name == "db1"  # it follows events, not reads
+        store.publish(Established("main", "db2", 2))
+        await asyncio.sleep(0.05)  # the event hops onto the loop
+        assert router.primary("main").name == "db2" and router.term("main") == 2
+        # A late or replayed event of an older term does not send sessions back.
+        router._deliver(Established("main", "db1", 1))
+        assert router.primary("main").name == "db2"
+        router._deliver(Established("main", "db3", 3))
+        assert router.primary("main").name == "db3"
+        # A proxy starting against a store that lags learns the older term; the next event
+        # of a newer one still wins, and nothing older does.
+        store.stale = topo.value
+        late = Router(cfg, store, "proxy-2")
+        await late.start()
+        assert late.primary("main").name == "db1"
+        late._deliver(Established("main", "db3", 3))
+        late._deliver(Established("main", "db2", 2))
+        assert late.primary("main").name == "db3"
+        late.close()
+    finally:
+        router.close()
 
 
 # -- the picture: the servers against the config and the store ---------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 from reparent.config import load
 from reparent.controller import Controller, ReparentRefused
+from reparent.filestore import FileStore
 from reparent.mechanism import (
     Candidate,
     EstablishmentProof,
@@ -21,7 +22,6 @@ from reparent.mechanism import (
 from reparent.orchestrator import Orchestrator
 from reparent.topology import (
     EventKind,
-    FileStore,
     Outcome,
     ReparentKind,
     ReparentRecord,

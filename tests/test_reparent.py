@@ -253,9 +253,10 @@ def test_restarted_controller_finishes_a_reparent_from_the_journal(
 ) -> None:
     """Revoked, then the controller died: a new Baton reads the journal and establishes."""
     from reparent.config import load
+    from reparent.filestore import FileStore
     from reparent.mechanism import ReparentContext
     from reparent.revoke import GracefulDemotion
-    from reparent.topology import FileStore, ReparentKind, ReparentRecord, Step
+    from reparent.topology import ReparentKind, ReparentRecord, Step
 
     assert status(rbaton)["primary"] == "db1"
     rbaton.stop()

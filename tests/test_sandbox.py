@@ -14,8 +14,10 @@ import pytest
 
 from reparent import config
 from reparent.config import Role
+from reparent.etcdsandbox import pick_ports
 from reparent.sandbox import Sandbox, SandboxError, State
 from tests.conftest import sandbox_base_port
+from tests.fixtures import ETCD_PORTS
 
 pytestmark = pytest.mark.sandbox
 
@@ -319,3 +321,34 @@ def test_down_forgets_the_topology_store(tmp_path: Path) -> None:
     finally:
         box.down()
     assert not (box.dir / "baton-state.json").exists()
+
+
+def test_up_with_etcd_writes_a_config_per_proxy_and_down_stops_etcd(tmp_path):
+    """`up --etcd --proxies 2`: etcd runs, each proxy has a config naming it and etcd, and
+    `status --json` lists both; `down` stops etcd by pid."""
+    ports = pick_ports(2, *ETCD_PORTS)
+    box = Sandbox(
+        tmp_path / "fleet",
+        base_port=sandbox_base_port() + 10,
+        replicas=1,
+        etcd_members=1,
+        proxies=2,
+        etcd_ports=ports,
+    )
+    try:
+        assert box.up() is True
+        status = json.loads(cli("status", "--dir", str(box.dir), "--json").stdout)
+        assert status["etcd"]["endpoints"] == [f"http://127.0.0.1:{ports[0]}"]
+        (member,) = status["etcd"]["members"]
+        assert member["running"]
+        assert [p["name"] for p in status["proxies"]] == ["baton-1", "baton-2"]
+        configs = [config.load(p["config"]) for p in status["proxies"]]
+        assert [c.proxy.id for c in configs] == ["baton-1", "baton-2"]
+        assert all(c.topology.endpoints == tuple(status["etcd"]["endpoints"]) for c in configs)
+        assert len({c.proxy.listen_port for c in configs}) == 2
+        assert len({c.proxy.control_socket for c in configs}) == 2
+    finally:
+        result = cli("down", "--dir", str(box.dir))
+    assert result.returncode == 0, result.stderr
+    assert gone(member["pid"])
+    assert not box.dir.exists()

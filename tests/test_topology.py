@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from reparent import topology
+from reparent import filestore
 from reparent.config import Role, ServerConfig, ShardConfig, load
+from reparent.filestore import CorruptStoreError, FileStore
+from reparent.store import ProxyInfo
 from reparent.topology import (
     Aborted,
-    CorruptStoreError,
     Established,
     EventKind,
-    FileStore,
     JournalConflictError,
     Outcome,
     PhaseTiming,
@@ -26,11 +26,15 @@ from reparent.topology import (
     ReparentRecord,
     ReparentStarted,
     Revoked,
+    Seen,
     ShardTopology,
     Step,
     TopologyError,
     TopologyEvent,
     UnknownShardError,
+    catch_up,
+    event_from_dict,
+    event_to_dict,
 )
 
 CONFIG = load(Path(__file__).resolve().parent.parent / "configs" / "example.toml")
@@ -244,7 +248,7 @@ def test_history_is_newest_first_by_shard_and_limited() -> None:
 
 
 def test_history_keeps_a_bounded_number_per_shard(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(topology, "HISTORY_PER_SHARD", 2)
+    monkeypatch.setattr(filestore, "HISTORY_PER_SHARD", 2)
     store, _ = fake_store()
     store.compare_and_set("other", 0, ShardTopology.from_config(shard("other", "x", "y")))
     store.journal_finish(finished("o1", "other"))
@@ -257,10 +261,15 @@ def test_annotate_adds_each_proxys_buffer_counts_to_a_kept_report(tmp_path: Path
     path = tmp_path / "state.json"
     store, _ = fake_store(path)
     store.journal_finish(finished("r1"))
-    assert store.annotate("r1", 3, 2, 1) and store.annotate("r1", 1, 1, 0)
-    assert not store.annotate("gone", 1, 1, 0)
+    assert store.annotate("r1", "p1", 3, 2, 1) and store.annotate("r1", "p2", 1, 1, 0)
+    assert store.annotate("r1", "p2", 1, 1, 0)  # a proxy's later counts replace its own
+    assert not store.annotate("gone", "p1", 1, 1, 0)
     (again,) = fake_store(path)[0].history()
     assert (again.held, again.flushed, again.evicted) == (4, 3, 1)
+    assert again.buffers == {
+        "p1": {"held": 3, "flushed": 2, "evicted": 1},
+        "p2": {"held": 1, "flushed": 1, "evicted": 0},
+    }
 
 
 # -- the file -------------------------------------------------------------------------------
@@ -380,7 +389,7 @@ def test_a_raising_watcher_does_not_stop_the_others(caplog: pytest.LogCaptureFix
     store.watch(lambda e: seen.append("first"))
     store.watch(broken)
     store.watch(lambda e: seen.append("last"))
-    with caplog.at_level(logging.ERROR, logger="reparent.topology"):
+    with caplog.at_level(logging.ERROR, logger="reparent.filestore"):
         store.publish(Aborted("main", "test"))
     assert seen == ["first", "last"]
     assert "watcher failed on aborted" in caplog.text and "boom" in caplog.text
@@ -433,26 +442,26 @@ def test_expired_lease_cannot_be_renewed() -> None:
 
 def test_wait_drained_without_proxies_is_immediate() -> None:
     store, clock = fake_store()
-    assert store.wait_drained("main", 2, 5.0)
+    assert store.wait_drained("main", 2, 5.0).drained
     assert clock.waits == []
 
 
 def test_wait_drained_times_out_on_a_silent_proxy() -> None:
     store, clock = fake_store()
-    store.register_proxy("p1", 60)
-    store.register_proxy("p2", 60)
+    store.register_proxy(ProxyInfo("p1"), 60)
+    store.register_proxy(ProxyInfo("p2"), 60)
     store.report_drained("p1", "main", 2, True)
-    assert not store.wait_drained("main", 2, 5.0)
+    assert not store.wait_drained("main", 2, 5.0).drained
     assert sum(clock.waits) == 5.0
 
 
 def test_wait_drained_when_every_proxy_reported() -> None:
     store, clock = fake_store()
-    store.register_proxy("p1", 60)
-    store.register_proxy("p2", 60)
+    store.register_proxy(ProxyInfo("p1"), 60)
+    store.register_proxy(ProxyInfo("p2"), 60)
     store.report_drained("p1", "main", 2, True)
     store.report_drained("p2", "main", 2, True)
-    assert store.wait_drained("main", 2, 5.0)
+    assert store.wait_drained("main", 2, 5.0).drained
     assert clock.waits == []
 
 
@@ -465,44 +474,44 @@ def test_only_a_drained_report_for_this_shard_and_term_counts(
     shard: str, term: int, drained: bool
 ) -> None:
     store, _ = fake_store()
-    store.register_proxy("p1", 60)
+    store.register_proxy(ProxyInfo("p1"), 60)
     store.report_drained("p1", shard, term, drained)
-    assert not store.wait_drained("main", 2, 1.0)
+    assert not store.wait_drained("main", 2, 1.0).drained
 
 
 def test_a_later_report_replaces_an_earlier_one() -> None:
     store, _ = fake_store()
-    store.register_proxy("p1", 60)
+    store.register_proxy(ProxyInfo("p1"), 60)
     store.report_drained("p1", "main", 2, True)
     store.report_drained("p1", "main", 2, False)
-    assert not store.wait_drained("main", 2, 1.0)
+    assert not store.wait_drained("main", 2, 1.0).drained
 
 
 def test_an_expired_registration_no_longer_counts() -> None:
     store, clock = fake_store()
-    store.register_proxy("gone", 3)
-    store.register_proxy("live", 60)
+    store.register_proxy(ProxyInfo("gone"), 3)
+    store.register_proxy(ProxyInfo("live"), 60)
     store.report_drained("live", "main", 2, True)
     clock.now += 3
-    assert store.wait_drained("main", 2, 5.0)
+    assert store.wait_drained("main", 2, 5.0).drained
     assert clock.waits == []
 
 
 def test_a_registration_expiring_during_the_wait_ends_it() -> None:
     store, clock = fake_store()
-    store.register_proxy("dying", 2)
-    assert store.wait_drained("main", 2, 5.0)
+    store.register_proxy(ProxyInfo("dying"), 2)
+    assert store.wait_drained("main", 2, 5.0).drained
     assert clock.waits == [2.0]  # woke at the expiry, not at the timeout
 
 
 def test_wait_drained_is_woken_by_a_report_from_another_thread() -> None:
     store = FileStore.open(None, CONFIG)
-    store.register_proxy("p1", 60)
+    store.register_proxy(ProxyInfo("p1"), 60)
     reporter = threading.Timer(0.02, store.report_drained, ("p1", "main", 2, True))
     t0 = time.monotonic()
     reporter.start()
     try:
-        assert store.wait_drained("main", 2, 5.0)
+        assert store.wait_drained("main", 2, 5.0).drained
     finally:
         reporter.join()
     assert time.monotonic() - t0 < 2.0
@@ -510,7 +519,99 @@ def test_wait_drained_is_woken_by_a_report_from_another_thread() -> None:
 
 def test_wait_drained_times_out_in_real_time() -> None:
     store = FileStore.open(None, CONFIG)
-    store.register_proxy("p1", 60)
+    store.register_proxy(ProxyInfo("p1"), 60)
     t0 = time.monotonic()
-    assert not store.wait_drained("main", 2, 0.05)
+    assert not store.wait_drained("main", 2, 0.05).drained
     assert 0.04 < time.monotonic() - t0 < 1.0
+
+
+# -- catching up after a gap ------------------------------------------------------------------
+
+
+TOPO = ShardTopology("main", ("db1", "db2", "db3"), "db1", 1)
+
+
+def in_flight(step: Step, term_before: int = 1) -> ReparentRecord:
+    return ReparentRecord(
+        id="r",
+        kind=ReparentKind.PRS,
+        shard="main",
+        old_primary="db1",
+        requested=None,
+        term_before=term_before,
+        step=step,
+        started_at=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("seen", "topo", "journal", "expected"),
+    [
+        # a fresh subscriber mid-switch holds; before the hold, or with nothing, it does not
+        (None, TOPO, in_flight(Step.REVOKED), [ReparentStarted("main", 2)]),
+        (None, TOPO, in_flight(Step.PREPARED), []),
+        (None, TOPO, None, []),
+        # the switch finished in the gap: the new term, whether it had held or not
+        (Seen(1, 2), replace(TOPO, primary="db2", term=2), None, [Established("main", "db2", 2)]),
+        (Seen(1), replace(TOPO, primary="db2", term=2), None, [Established("main", "db2", 2)]),
+        # it was undone in the gap
+        (Seen(1, 2), TOPO, None, [Aborted("main", "")]),
+        # it is still holding, or one more started and holds now
+        (Seen(1, 2), TOPO, in_flight(Step.ESTABLISHING), []),
+        (
+            Seen(1),
+            replace(TOPO, primary="db2", term=2),
+            in_flight(Step.HOLDING, term_before=2),
+            [Established("main", "db2", 2), ReparentStarted("main", 3)],
+        ),
+        # never an older term than the subscriber knows
+        (Seen(3), TOPO, None, []),
+    ],
+    ids=[
+        "fresh-mid-switch",
+        "fresh-not-yet-holding",
+        "fresh-idle",
+        "finished-while-holding",
+        "finished-unseen",
+        "undone",
+        "still-holding",
+        "finished-and-another-holds",
+        "stale-store",
+    ],
+)
+def test_catch_up(
+    seen: Seen | None,
+    topo: ShardTopology,
+    journal: ReparentRecord | None,
+    expected: list[TopologyEvent],
+) -> None:
+    got = catch_up(seen, topo, journal)
+    # The reason of a synthesised abort is for people; compare the rest.
+    assert [replace(e, reason="") if isinstance(e, Aborted) else e for e in got] == expected
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        ReparentStarted("main", 2),
+        Revoked("main", "db1", "0-1-5"),
+        Established("main", "db2", 2),
+        Aborted("main", "why"),
+    ],
+)
+def test_events_round_trip_as_json(event: TopologyEvent) -> None:
+    assert event_from_dict(json.loads(json.dumps(event_to_dict(event)))) == event
+
+
+def test_a_damaged_event_names_the_field() -> None:
+    with pytest.raises(ValueError, match="term"):
+        event_from_dict({"kind": "established", "shard": "main", "new_primary": "db2"})
+    with pytest.raises(ValueError, match="kind"):
+        event_from_dict({"kind": "exploded", "shard": "main"})
+
+
+def test_a_record_written_before_the_fleet_reads_with_empty_fleet_fields() -> None:
+    old = in_flight(Step.DONE).to_dict()
+    del old["not_drained"], old["buffers"]
+    again = ReparentRecord.from_dict(old)
+    assert again.not_drained == [] and again.buffers == {}
