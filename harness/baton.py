@@ -112,11 +112,13 @@ def start_baton(
     nofile: int | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
     source: Path = ROOT,
+    adopt: bool = False,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
     (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
     open files, soft and hard; `extra`: other tables, merged key by key; `source`: the source
-    tree it runs from, another checkout to compare with this one)."""
+    tree it runs from, another checkout to compare with this one; `adopt`: `baton serve
+    --adopt`)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -140,7 +142,15 @@ def start_baton(
     log = workdir / "baton.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--config",
+                str(cfg),
+                *(["--adopt"] if adopt else []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=source,  # `python -m` imports from the working directory first

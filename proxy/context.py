@@ -205,5 +205,9 @@ class ProxyContext:
                 else:
                     case = "idle"  # held at its next command
                 metrics.SWITCH_SESSIONS.labels(case).inc()
-        elif isinstance(event, EstablishedEvent | Aborted):
+        elif isinstance(event, EstablishedEvent):
+            self.epoch += 1
+            for conn in list(self.sessions.values()):
+                conn.link.abandon_stale(event.new_primary)
+        elif isinstance(event, Aborted):
             self.epoch += 1

@@ -299,6 +299,13 @@ class ClientConnection(asyncio.Protocol):
         except (ConnectionError, asyncio.CancelledError):
             self._login_failed(LoginFailure.CLIENT_GONE, "the client went away", None)
             return
+        if self.machine.phase is _CLOSED or self._transport.is_closing():  # type: ignore[union-attr]
+            # The client left as its login ended (its EOF came in the loop iteration that
+            # resumed this task, before connection_lost): nobody to serve, and no session of
+            # its own for connection_lost to end, so the server connection is closed here.
+            self.link.close(quit=False)
+            self._login_failed(LoginFailure.CLIENT_GONE, "the client went away", None)
+            return
         ctx.admission.login_ok(self.address)
         self._write(make_ok(Status.AUTOCOMMIT, seq))
         self.machine.logged_in()

@@ -157,6 +157,28 @@ class ServerLink:
             log.info("session %d: lost backend after reset: %s", self.state.session_id, e)
             self.close()
 
+    def abandon_stale(self, primary: str) -> None:
+        """A new primary was published while this session waits for an answer from another
+        server: an emergency's old primary, which is hung or cut off (after a planned switch
+        nothing of ours runs there: the demotion drained or killed it). Its answer would come
+        late or never, and its client would wait with it; the connection is closed instead,
+        and the command fails as on any lost connection (a write gets 1927: it may or may not
+        have been executed)."""
+        backend, server = self.backend, self.server
+        if (
+            backend is not None
+            and backend.alive
+            and self.state.in_flight is not None
+            and server is not None
+            and server.name != primary
+        ):
+            log.info(
+                "session %d: closing its connection to %s, which no longer leads",
+                self.state.session_id,
+                server.name,
+            )
+            backend.close(quit=False)  # abandoned, not ended: no COM_QUIT queued
+
     def slow(self, slow: bool) -> None:
         """The client reads slowly (True) or caught up: pause or resume the server's results."""
         self.client_slow = slow

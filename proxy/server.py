@@ -111,7 +111,7 @@ def max_allowed_packet(config: Config) -> int:
         return DEFAULT_MAX_PACKET
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, adopt: bool = False) -> None:
     loop = asyncio.get_running_loop()
     primary = config.shard.primary
     try:
@@ -158,7 +158,8 @@ async def run(config: Config) -> None:
     await router.start()
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)
-    await controller.apply_durability()
+    # Nothing acts on a shard before its servers were compared with the config and store.
+    await controller.apply_durability(skip=await controller.check_at_start(adopt))
     refresh = asyncio.ensure_future(accounts.refresh_forever())
     server = ProxyServer(ctx)
     await server.start(config.proxy.listen_host, config.proxy.listen_port)
@@ -199,7 +200,7 @@ async def run(config: Config) -> None:
     store.close()
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, adopt: bool = False) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -210,7 +211,7 @@ def main(config_path: str) -> int:
         print(f"baton: bad config: {e}", file=sys.stderr)
         return 2
     try:
-        uvloop.run(run(config))
+        uvloop.run(run(config, adopt))
     except (OSError, TopologyError) as e:  # a port in use; a store file that cannot be used
         print(f"baton: cannot start: {e}", file=sys.stderr)
         return 1
