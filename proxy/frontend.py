@@ -60,7 +60,7 @@ from proxy.session import (
     routine_hazards,
 )
 from reparent.admin import AdminConnection
-from reparent.config import Config, ServerConfig
+from reparent.config import MAX_WORKERS, Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
 from reparent.topology import Established as EstablishedEvent
 
@@ -131,9 +131,12 @@ class BackendIdentity:
 
 
 # Baton's session ids (the connection id in its greeting) start here, above any server's thread
-# ids, so that `KILL <id>` can tell a Baton session from a server thread.
+# ids, so that `KILL <id>` can tell a Baton session from a server thread. Worker w of a
+# supervisor (proxy/supervisor.py) gives ids from BASE + w * SPAN, so they are unique across
+# workers and name their worker; all stay below 2^31 for clients that read them signed.
 SESSION_ID_BASE = 1 << 30
 SESSION_ID_SPAN = 1 << 24
+SESSION_ID_END = SESSION_ID_BASE + MAX_WORKERS * SESSION_ID_SPAN
 
 
 @dataclass
@@ -157,6 +160,9 @@ class ProxyContext:
     # None while its body is being read or when it could not be.
     routines: dict[str, list[str] | None] = field(default_factory=dict)
     _probe: asyncio.Future[bool] | None = None
+    worker: int = 0  # this process's worker index: the high bits of its session ids
+    # Another worker's session by id: (its server's name, its server thread), or None.
+    peer_session: Callable[[int], tuple[str, int] | None] | None = None
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -167,9 +173,21 @@ class ProxyContext:
         """The next free session id (ids wrap within their span, skipping live ones)."""
         while True:
             self._next_id = (self._next_id + 1) % SESSION_ID_SPAN
-            session_id = SESSION_ID_BASE + self._next_id
+            session_id = SESSION_ID_BASE + self.worker * SESSION_ID_SPAN + self._next_id
             if session_id not in self.sessions:
                 return session_id
+
+    def session_thread(self, session_id: int) -> tuple[str, int] | None:
+        """The server (by name) and server thread of a Baton session of this process or of
+        another worker; None if none is known."""
+        conn = self.sessions.get(session_id)
+        if conn is not None:
+            thread = conn.server_thread
+            server = conn.backend_server
+            return None if thread is None or server is None else (server.name, thread)
+        if self.peer_session is not None:
+            return self.peer_session(session_id)
+        return None
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
@@ -1050,14 +1068,14 @@ class ClientConnection(asyncio.Protocol):
             if m is None:
                 return raw
             words, target = m.group(1), int(m.group(2))
-        if not SESSION_ID_BASE <= target < SESSION_ID_BASE + SESSION_ID_SPAN:
+        if not SESSION_ID_BASE <= target < SESSION_ID_END:
             return raw if raw[4] == Command.QUERY else frame(b"\x03KILL %d" % target, 0)
-        other = self.ctx.sessions.get(target)
-        thread = other.server_thread if other is not None else None
-        if thread is None or other is None or other.backend_server != self.backend_server:
+        found = self.ctx.session_thread(target)
+        here = self.backend_server
+        if found is None or here is None or found[0] != here.name:
             self._error(ErrorKind.NO_SUCH_THREAD, f"Unknown thread id: {target}")
             return None
-        return frame(b"\x03" + words + b" %d" % thread, 0)
+        return frame(b"\x03" + words + b" %d" % found[1], 0)
 
     @property
     def server_thread(self) -> int | None:
@@ -1576,15 +1594,16 @@ class ProxyServer:
         self.ctx = ctx
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or accept from `sock` (a worker's, bound by its supervisor)."""
         loop = asyncio.get_running_loop()
         ctx = self.ctx
+        factory = lambda: ClientConnection(ctx, ctx.new_session_id())  # noqa: E731
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=1024)
+            return
         self._server = await loop.create_server(
-            lambda: ClientConnection(ctx, ctx.new_session_id()),
-            host,
-            port,
-            reuse_address=True,
-            backlog=1024,
+            factory, host, port, reuse_address=True, backlog=1024
         )
 
     def close(self) -> None:
