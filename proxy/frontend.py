@@ -177,15 +177,15 @@ class ProxyContext:
             if session_id not in self.sessions:
                 return session_id
 
-    def session_thread(self, session_id: int) -> tuple[str, int] | None:
-        """The server (by name) and server thread of a Baton session of this process or of
-        another worker; None if none is known."""
+    def session_thread(self, session_id: int, peers: bool = True) -> tuple[str, int] | None:
+        """The server (by name) and server thread of a Baton session of this process, or
+        (with `peers`) of another worker; None if none is known."""
         conn = self.sessions.get(session_id)
         if conn is not None:
             thread = conn.server_thread
             server = conn.backend_server
             return None if thread is None or server is None else (server.name, thread)
-        if self.peer_session is not None:
+        if peers and self.peer_session is not None:
             return self.peer_session(session_id)
         return None
 

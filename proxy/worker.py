@@ -85,7 +85,7 @@ class Worker:
             # Read off the loop: one dict lookup and two attribute reads, which the GIL keeps
             # whole, and a KILL waiting on it must not wait for this worker's loop.
             (session_id,) = args
-            return data.ctx.session_thread(session_id)
+            return data.ctx.session_thread(session_id, peers=False)
         if kind == SESSIONS:
             return self._on_loop(proxies.sessions)
         if kind == FRONT_DOOR:

@@ -22,7 +22,7 @@ from harness.baton import Baton
 from proxy import control
 from proxy.accounts import AccountBook, Accounts
 from proxy.admission import Admission
-from proxy.control import ControlServer
+from proxy.control import ControlServer, LocalProxies
 from proxy.frontend import ProxyContext
 from proxy.holder import Holder
 from proxy.router import Router
@@ -115,7 +115,7 @@ def server(path: str = "unused.sock") -> tuple[ControlServer, Fakes, FileStore]:
         accounts=Accounts(AccountBook(), list, CONFIG.admin),  # a fixed, empty list of logins
         admission=Admission(max_connections=10, fd_limit=1024, max_connect_errors=0),
     )
-    return ControlServer(ctx, controller, path), fakes, store
+    return ControlServer(CONFIG, controller, LocalProxies(ctx), path), fakes, store
 
 
 def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
