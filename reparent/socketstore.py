@@ -48,6 +48,7 @@ METHODS = frozenset(
         "journal_put",
         "journal_get",
         "journal_finish",
+        "commit_finish",
         "history",
         "annotate",
         "publish",
@@ -124,6 +125,17 @@ class SocketStore(TopologyStore):
         lease: Lease | None = None,
     ) -> None:
         self._call("journal_finish", record, events, lease=lease)
+
+    def commit_finish(
+        self,
+        record: ReparentRecord,
+        expected_version: int,
+        topology: ShardTopology,
+        events: tuple[TopologyEvent, ...] = (),
+        *,
+        lease: Lease | None = None,
+    ) -> bool:
+        return self._call("commit_finish", record, expected_version, topology, events, lease=lease)
 
     def history(self, shard: str | None = None, limit: int = 50) -> list[ReparentRecord]:
         return self._call("history", shard, limit)

