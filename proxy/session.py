@@ -137,6 +137,8 @@ def _unquote(literal: bytes, quote: bytes) -> bytes:
 def _name(raw: bytes) -> str:
     """A name as written (`quoted` parts, a schema.name pair), lower-cased without quotes."""
     return raw.decode("utf-8", "surrogateescape").replace("`", "").lower()
+
+
 UNKNOWN_LOCK = "?"  # GET_LOCK of an expression: which lock is not known
 # Statements that only read, so that running one twice is harmless.
 _READS = re.compile(rb"(?is)\s*(?:\(\s*)*(?:select|show|describe|desc|help|values)\b")

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 E = TypeVar("E", bound=enum.StrEnum)
 
+
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the key."""
 

@@ -84,7 +84,9 @@ def on_both(b: Baton, each: int = 2) -> dict[int, list[pymysql.Connection]]:
         (mine if len(mine) < each else extra).append(conn)
     for conn in extra:
         conn.close()
-    assert all(len(c) >= each for c in by_worker.values()), {k: len(v) for k, v in by_worker.items()}
+    assert all(len(c) >= each for c in by_worker.values()), {
+        k: len(v) for k, v in by_worker.items()
+    }
     return by_worker
 
 
@@ -163,9 +165,7 @@ def test_kill_9_of_a_worker_costs_only_its_own_clients(group: Baton) -> None:
         again = app_conn(group.port)
         again.cursor().execute("SELECT 1")
         again.close()
-        wait_until(
-            lambda: status(group)["workers"][1]["serving"], 20, "worker 1 started again"
-        )
+        wait_until(lambda: status(group)["workers"][1]["serving"], 20, "worker 1 started again")
         after = status(group)["workers"][1]
         assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"]
     finally:
