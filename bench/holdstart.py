@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             lines.append(
                 f"{name}: busy - idle = {busy - idle:.1f} ms at the median; of the rest (the "
-                f"controller and the event's way to the proxy) {rest['busy'] - rest['idle']:.1f} ms."
+                "controller and the event's way to the proxy) "
+                f"{rest['busy'] - rest['idle']:.1f} ms."
             )
     args.out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
