@@ -139,15 +139,16 @@ def sysbench_options(args: argparse.Namespace, threads: int, ps_mode: str) -> di
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) so far, in seconds; 0 if it is gone."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads) so far, in seconds; 0 if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
             fields = f.read().rsplit(")", 1)[1].split()
     except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def process_tree(pid: int) -> list[int]:
@@ -159,8 +160,10 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(int(c) for c in children)]
 
 
-def tree_cpu(pids: list[int]) -> float:
-    return sum(cpu_seconds(p) for p in pids)
+def tree_cpu(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the processes, summed."""
+    times = [cpu_seconds(p) for p in pids]
+    return sum(u for u, _ in times), sum(s for _, s in times)
 
 
 def start_worker_batons(stack: Stack, paths: list[str]) -> dict[str, Baton]:
@@ -207,12 +210,14 @@ def run_all(
         run: SysbenchRun = run_sysbench(
             sysbench_command(workload, ports[path], "run", options), args.duration
         )
-        cpu = tree_cpu(tree) - cpu_before
+        cpu_after = tree_cpu(tree)
         check()
         r = run.result
-        cpu_ms = None
+        cpu_ms = user_ms = None
         if r is not None and tree and r.qps > 0:
-            cpu_ms = cpu / (r.qps * r.seconds) * 1e6  # ms of CPU per 1,000 commands
+            per_1000 = 1e6 / (r.qps * r.seconds)  # seconds -> ms per 1,000 commands
+            user_ms = (cpu_after[0] - cpu_before[0]) * per_1000
+            cpu_ms = user_ms + (cpu_after[1] - cpu_before[1]) * per_1000
         label = f"[{i}/{len(combos)}] {workload} t={threads} ps={ps_mode} #{rep + 1} {path:7}"
         if r is None:
             progress(f"{label} FAILED: {run.problem}: {run.output.strip()[-300:]}")
@@ -235,6 +240,9 @@ def run_all(
                 "problem": run.problem,
                 "result": None if r is None else asdict(r),
                 "cpu_ms_per_1000": cpu_ms,
+                # utime alone: the proxy's own code; the rest (stime) is the kernel's work
+                # for it, sockets and scheduling, which every proxy pays alike.
+                "user_ms_per_1000": user_ms,
                 "output_tail": None if r is not None else run.output[-2000:],
             }
         )
