@@ -548,6 +548,13 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self._task = None
+        if self._gone or self._transport.is_closing():  # type: ignore[union-attr]
+            # The client left as its login ended (its EOF came in the loop iteration that
+            # resumed this task, before connection_lost): nobody to serve, and no session of
+            # its own for connection_lost to end, so the server connection is closed here.
+            self._close_backend(quit=False)
+            self._login_failed(LoginFailure.CLIENT_GONE, "the client went away", None)
+            return
         ctx.admission.login_ok(self.address)
         self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
         self._logged_in = True

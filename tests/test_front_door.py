@@ -471,3 +471,42 @@ def test_mysqldb_reads_batons_own_errors(sandbox: Sandbox, tmp_path: Path) -> No
         assert exc.value.args[0] == 1429 and "cannot reach the primary" in exc.value.args[1]
     finally:
         b.stop()
+
+
+def test_a_client_gone_during_its_login_leaves_no_session_behind(
+    sandbox: Sandbox, tmp_path: Path, primary_port: int
+) -> None:
+    """A client that sends a good login and closes while Baton's server connection for it is
+    still being made (here: the path to the primary is a black hole, so that takes the whole
+    backend_connect_timeout): no session stays behind for it, and no traceback. (The fuzzer
+    found the tighter race, an EOF in the very loop iteration that ends the login, which a
+    test cannot time: `_login_and_start` checks for it.)"""
+    from proxy.packets import make_handshake_response, parse_server_handshake
+    from tests.faultshim import FaultShim
+
+    with FaultShim(primary_port) as shim:
+        shim.blackhole()
+        b = start_baton(
+            sandbox.config_path,
+            tmp_path / "gone",
+            port_hint() + 63,
+            proxy={"backend_connect_timeout": 1.0},
+            servers=[{"name": "db1", "host": "127.0.0.1", "port": shim.port, "role": "primary"}],
+            users=[{"name": "app", "password": "app-pass"}],
+            detector={"enabled": False},
+        )
+        try:
+            gone = metric(b.scrape(), "baton_login_failures_total", 0.0, reason="client_gone")
+            with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
+                hs = parse_server_handshake(s.recv(65536)[4:])
+                auth = scramble(stage1("app-pass"), hs.auth_data)
+                s.sendall(frame(make_handshake_response(DEFAULT_CAPS, 45, "app", auth, None), 1))
+                time.sleep(0.2)  # Baton is connecting to the black hole
+            time.sleep(1.5)  # its connect timed out after the client left
+            status = json.loads(b.ctl("--json", "status").stdout)
+            assert status["sessions"] == 0
+            assert "Traceback" not in b.log.read_text()
+            after = metric(b.scrape(), "baton_login_failures_total", reason="client_gone")
+            assert after >= gone + 1  # (start_baton's own probe may count once more)
+        finally:
+            b.stop()
