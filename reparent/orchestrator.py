@@ -76,10 +76,14 @@ def _with(record: ReparentRecord, step: Step, **changes: object) -> ReparentReco
 class Orchestrator:
     """Decides one reparent. `start` or `resume`, then `done(result)` / `failed(error)`.
 
-    Inside a planned switch's hold nothing is journaled until the end: every durable write
-    there is time every held client waits (one of 459 ms was seen on a shared disk). The
-    journal says HOLDING from the moment proxies hold until the final write, which sets the
-    new primary and term and finishes the record at once (`TopologyStore.commit_finish`).
+    A planned switch makes two durable writes, one at each end of its hold: every write
+    inside the hold is time each held client waits (one of 459 ms was seen on a shared disk),
+    and every write before it delays the hold's start. Choosing and catching up the candidate
+    change nothing a resume would need to undo, so the first write is HOLDING (with the event
+    that makes the proxies hold); a controller that dies before it leaves no journal, and the
+    old primary never stopped serving. The journal says HOLDING until the final write, which
+    sets the new primary and term and finishes the record at once
+    (`TopologyStore.commit_finish`).
     So a controller that dies inside the hold is resumed from HOLDING whatever it had done:
     the candidate is made read_only again (`abandon`, harmless if it was never promoted) and
     the old primary writable (`undo`). An emergency reparent still journals each step, since
@@ -106,7 +110,7 @@ class Orchestrator:
         """A new reparent. Planned: choose first, nothing is touched until the candidate is
         known to be fit. Emergency: fence first, then choose among the fenced replicas."""
         if self.planned:
-            return self._act(Step.STARTED, Call.CHOOSE)
+            return self._act(Step.STARTED, Call.CHOOSE, journal=False)
         return self._hold_then_revoke()
 
     def resume(self) -> Action:
@@ -149,7 +153,7 @@ class Orchestrator:
             positions[f"{result.name}_chosen"] = result.gtid_position
             self.record = replace(self.record, candidate=result.name, positions=positions)
             if self.planned:
-                return self._act(Step.CANDIDATE_CHOSEN, Call.PREPARE)
+                return self._act(Step.CANDIDATE_CHOSEN, Call.PREPARE, journal=False)
             return self._act(Step.ESTABLISHING, Call.ESTABLISH)
         if call is Call.PREPARE:
             return self._hold_then_revoke()

@@ -110,12 +110,10 @@ def test_planned_reparent_happy_path() -> None:
     assert events[0].term == 2 and events[2].term == 2 and events[2].new_primary == "db3"
     topo = store.read("main").value
     assert (topo.primary, topo.term) == ("db3", 2)
-    # Each store write is a phase of its own; inside the hold (from the HOLDING write on)
-    # only the last one, which publishes the new primary and finishes the record at once.
+    # Each store write is a phase of its own; there are two: HOLDING, which starts the hold,
+    # and the last one, which publishes the new primary and finishes the record at once.
     assert phases == [
-        (Step.STARTED, "journal"),
         (Step.STARTED, "choose"),
-        (Step.CANDIDATE_CHOSEN, "journal"),
         (Step.CANDIDATE_CHOSEN, "prepare"),
         (Step.HOLDING, "journal"),
         (Step.HOLDING, "revoke"),
@@ -306,9 +304,9 @@ def test_resume_decisions_are_deterministic() -> None:
 
 
 def test_journal_has_each_step_before_its_call() -> None:
-    """Every call runs while the journal names the step it belongs to, or (inside a planned
-    switch's hold, where nothing is written until the end) HOLDING, from which a resume
-    takes back whatever the switch had done."""
+    """A planned switch is journaled from HOLDING on: its choice and catch-up leave nothing
+    to undo (no journal), and inside its hold, where nothing is written until the end, a
+    resume from HOLDING takes back whatever the switch had done."""
     controller, fakes, store, _ = setup()
     seen: list[tuple[str, Step | None]] = []
     for name in ("choose", "prepare", "revoke", "establish"):
@@ -322,8 +320,8 @@ def test_journal_has_each_step_before_its_call() -> None:
         setattr(fakes, name, spy)
     run(controller.reparent(ReparentKind.PRS, "main", "db2"))
     assert seen == [
-        ("choose", Step.STARTED),
-        ("prepare", Step.CANDIDATE_CHOSEN),
+        ("choose", None),
+        ("prepare", None),
         ("revoke", Step.HOLDING),
         ("establish", Step.HOLDING),
     ]
