@@ -178,8 +178,9 @@ def check(box: Sandbox, result: dict[str, Any], kind: str, point: str) -> None:
     if kind == "prs":
         assert ledger.acked <= present, sorted(ledger.acked - present)[:10]
     assert result["flowing_s"] is not None, "writes never flowed again"
+    outcome = last["outcome"] if last else "nothing journaled"
     print(
-        f"{kind} {point}: {last['outcome']}, writes again {result['flowing_s']:.2f} s after the"
+        f"{kind} {point}: {outcome}, writes again {result['flowing_s']:.2f} s after the"
         f" crash, {len(ledger.acked)} acknowledged, {ledger.errors} client errors"
     )
 
