@@ -288,16 +288,7 @@ class EtcdStore(TopologyStore):
         *,
         lease: Lease | None = None,
     ) -> None:
-        if record.outcome is None:
-            raise ValueError(f"reparent {record.id} has no outcome yet")
-        shard = _q(record.shard)
-        finished = f"{record.finished_at or time.time():020.6f}-{_q(record.id)}"
-        ops = [
-            _delete(self._key("journal", shard)),
-            _put(self._key("history", shard, finished), record.to_dict()),
-        ]
-        self._journal_txn(record, lease, ops, events)
-        self._trim_history(record.shard)
+        self._finish(record, events, lease)
 
     def commit_finish(
         self,
@@ -309,6 +300,17 @@ class EtcdStore(TopologyStore):
         lease: Lease | None = None,
     ) -> bool:
         """One txn: the new topology, the finished record and the events."""
+        return self._finish(record, events, lease, (expected_version, topology))
+
+    def _finish(
+        self,
+        record: ReparentRecord,
+        events: tuple[TopologyEvent, ...],
+        lease: Lease | None,
+        commit: tuple[int, ShardTopology] | None = None,
+    ) -> bool:
+        """The record to the history and the in-flight slot cleared, with `commit`'s topology
+        if given (False, and nothing written, if the shard moved from its version)."""
         if record.outcome is None:
             raise ValueError(f"reparent {record.id} has no outcome yet")
         shard = _q(record.shard)
@@ -316,9 +318,12 @@ class EtcdStore(TopologyStore):
         ops = [
             _delete(self._key("journal", shard)),
             _put(self._key("history", shard, finished), record.to_dict()),
-            _put(self._key("topology", shard), topology.to_dict()),
         ]
-        if not self._journal_txn(record, lease, ops, events, topology_version=expected_version):
+        version = None
+        if commit is not None:
+            version, topology = commit
+            ops.append(_put(self._key("topology", shard), topology.to_dict()))
+        if not self._journal_txn(record, lease, ops, events, topology_version=version):
             return False
         self._trim_history(record.shard)
         return True
