@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pymysql
@@ -176,6 +177,25 @@ def test_kill_9_of_a_worker_costs_only_its_own_clients(group: Baton) -> None:
     assert errors == []
     # Both serve again: new clients reach the restarted worker too.
     close_all(on_both(group, 1))
+
+
+def test_reuse_port_spreads_clients_over_workers_binding_the_port_each(
+    box: Sandbox, group: Baton, tmp_path: Path
+) -> None:
+    """`proxy.reuse_port`: each worker binds the port itself; the kernel spreads clients."""
+    b = start_baton(
+        box.config_path,
+        tmp_path,
+        HINT + 10,
+        proxy={"workers": 2, "reuse_port": True},
+        controller=CONTROLLER,
+        detector={"enabled": False},
+    )
+    try:
+        wait_until(lambda: all(w["serving"] for w in status(b)["workers"]), 20, "two workers")
+        close_all(on_both(b, 3))
+    finally:
+        b.stop()
 
 
 def switches(b: Baton, box: Sandbox, count: int, pause: float) -> list[dict[str, Any]]:
