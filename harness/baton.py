@@ -111,10 +111,12 @@ def start_baton(
     users: list[dict[str, str]] | None = None,
     nofile: int | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
+    adopt: bool = False,
 ) -> Baton:
     """Start Baton on fresh ports with a copy of the sandbox config, changed as asked
     (`users`: a fixed list of logins instead of the servers' accounts; `nofile`: its limit on
-    open files, soft and hard; `extra`: other tables, merged key by key)."""
+    open files, soft and hard; `extra`: other tables, merged key by key; `adopt`: `baton serve
+    --adopt`)."""
     data = tomllib.loads(config_path.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port_hint)
@@ -138,7 +140,15 @@ def start_baton(
     log = workdir / "baton.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--config",
+                str(cfg),
+                *(["--adopt"] if adopt else []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

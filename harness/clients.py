@@ -24,9 +24,10 @@ def connect(port: int, account: Account = APP, **options: Any) -> pymysql.Connec
     )
 
 
-def admin_conn(port: int) -> pymysql.Connection:
-    """The controller's account: for checks the application user may not make."""
-    return connect(port, ADMIN, connect_timeout=2)
+def admin_conn(port: int, read_timeout: float | None = None) -> pymysql.Connection:
+    """The controller's account: for checks the application user may not make. A
+    `read_timeout` keeps a check of a stopped (SIGSTOP) server from hanging."""
+    return connect(port, ADMIN, connect_timeout=2, read_timeout=read_timeout)
 
 
 def admin_query(port: int, sql: str) -> list[dict[str, Any]]:

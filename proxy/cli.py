@@ -14,7 +14,7 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     from proxy import server
 
-    return server.main(args.config, args.workers)
+    return server.main(args.config, args.workers, adopt=args.adopt)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help='worker processes serving clients, or "auto" for one per core (overrides '
         "proxy.workers; 0: one process, as without workers)",
+    )
+    serve.add_argument(
+        "--adopt",
+        action="store_true",
+        help="where the servers agree on another primary than the store's, take their word",
     )
     serve.set_defaults(func=_serve)
 
@@ -123,8 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
         reparent = commands.add_parser(name, help=text)
         reparent.add_argument("--shard", help="default: the proxy's shard")
         reparent.add_argument("--to", help="the new primary (default: the best replica)")
+        reparent.add_argument(
+            "--force",
+            action="store_true",
+            help="skip the checks first (servers agree with the store; for ers: the primary"
+            " neither answers nor takes writes)",
+        )
         if name == "prs":
             reparent.add_argument("--timeout", type=float, help="seconds for any one wait")
+        else:
+            reparent.add_argument(
+                "--allow-unreachable",
+                action="append",
+                metavar="SERVER",
+                help="semi_sync: promote without comparing this replica (it may hold the only"
+                " copy of an acknowledged write, which is then lost); repeatable",
+            )
+    for name, text in (
+        ("check", "compare the config and the store with what the servers say"),
+        ("adopt", "make the primary the servers agree on the store's primary (new term)"),
+    ):
+        commands.add_parser(name, help=text).add_argument("--shard")
+    for name, text in (
+        ("quarantine", "never route to, choose or replicate from SERVER (sets it read_only)"),
+        ("unquarantine", "lift SERVER's quarantine if it has nothing the primary lacks"),
+    ):
+        handle = commands.add_parser(name, help=text)
+        handle.add_argument("server", metavar="SERVER")
+        handle.add_argument("--shard")
+        if name == "unquarantine":
+            handle.add_argument(
+                "--force", action="store_true", help="lift it even if the GTID check fails"
+            )
     return parser
 
 

@@ -46,6 +46,7 @@ MAX_DEPTH = 16
 MAX_INT_DIGITS = 20  # no argument needs more; Python refuses above 4,300 with a ValueError
 MAX_HISTORY = 1000
 MAX_TEXT = 256  # names of shards and servers; bounds what an error may echo back
+MAX_NAMES = 64  # a list of server names (ers --allow-unreachable)
 MAX_TIMEOUT = 3600.0
 # A JSON string (closed or running to the end of the line) or one bracket outside strings.
 _DEPTH_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
@@ -164,15 +165,19 @@ class Args:
         value = self._request.get(key)
         if value is None:
             return None
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        return _text(key, value, choices)
+
+    def texts(self, key: str, choices: Collection[str] | None = None) -> tuple[str, ...]:
+        """A list of at most MAX_NAMES strings, each checked as `text` checks one; () if
+        absent."""
+        value = self._request.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or len(value) > MAX_NAMES:
             raise ControlError(
-                f"{key} must be a non-empty string of at most {MAX_TEXT} characters, "
-                f"got {_show(value)}"
+                f"{key} must be a list of at most {MAX_NAMES} strings, got {_show(value)}"
             )
-        if choices is not None and value not in choices:
-            one_of = ", ".join(sorted(choices))
-            raise ControlError(f"{key} must be one of {one_of}, got {_show(value)}")
-        return value
+        return tuple(_text(key, v, choices) for v in value)
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
         value = self._request.get(key)
@@ -201,6 +206,17 @@ class Args:
                 f"got {_show(value)}"
             )
         return float(value)
+
+
+def _text(key: str, value: Any, choices: Collection[str] | None) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise ControlError(
+            f"{key} must be a non-empty string of at most {MAX_TEXT} characters, got {_show(value)}"
+        )
+    if choices is not None and value not in choices:
+        one_of = ", ".join(sorted(choices))
+        raise ControlError(f"{key} must be one of {one_of}, got {_show(value)}")
+    return value
 
 
 Counts = dict[str, dict[str, int]]  # proxy id -> {"held": n, "flushed": n, "evicted": n}
@@ -364,6 +380,9 @@ class ControlServer:
                     "term": topo.term,
                     "lock": await self._store(store.lock_owner, shard.name),
                     "reparent": in_flight.to_dict() if in_flight else None,
+                    # How the servers contradict the config and store, as the failure detector
+                    # last found it; while any, nothing is done about the shard automatically.
+                    "mismatches": [m.to_dict() for m in self.controller.mismatches(shard.name)],
                     "servers": [
                         {
                             "name": s.name,
@@ -408,7 +427,7 @@ class ControlServer:
     async def _reparent(
         self, kind: ReparentKind, request: dict[str, Any], emit: Emit
     ) -> dict[str, Any]:
-        args = Args(request, "shard", "to", "timeout")
+        args = Args(request, "shard", "to", "timeout", "force", "allow_unreachable")
         shard = args.text("shard", self._shards()) or self.config.proxy.shard
         to = args.text("to")
         timeout = args.seconds("timeout", MAX_TIMEOUT)
@@ -417,6 +436,8 @@ class ControlServer:
             shard,
             to,
             timeout,
+            force=args.flag("force"),
+            allow_unreachable=args.texts("allow_unreachable"),
             progress=lambda t: emit(
                 {
                     "progress": {
@@ -440,6 +461,30 @@ class ControlServer:
         updated = report.with_buffers({**report.buffers, **found})
         report.buffers = updated.buffers
         report.held, report.flushed, report.evicted = updated.held, updated.flushed, updated.evicted
+
+    async def cmd_check(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """The config and the store against what every server says (reparent/survey.py)."""
+        return await self.controller.check(self._shard(Args(request, "shard")))
+
+    async def cmd_adopt(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Take the servers' word for the primary, when they agree on one."""
+        return await self.controller.adopt(self._shard(Args(request, "shard")))
+
+    async def cmd_quarantine(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self._quarantine(request, True)
+
+    async def cmd_unquarantine(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self._quarantine(request, False)
+
+    async def _quarantine(self, request: dict[str, Any], on: bool) -> dict[str, Any]:
+        args = Args(request, "shard", "server", "force")
+        server = args.text("server")
+        if server is None:
+            raise ControlError(f"{request['cmd']} needs a server")
+        return await self.controller.quarantine(self._shard(args), server, on, args.flag("force"))
+
+    def _shard(self, args: Args) -> str:
+        return args.text("shard", self._shards()) or self.config.proxy.shard
 
     async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         args = Args(request, "shard", "limit")

@@ -67,6 +67,11 @@ def render_report(r: dict[str, Any]) -> str:
     lines.append(f"  commands held {r['held']}, flushed {r['flushed']}, evicted {r['evicted']}")
     if r.get("not_drained"):
         lines.append(f"  went ahead without a drained report from {', '.join(r['not_drained'])}")
+    if r.get("allow_unreachable"):
+        lines.append(
+            f"  allowed unreachable by the operator: {', '.join(r['allow_unreachable'])} (under"
+            " semi_sync an acknowledged write only they received is lost)"
+        )
     for name, pos in r["positions"].items():
         lines.append(f"  {name}: {pos}")
     return "\n".join(lines)
@@ -100,6 +105,15 @@ def render(cmd: str, result: Any) -> str:
         )
     if cmd in ("prs", "ers"):
         return render_report(result)
+    if cmd == "check":
+        return render_check(result)
+    if cmd == "adopt":
+        return f"shard {result['shard']}: {result['summary']}"
+    if cmd in ("quarantine", "unquarantine"):
+        state = "quarantined" if result["quarantined"] else "no longer quarantined"
+        return (
+            f"shard {result['shard']}: {result['server']} {state}\n  {result['check']['summary']}"
+        )
     if cmd == "users":
         rows = [{**a, "unfenced": " and ".join(a["unfenced"]) or "-"} for a in result["accounts"]]
         head = f"accounts from the {result['source']}"
@@ -118,6 +132,10 @@ def render(cmd: str, result: Any) -> str:
         if shard["reparent"]:
             rp = shard["reparent"]
             lines.append(f"  reparent in flight: {rp['kind']} {rp['id']} at {rp['step']}")
+        for m in shard.get("mismatches", []):
+            lines.append(f"  MISMATCH {m['kind']} {m['server']}: {m['detail']}")
+        if shard.get("mismatches"):
+            lines.append("  (nothing is done about this shard automatically; see baton ctl check)")
         lines.append(table(shard["servers"], ["name", "host", "port", "role", "quarantined"]))
     lines.append(f"sessions: {result['sessions']}   version: {result['version']}")
     door = result["front_door"]
@@ -141,6 +159,35 @@ def render(cmd: str, result: Any) -> str:
     return "\n".join(lines)
 
 
+def render_check(r: dict[str, Any]) -> str:
+    """`ctl check`: every server as it answers, then the verdict."""
+    verdict = "agree" if r["consistent"] else "DISAGREE"
+    lines = [
+        f"shard {r['shard']}: the store names {r['primary']} at term {r['term']}; the servers"
+        f" {verdict}"
+    ]
+    rows = [
+        {
+            **s,
+            "reachable": "yes" if s["reachable"] else f"no ({s['error']})",
+            "read_only": "-" if s["read_only"] is None else int(s["read_only"]),
+            **{k: "-" if s[k] is None else s[k] for k in _CHECK_OPTIONAL},
+        }
+        for s in r["servers"]
+    ]
+    lines.append(
+        table(rows, ["name", "address", "store_role", "reachable", "read_only", *_CHECK_OPTIONAL])
+    )
+    for m in r["mismatches"]:
+        lines.append(f"MISMATCH {m['kind']} {m['server']}: {m['detail']}")
+    lines.extend(f"note: {n}" for n in r["notes"])
+    lines.append(r["adopt"]["verdict"])
+    return "\n".join(lines)
+
+
+_CHECK_OPTIONAL = ("source", "io", "sql", "heartbeat_period", "gtid_binlog_pos", "gtid_received")
+
+
 PROXY_COLUMNS = ["id", "address", "alive", "terms", "holding", "drained"]
 
 
@@ -162,12 +209,13 @@ def proxy_row(p: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
-    for key in ("shard", "to", "timeout", "limit", "address"):
+    for key in ("shard", "to", "timeout", "limit", "address", "server", "allow_unreachable"):
         value = getattr(args, key, None)
         if value is not None:
             params[key] = value
-    if getattr(args, "reload", False):
-        params["reload"] = True
+    for flag in ("reload", "force"):
+        if getattr(args, flag, False):
+            params[flag] = True
 
     def progress(step: dict[str, Any]) -> None:
         if not args.json:
@@ -182,4 +230,6 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2) if args.json else render(args.ctl_command, result))
     if args.ctl_command in ("prs", "ers") and result.get("outcome") != "succeeded":
         return 1
+    if args.ctl_command == "check" and not result["consistent"]:
+        return 1  # like diff: the servers and the picture differ
     return 0

@@ -307,6 +307,8 @@ class ProxyContext:
             self.holder.reparent_started(event.shard, event.term)
         elif isinstance(event, EstablishedEvent):
             self.epoch += 1
+            for conn in list(self.sessions.values()):
+                conn.abandon_stale(event.new_primary)
             self.holder.established(event.shard, event.term)
         elif isinstance(event, Aborted):
             self.epoch += 1
@@ -760,6 +762,28 @@ class ClientConnection(asyncio.Protocol):
             locks = self.state.held_locks_sql()
             if locks is not None:
                 self.state.held_locks((await backend.query(locks))[0])
+
+    def abandon_stale(self, primary: str) -> None:
+        """A new primary was published while this session waits for an answer from another
+        server: an emergency's old primary, which is hung or cut off (after a planned switch
+        nothing of ours runs there: the demotion drained or killed it). Its answer would come
+        late or never, and its client would wait with it; the connection is closed instead,
+        and the command fails as on any lost connection (a write gets 1927: it may or may not
+        have been executed)."""
+        server = self.backend_server
+        if (
+            self.backend is not None
+            and self.backend.alive
+            and self.state.in_flight is not None
+            and server is not None
+            and server.name != primary
+        ):
+            log.info(
+                "session %d: closing its connection to %s, which no longer leads",
+                self.connection_id,
+                server.name,
+            )
+            self.backend.close(quit=False)  # abandoned, not ended: no COM_QUIT queued
 
     def _close_backend(self, quit: bool = True) -> None:
         if self.backend is not None:

@@ -209,6 +209,15 @@ async def start_data_path(
     return DataPath(ctx, router, ProxyServer(ctx), refresh)
 
 
+async def start_controller(controller: Controller, adopt: bool) -> None:
+    """Before any switch or client: finish or undo what a dead controller left, compare the
+    servers with the config and store, then set durability where they agree."""
+    for report in await controller.resume():
+        log.info("resumed reparent %s: %s", report.id, report.outcome)
+    # Nothing acts on a shard before its servers were compared with the config and store.
+    await controller.apply_durability(skip=await controller.check_at_start(adopt))
+
+
 def make_controller(config: Config, store: TopologyStore, owner: str) -> Controller:
     pool = AdminPool()  # one admin connection per server, shared by every mechanism
     return Controller(
@@ -261,15 +270,13 @@ async def until_stopped() -> None:
     await stop.wait()
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, adopt: bool = False) -> None:
     """One process: the data path and the controller on one event loop (`proxy.workers` 0)."""
     store = await open_store(config)
     proxy_id = default_proxy_id(config)
     controller = make_controller(config, store, proxy_id)
     data = await start_data_path(config, store, proxy_id)
-    for report in await controller.resume():
-        log.info("resumed reparent %s: %s", report.id, report.outcome)
-    await controller.apply_durability()
+    await start_controller(controller, adopt)
     await data.serve()
     plane = await ControlPlane.start(config, store, controller, LocalProxies(data.ctx))
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
@@ -290,7 +297,7 @@ async def run(config: Config) -> None:
     store.close()
 
 
-def main(config_path: str, workers: str | None = None) -> int:
+def main(config_path: str, workers: str | None = None, adopt: bool = False) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -306,9 +313,9 @@ def main(config_path: str, workers: str | None = None) -> int:
     if config.proxy.workers:
         from proxy.supervisor import run_supervisor
 
-        entry = run_supervisor(config)
+        entry = run_supervisor(config, adopt)
     else:
-        entry = run(config)
+        entry = run(config, adopt)
     try:
         uvloop.run(entry)
     except (OSError, TopologyError) as e:  # a port in use; a store file that cannot be used

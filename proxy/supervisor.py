@@ -47,6 +47,7 @@ from proxy.server import (
     bind_listener,
     make_controller,
     open_store,
+    start_controller,
     until_stopped,
 )
 from reparent import metrics as reparent_metrics
@@ -370,13 +371,11 @@ def serve_metrics(config: Config, supervisor: Supervisor) -> None:
     start_http_server(config.proxy.metrics_port, addr=config.proxy.metrics_host, registry=registry)
 
 
-async def run_supervisor(config: Config) -> None:
+async def run_supervisor(config: Config, adopt: bool = False) -> None:
     store = await open_store(config)
     proxy_id = default_proxy_id(config)
     controller = make_controller(config, store, proxy_id)
-    for report in await controller.resume():
-        log.info("resumed reparent %s: %s", report.id, report.outcome)
-    await controller.apply_durability()
+    await start_controller(controller, adopt)
     p = config.proxy
     listener = None if p.reuse_port else bind_listener(p.listen_host, p.listen_port)
     supervisor = Supervisor(config, store, listener)

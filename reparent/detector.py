@@ -5,10 +5,17 @@ Like the orchestrator and the buffer it does no I/O and reads no clock: the shel
 `ShardView` with the time, and carries out the actions it gets back.
 
 What it decides:
+- **A wrong picture** (`Report` of a `survey.Mismatch`): the servers contradict the config or
+  the store (a replica streams from an address outside the config, a second server takes
+  writes, the primary replicates, the primary lacks what all its replicas have). Nothing is
+  done about that shard, neither reparent nor repair, until the servers agree again: every
+  action assumes the picture. A replica that streams from a source outside the config is such
+  a mismatch, never a sign that the primary is dead.
 - **Dead primary** (`RunERS`): Baton failed to reach the primary in `failures` consecutive
-  rounds, *and* no replica still streams from it (each replica is unreachable, replicates from
-  someone else, or its IO thread is not `Yes`: `Connecting` after a crash, `No` after a stop;
-  or it has heard nothing, not even a heartbeat, for two heartbeat periods: a hung primary).
+  rounds (a probe still unanswered when the round decides counts as failed: a hung server is
+  not waited for twice), *and* no replica still streams from it (each replica is unreachable,
+  or its IO thread is not `Yes`: `Connecting` after a crash, `No` after a stop; or it has heard
+  nothing, not even a heartbeat, for two heartbeat periods and half a round: a hung primary).
   With no replica reachable there is nobody to promote: that is reported instead.
   A primary that only Baton cannot reach while a replica's IO thread still runs is a blip on
   Baton's side (`Report(PRIMARY_UNREACHABLE)`): promoting another server then would only cost a
@@ -22,6 +29,8 @@ What it decides:
   replicate from it under gtid_strict_mode, and must never be promoted. GTIDs of the primary's
   own server_id are not counted: the two servers are probed at nearly but not exactly the same
   moment, so a replica may show a transaction the primary committed after its own probe.
+  A quarantine the detector set is lifted by it once the server replicates cleanly from the
+  primary again (an operator rebuilt it); one set by hand is lifted by hand only.
 
 Rules that hold throughout: nothing is decided about a shard while a reparent is in flight, or
 while a recovery or repair this detector asked for has not `finished`; after each emergency
@@ -38,6 +47,7 @@ from dataclasses import dataclass, field
 
 from reparent import gtid
 from reparent.config import DetectorConfig
+from reparent.survey import Mismatch, ServerView, ShardView, compare, errant
 
 # Consecutive rounds a small fault must be seen in before it is repaired.
 CONFIRM = 2
@@ -50,7 +60,6 @@ class Reason(enum.StrEnum):
     PRIMARY_UNREACHABLE = "primary_unreachable"  # only Baton lost it; replicas still stream
     COOLDOWN = "cooldown"  # the primary looks dead, but the shard recovered too recently
     PRIMARY_READ_ONLY = "primary_read_only"  # read_only with no reparent in flight
-    PRIMARY_REPLICATES = "primary_replicates"  # the primary is itself somebody's replica
     REPLICATION_STOPPED = "replication_stopped"  # stopped without an error (a STOP SLAVE)
     REPLICATION_BROKEN = "replication_broken"  # stopped on an error a restart will not fix
     REPLICA_LOST_PRIMARY = "replica_lost_primary"  # its IO thread keeps reconnecting
@@ -62,48 +71,11 @@ class Reason(enum.StrEnum):
     UNREACHABLE = "unreachable"  # a server other than the primary does not answer
     UNREADABLE = "unreadable"  # a GTID state that does not parse
     REPEATED = "repeated"  # the fault came back within the cooldown of its repair
-
-
-# -- what the shell observes -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerView:
-    """One server in one probe round, as Baton's admin account saw it."""
-
-    name: str
-    reachable: bool
-    read_only: bool = False
-    server_id: int = 0
-    binlog_pos: str = ""
-    binlog_state: str = ""  # @@gtid_binlog_state: what errant transactions are judged by
-    # The server it replicates from, by name ("host:port" if not one of the shard's); None
-    # when it replicates from nobody (no SHOW SLAVE STATUS row).
-    source: str | None = None
-    io_running: str = ""  # Slave_IO_Running: Yes, No or Connecting
-    sql_running: str = ""  # Slave_SQL_Running: Yes or No
-    io_errno: int = 0  # Last_IO_Errno
-    sql_errno: int = 0  # Last_SQL_Errno
-    # Anything that changes whenever its IO thread hears from the source (heartbeats received,
-    # read position), and how often the source sends a heartbeat when idle (0: never).
-    received: str = ""
-    heartbeat_period: float = 0.0
-    error: str = ""  # why it was not reachable
-
-
-@dataclass(frozen=True)
-class ShardView:
-    """One probe round of a shard: the store's view, and every server's."""
-
-    shard: str
-    primary: str
-    term: int
-    servers: tuple[ServerView, ...]  # the primary's too
-    quarantined: frozenset[str] = frozenset()
-    reparent_in_flight: bool = False
-
-    def server(self, name: str) -> ServerView:
-        return next(s for s in self.servers if s.name == name)
+    # The picture is wrong (survey.MismatchKind, same names): nothing is done about the shard.
+    FOREIGN_SOURCE = "foreign_source"
+    SECOND_PRIMARY = "second_primary"
+    PRIMARY_REPLICATES = "primary_replicates"
+    PRIMARY_BEHIND = "primary_behind"
 
 
 # -- what the detector asks for ----------------------------------------------------------------
@@ -130,7 +102,9 @@ class Action:
 class RunERS(Action):
     """Emergency reparent of the shard; `server` is the dead primary."""
 
-    unreachable_for: float = 0.0  # seconds from the first failed probe to this decision
+    # The first sign of the fault, on the detector's clock: the round of the first failed
+    # probe, or the first heartbeat a witness should have had and did not, if earlier.
+    first_sign: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,7 +167,14 @@ class _Shard:
     faults: dict[tuple[str, Reason], int] = field(default_factory=dict)  # consecutive rounds
     repaired: dict[tuple[str, Reason], float] = field(default_factory=dict)  # when last done
     reported: set[tuple[str, Reason]] = field(default_factory=set)  # reported this episode
-    heard: dict[str, tuple[str, float]] = field(default_factory=dict)  # received, since when
+    # Per replica: what it had received, since when, and whether it was ever seen receiving
+    # something new from this primary (only then is its silence a witness).
+    heard: dict[str, tuple[str, float, bool]] = field(default_factory=dict)
+    mismatches: tuple[Mismatch, ...] = ()  # the last round's
+    # Servers this detector quarantined itself: only those does it release when healed. A
+    # quarantine set by hand (`ctl quarantine`), or found in the store at start, stays until
+    # lifted by hand (`ctl unquarantine`, which shows the GTID check).
+    quarantined_here: set[str] = field(default_factory=set)
 
 
 class Detector:
@@ -204,6 +185,10 @@ class Detector:
     def busy(self, shard: str) -> bool:
         return self._state(shard).busy
 
+    def mismatches(self, shard: str) -> tuple[Mismatch, ...]:
+        """How the servers contradicted the picture in the last round that was judged."""
+        return self._state(shard).mismatches
+
     def observe(self, view: ShardView, now: float) -> list[Action]:
         """One probe round of one shard; the actions to carry out (Reports included)."""
         st = self._state(view.shard)
@@ -213,13 +198,19 @@ class Detector:
             st.failures, st.first_failure = 0, None
             st.faults, st.reported, st.heard = {}, set(), {}
         for s in view.servers:
-            if s.reachable and st.heard.get(s.name, ("",))[0] != s.received:
-                st.heard[s.name] = (s.received, now)
+            if not s.reachable:
+                continue
+            before = st.heard.get(s.name)
+            if before is None:
+                st.heard[s.name] = (s.received, now, False)
+            elif before[0] != s.received:
+                st.heard[s.name] = (s.received, now, True)
         if st.busy:
             return []  # never two recoveries of one shard at once
         if view.reparent_in_flight:
             st.failures, st.first_failure, st.faults = 0, None, {}
             return []
+        st.mismatches = compare(view)
         round_ = _Round(self, st, view, now)
         out = round_.decide()
         st.faults, st.reported = round_.seen, round_.present
@@ -255,20 +246,25 @@ class _Round:
     def decide(self) -> list[Action]:
         view, st = self.view, self.st
         primary = view.server(view.primary)
-        if not primary.reachable:
+        if primary.reachable:
+            st.failures, st.first_failure = 0, None
+        else:
             st.failures += 1
             if st.first_failure is None:
                 st.first_failure = self.now
+        if st.mismatches:
+            # Every action assumes the picture; with the picture wrong, only say so.
+            for m in st.mismatches:
+                self._report(m.server, Reason(str(m.kind)), m.detail)
+            return self.out
+        if not primary.reachable:
             if st.failures >= self.settings.failures:
                 self._primary_unreachable(primary)
             return self.out
-        st.failures, st.first_failure = 0, None
         if primary.read_only:
             self._repair(
                 MakeWritable, primary.name, Reason.PRIMARY_READ_ONLY, "no reparent in flight"
             )
-        if primary.source is not None:
-            self._report(primary.name, Reason.PRIMARY_REPLICATES, f"from {primary.source}")
         for server in view.servers:
             if server.name != primary.name:
                 self._follower(server, primary)
@@ -307,27 +303,47 @@ class _Round:
             )
             return
         assert st.first_failure is not None
+        # The first heartbeat a silent witness missed may come before the first failed probe.
+        missed = [
+            self._heard_since(s) + s.heartbeat_period
+            for s in replicas
+            if s.streams_from(primary.name) and s.heartbeat_period > 0
+        ]
         self.out.append(
             RunERS(
                 view.shard,
                 primary.name,
                 Reason.PRIMARY_DEAD,
                 f"{probes}; {witnesses}",
-                unreachable_for=self.now - st.first_failure,
+                first_sign=min([st.first_failure, *missed]),
             )
         )
 
     def _streaming(self, s: ServerView, primary: str) -> bool:
         """Does `s` still hear from the primary? Its IO thread must say Yes, and, when the
         primary sends heartbeats, it must have heard something (an event or a heartbeat)
-        within two heartbeat periods: a hung primary (SIGSTOP) keeps its replicas' IO threads
-        at Yes until slave_net_timeout, but sends them nothing."""
-        if not (s.reachable and s.source == primary and s.io_running == "Yes"):
+        within two heartbeat periods and half a round: a hung primary (SIGSTOP) keeps its
+        replicas' IO threads at Yes until slave_net_timeout, but sends them nothing. Half a
+        round, not a whole one: rounds see a change at most once a round, and with a round
+        of margin a hung primary would wait one round more than a dead one (whose replicas say
+        Connecting at once); two periods of a healthy source always show a change.
+
+        A replica never yet seen receiving from this primary (it was just pointed at it, and
+        the primary may still be seeking its GTID position in a long binlog: measured under
+        load, 100 transactions behind and silent for over a second after a planned switch)
+        is no witness of silence: it counts as streaming."""
+        if not s.streams_from(primary):
             return False
         if s.heartbeat_period <= 0:
             return True
-        since = self.st.heard.get(s.name, (s.received, self.now))[1]
-        return self.now - since <= 2 * s.heartbeat_period + self.settings.interval
+        _, since, changed = self.st.heard.get(s.name, (s.received, self.now, False))
+        if not changed:
+            return True
+        return self.now - since <= 2 * s.heartbeat_period + self.settings.interval / 2
+
+    def _heard_since(self, s: ServerView) -> float:
+        """When the detector last saw `s` receive something."""
+        return self.st.heard.get(s.name, (s.received, self.now, False))[1]
 
     # -- every other server ------------------------------------------------------------------
 
@@ -374,6 +390,8 @@ class _Round:
                 SetReadOnly, s.name, Reason.QUARANTINED_WRITABLE, "quarantined", gated=False
             )
             return
+        if s.name not in self.st.quarantined_here:
+            return
         errant = self._errant(s, primary)
         healthy = s.source == primary.name and s.io_running == "Yes" and s.sql_running == "Yes"
         if errant == "" and healthy:
@@ -382,11 +400,10 @@ class _Round:
     def _errant(self, s: ServerView, primary: ServerView) -> str | None:
         """The GTIDs `s` has and the primary lacks ("" if none), None if unreadable."""
         try:
-            extra = gtid.errant(s.binlog_state, primary.binlog_state)
+            return errant(s, primary)
         except gtid.GtidError as e:
             self._report(s.name, Reason.UNREADABLE, str(e))
             return None
-        return gtid.format(g for g in extra if g.server_id != primary.server_id)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -419,6 +436,10 @@ class _Round:
             )
             return
         self.st.repaired[key] = self.now
+        if kind is Quarantine:
+            self.st.quarantined_here.add(server)
+        elif kind is Release:
+            self.st.quarantined_here.discard(server)
         self.out.append(kind(self.view.shard, server, reason, detail, **extra))
 
     def _report(self, server: str, reason: Reason, detail: str) -> None:

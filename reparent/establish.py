@@ -17,9 +17,14 @@ The rules it stands on (verified against MariaDB 10.11; gtid.py for the arithmet
 - With `durability = semi_sync` every acknowledged write reached at least one replica's relay
   log, so the replica that received the most (Gtid_IO_Pos) holds all of them once its relay
   log is applied; but only if every replica is compared: one that cannot be reached may hold
-  the only copy, and an emergency reparent then refuses rather than lose it. The new primary
+  the only copy, and an emergency reparent then refuses rather than lose it (unless the
+  operator named that replica with `ctl ers --allow-unreachable`). The new primary
   gets master-side semi-sync before it is writable, every follower slave-side before its IO
   thread starts (durability.py).
+- A server that did not answer the emergency's revocation (`ctx.silent`: a hung old primary,
+  a hung replica) is not asked again by any later step: each would cost a timeout while
+  clients are held. It is left to the failure detector, which rejoins or quarantines it once
+  it answers again.
 - MASTER_GTID_WAIT waits on gtid_slave_pos only (measured: on a server that is no replica, a
   GTID in its own binlog is never "reached"), so every wait targets a position that arrives
   through the SQL thread.
@@ -73,7 +78,9 @@ class GtidEstablishment:
         requested = ctx.candidate.name if ctx.candidate is not None else None
         if requested is not None and requested not in {s.name for s in replicas}:
             raise MechanismError(FailureKind.INVALID, f"{requested} is not a replica in the shard")
-        states = self.pool.each(replicas, ctx.admin, AdminConnection.replication)
+        asked = [s for s in replicas if s.name not in ctx.silent]
+        states = self.pool.each(asked, ctx.admin, AdminConnection.replication)
+        states |= {s.name: _silent(s.name) for s in replicas if s.name in ctx.silent}
         reachable = {n: s for n, s in states.items() if isinstance(s, Replication)}
         primary = self._probe(ctx)
         if primary is None:
@@ -83,7 +90,7 @@ class GtidEstablishment:
         else:
             refusals = {n: _unfit_planned(s, primary) for n, s in reachable.items()}
         refusals.update((n, s) for n, s in states.items() if isinstance(s, MechanismError))
-        fit = [n for n in states if refusals[n] is None]  # in the config's order
+        fit = [s.name for s in replicas if refusals[s.name] is None]  # in the config's order
         if requested is not None:
             refusal = refusals[requested]
             if refusal is not None:
@@ -101,6 +108,8 @@ class GtidEstablishment:
         return self._within_lag(ctx, name, primary.binlog_pos, reachable[name].slave_pos)
 
     def _probe(self, ctx: ReparentContext) -> Replication | None:
+        if ctx.old_primary.name in ctx.silent:
+            return None
         try:
             conn = self.pool.get(ctx.old_primary, ctx.admin, PROBE_TIMEOUT)
             with conn.timeout(PROBE_TIMEOUT):
@@ -221,8 +230,11 @@ class GtidEstablishment:
             with conn.timeout(self.repoint_timeout):
                 self._follow(ctx, conn, source, reference, conn.server.name == was_primary)
 
-        others = [s for s in ctx.servers if s.name != source.name]
-        results = self.pool.each(others, ctx.admin, follow, self.repoint_timeout)
+        others = [s for s in ctx.servers if s.name != source.name and s.name not in ctx.silent]
+        results: dict[str, MechanismError | None] = dict(
+            self.pool.each(others, ctx.admin, follow, self.repoint_timeout)
+        )
+        results |= {n: _silent(n) for n in sorted(ctx.silent) if n != source.name}
         for result in results.values():
             if result is not None:
                 log.warning("not repointed to %s: %s", source.name, result)
@@ -299,13 +311,28 @@ def _unfit_emergency(state: Replication, received: dict[str, str]) -> MechanismE
 
 def _all_compared(ctx: ReparentContext, missing: list[str]) -> None:
     """With semi_sync, an emergency must compare every replica: an acknowledged write may sit
-    in the relay log of only one, and promoting without it would lose that write."""
-    if ctx.durability is Durability.SEMI_SYNC and missing:
+    in the relay log of only one, and promoting without it would lose that write. Replicas
+    the operator allowed (`--allow-unreachable`) are let go, with a warning in the log."""
+    if ctx.durability is not Durability.SEMI_SYNC or not missing:
+        return
+    allowed = sorted(n for n in missing if n in ctx.allow_unreachable)
+    if allowed:
+        log.warning(
+            "durability semi_sync: %s not reached and allowed unreachable by the operator: an"
+            " acknowledged write only they received is lost",
+            ", ".join(allowed),
+        )
+    refused = sorted(n for n in missing if n not in ctx.allow_unreachable)
+    if refused:
         raise MechanismError(
             FailureKind.UNREACHABLE,
-            f"durability semi_sync: {', '.join(sorted(missing))} not reached; it may hold the"
-            " only copy of an acknowledged write",
+            f"durability semi_sync: {', '.join(refused)} not reached; it may hold the only copy"
+            " of an acknowledged write (ctl ers --allow-unreachable to go ahead without it)",
         )
+
+
+def _silent(name: str) -> MechanismError:
+    return MechanismError(FailureKind.UNREACHABLE, f"{name}: did not answer the revocation")
 
 
 def _not_applying(state: Replication) -> MechanismError | None:

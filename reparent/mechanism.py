@@ -51,6 +51,15 @@ class ReparentContext:
     wait_drained: Callable[[float], bool] = field(default=lambda grace: True)
     grace: float = 5.0
     durability: Durability = Durability.ASYNC
+    # Servers that did not answer this reparent's revocation (a hung or dead old primary):
+    # later steps do not wait for them again, they count as unreachable at once.
+    silent: frozenset[str] = frozenset()
+    # Replicas an emergency under semi_sync may leave uncompared: the operator accepted that
+    # an acknowledged write only they received would be lost (`ctl ers --allow-unreachable`).
+    allow_unreachable: frozenset[str] = frozenset()
+    # Whether an emergency waits a moment for its old primary's fence (revoke.py); not when
+    # the failure detector decided it, after three rounds the old primary did not answer.
+    wait_old_primary: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class RevocationProof:
     replica_positions: dict[str, str] = field(default_factory=dict)
     killed_connections: int = 0
     drained: bool = True  # False when the grace period ended with work still in flight
+    silent: tuple[str, ...] = ()  # servers that did not answer the revocation (emergency only)
 
 
 @dataclass(frozen=True)

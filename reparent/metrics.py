@@ -42,9 +42,28 @@ LAST_DETECTION = Gauge(
     ["shard"],
     registry=None,
 )
-DETECTION_SECONDS = Gauge(
+# Seconds, for both detector histograms: a detection at the defaults takes 1-1.5 s.
+_DETECTOR_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0)
+DETECTION_SECONDS = Histogram(
     "baton_detector_detection_seconds",
-    "For the last dead primary: seconds from its first failed probe to the decision to reparent",
+    "Dead or hung primaries: seconds from the first sign of the fault (the first failed probe,"
+    " or the first heartbeat a replica missed) to the decision to reparent",
+    ["shard"],
+    registry=None,
+    buckets=_DETECTOR_BUCKETS,
+)
+RECOVERY_SECONDS = Histogram(
+    "baton_detector_recovery_seconds",
+    "Seconds from the detector's decision to reparent to the new primary published (held"
+    " writes flow to it from then on)",
+    ["shard"],
+    registry=None,
+    buckets=_DETECTOR_BUCKETS,
+)
+MISMATCHES = Gauge(
+    "baton_topology_mismatches",
+    "How many ways a shard's servers contradict its config and store (0: they agree); while"
+    " above 0 nothing is done about the shard automatically (baton ctl check shows them)",
     ["shard"],
     registry=None,
 )
@@ -56,6 +75,8 @@ COLLECTORS = (
     DETECTOR_ACTIONS,
     LAST_DETECTION,
     DETECTION_SECONDS,
+    RECOVERY_SECONDS,
+    MISMATCHES,
 )
 
 

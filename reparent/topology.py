@@ -192,6 +192,9 @@ class ReparentRecord:
     # Each proxy's buffer counts, {"held", "flushed", "evicted"} by proxy id; held, flushed
     # and evicted above are their sums.
     buffers: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Replicas an emergency under semi_sync was allowed to leave uncompared (`--allow-
+    # unreachable`): the report names them, with the risk the operator took.
+    allow_unreachable: tuple[str, ...] = ()
 
     def with_buffers(self, buffers: Mapping[str, Mapping[str, int]]) -> ReparentRecord:
         """This report with `buffers` as the proxies' counts, and their sums."""
@@ -227,6 +230,7 @@ class ReparentRecord:
             "finished_at": self.finished_at,
             "not_drained": list(self.not_drained),
             "buffers": {p: dict(c) for p, c in self.buffers.items()},
+            "allow_unreachable": list(self.allow_unreachable),
         }
 
     @classmethod
@@ -271,6 +275,10 @@ class ReparentRecord:
             finished_at=None if finished_at is None else float(finished_at),
             not_drained=not_drained,
             buffers=buffers,
+            # Absent from records written before the field existed.
+            allow_unreachable=tuple(json_str_list(d, "allow_unreachable"))
+            if "allow_unreachable" in d
+            else (),
         )
 
 

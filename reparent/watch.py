@@ -1,9 +1,15 @@
 """The failure detector's shell: probe every server each interval, act on the detector's word.
 
-Probes run in a worker thread over the watch's own admin connections (not the controller's:
-an `AdminConnection` serves one thread at a time), all servers of a shard at once, each bounded
-by `detector.probe_timeout` for the connect, the greeting and every answer, so a server that is
-stopped (SIGSTOP) or unroutable costs one timeout, not a stalled loop.
+Probes run in worker threads of the watch's own over its own admin connections (not the
+controller's: an `AdminConnection` serves one thread at a time), all servers of a shard at
+once, each bounded by `detector.probe_timeout` for the connect, the greeting and every answer
+(reparent/probe.py). A round waits for the servers that answered last time, up to that
+timeout; a server that did not answer last time gets a fresh probe and `QUICK` seconds, and a
+probe still unanswered then counts as a failed one for the round, and goes on alone. So a
+stopped (SIGSTOP) primary costs the detector one timeout, the first time, and then rounds come
+every interval as for a dead one: a hung primary is found as fast as a dead one. A probe that
+answers after its round stopped waiting counts for the next round: a server that answers within
+the timeout at least every other time (loaded, not hung) fails two rounds in a row at most.
 
 A round is thrown away if the shard's topology, journal or history moved while it was probed:
 a reparent's transient states (a candidate writable before the store names it) must never be
@@ -19,13 +25,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
-from reparent import metrics
+from reparent import metrics, probe
 from reparent.admin import AdminConnection, AdminPool
 from reparent.config import Config, ServerConfig, ShardConfig
-from reparent.controller import Controller, ReparentRefused
+from reparent.controller import Controller, Initiator, ReparentRefused
 from reparent.detector import (
     Action,
     Detector,
@@ -41,9 +47,9 @@ from reparent.detector import (
     ShardView,
 )
 from reparent.establish import GtidEstablishment
-from reparent.mechanism import FailureKind, MechanismError, ReparentContext
+from reparent.mechanism import MechanismError, ReparentContext
 from reparent.store import LEADER, Lease, TopologyStore
-from reparent.topology import ReparentKind, ReparentRecord, TopologyError
+from reparent.topology import Outcome, ReparentKind, ReparentRecord, TopologyError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,10 @@ log = logging.getLogger(__name__)
 # a fleet is without failure detection after its leader dies, before another Baton leads.
 LEADER_TTL = 3.0
 REPAIR_LOCK_TTL = 30.0  # seconds; a repair takes milliseconds, a hung one gives the lock back
+# Seconds a round waits for a server whose last probe went unanswered: enough for one that
+# came back (a refused connect or an answer takes a millisecond on a LAN), and no more, so a
+# hung server is not waited for round after round.
+QUICK = 0.05
 
 Generation = tuple[int, str | None, str | None]
 
@@ -76,17 +86,18 @@ class Watch:
         self.reported = reported
         self.detector = Detector(self.settings)
         self.establishment = GtidEstablishment(pool=self.pool)
+        self.prober = probe.Prober(config, self.pool, self.settings.probe_timeout)
         self.owner = f"{controller.owner}-detector"
-        # A replica names its source by the source's replication address (a shim's, say).
-        self._by_address = {
-            address: s.name
-            for shard in config.shards
-            for s in shard.servers
-            for address in ((s.host, s.port), (s.replication_host, s.replication_port))
-        }
         self._task: asyncio.Task[None] | None = None
         self._leader: Lease | None = None
         self._actions: set[asyncio.Task[None]] = set()
+        # One thread per probe in flight: a hung server's probe must not queue the others'.
+        servers = sum(len(s.servers) for s in config.shards)
+        self._threads = ThreadPoolExecutor(2 * servers + 4, thread_name_prefix="baton-probe")
+        self._in_flight: dict[tuple[str, int], asyncio.Future[ServerView]] = {}
+        self._answered: dict[tuple[str, int], bool] = {}  # did its last probe answer in time?
+        # Answers that came after their round stopped waiting: evidence for the next round.
+        self._late: dict[tuple[str, int], ServerView] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run())
@@ -103,6 +114,7 @@ class Watch:
         for task in (self._task, *self._actions):
             if task is not None:
                 task.cancel()
+        self._threads.shutdown(wait=False, cancel_futures=True)
         if self._leader is not None:
             # Hand the lead over now rather than after the lease's TTL.
             with contextlib.suppress(TopologyError):
@@ -146,11 +158,12 @@ class Watch:
 
     async def round(self, shard: ShardConfig) -> list[Action]:
         """Probe one shard, decide, and start carrying out the actions; returns them."""
-        observed = await asyncio.to_thread(self.observe, shard)
+        observed = await self.observe(shard)
         if observed is None:
             return []
-        view, generation = observed
-        actions = self.detector.observe(view, self.clock())
+        view, generation, started = observed
+        actions = self.detector.observe(view, started)
+        self._publish_mismatches(shard.name)
         for action in actions:
             metrics.DETECTIONS.labels(view.shard, str(action.reason)).inc()
             if isinstance(action, Report):
@@ -164,35 +177,69 @@ class Watch:
             task.add_done_callback(self._actions.discard)
         return actions
 
+    def _publish_mismatches(self, shard: str) -> None:
+        """The last judged round's mismatches, for `ctl status`, the metric and the log."""
+        now = self.detector.mismatches(shard)
+        if not now and self.controller.mismatches(shard):
+            log.warning("detector: shard %s: the servers agree with config and store again", shard)
+        self.controller.observed(shard, now)
+
     # -- probing -------------------------------------------------------------------------------
 
-    def observe(self, shard: ShardConfig) -> tuple[ShardView, Generation] | None:
-        """One round of probes of `shard`, in a worker thread; None if the topology moved."""
-        before = self._generation(shard.name)
-        topo = self.store.read(shard.name).value
-        results = self.pool.each(
-            shard.servers, self.config.admin, self._probe, self.settings.probe_timeout
-        )
-        generation = self._generation(shard.name)
+    async def observe(self, shard: ShardConfig) -> tuple[ShardView, Generation, float] | None:
+        """One round of probes of `shard`: its view, the generation it was taken at, and when
+        its probes were sent; None if the topology moved meanwhile."""
+        before = await asyncio.to_thread(self._generation, shard.name)
+        topo = await asyncio.to_thread(lambda: self.store.read(shard.name).value)
+        started = self.clock()
+        servers = await self._probe_all(list(shard.servers))
+        for v in servers:
+            if not v.reachable:
+                metrics.PROBE_FAILURES.labels(v.name).inc()
+        outsiders = await self._probe_all(self.prober.outsiders(servers))
+        generation = await asyncio.to_thread(self._generation, shard.name)
         if generation != before:
             return None
-        servers = []
-        for s in shard.servers:
-            result = results[s.name]
-            if isinstance(result, ServerView):
-                servers.append(result)
+        in_flight = generation[1] is not None
+        return probe.view(shard, topo, servers, outsiders, in_flight), generation, started
+
+    async def _probe_all(self, servers: list[ServerConfig]) -> list[ServerView]:
+        """Probe `servers` at once (see the module's notes on how long a round waits)."""
+        futures = {}
+        for s in servers:
+            key = (s.host, s.port)
+            future = self._in_flight.get(key)
+            if future is None or future.done():
+                future = asyncio.wrap_future(self._threads.submit(self.prober.probe, s))
+                future.add_done_callback(partial(self._landed, key))
+                self._in_flight[key] = future
+            futures[key] = future
+        answering = [f for k, f in futures.items() if self._answered.get(k, True)]
+        silent = [f for k, f in futures.items() if not self._answered.get(k, True)]
+        if answering:
+            # A probe bounds itself; this only guards against a probe that never returns.
+            await asyncio.wait(answering, timeout=3 * self.settings.probe_timeout)
+        if silent:
+            await asyncio.wait(silent, timeout=QUICK)
+        views = []
+        for s in servers:
+            key = (s.host, s.port)
+            future = futures[key]
+            late = self._late.pop(key, None)
+            if future.done():
+                v = future.result()
+            elif late is not None:
+                v = late  # it answered since the last round, after that round stopped waiting
             else:
-                metrics.PROBE_FAILURES.labels(s.name).inc()
-                servers.append(ServerView(s.name, reachable=False, error=str(result)))
-        view = ShardView(
-            shard=shard.name,
-            primary=topo.primary,
-            term=topo.term,
-            servers=tuple(servers),
-            quarantined=topo.quarantined,
-            reparent_in_flight=generation[1] is not None,
-        )
-        return view, generation
+                v = ServerView(s.name, reachable=False, error="no answer yet (probe in flight)")
+            self._answered[key] = v.reachable
+            views.append(v)
+        return views
+
+    def _landed(self, key: tuple[str, int], future: asyncio.Future[ServerView]) -> None:
+        """Every probe that answers; the round that collects it takes it back out."""
+        if not future.cancelled() and future.exception() is None and future.result().reachable:
+            self._late[key] = future.result()
 
     def _generation(self, shard: str) -> Generation:
         """What changes whenever a reparent starts, ends or moves the shard."""
@@ -204,52 +251,18 @@ class Watch:
             last[0].id if last else None,
         )
 
-    def _probe(self, conn: AdminConnection) -> ServerView:
-        with conn.timeout(self.settings.probe_timeout):
-            (row,) = conn.query(
-                "SELECT @@global.read_only AS ro, @@global.server_id AS id,"
-                " @@global.gtid_binlog_pos AS pos, @@global.gtid_binlog_state AS state"
-            )
-            # SHOW ALL SLAVES STATUS: SHOW SLAVE STATUS without the heartbeat columns.
-            status = next(
-                (r for r in conn.query("SHOW ALL SLAVES STATUS") if not r["Connection_name"]),
-                None,
-            )
-        source: str | None = None
-        extra: dict[str, Any] = {}
-        if status is not None:
-            address = (status["Master_Host"], int(status["Master_Port"]))
-            source = self._by_address.get(address, f"{address[0]}:{address[1]}")
-            extra = {
-                "io_running": status["Slave_IO_Running"],
-                "sql_running": status["Slave_SQL_Running"],
-                "io_errno": int(status["Last_IO_Errno"] or 0),
-                "sql_errno": int(status["Last_SQL_Errno"] or 0),
-                "received": "{}:{}:{}:{}".format(
-                    status["Slave_received_heartbeats"],
-                    status["Master_Log_File"],
-                    status["Read_Master_Log_Pos"],
-                    status["Gtid_IO_Pos"],
-                ),
-                "heartbeat_period": float(status["Slave_heartbeat_period"] or 0),
-            }
-        return ServerView(
-            conn.server.name,
-            reachable=True,
-            read_only=bool(row["ro"]),
-            server_id=int(row["id"]),
-            binlog_pos=row["pos"] or "",
-            binlog_state=row["state"] or "",
-            source=source,
-            **extra,
-        )
-
     # -- acting --------------------------------------------------------------------------------
 
     async def _carry_out(
         self, shard: ShardConfig, actions: list[Action], generation: Generation
     ) -> None:
         try:
+            if not any(isinstance(a, RunERS) for a in actions):
+                # A repair talks to servers over the watch's connections; a probe left in
+                # flight by the last round may still hold one (an ERS uses the controller's).
+                pending = [f for f in self._in_flight.values() if not f.done()]
+                if pending:
+                    await asyncio.wait(pending)
             for action in actions:
                 t0 = time.perf_counter()
                 outcome = await self._act(shard, action, generation)
@@ -272,13 +285,18 @@ class Watch:
 
     async def _act(self, shard: ShardConfig, action: Action, generation: Generation) -> str:
         if isinstance(action, RunERS):
+            decided = self.clock()
             metrics.LAST_DETECTION.labels(shard.name).set(time.time())
-            metrics.DETECTION_SECONDS.labels(shard.name).set(action.unreachable_for)
+            metrics.DETECTION_SECONDS.labels(shard.name).observe(decided - action.first_sign)
             try:
-                report = await self.controller.reparent(ReparentKind.ERS, shard.name, None)
+                report = await self.controller.reparent(
+                    ReparentKind.ERS, shard.name, None, initiator=Initiator.DETECTOR
+                )
             except ReparentRefused as e:
                 log.warning("detector: emergency reparent of %s refused: %s", shard.name, e)
                 return "refused"
+            if report.outcome is Outcome.SUCCEEDED:
+                metrics.RECOVERY_SECONDS.labels(shard.name).observe(self.clock() - decided)
             if self.reported is not None:
                 task = asyncio.get_running_loop().create_task(self.reported(report))
                 self._actions.add(task)
@@ -312,7 +330,7 @@ class Watch:
             servers = {s.name: s for s in shard.servers}
             server = servers[action.server]
             if isinstance(action, Quarantine | Release):
-                self._set_quarantine(
+                self.controller.set_quarantined(
                     shard.name, action.server, isinstance(action, Quarantine), lease
                 )
                 if isinstance(action, Quarantine):
@@ -341,17 +359,6 @@ class Watch:
 
     def _conn(self, server: ServerConfig) -> AdminConnection:
         return self.pool.get(server, self.config.admin, self.settings.probe_timeout)
-
-    def _set_quarantine(self, shard: str, server: str, on: bool, lease: Lease) -> None:
-        current = self.store.read(shard)
-        topo = current.value
-        quarantined = topo.quarantined | {server} if on else topo.quarantined - {server}
-        if not self.store.compare_and_set(
-            shard, current.version, replace(topo, quarantined=quarantined), lease=lease
-        ):
-            raise MechanismError(
-                FailureKind.INVALID, f"shard {shard} changed while (un)quarantining {server}"
-            )
 
     def _context(
         self, shard: str, live: tuple[ServerConfig, ...], server: ServerConfig

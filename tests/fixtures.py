@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -19,6 +20,23 @@ from harness.clients import admin_conn
 from harness.process import free_port
 from reparent.etcdsandbox import EtcdCluster, EtcdSandboxError, pick_ports
 from reparent.sandbox import Sandbox
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something true (returned) or `timeout` passes (an
+    AssertionError naming `what` and the last value). A MySQL error counts as not yet."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except pymysql.err.MySQLError as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def metric(text: str, name: str, absent: float | None = None, **labels: str) -> float:
@@ -65,18 +83,20 @@ class WritablePoller(Background):
     certain: a server read writable twice in a row (so writable all along, unless it flipped
     twice in between) while another was read writable between those two reads. Passes go
     forward and then backward, so every pair of servers has reads of each other in between.
+    A server that does not answer within `timeout` (down, killed, stopped) is not writable.
     """
 
-    def __init__(self, ports: dict[str, int]) -> None:
+    def __init__(self, ports: dict[str, int], timeout: float = 1.0) -> None:
         super().__init__()
         self.ports = ports
+        self.timeout = timeout
         self.overlaps: list[list[str]] = []
         self.rounds = 0
         self._conns: dict[str, pymysql.Connection | None] = dict.fromkeys(ports)
 
     def _writable(self, name: str) -> bool:
         try:
-            conn = self._conns[name] or admin_conn(self.ports[name])
+            conn = self._conns[name] or admin_conn(self.ports[name], self.timeout)
             self._conns[name] = conn
             with conn.cursor() as cur:
                 cur.execute("SELECT @@read_only")
@@ -175,12 +195,14 @@ def server_ports(box: Sandbox) -> dict[str, int]:
     return {s["name"]: s["port"] for s in box.status()["servers"]}
 
 
-def private_sandbox(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Sandbox]:
+def private_sandbox(
+    tmp_path_factory: pytest.TempPathFactory, name: str, replicas: int = 2
+) -> Iterator[Sandbox]:
     """A sandbox of a test module's own, for tests that move the primary: the shared one
     must stay as it is."""
     from tests.conftest import sandbox_base_port
 
-    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=2)
+    sb = Sandbox(tmp_path_factory.mktemp(name), base_port=sandbox_base_port(), replicas=replicas)
     sb.up()
     try:
         yield sb

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from proxy.router import Router
-from reparent.config import ConfigError, DetectorConfig, load
+from reparent import survey
+from reparent.config import ConfigError, DetectorConfig, ServerConfig, load
+from reparent.controller import Controller
 from reparent.detector import (
     CONFIRM,
     Detector,
@@ -25,8 +28,11 @@ from reparent.detector import (
     SetReadOnly,
     ShardView,
 )
+from reparent.establish import GtidEstablishment
 from reparent.filestore import FileStore
+from reparent.survey import MismatchKind
 from reparent.topology import Established, ShardTopology
+from reparent.watch import Watch
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "example.toml"
 SETTINGS = DetectorConfig(interval=0.5, failures=3, cooldown=30.0)
@@ -89,7 +95,7 @@ def test_dead_primary_runs_ers_after_failures_rounds() -> None:
     (action,) = d.observe(dead, 1.0)
     assert isinstance(action, RunERS)
     assert (action.shard, action.server, action.reason) == ("main", "db1", Reason.PRIMARY_DEAD)
-    assert action.unreachable_for == 1.0
+    assert action.first_sign == 0.0  # the round of the first failed probe
     assert "db2 IO Connecting" in action.detail and "run_ers main/db1" in str(action)
     assert d.busy("main")
 
@@ -120,12 +126,23 @@ def test_blip_seen_only_by_baton_is_reported_once_not_reparented() -> None:
 def test_hung_primary_whose_replicas_hear_nothing_is_dead() -> None:
     """SIGSTOP: the replicas' IO threads still say Yes, but no heartbeat comes any more."""
     d = Detector(SETTINGS)
+    beat = {"received": "6:bin.1:100:0-1-10", "heartbeat_period": 1.0}
+    assert rounds(d, view(replica("db2", **beat), replica("db3", **beat)), 2, start=-1.0) == []
     silent = {"received": "7:bin.1:100:0-1-10", "heartbeat_period": 1.0}
     hung = view(DOWN, replica("db2", **silent), replica("db3", **silent))
     out = rounds(d, hung, 5)  # 0.0 .. 2.0 s: silent for less than two periods and a round
     assert [a.reason for a in out] == [Reason.PRIMARY_UNREACHABLE]
     (action,) = d.observe(hung, 3.0)
     assert isinstance(action, RunERS) and "IO Yes but silent" in action.detail
+
+
+def test_replicas_never_seen_receiving_are_no_witness_of_silence() -> None:
+    """Just pointed at a new primary, a replica may hear nothing for a while (the primary
+    seeks its GTID position): its silence says nothing about the primary."""
+    d = Detector(SETTINGS)
+    quiet = {"received": "0:bin.1:4:0-1-10", "heartbeat_period": 0.25}
+    out = rounds(d, view(DOWN, replica("db2", **quiet), replica("db3", **quiet)), 10)
+    assert work(out) == [] and [a.reason for a in out] == [Reason.PRIMARY_UNREACHABLE]
 
 
 def test_replicas_still_hearing_heartbeats_make_it_a_blip() -> None:
@@ -278,6 +295,11 @@ def test_gtids_of_the_primary_itself_are_not_errant() -> None:
 
 def test_quarantined_server_is_fenced_and_released_when_healed() -> None:
     d = Detector(SETTINGS)
+    # Quarantined by the detector itself (errant), as the store then says.
+    errant = view(replica("db3", binlog_state="0-1-10,0-3-1"))
+    (action,) = rounds(d, errant, CONFIRM)
+    assert isinstance(action, Quarantine)
+    d.finished("main", 0.5)
     q = frozenset({"db3"})
     writable = view(replica("db3", read_only=False, source=None), quarantined=q)
     (action,) = rounds(d, writable, CONFIRM)
@@ -405,3 +427,216 @@ async def test_router_routes_only_to_the_primary_of_the_newest_term() -> None:
         late.close()
     finally:
         router.close()
+
+
+# -- the picture: the servers against the config and the store ---------------------------------
+
+
+def test_replicas_streaming_from_outside_the_config_are_a_mismatch_not_a_dead_primary() -> None:
+    """The typo of issue 15: the primary's port is wrong in the config, so Baton cannot reach
+    "db1", while the replicas stream from the real one at an address the config lacks."""
+    d = Detector(SETTINGS)
+    away = {"source": "127.0.0.1:28501", "received": "1:bin.1:100:0-1-10", "heartbeat_period": 1.0}
+    v = view(DOWN, replica("db2", **away), replica("db3", **away))
+    out = rounds(d, v, 20)
+    assert work(out) == [] and not d.busy("main")
+    assert sorted((a.server, a.reason) for a in out) == [
+        ("db2", Reason.FOREIGN_SOURCE),
+        ("db3", Reason.FOREIGN_SOURCE),
+    ]
+    assert "127.0.0.1:28501" in out[0].detail and "no server of shard main" in out[0].detail
+    assert [m.kind for m in d.mismatches("main")] == [MismatchKind.FOREIGN_SOURCE] * 2
+
+
+def test_a_replica_repointed_outside_the_config_is_reported_not_rejoined() -> None:
+    d = Detector(SETTINGS)
+    v = view(replica("db3", source="127.0.0.1:28504"))
+    out = rounds(d, v, 10)
+    assert [(a.server, a.reason) for a in out] == [("db3", Reason.FOREIGN_SOURCE)]
+    assert work(out) == []
+    # Pointed back by hand: the picture is right again, and nothing was ever repaired.
+    assert rounds(d, view(), 5, start=10) == [] and d.mismatches("main") == ()
+
+
+def test_no_repair_and_no_reparent_while_the_picture_is_wrong() -> None:
+    """Someone switched by hand: db2 leads, db1 and db3 replicate from it, the store still
+    says db1. Making db1 writable (a read_only primary) would make two primaries."""
+    d = Detector(SETTINGS)
+    v = view(
+        primary(read_only=True, source="db2", io_running="Yes", sql_running="Yes"),
+        replica("db2", source=None, read_only=False, io_running="", sql_running=""),
+        replica("db3", source="db2"),
+    )
+    out = rounds(d, v, 10)
+    assert work(out) == []
+    assert {(a.server, a.reason) for a in out} == {
+        ("db2", Reason.SECOND_PRIMARY),
+        ("db1", Reason.PRIMARY_REPLICATES),
+    }
+    assert survey.adoptable(v) == "db2"
+
+
+def test_never_promote_while_another_server_takes_writes() -> None:
+    d = Detector(SETTINGS)
+    dead = view(DOWN, replica("db2", **CONNECTING), replica("db3", read_only=False, source=None))
+    out = rounds(d, dead, 10)
+    assert work(out) == []
+    assert [(a.server, a.reason) for a in out] == [("db3", Reason.SECOND_PRIMARY)]
+    assert "does not answer" in out[0].detail
+
+
+def test_a_primary_behind_all_its_replicas_is_a_mismatch_not_a_quarantine_of_all() -> None:
+    d = Detector(SETTINGS)
+    ahead = {"binlog_state": "0-1-10,0-7-3"}
+    out = rounds(d, view(replica("db2", **ahead), replica("db3", **ahead)), 5)
+    assert work(out) == []
+    assert [(a.server, a.reason) for a in out] == [("db1", Reason.PRIMARY_BEHIND)]
+    # One replica agreeing with the primary makes the other the odd one: quarantined.
+    d = Detector(SETTINGS)
+    (action,) = rounds(d, view(replica("db3", **ahead)), CONFIRM)
+    assert isinstance(action, Quarantine) and action.server == "db3"
+
+
+def test_hung_primary_is_found_as_fast_as_a_dead_one() -> None:
+    """With heartbeats every 0.25 s the replicas of a stopped primary are silent by the third
+    failed round, the one a dead primary is decided in."""
+    for witness in ({"io_running": "Connecting", "io_errno": 2013}, {}):
+        d = Detector(SETTINGS)
+        beat = {"heartbeat_period": 0.25}
+        healthy = [
+            view(replica("db2", received=str(i), **beat), replica("db3", received=str(i), **beat))
+            for i in range(4)
+        ]
+        for i, v in enumerate(healthy):
+            assert d.observe(v, i * 0.5) == []
+        # The fault at 1.6 s: the round at 2.0 s is the first to fail; the replicas heard a
+        # heartbeat between 1.5 and 1.6 s.
+        stuck = view(
+            DOWN,
+            replica("db2", received="4", **beat, **witness),
+            replica("db3", received="4", **beat, **witness),
+        )
+        assert d.observe(stuck, 2.0) == [] and d.observe(stuck, 2.5) == []
+        (action,) = d.observe(stuck, 3.0)
+        assert isinstance(action, RunERS), witness
+        assert action.first_sign == 2.0
+
+
+def test_a_pause_shorter_than_the_detection_is_not_a_failover() -> None:
+    d = Detector(SETTINGS)
+    beat = {"heartbeat_period": 0.25}
+    out = []
+    for i in range(40):
+        t = i * 0.5
+        paused = 5.0 <= t < 6.0  # two rounds in a row without an answer or a heartbeat
+        v = view(
+            DOWN if paused else primary(),
+            replica("db2", received=str(min(i, 10) if paused else i), **beat),
+            replica("db3", received=str(min(i, 10) if paused else i), **beat),
+        )
+        out += d.observe(v, t)
+    assert work(out) == []
+
+
+def test_adopt_only_what_the_servers_agree_on() -> None:
+    switched = {"source": "db2"}
+    head = {"source": None, "read_only": False, "io_running": "", "sql_running": ""}
+    agreed = view(
+        primary(read_only=True, **switched), replica("db2", **head), replica("db3", **switched)
+    )
+    assert survey.adoptable(agreed) == "db2"
+    refusals = {
+        "exactly one writable": view(primary(), replica("db2", **head), replica("db3", **switched)),
+        "do not replicate from db2": view(
+            primary(read_only=True, source=None), replica("db2", **head), replica("db3")
+        ),
+        "no server of shard": view(
+            primary(read_only=True, **switched),
+            replica("db2", **head),
+            replica("db3", source="10.0.0.9:3306"),
+        ),
+        "the store's primary already": view(),
+        "no server streams": view(
+            primary(read_only=True, source="db2", io_running="No"),
+            replica("db2", **head),
+            replica("db3", source="db2", io_running="No"),
+        ),
+    }
+    for reason, v in refusals.items():
+        with pytest.raises(survey.AdoptRefused, match=reason):
+            survey.adoptable(v)
+    assert survey.compare(view()) == ()
+
+
+def test_a_quarantine_set_by_hand_is_never_lifted_by_the_detector() -> None:
+    d = Detector(SETTINGS)
+    healthy = view(replica("db3"), quarantined=frozenset({"db3"}))
+    assert rounds(d, healthy, 10) == []
+
+
+# -- the watch's rounds: how long it waits for whom ------------------------------------------
+
+
+class PacedProber:
+    """Answers each server after the delay its list gives, one entry per probe (the last one
+    repeats); a delay past `timeout` is a probe that times out unanswered."""
+
+    def __init__(self, delays: dict[str, list[float]], timeout: float) -> None:
+        self.delays = delays
+        self.timeout = timeout
+
+    def probe(self, server: ServerConfig) -> ServerView:
+        todo = self.delays[server.name]
+        delay = todo.pop(0) if len(todo) > 1 else todo[0]
+        time.sleep(min(delay, self.timeout))
+        if delay >= self.timeout:
+            return ServerView(server.name, False, error="timed out")
+        return replica(server.name)
+
+    def outsiders(self, views: object) -> list[ServerConfig]:
+        return []
+
+
+async def probe_rounds(
+    delays: dict[str, list[float]], rounds_: int, probe_timeout: float = 0.4
+) -> tuple[list[list[bool]], list[float]]:
+    """Which servers answered, round by round, with rounds 0.5 s apart, and how long each
+    round waited for its probes."""
+    cfg = load(EXAMPLE)
+    cfg = replace(cfg, detector=replace(cfg.detector, probe_timeout=probe_timeout))
+    store = FileStore.open(None, cfg)
+    watch = Watch(cfg, store, Controller(cfg, store, {}, GtidEstablishment()))
+    watch.prober = PacedProber(delays, probe_timeout)  # type: ignore[assignment]
+    servers = list(cfg.shards[0].servers)
+    answered, waited = [], []
+    try:
+        for _ in range(rounds_):
+            started = time.monotonic()
+            views = await watch._probe_all(servers)
+            waited.append(time.monotonic() - started)
+            answered.append([v.reachable for v in views])
+            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+    finally:
+        watch.close()
+    return answered, waited
+
+
+async def test_a_hung_server_is_not_waited_for_twice() -> None:
+    """With a 1 s probe timeout: the first round waits it out, the next ones only QUICK
+    (0.05 s) for the server that did not answer, and count it as failed."""
+    answered, waited = await probe_rounds({"db1": [9.0], "db2": [0.0], "db3": [0.0]}, 4, 1.0)
+    assert [r[0] for r in answered] == [False] * 4 and all(r[1] and r[2] for r in answered)
+    assert waited[0] >= 0.9, waited
+    assert max(waited[1:]) < 0.5, waited  # they would take 1 s each if it were waited for
+
+
+async def test_a_slow_server_never_fails_three_rounds_in_a_row() -> None:
+    """A server whose every other probe answers within the timeout, slowly (loaded, not hung),
+    fails two rounds in a row at most: after a failed round it gets only a short wait, but its
+    slow answer then counts for the round after. Three make a primary dead."""
+    delays = {"db1": [9.0, 0.2] * 4, "db2": [0.0], "db3": [0.0]}
+    answered, _ = await probe_rounds(delays, 8)
+    firsts = [r[0] for r in answered]
+    assert firsts.count(False) >= 4  # the timeouts, and the answers that came too late
+    streaks = "".join("F" if not a else "T" for a in firsts)
+    assert "FFF" not in streaks, streaks

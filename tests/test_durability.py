@@ -10,6 +10,8 @@ primary are acknowledged writes lost.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import tomllib
@@ -271,3 +273,30 @@ def test_ers_refuses_under_semi_sync_while_a_replica_is_unreachable() -> None:
     assert caught.value.kind is FailureKind.UNREACHABLE and "db3" in str(caught.value)
     async_ctx = ReparentContext("main", servers, servers[0], None, ADMIN, ADMIN, 1.0)
     assert establishment.choose(async_ctx).name == "db2"
+
+
+def test_ers_allowed_to_leave_an_unreachable_replica_names_the_risk(tmp_path: Path) -> None:
+    """A replica dead before the primary blocks every ERS under semi_sync, since it may hold
+    the only copy of an acknowledged write; `ctl ers --allow-unreachable` goes ahead without
+    it, and its output and the report say what that risks."""
+    g = start_group(tmp_path, "semi_sync", port_hint() + 90)
+    try:
+        write_through_baton(g, 7)
+        for name in ("db3", "db1"):
+            os.kill(g.pids[name], signal.SIGKILL)
+        code, report = g.ctl_json("ers")
+        assert code == 1 and report["outcome"] == "failed", report
+        assert "db3 not reached" in report["reason"] and "--allow-unreachable" in report["reason"]
+        out = g.baton.ctl("ers", "--allow-unreachable", "db9")
+        assert out.returncode == 1 and "no replica 'db9'" in out.stderr
+        out = g.baton.ctl("ers", "--allow-unreachable", "db3")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "db1 -> db2" in out.stdout and "succeeded" in out.stdout
+        assert "allowed unreachable by the operator: db3" in out.stdout
+        assert "an acknowledged write only they received is lost" in out.stdout
+        (last, *_) = json.loads(g.baton.ctl("--json", "history").stdout)
+        assert (last["outcome"], last["allow_unreachable"]) == ("succeeded", ["db3"])
+        assert "allowed unreachable by the operator" in g.baton.log.read_text()
+        assert 7 in g.ids("db2")
+    finally:
+        stop_group(g)

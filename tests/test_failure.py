@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ from harness.baton import Baton, start_baton
 from harness.clients import admin_conn, admin_query
 from reparent import gtid
 from reparent.sandbox import Sandbox
-from tests.fixtures import Background, metric, port_hint, private_sandbox, server_ports
+from tests.fixtures import (
+    Background,
+    metric,
+    port_hint,
+    private_sandbox,
+    server_ports,
+    wait_for,
+)
 
 # Default interval, failures and probe timeout: the kill-to-writes goal is for these. A short
 # cooldown, so the tests' successive emergency reparents need not wait 30 s for each other.
@@ -34,7 +41,10 @@ GOAL = 3.0  # seconds from kill -9 to the first write that succeeds through Bato
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    yield from private_sandbox(tmp_path_factory, "failure-sandbox")
+    # Three replicas: each old primary that comes back holding writes no replica received
+    # (a kill -9 mid-load, a write in flight when it stopped) is quarantined for good, and
+    # the tests after it still need a replica to promote or to repair.
+    yield from private_sandbox(tmp_path_factory, "failure-sandbox", replicas=3)
 
 
 @pytest.fixture(scope="module")
@@ -90,21 +100,6 @@ def status(b: Baton) -> dict[str, Any]:
 def one(port: int, sql: str) -> Any:
     rows = admin_query(port, sql)
     return rows[0] if rows else None
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except pymysql.err.MySQLError as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def pid_of(box: Sandbox, name: str) -> int:
@@ -188,8 +183,8 @@ def test_kill_9_of_the_primary_under_load_is_an_automatic_reparent(running: Runn
     after = wait_new_primary(r, old, before["term"])
     print(f"\nkill -9 to the first write through Baton: {elapsed:.3f} s, {len(w.errors)} errors")
     text = r.baton.scrape()
-    detection = metric(text, "baton_detector_detection_seconds", shard="main")
-    print(f"detection (first failed probe to the decision): {detection:.3f} s")
+    detection = metric(text, "baton_detector_detection_seconds_sum", shard="main")
+    print(f"detection (first sign of the fault to the decision): {detection:.3f} s")
     assert elapsed < GOAL, (elapsed, w.errors[-5:])
     assert after["term"] == before["term"] + 1
     assert metric(text, "baton_detector_detections_total", reason="primary_dead") >= 1
@@ -311,10 +306,13 @@ def test_primary_cut_off_from_baton_only_is_reported_not_reparented(
     assert "run_ers" not in b.log.read_text()
 
 
-def test_hung_primary_is_reparented_once_its_replicas_hear_nothing(running: Running) -> None:
+def test_hung_primary_is_reparented_as_fast_as_a_dead_one(running: Running) -> None:
     """SIGSTOP: the replicas' IO threads say Yes until slave_net_timeout, but no heartbeat
-    comes. Once resumed, the old primary rejoins, or is quarantined if it holds writes (a
-    statement that was in flight on it when it stopped commits when it resumes)."""
+    comes; Baton's probes go unanswered. Detected in the round a dead primary would be, the
+    ERS does not wait for the stopped server, and the writer's insert stuck on it gets 2013
+    once the new primary is published. Once resumed, the old primary rejoins, or is
+    quarantined if it holds writes (a statement that was in flight on it when it stopped
+    commits when it resumes)."""
     r = running
     p = server_ports(r.box)
     before = status(r.baton)
@@ -326,11 +324,17 @@ def test_hung_primary_is_reparented_once_its_replicas_hear_nothing(running: Runn
         stopped = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         try:
+            first = w.first_ack_after(stopped, timeout=15)
             after = wait_new_primary(r, old, before["term"])
-            elapsed = time.monotonic() - stopped
         finally:
             os.kill(pid, signal.SIGCONT)
-    print(f"\nSIGSTOP to the new primary in the store: {elapsed:.3f} s")
+    elapsed = first - stopped
+    ers = json.loads(r.baton.ctl("--json", "history", "--limit", "1").stdout)[0]
+    took = (ers["finished_at"] - ers["started_at"]) * 1000
+    print(f"\nSIGSTOP to the first write through Baton: {elapsed:.3f} s (ERS {took:.0f} ms)")
+    # Goal 2 s as a median (bench.durability --fault stop); one run on a shared machine.
+    assert elapsed < GOAL, (elapsed, w.errors[-5:])
+    assert took < 500, ers["phases"]
     new = after["primary"]
     conn = r.baton.connect()
     cur = conn.cursor()
