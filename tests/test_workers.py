@@ -198,6 +198,43 @@ def test_reuse_port_spreads_clients_over_workers_binding_the_port_each(
         b.stop()
 
 
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie is gone too: its parent (the supervisor) has not reaped it yet.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_worker_outlives_its_supervisor(
+    box: Sandbox, group: Baton, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM to the supervisor stops every worker, then itself; a supervisor killed with
+    -9 leaves workers that stop on their own (their channel closed)."""
+    b = start_baton(
+        box.config_path,
+        tmp_path,
+        HINT + 20,
+        proxy={"workers": 2},
+        controller=CONTROLLER,
+        detector={"enabled": False},
+    )
+    try:
+        wait_until(lambda: all(w["serving"] for w in status(b)["workers"]), 20, "two workers")
+        pids = [w["pid"] for w in status(b)["workers"]]
+        b.proc.send_signal(sig)
+        b.proc.wait(20)
+        wait_until(lambda: all(gone(p) for p in pids), 10, "the workers to stop")
+    finally:
+        b.stop()
+
+
 def switches(b: Baton, box: Sandbox, count: int, pause: float) -> list[dict[str, Any]]:
     reports = []
     for _ in range(count):
