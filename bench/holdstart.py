@@ -80,7 +80,12 @@ def one_switch(baton: Baton, servers: list[str]) -> dict[str, Any]:
         # controller's own time and the event's way to the proxy.
         "rest_ms": None
         if to_holding is None
-        else to_holding - sum(before) - phases.get("choose", 0) - phases.get("prepare", 0),
+        else to_holding
+        - sum(before)
+        - phases.get("preflight", 0)
+        - phases.get("choose", 0)
+        - phases.get("prepare", 0),
+        "preflight_ms": phases.get("preflight", 0.0),
         "choose_ms": phases.get("choose"),
         "prepare_ms": phases.get("prepare"),
         "journal_ms": [p["duration_ms"] for p in report["phases"] if p["call"] == "journal"],
@@ -140,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                             switches.setdefault(name, []).append(row)
                             progress(
                                 f"{name} #{i + 1} {load}: holding after "
-                                f"{row['to_holding_ms']:.1f} ms (choose {row['choose_ms']:.1f}, "
+                                f"{row['to_holding_ms']:.1f} ms (preflight "
+                                f"{row['preflight_ms']:.1f}, choose {row['choose_ms']:.1f}, "
                                 f"prepare {row['prepare_ms']:.1f}, journal "
                                 f"{', '.join(f'{j:.1f}' for j in row['journal_ms'])} ms)"
                             )
@@ -159,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"    {command}",
         "",
-        "| Baton | load | switches | to holding p50 ms | max ms | choose p50 | prepare p50 "
+        "| Baton | load | switches | to holding p50 ms | max ms | preflight p50 | choose p50 "
+        "| prepare p50 "
         "| journal writes before the hold p50 | the rest p50 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     summary = {}
     for name, rows in switches.items():
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(
                 f"| {name} | {load} | {len(got)} | {p50:.1f} "
                 f"| {max(r['to_holding_ms'] for r in got):.1f} "
+                f"| {statistics.median(r['preflight_ms'] for r in got):.1f} "
                 f"| {statistics.median(r['choose_ms'] for r in got):.1f} "
                 f"| {statistics.median(r['prepare_ms'] for r in got):.1f} "
                 f"| {statistics.median(r['journal_before_ms'] for r in got):.1f} "

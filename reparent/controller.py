@@ -64,6 +64,7 @@ T = TypeVar("T")
 
 FOLLOW_INTERVAL = 1.0  # seconds between looks for a reparent whose controller died
 JOURNAL = "journal"  # the report's name for a store write's phase
+PREFLIGHT = "preflight"  # ... and for an operator's reparent's probe of the shard
 
 
 class Initiator(enum.StrEnum):
@@ -128,8 +129,14 @@ class Controller:
         if to is not None and to == topo.primary:
             raise ReparentRefused(f"{to} is already the primary of shard {shard!r}")
         self._check_allowed(kind, shard, topo.primary, allow_unreachable)
+        phases = []
         if initiator is Initiator.OPERATOR and not force:
+            started, t0 = self.clock(), time.perf_counter()
             await asyncio.to_thread(self._preflight, kind, shard)
+            ms = (time.perf_counter() - t0) * 1000
+            phases.append(PhaseTiming(Step.STARTED, started, ms, PREFLIGHT))
+            if progress is not None:
+                progress(phases[-1])
         lease = await self._store(
             self.store.lock, shard, self.owner, self.config.controller.lock_ttl
         )
@@ -159,7 +166,7 @@ class Controller:
                 term_before=topo.term,
                 term_after=None,
                 step=Step.STARTED,
-                phases=[],
+                phases=phases,
                 positions={},
                 outcome=None,
                 started_at=self.clock(),

@@ -113,6 +113,7 @@ def test_planned_reparent_happy_path() -> None:
     # Each store write is a phase of its own; there are two: HOLDING, which starts the hold,
     # and the last one, which publishes the new primary and finishes the record at once.
     assert phases == [
+        (Step.STARTED, "preflight"),  # an operator's: the shard probed before anything
         (Step.STARTED, "choose"),
         (Step.CANDIDATE_CHOSEN, "prepare"),
         (Step.HOLDING, "journal"),
