@@ -47,6 +47,7 @@ from bench.probe import (
     current_primary,
     expand,
     hold_ms,
+    in_hold,
     in_window,
     min_duration,
     phase_ms,
@@ -134,10 +135,10 @@ def largest_part(report: dict[str, Any]) -> str:
 
 
 def hold_span_ms(report: dict[str, Any]) -> float | None:
-    """Wall time from the start of 'holding' to the end of 'established': the sum plus the
-    journal writes between the phases, which the phase durations leave out."""
-    held = [p for p in report["phases"] if p["step"] in HOLD_PHASES]
-    if not held or held[0]["step"] != HOLD_PHASES[0] or held[-1]["step"] != HOLD_PHASES[-1]:
+    """Wall time from the start of 'holding' (the revocation) to the end of the last phase
+    inside the hold: the sum plus whatever ran between the phases untimed."""
+    held = [p for p in report["phases"] if in_hold(p)]
+    if not held or held[0]["step"] != HOLD_PHASES[0]:
         return None
     end = held[-1]["started_at"] + held[-1]["duration_ms"] / 1000
     return (end - held[0]["started_at"]) * 1000
@@ -343,10 +344,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
 
     return [
         f"- Switchovers: {s['succeeded']} of {s['switchovers']} succeeded",
-        f"- Hold time (sum of the holding, revoked and established phases): "
+        f"- Hold time (sum of the phases inside the hold, store writes included): "
         f"p50 {_ms(s['hold_p50_ms'])} ms, p99 {_ms(s['hold_p99_ms'])} ms, "
         f"max {_ms(s['hold_max_ms'])} ms; {goal('goal')}",
-        f"- Hold span (the same on the wall clock, with the journal writes between phases): "
+        f"- Hold span (the same on the wall clock, with what ran untimed between phases): "
         f"p50 {_ms(s['hold_span_p50_ms'])} ms, p99 {_ms(s['hold_span_p99_ms'])} ms, "
         f"max {_ms(s['hold_span_max_ms'])} ms; {goal('goal_span')}",
         "- Largest part of the hold: "
@@ -452,12 +453,12 @@ def report(record: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str
         "'established' = commit the new primary and term to the store, after which the proxies "
         "are told and flush.",
         "- total ms: the sum of all phases, as `baton ctl prs` prints it.",
-        "- hold ms: the sum of the durations of 'holding', 'revoked' and 'established', i.e. "
-        "from the start of HOLDING to the end of ESTABLISHED in phase time.",
-        "- hold span ms: the same interval on the wall clock (start of 'holding' to end of "
-        "'established'), so it also counts the journal writes between the phases; the "
-        "proxies actually stop holding after one more write (the finished record) and the "
-        "event's hop to the proxy's loop, which no phase times.",
+        "- hold ms: the sum of the durations of the calls of 'holding', 'revoked' and "
+        "'established' and of the store writes after the one that starts the hold ('journal' "
+        "phases; a planned switch has one there, its last, which publishes the new primary).",
+        "- hold span ms: the same interval on the wall clock (start of the revocation to the "
+        "end of the last write), so it also counts what ran between the phases untimed; the "
+        "proxies stop holding after the event's hop to their loop, which no phase times.",
         "- largest part: the longest of the three hold phases, or 'gaps' when the untimed "
         "steps between them (span minus hold) took longer.",
         f"- client worst ms: the longest single insert of the Python client in flight at any "
