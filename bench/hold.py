@@ -57,7 +57,7 @@ from bench.probe import (
 )
 from bench.process import exit_on_signals, progress, run_main
 from bench.record import ROOT, dump_json, head_lines, machine_info, neighbours, run_record
-from bench.stack import Stack, running_stack
+from bench.stack import BENCH_PORT_HINT, Stack, running_stack
 from bench.sysbench import DATABASE, SYSBENCH_GRACE, in_background
 from bench.writes import paced_write_command, parse_load, setup_writes
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="results dir (default bench/results)")
     parser.add_argument("--base-port", type=int, default=21301, help="port of the primary")
+    parser.add_argument(
+        "--service-port", type=int, default=BENCH_PORT_HINT, help="proxies' ports from here"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 20 s, 3 switches, results to a temp dir"
     )
@@ -512,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.hold", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info()
     neighbours_start = neighbours()
-    with exit_on_signals(), running_stack(args.base_port, REPLICAS) as stack:
+    with (
+        exit_on_signals(),
+        running_stack(args.base_port, REPLICAS, args.service_port) as stack,
+    ):
         port = stack.baton.port
         setup = setup_writes(stack.primary_port, port, args.threads, args.rate)
         create_probe_table(port, PROBE_TABLE)
