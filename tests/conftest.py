@@ -18,7 +18,7 @@ import pytest
 
 from reparent.sandbox import Sandbox
 
-_BLOCK_LOCKS: list[int] = []  # lock files held for this process's life
+_BLOCK_LOCKS: dict[int, int] = {}  # base port -> its lock file, while this process uses it
 
 
 def sandbox_base_port() -> int:
@@ -26,11 +26,17 @@ def sandbox_base_port() -> int:
     collide (servers at +0..+2; Baton's own ports are searched from +100 and skip taken ones).
 
     Blocks lie within 24301-25300. The pid picks the first block tried; a block is taken only
-    if this process gets its lock file (held until the process ends: two runs that look at
-    once cannot both take it) and none of its ports is in use.
+    if this process gets its lock file (so two runs that look at once cannot both take it) and
+    none of its ports is in use. The lock is held while the block's servers run.
     """
     lock_dir = Path(tempfile.gettempdir()) / "baton-test-ports"
     lock_dir.mkdir(exist_ok=True)
+    # Blocks this process took before and no longer uses (their servers are down) go back:
+    # a run starts a dozen sandboxes, and several runs share the 50 blocks.
+    for base, fd in list(_BLOCK_LOCKS.items()):
+        if all(_free(p) for p in range(base, base + 20)):
+            os.close(fd)
+            del _BLOCK_LOCKS[base]
     first = os.getpid() % 50
     for i in range(50):
         base = 24301 + ((first + i) % 50) * 20
@@ -41,7 +47,7 @@ def sandbox_base_port() -> int:
             os.close(fd)
             continue
         if all(_free(p) for p in range(base, base + 20)):
-            _BLOCK_LOCKS.append(fd)
+            _BLOCK_LOCKS[base] = fd
             return base
         os.close(fd)
     raise RuntimeError("no free block of 20 ports in 24301-25300")
