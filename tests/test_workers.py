@@ -27,6 +27,7 @@ from harness.baton import Baton, start_baton
 from harness.fleet import CONTROLLER, wait_until
 from harness.ledger import TABLE, Ledger, create_table
 from proxy.frontend import SESSION_ID_BASE, SESSION_ID_SPAN
+from reparent.etcdsandbox import EtcdCluster
 from reparent.sandbox import Sandbox
 from tests.fixtures import (
     WritablePoller,
@@ -273,6 +274,52 @@ def test_writes_through_both_workers_across_prs(group: Baton, box: Sandbox) -> N
     cur.execute(f"SELECT id FROM {TABLE}")
     assert not ledger.acked - {row[0] for row in cur.fetchall()}
     conn.close()
+
+
+def routed(conn: pymysql.Connection) -> int:
+    cur = conn.cursor()
+    cur.execute("SELECT @@port")
+    return int(cur.fetchone()[0])
+
+
+def test_workers_on_etcd_each_follow_etcd_and_drain(
+    box: Sandbox, group: Baton, etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """With etcd each worker talks to etcd itself: both register, hold and drain, and a PRS
+    there and back goes through with both drained and both routing to the new primary."""
+    b = start_baton(
+        box.config_path,
+        tmp_path,
+        HINT + 30,
+        proxy={"workers": 2, "id": "etcd-group"},
+        controller=CONTROLLER,
+        detector={"enabled": False},
+        extra={
+            "topology": {
+                "store": "etcd",
+                "endpoints": etcd.endpoints,
+                "prefix": f"/workers-{os.getpid()}",
+            }
+        },
+    )
+    try:
+        wait_until(lambda: all(w["serving"] for w in status(b)["workers"]), 20, "two workers")
+        ids = [p["id"] for p in status(b)["proxies"] if p["alive"]]
+        assert ids == ["etcd-group/w0", "etcd-group/w1"]
+        by_worker = on_both(b, 1)
+        try:
+            for _ in range(2):
+                (report,) = switches(b, box, 1, 0.2)
+                assert report["outcome"] == "succeeded" and report["not_drained"] == [], report
+                port = server_ports(box)[report["new_primary"]]
+                for conns in by_worker.values():
+                    # Each worker hears of the switch from its own etcd watch, moments after
+                    # `ctl prs` returns; until then its idle sessions stay where they were.
+                    wait_until(lambda c=conns[0], p=port: routed(c) == p, 5, "the new primary")
+        finally:
+            close_all(by_worker)
+    finally:
+        b.stop()
 
 
 @pytest.mark.fault
