@@ -9,6 +9,7 @@ only the benchmark decides when it stops.
 from __future__ import annotations
 
 import csv
+import os
 import socket
 import subprocess
 import threading
@@ -73,7 +74,9 @@ def start_haproxy(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     stats = workdir / "haproxy.sock" if health_ports is not None else None
-    lines = ["global", "    maxconn 4096"]
+    # A thread per core, as HAProxy is run in front of a primary (its default since 2.5, said
+    # here so the comparison does not hang on the version).
+    lines = ["global", "    maxconn 4096", f"    nbthread {len(os.sched_getaffinity(0))}"]
     if stats is not None:
         lines.append(f"    stats socket {stats} mode 600 level admin")
     lines += [

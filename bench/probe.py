@@ -275,13 +275,24 @@ def switchover(socket: str, index: int, source: str) -> dict[str, Any]:
 
 
 def phase_ms(report: dict[str, Any]) -> dict[str, float]:
-    """Each phase's duration, by step, in report order (a step seen twice is summed)."""
+    """Each phase's duration, by step, in report order (a step seen twice is summed); the
+    store's writes under "journal", whatever their step."""
     phases: dict[str, float] = {}
     for p in report["phases"]:
-        phases[p["step"]] = phases.get(p["step"], 0.0) + p["duration_ms"]
+        key = "journal" if p.get("call") == "journal" else p["step"]
+        phases[key] = phases.get(key, 0.0) + p["duration_ms"]
     return phases
 
 
+def in_hold(phase: dict[str, Any]) -> bool:
+    """Is this phase of a report inside the hold? The calls of HOLD_PHASES (revoke,
+    establish, commit), and the store writes after the one that starts the hold: that one
+    (step 'holding') ends before the proxies hear of the switch."""
+    if phase.get("call") == "journal":
+        return phase["step"] not in ("started", "candidate_chosen", "prepared", "holding")
+    return phase["step"] in HOLD_PHASES
+
+
 def hold_ms(report: dict[str, Any]) -> float:
-    """The sum of the HOLD_PHASES durations: revoke, establish and commit."""
-    return sum(ms for step, ms in phase_ms(report).items() if step in HOLD_PHASES)
+    """The sum of the durations of the phases inside the hold."""
+    return sum(p["duration_ms"] for p in report["phases"] if in_hold(p))

@@ -1,10 +1,15 @@
 """`python -m bench.steady`: steady-state throughput and latency, direct vs Baton vs HAProxy.
 
-sysbench runs each workload x threads x ps-mode against the primary of a private sandbox three
-ways: directly, through Baton, and through HAProxy in TCP mode. The table gives qps and p95
-latency per path and qps as a ratio to direct (the cost of any hop) and to HAProxy (the cost of
-Baton over a proxy that only copies bytes). It goes to stdout and, with the machine, the exact
-commands and every raw run, to OUT/steady.md and OUT/steady.json.
+sysbench runs each workload x threads x ps-mode against the primary of a private sandbox:
+directly, through Baton in one process (`baton`, `proxy.workers = 0`), through Baton with one
+worker process (`baton-w1`) and with one per core (`baton-wN`), and through HAProxy in TCP
+mode with a thread per core. The table gives qps and p95 latency per path, qps as a ratio to
+direct (the cost of any hop) and to HAProxy (the cost of Baton over a proxy that only copies
+bytes), and each proxy's CPU time per 1,000 commands: utime + stime of all its processes
+(supervisor and workers; HAProxy's threads) from /proc over the run, divided by the queries
+sysbench counted. Unlike qps, that figure hardly moves with what else runs on the machine. It
+goes to stdout and, with the machine, the exact commands and every raw run, to OUT/steady.md
+and OUT/steady.json.
 
 Why it is built this way:
 - The three paths of one combination run back to back, and repeats cycle through all three, so
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -31,10 +37,12 @@ from typing import Any
 
 from bench.process import exit_on_signals, progress
 from bench.record import ROOT, load_average, machine_info
-from bench.stack import running_stack
+from bench.stack import BENCH_PORT_HINT, Stack, running_stack
 from bench.sysbench import SysbenchRun, run_sysbench, sysbench_command, sysbench_prepare
+from harness.baton import Baton, start_baton
 
-PATHS = ("direct", "baton", "haproxy")
+CORES = len(os.sched_getaffinity(0))
+PATHS = ("direct", "baton", "baton-w1", f"baton-w{CORES}", "haproxy")
 PS_MODES = ("disable", "auto")
 PORT_RANGE = range(20000, 30000)  # the ports this machine's benchmarks may use
 
@@ -91,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-port", type=int, default=22301, help="port of the primary")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of the primary")
     parser.add_argument(
+        "--service-port", type=int, default=BENCH_PORT_HINT, help="proxies' ports from here"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: 3 s, 8 threads, results to a temp dir"
     )
     return parser
@@ -128,10 +139,60 @@ def sysbench_options(args: argparse.Namespace, threads: int, ps_mode: str) -> di
     }
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads) so far, in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (a supervisor's workers), read from /proc now."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return [pid]
+    return [pid, *(int(c) for c in children)]
+
+
+def tree_cpu(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the processes, summed."""
+    times = [cpu_seconds(p) for p in pids]
+    return sum(u for u, _ in times), sum(s for _, s in times)
+
+
+def start_worker_batons(stack: Stack, paths: list[str]) -> dict[str, Baton]:
+    """The Batons with workers the paths ask for, beside the stack's own (one process); each
+    with a store of its own and no failure detector (the stack's Baton has one)."""
+    batons = {}
+    for path in paths:
+        if not path.startswith("baton-w"):
+            continue
+        name = path.replace("-", "_")
+        batons[path] = start_baton(
+            stack.sandbox.config_path,
+            stack.workdir / name,
+            stack.haproxy.port + 10 * (len(batons) + 1),
+            proxy={"workers": int(path.removeprefix("baton-w"))},
+            controller={"store": str(stack.workdir / name / "store.json")},
+            detector={"enabled": False},
+        )
+    return batons
+
+
 def run_all(
-    args: argparse.Namespace, ports: dict[str, int], check: Callable[[], None]
+    args: argparse.Namespace,
+    ports: dict[str, int],
+    check: Callable[[], None],
+    pids: dict[str, int],
 ) -> list[dict[str, Any]]:
-    """Every run, in the interleaved order; `check` raises if a proxy has died."""
+    """Every run, in the interleaved order; `check` raises if a proxy has died; `pids` are
+    each proxy's main process, whose CPU time (with its children's) is taken over each run."""
     combos = [
         (w, t, m, r, p)
         for w in args.workloads
@@ -144,18 +205,27 @@ def run_all(
     for i, (workload, threads, ps_mode, rep, path) in enumerate(combos, 1):
         load = load_average()[0]
         options = sysbench_options(args, threads, ps_mode)
+        tree = process_tree(pids[path]) if path in pids else []
+        cpu_before = tree_cpu(tree)
         run: SysbenchRun = run_sysbench(
             sysbench_command(workload, ports[path], "run", options), args.duration
         )
+        cpu_after = tree_cpu(tree)
         check()
         r = run.result
+        cpu_ms = user_ms = None
+        if r is not None and tree and r.qps > 0:
+            per_1000 = 1e6 / (r.qps * r.seconds)  # seconds -> ms per 1,000 commands
+            user_ms = (cpu_after[0] - cpu_before[0]) * per_1000
+            cpu_ms = user_ms + (cpu_after[1] - cpu_before[1]) * per_1000
         label = f"[{i}/{len(combos)}] {workload} t={threads} ps={ps_mode} #{rep + 1} {path:7}"
         if r is None:
             progress(f"{label} FAILED: {run.problem}: {run.output.strip()[-300:]}")
         else:
+            cpu_text = "" if cpu_ms is None else f"  cpu {cpu_ms:5.1f} ms/1k"
             progress(
                 f"{label} {r.qps:9.0f} qps  p95 {r.p95_ms:6.2f} ms  errors {r.errors}"
-                f"  reconnects {r.reconnects}  (load {load})"
+                f"  reconnects {r.reconnects}{cpu_text}  (load {load})"
             )
         runs.append(
             {
@@ -169,6 +239,10 @@ def run_all(
                 "returncode": run.returncode,
                 "problem": run.problem,
                 "result": None if r is None else asdict(r),
+                "cpu_ms_per_1000": cpu_ms,
+                # utime alone: the proxy's own code; the rest (stime) is the kernel's work
+                # for it, sockets and scheduling, which every proxy pays alike.
+                "user_ms_per_1000": user_ms,
                 "output_tail": None if r is not None else run.output[-2000:],
             }
         )
@@ -185,6 +259,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for (workload, threads, ps_mode, path), group in groups.items():
         good = [g["result"] for g in group if g["result"] is not None]
+        cpu = [g["cpu_ms_per_1000"] for g in group if g.get("cpu_ms_per_1000") is not None]
         rows.append(
             {
                 "workload": workload,
@@ -196,6 +271,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "qps": statistics.median(g["qps"] for g in good) if good else None,
                 "tps": statistics.median(g["tps"] for g in good) if good else None,
                 "p95_ms": statistics.median(g["p95_ms"] for g in good) if good else None,
+                "cpu_ms": statistics.median(cpu) if cpu else None,
                 "errors": sum(g["errors"] for g in good),
                 "reconnects": sum(g["reconnects"] for g in good),
             }
@@ -206,6 +282,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], base))
             ok = ref is not None and ref["qps"] and row["qps"] is not None
             row[f"ratio_{base}"] = row["qps"] / ref["qps"] if ok else None
+        ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], "haproxy"))
+        ok = ref is not None and ref["cpu_ms"] and row["cpu_ms"] is not None
+        row["cpu_ratio_haproxy"] = row["cpu_ms"] / ref["cpu_ms"] if ok else None
     return rows
 
 
@@ -217,8 +296,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| workload | threads | ps-mode | path | qps | p95 ms | ratio to direct "
-        "| ratio to HAProxy | errors | reconnects |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| ratio to HAProxy | CPU ms per 1,000 commands | CPU to HAProxy's | errors | reconnects |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         qps = "FAILED" if r["qps"] is None else f"{r['qps']:,.0f}"
@@ -227,7 +306,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['workload']} | {r['threads']} | {r['ps_mode']} | {r['path']} | {qps} "
             f"| {num(r['p95_ms'], '.2f')} | {num(r['ratio_direct'], '.2f')} "
-            f"| {num(r['ratio_haproxy'], '.2f')} | {r['errors']} | {r['reconnects']} |"
+            f"| {num(r['ratio_haproxy'], '.2f')} | {num(r.get('cpu_ms'), '.1f')} "
+            f"| {num(r.get('cpu_ratio_haproxy'), '.2f')} | {r['errors']} | {r['reconnects']} |"
         )
     return "\n".join(lines)
 
@@ -262,7 +342,9 @@ def report(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"Ports: {', '.join(f'{k} {v}' for k, v in record['ports'].items())}. "
         f"One sandbox (1 primary, {s['replicas']} replica(s)), `baton serve` with the sandbox's "
-        "config, HAProxy `mode tcp`, `balance first`, no health check. sysbench, servers and "
+        "config (`baton`: one process; `baton-wN`: a supervisor and N workers), HAProxy "
+        f"`mode tcp`, `nbthread {CORES}`, `balance first`, no health check. CPU: utime + stime "
+        "of the proxy's processes over each run per 1,000 queries. sysbench, servers and "
         f"proxies share the same CPUs. {s['duration']} s per run, median of {s['repeat']} "
         "run(s) per path; the paths of one combination run back to back. Ratios are qps "
         "over the qps of the direct (HAProxy) path in the same combination.",
@@ -286,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         ["python", "-m", "bench.steady", *(sys.argv[1:] if argv is None else argv)]
     )
     machine = machine_info()
-    with exit_on_signals(), running_stack(args.base_port, args.replicas) as stack:
+    with (
+        exit_on_signals(),
+        running_stack(args.base_port, args.replicas, args.service_port) as stack,
+    ):
         ports = stack.ports()
         prepare = sysbench_command(
             "oltp_read_write",
@@ -296,7 +381,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         progress(f"prepare: {args.tables} tables x {args.table_size} rows")
         sysbench_prepare(prepare)
-        runs = run_all(args, ports, stack.check_alive)
+        batons = start_worker_batons(stack, args.paths)
+        try:
+            ports = {**ports, **{path: b.port for path, b in batons.items()}}
+            pids = {
+                "baton": stack.baton.proc.pid,
+                "haproxy": stack.haproxy.proc.pid,
+                **{path: b.proc.pid for path, b in batons.items()},
+            }
+
+            def check() -> None:
+                stack.check_alive()
+                for path, b in batons.items():
+                    if b.proc.poll() is not None:
+                        raise RuntimeError(f"{path} exited with {b.proc.returncode}")
+
+            runs = run_all(args, ports, check, pids)
+        finally:
+            for b in batons.values():
+                b.stop()
         load_end = load_average()
     record = {
         "command": command,

@@ -14,7 +14,7 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     from proxy import server
 
-    return server.main(args.config, adopt=args.adopt)
+    return server.main(args.config, args.workers, adopt=args.adopt)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and the Prometheus endpoint. A bad config is reported with its key named (exit 2).",
     )
     serve.add_argument("--config", required=True, metavar="FILE", help="path to baton.toml")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help='worker processes serving clients, or "auto" for one per core (overrides '
+        "proxy.workers; 0: one process, as without workers)",
+    )
     serve.add_argument(
         "--adopt",
         action="store_true",

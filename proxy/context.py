@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from proxy.packets import proxy_header
 from proxy.router import Router
 from proxy.session import routine_hazards
 from reparent.admin import AdminConnection
-from reparent.config import Config, ServerConfig
+from reparent.config import MAX_WORKERS, Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
 from reparent.topology import Established as EstablishedEvent
 
@@ -42,9 +43,12 @@ class BackendIdentity:
 
 
 # Baton's session ids (the connection id in its greeting) start here, above any server's thread
-# ids, so that `KILL <id>` can tell a Baton session from a server thread.
+# ids, so that `KILL <id>` can tell a Baton session from a server thread. Worker w of a
+# supervisor (proxy/supervisor.py) gives ids from BASE + w * SPAN, so they are unique across
+# workers and name their worker; all stay below 2^31 for clients that read them signed.
 SESSION_ID_BASE = 1 << 30
 SESSION_ID_SPAN = 1 << 24
+SESSION_ID_END = SESSION_ID_BASE + MAX_WORKERS * SESSION_ID_SPAN
 
 
 @dataclass
@@ -68,6 +72,9 @@ class ProxyContext:
     # None while its body is being read or when it could not be.
     routines: dict[str, list[str] | None] = field(default_factory=dict)
     _probe: asyncio.Future[bool] | None = None
+    worker: int = 0  # this process's worker index: the high bits of its session ids
+    # Another worker's session by id: (its server's name, its server thread), or None.
+    peer_session: Callable[[int], tuple[str, int] | None] | None = None
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -78,9 +85,20 @@ class ProxyContext:
         """The next free session id (ids wrap within their span, skipping live ones)."""
         while True:
             self._next_id = (self._next_id + 1) % SESSION_ID_SPAN
-            session_id = SESSION_ID_BASE + self._next_id
+            session_id = SESSION_ID_BASE + self.worker * SESSION_ID_SPAN + self._next_id
             if session_id not in self.sessions:
                 return session_id
+
+    def session_thread(self, session_id: int, peers: bool = True) -> tuple[str, int] | None:
+        """The server (by name) and server thread of a Baton session of this process, or
+        (with `peers`) of another worker; None if none is known."""
+        conn = self.sessions.get(session_id)
+        if conn is not None:
+            thread, server = conn.link.thread, conn.link.server
+            return None if thread is None or server is None else (server.name, thread)
+        if peers and self.peer_session is not None:
+            return self.peer_session(session_id)
+        return None
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)

@@ -21,9 +21,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy.context import ProxyContext
+from reparent.config import Config
 from reparent.controller import Controller, ReparentRefused
 from reparent.store import LEADER
 from reparent.topology import ReparentKind, ReparentRecord, TopologyError
@@ -218,10 +219,92 @@ def _text(key: str, value: Any, choices: Collection[str] | None) -> str:
     return value
 
 
-class ControlServer:
-    def __init__(self, ctx: ProxyContext, controller: Controller, path: str) -> None:
+Counts = dict[str, dict[str, int]]  # proxy id -> {"held": n, "flushed": n, "evicted": n}
+
+
+class Proxies(Protocol):
+    """The data path the control socket answers for: this process's sessions
+    (`LocalProxies`), or every worker's of a supervisor (proxy/supervisor.py)."""
+
+    proxy_id: str
+
+    async def sessions(self) -> list[dict[str, Any]]: ...
+
+    async def front_door(self) -> dict[str, Any]: ...
+
+    async def users(self, reload: bool) -> dict[str, Any]: ...
+
+    async def unblock(self, address: str) -> bool: ...
+
+    async def annotate(self, shard: str, term: int, record_id: str) -> Counts: ...
+
+
+class LocalProxies:
+    """The sessions of one proxy process: what a single Baton, or one worker, answers."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
+        self.proxy_id = ctx.router.proxy_id
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """Every session's state; stale user variables are read back from idle sessions."""
+        out = []
+        for conn in list(self.ctx.sessions.values()):
+            await conn.refresh_if_stale()
+            out.append(conn.state.as_dict())
+        return out
+
+    async def front_door(self) -> dict[str, Any]:
+        admission = self.ctx.admission
+        return {
+            "sessions": len(self.ctx.sessions),
+            "version": self.ctx.identity.version,
+            "front_door": {
+                "open": admission.open,
+                "capacity": admission.capacity,
+                "blocked": admission.blocked,
+                "refused": {str(k): v for k, v in admission.refused.items()},
+            },
+            "unfenced_users": [a.name for a in self.ctx.accounts.book.unfenced()],
+        }
+
+    async def users(self, reload: bool) -> dict[str, Any]:
+        """The accounts Baton lets in; with reload, read them from the servers first."""
+        accounts = self.ctx.accounts
+        if reload:
+            await accounts.reload("ctl users reload", force=True)
+        return {
+            "source": accounts.source,
+            "error": accounts.error,
+            "accounts": [
+                {
+                    "account": a.name,
+                    "plugin": a.plugin,
+                    "usable": a.h2 is not None,
+                    "unfenced": sorted(a.unfenced),
+                }
+                for a in accounts.book
+            ],
+        }
+
+    async def unblock(self, address: str) -> bool:
+        return self.ctx.admission.unblock(address)
+
+    async def annotate(self, shard: str, term: int, record_id: str) -> Counts:
+        """What this proxy held for the switch to `term` (waited for up to a window), also
+        added to the report `record_id` in the store."""
+        episode = await self.ctx.router.annotate(shard, term, record_id)
+        if episode is None:
+            return {}
+        counts = {"held": episode.held, "flushed": episode.flushed, "evicted": episode.evicted}
+        return {self.proxy_id: counts}
+
+
+class ControlServer:
+    def __init__(self, config: Config, controller: Controller, proxies: Proxies, path: str) -> None:
+        self.config = config
         self.controller = controller
+        self.proxies = proxies
         self.path = path
         self._server: asyncio.AbstractServer | None = None
 
@@ -287,7 +370,7 @@ class ControlServer:
         Args(request)  # it takes no arguments: refuse any
         store = self.controller.store
         shards = []
-        for shard in self.ctx.config.shards:
+        for shard in self.config.shards:
             topo = (await self._store(store.read, shard.name)).value
             in_flight = await self._store(store.journal_get, shard.name)
             shards.append(
@@ -312,20 +395,11 @@ class ControlServer:
                     ],
                 }
             )
-        admission = self.ctx.admission
         return {
             "shards": shards,
-            "sessions": len(self.ctx.sessions),
-            "version": self.ctx.identity.version,
-            "front_door": {
-                "open": admission.open,
-                "capacity": admission.capacity,
-                "blocked": admission.blocked,
-                "refused": {str(k): v for k, v in admission.refused.items()},
-            },
-            "unfenced_users": [a.name for a in self.ctx.accounts.book.unfenced()],
-            "proxy": self.ctx.router.proxy_id,
-            "store": str(self.ctx.config.topology.store),
+            **await self.proxies.front_door(),
+            "proxy": self.proxies.proxy_id,
+            "store": str(self.config.topology.store),
             "proxies": [p.to_dict() for p in await self._store(store.proxies)],
             "detector_leader": await self._store(store.lock_owner, LEADER),
         }
@@ -335,29 +409,14 @@ class ControlServer:
         address = Args(request, "address").text("address")
         if address is None:
             raise ControlError("unblock needs an address")
-        if not self.ctx.admission.unblock(address):
+        if not await self.proxies.unblock(address):
             raise ControlError(f"{address} is not blocked")
         log.info("address %s unblocked by an operator", address)
         return {"unblocked": address}
 
     async def cmd_users(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """The accounts Baton lets in; with reload, read them from the servers first."""
-        accounts = self.ctx.accounts
-        if Args(request, "reload").flag("reload"):
-            await accounts.reload("ctl users reload", force=True)
-        return {
-            "source": accounts.source,
-            "error": accounts.error,
-            "accounts": [
-                {
-                    "account": a.name,
-                    "plugin": a.plugin,
-                    "usable": a.h2 is not None,
-                    "unfenced": sorted(a.unfenced),
-                }
-                for a in accounts.book
-            ],
-        }
+        return await self.proxies.users(Args(request, "reload").flag("reload"))
 
     async def cmd_prs(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return await self._reparent(ReparentKind.PRS, request, emit)
@@ -369,7 +428,7 @@ class ControlServer:
         self, kind: ReparentKind, request: dict[str, Any], emit: Emit
     ) -> dict[str, Any]:
         args = Args(request, "shard", "to", "timeout", "force", "allow_unreachable")
-        shard = args.text("shard", self._shards()) or self.ctx.config.proxy.shard
+        shard = args.text("shard", self._shards()) or self.config.proxy.shard
         to = args.text("to")
         timeout = args.seconds("timeout", MAX_TIMEOUT)
         report = await self.controller.reparent(
@@ -396,12 +455,10 @@ class ControlServer:
         """What this proxy held for the reparent goes into its report, here and in the
         history (other proxies of a fleet add theirs to the history as their holds end).
         The drain ends moments after the reparent; it is waited for up to a window."""
-        router = self.ctx.router
-        episode = await router.annotate(report.shard, report.term_before + 1, report.id)
-        if episode is None:
+        found = await self.proxies.annotate(report.shard, report.term_before + 1, report.id)
+        if not found:
             return
-        counts = {"held": episode.held, "flushed": episode.flushed, "evicted": episode.evicted}
-        updated = report.with_buffers({**report.buffers, router.proxy_id: counts})
+        updated = report.with_buffers({**report.buffers, **found})
         report.buffers = updated.buffers
         report.held, report.flushed, report.evicted = updated.held, updated.flushed, updated.evicted
 
@@ -427,7 +484,7 @@ class ControlServer:
         return await self.controller.quarantine(self._shard(args), server, on, args.flag("force"))
 
     def _shard(self, args: Args) -> str:
-        return args.text("shard", self._shards()) or self.ctx.config.proxy.shard
+        return args.text("shard", self._shards()) or self.config.proxy.shard
 
     async def cmd_history(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         args = Args(request, "shard", "limit")
@@ -444,13 +501,9 @@ class ControlServer:
             raise ControlError(str(e))
 
     def _shards(self) -> list[str]:
-        return [s.name for s in self.ctx.config.shards]
+        return [s.name for s in self.config.shards]
 
     async def cmd_sessions(self, request: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         """Every session's state; stale user variables are read back from idle sessions."""
         Args(request)  # it takes no arguments: refuse any
-        out = []
-        for conn in list(self.ctx.sessions.values()):
-            await conn.refresh_if_stale()
-            out.append(conn.state.as_dict())
-        return out
+        return await self.proxies.sessions()

@@ -201,8 +201,7 @@ def proxy_row(p: dict[str, Any]) -> dict[str, Any]:
         "terms": ",".join(f"{s}={t}" for s, t in p["terms"].items()) or "-",
         "holding": ",".join(p["holding"]) or "-",
         "drained": ",".join(
-            f"{s}@{d['term']}" + ("" if d["drained"] else "(busy)")
-            for s, d in p["drained"].items()
+            f"{s}@{d['term']}" + ("" if d["drained"] else "(busy)") for s, d in p["drained"].items()
         )
         or "-",
     }

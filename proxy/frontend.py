@@ -34,7 +34,7 @@ from proxy.client_packets import (
     check_stmt_header,
     parse_change_user,
 )
-from proxy.context import SESSION_ID_BASE, SESSION_ID_SPAN, ProxyContext
+from proxy.context import SESSION_ID_BASE, SESSION_ID_END, ProxyContext
 from proxy.errors import ErrorKind
 from proxy.holder import Released, Verdict
 from proxy.link import ServerLink
@@ -770,14 +770,14 @@ class ClientConnection(asyncio.Protocol):
             if m is None:
                 return raw
             words, target = m.group(1), int(m.group(2))
-        if not SESSION_ID_BASE <= target < SESSION_ID_BASE + SESSION_ID_SPAN:
+        if not SESSION_ID_BASE <= target < SESSION_ID_END:
             return raw if raw[4] == Command.QUERY else frame(b"\x03KILL %d" % target, 0)
-        other = self.ctx.sessions.get(target)
-        thread = other.link.thread if other is not None else None
-        if thread is None or other is None or other.link.server != self.link.server:
+        found = self.ctx.session_thread(target)
+        here = self.link.server
+        if found is None or here is None or found[0] != here.name:
             self._error(ErrorKind.NO_SUCH_THREAD, f"Unknown thread id: {target}")
             return None
-        return frame(b"\x03" + words + b" %d" % thread, 0)
+        return frame(b"\x03" + words + b" %d" % found[1], 0)
 
     def _unknown_statement(self, command: int, client_id: int) -> None:
         if command in (Command.STMT_CLOSE, Command.STMT_SEND_LONG_DATA):
@@ -1038,15 +1038,16 @@ class ProxyServer:
         self.ctx = ctx
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or accept from `sock` (a worker's, bound by its supervisor)."""
         loop = asyncio.get_running_loop()
         ctx = self.ctx
+        factory = lambda: ClientConnection(ctx, ctx.new_session_id())  # noqa: E731
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=1024)
+            return
         self._server = await loop.create_server(
-            lambda: ClientConnection(ctx, ctx.new_session_id()),
-            host,
-            port,
-            reuse_address=True,
-            backlog=1024,
+            factory, host, port, reuse_address=True, backlog=1024
         )
 
     def close(self) -> None:

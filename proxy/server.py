@@ -6,7 +6,9 @@ import asyncio
 import logging
 import resource
 import signal
+import socket
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvloop
@@ -16,13 +18,21 @@ from proxy.accounts import Accounts, book_from_config
 from proxy.admission import Admission
 from proxy.backend import BackendConnection, BackendError
 from proxy.context import BackendIdentity, ProxyContext
-from proxy.control import ControlServer
+from proxy.control import ControlServer, LocalProxies, Proxies
 from proxy.frontend import ProxyServer
 from proxy.holder import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
 from proxy.router import Router, default_proxy_id
 from reparent.admin import AdminConnection, AdminError, AdminPool
-from reparent.config import Config, ConfigError, ServerConfig, StoreKind, check_files, load
+from reparent.config import (
+    Config,
+    ConfigError,
+    ServerConfig,
+    StoreKind,
+    check_files,
+    load,
+    workers_value,
+)
 from reparent.controller import Controller
 from reparent.establish import GtidEstablishment
 from reparent.etcdstore import EtcdStore
@@ -111,8 +121,58 @@ def max_allowed_packet(config: Config) -> int:
         return DEFAULT_MAX_PACKET
 
 
-async def run(config: Config, adopt: bool = False) -> None:
-    loop = asyncio.get_running_loop()
+def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The clients' listening socket, bound and listening: one a supervisor passes to its
+    workers, or (with `reuse_port`) one of each worker's, among which the kernel spreads
+    connections."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class DataPath:
+    """One process's proxy: its sessions, routing and buffer, following the store."""
+
+    ctx: ProxyContext
+    router: Router
+    server: ProxyServer
+    refresh: asyncio.Future[None]
+
+    async def serve(self, sock: socket.socket | None = None) -> None:
+        """Accept clients on the config's address, or from `sock`."""
+        p = self.ctx.config.proxy
+        await self.server.start(p.listen_host, p.listen_port, sock)
+
+    async def stop(self) -> None:
+        self.refresh.cancel()
+        self.server.close()
+        await self.router.unregister()
+        self.router.close()
+
+
+async def start_data_path(
+    config: Config,
+    store: TopologyStore,
+    proxy_id: str,
+    *,
+    worker: int = 0,
+    max_connections: int | None = None,
+) -> DataPath:
+    """The proxy side of a Baton (or of one worker): it follows the store at once, and
+    accepts clients from `serve`."""
     primary = config.shard.primary
     try:
         identity = await probe_identity(primary, config.proxy.backend_connect_timeout)
@@ -121,16 +181,6 @@ async def run(config: Config, adopt: bool = False) -> None:
             "primary %s unreachable at start (%s); presenting %s", primary.name, e, FALLBACK.version
         )
         identity = FALLBACK
-    store = await open_store(config)
-    proxy_id = default_proxy_id(config)
-    pool = AdminPool()  # one admin connection per server, shared by every mechanism
-    controller = Controller(
-        config,
-        store,
-        {ReparentKind.PRS: GracefulDemotion(pool), ReparentKind.ERS: FollowerFencing(pool)},
-        GtidEstablishment(max_lag_seconds=config.controller.max_lag, pool=pool),
-        owner=proxy_id,
-    )
     router = Router(config, store, proxy_id)
     holder = Holder(config.buffer)
     metrics.REGISTRY.register(holder)
@@ -140,7 +190,7 @@ async def run(config: Config, adopt: bool = False) -> None:
         config.admin,
     )
     admission = Admission(
-        max_connections=config.proxy.max_connections,
+        max_connections=max_connections or config.proxy.max_connections,
         fd_limit=file_limit(),
         max_connect_errors=config.proxy.max_connect_errors,
     )
@@ -152,66 +202,124 @@ async def run(config: Config, adopt: bool = False) -> None:
         accounts=accounts,
         admission=admission,
         max_packet=await asyncio.to_thread(max_allowed_packet, config),
+        worker=worker,
     )
     router.listener = ctx
     router.holder = holder
     await router.start()
+    refresh = asyncio.ensure_future(accounts.refresh_forever())
+    return DataPath(ctx, router, ProxyServer(ctx), refresh)
+
+
+async def start_controller(controller: Controller, adopt: bool) -> None:
+    """Before any switch or client: finish or undo what a dead controller left, compare the
+    servers with the config and store, then set durability where they agree."""
     for report in await controller.resume():
         log.info("resumed reparent %s: %s", report.id, report.outcome)
     # Nothing acts on a shard before its servers were compared with the config and store.
     await controller.apply_durability(skip=await controller.check_at_start(adopt))
-    refresh = asyncio.ensure_future(accounts.refresh_forever())
-    server = ProxyServer(ctx)
-    await server.start(config.proxy.listen_host, config.proxy.listen_port)
-    control = ControlServer(ctx, controller, config.proxy.control_socket)
-    await control.start()
-    watch = None
-    if config.detector.enabled:
-        # Its reparents' reports get this proxy's buffer counts, as `ctl ers` ones do.
-        watch = Watch(config, store, controller, reported=control.add_buffer_counts)
-    if watch is not None:
-        watch.start()
-    # Finish or undo the switch of a Baton that died holding it (any Baton of a fleet).
-    follower = loop.create_task(controller.follow())
+
+
+def make_controller(config: Config, store: TopologyStore, owner: str) -> Controller:
+    pool = AdminPool()  # one admin connection per server, shared by every mechanism
+    return Controller(
+        config,
+        store,
+        {ReparentKind.PRS: GracefulDemotion(pool), ReparentKind.ERS: FollowerFencing(pool)},
+        GtidEstablishment(max_lag_seconds=config.controller.max_lag, pool=pool),
+        owner=owner,
+    )
+
+
+@dataclass
+class ControlPlane:
+    """The controller's side of a Baton: the control socket, the failure detector and the
+    follower that finishes a dead Baton's switch. In a single process it shares the loop
+    with the data path; with workers it is the supervisor's alone."""
+
+    control: ControlServer
+    watch: Watch | None
+    follower: asyncio.Task[None]
+
+    @classmethod
+    async def start(
+        cls, config: Config, store: TopologyStore, controller: Controller, proxies: Proxies
+    ) -> ControlPlane:
+        control = ControlServer(config, controller, proxies, config.proxy.control_socket)
+        await control.start()
+        watch = None
+        if config.detector.enabled:
+            # Its reparents' reports get the proxies' buffer counts, as `ctl ers` ones do.
+            watch = Watch(config, store, controller, reported=control.add_buffer_counts)
+            watch.start()
+        # Finish or undo the switch of a Baton that died holding it (any Baton of a fleet).
+        follower = asyncio.get_running_loop().create_task(controller.follow())
+        return cls(control, watch, follower)
+
+    def stop(self) -> None:
+        self.follower.cancel()
+        if self.watch is not None:
+            self.watch.close()
+        self.control.close()
+
+
+async def until_stopped() -> None:
+    """Until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run(config: Config, adopt: bool = False) -> None:
+    """One process: the data path and the controller on one event loop (`proxy.workers` 0)."""
+    store = await open_store(config)
+    proxy_id = default_proxy_id(config)
+    controller = make_controller(config, store, proxy_id)
+    data = await start_data_path(config, store, proxy_id)
+    await start_controller(controller, adopt)
+    await data.serve()
+    plane = await ControlPlane.start(config, store, controller, LocalProxies(data.ctx))
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
         "baton serving %s:%d -> %s (%s); control %s; metrics %s:%d",
         config.proxy.listen_host,
         config.proxy.listen_port,
-        primary.name,
-        identity.version,
+        config.shard.primary.name,
+        data.ctx.identity.version,
         config.proxy.control_socket,
         config.proxy.metrics_host,
         config.proxy.metrics_port,
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     log.info("baton stopping")
-    follower.cancel()
-    if watch is not None:
-        watch.close()
-    refresh.cancel()
-    server.close()
-    control.close()
-    await router.unregister()
-    router.close()
+    plane.stop()
+    await data.stop()
     store.close()
 
 
-def main(config_path: str, adopt: bool = False) -> int:
+def main(config_path: str, workers: str | None = None, adopt: bool = False) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         config = load(config_path)
+        if workers is not None:
+            count = workers_value(int(workers) if workers.isdigit() else workers, "--workers")
+            config = replace(config, proxy=replace(config.proxy, workers=count))
         check_files(config)
     except ConfigError as e:
         print(f"baton: bad config: {e}", file=sys.stderr)
         return 2
+    if config.proxy.workers:
+        from proxy.supervisor import run_supervisor
+
+        entry = run_supervisor(config, adopt)
+    else:
+        entry = run(config, adopt)
     try:
-        uvloop.run(run(config, adopt))
+        uvloop.run(entry)
     except (OSError, TopologyError) as e:  # a port in use; a store file that cannot be used
         print(f"baton: cannot start: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,10 @@ BATON_VARIABLES = frozenset(
     }
 )
 
+# Plain ints: an IntFlag's `&` is a Python-level call, and `in_transaction` runs per command.
+_IN_TRANS = int(Status.IN_TRANS)
+_AUTOCOMMIT = int(Status.AUTOCOMMIT)
+
 
 class TxState(enum.StrEnum):
     IDLE = "idle"
@@ -137,6 +141,8 @@ def _unquote(literal: bytes, quote: bytes) -> bytes:
 def _name(raw: bytes) -> str:
     """A name as written (`quoted` parts, a schema.name pair), lower-cased without quotes."""
     return raw.decode("utf-8", "surrogateescape").replace("`", "").lower()
+
+
 UNKNOWN_LOCK = "?"  # GET_LOCK of an expression: which lock is not known
 # Statements that only read, so that running one twice is harmless.
 _READS = re.compile(rb"(?is)\s*(?:\(\s*)*(?:select|show|describe|desc|help|values)\b")
@@ -287,17 +293,17 @@ class SessionState:
 
     @property
     def autocommit(self) -> bool:
-        return bool(self.status & Status.AUTOCOMMIT)
+        return bool(self.status & _AUTOCOMMIT)
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self.status & Status.IN_TRANS)
+        return bool(self.status & _IN_TRANS)
 
     def apply(self, status: int, tracked: list[tuple[int, bytes]]) -> bool:
         """Fold one response's status flags and session-state entries into the record; True
         when they report a change the statement itself must explain (see `note_statement`)."""
         self.status = status
-        if self.xa and not status & Status.IN_TRANS:
+        if self.xa and not status & _IN_TRANS:
             self.xa = False
         if not tracked:
             return False

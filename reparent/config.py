@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 E = TypeVar("E", bound=enum.StrEnum)
 
+
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the key."""
 
@@ -99,6 +100,10 @@ class ProxyConfig:
     max_connect_errors: int = 100  # failed logins in a row that block an address; 0: never
     # Let in accounts that read_only does not fence (SUPER, READ ONLY ADMIN).
     allow_unfenced_users: bool = False
+    # Worker processes serving clients (proxy/supervisor.py); 0: one process serves clients
+    # and runs the controller, as before workers existed. "auto" in the file: the cores.
+    workers: int = 0
+    reuse_port: bool = False  # each worker binds the port itself (SO_REUSEPORT)
 
 
 @dataclass(frozen=True)
@@ -225,7 +230,20 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "max_connections": int,
     "max_connect_errors": int,
     "allow_unfenced_users": bool,
+    "workers": (int, str),
+    "reuse_port": bool,
 }
+
+MAX_WORKERS = 64  # session ids carry the worker in their high bits (proxy/frontend.py)
+
+
+def workers_value(value: int | str, where: str) -> int:
+    """A number of worker processes: 0 to MAX_WORKERS, or "auto" for the machine's cores."""
+    if value == "auto":
+        return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+    if isinstance(value, str) or not 0 <= value <= MAX_WORKERS:
+        raise ConfigError(f'{where}: expected 0 to {MAX_WORKERS} or "auto", got {value!r}')
+    return value
 
 
 def _typed(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -319,6 +337,8 @@ def _proxy(table: Any, default_shard: str) -> ProxyConfig:
         if key in values:
             _host(values[key], f"proxy.{key}")
     values.setdefault("shard", default_shard)
+    if "workers" in values:
+        values["workers"] = workers_value(values["workers"], "proxy.workers")
     for key in ("max_packet_size", "connect_timeout", "max_connections"):
         if values.get(key, 1) <= 0:
             raise ConfigError(f"proxy.{key}: must be positive, got {values[key]}")

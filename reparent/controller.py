@@ -51,6 +51,7 @@ from reparent.topology import (
     PhaseTiming,
     ReparentKind,
     ReparentRecord,
+    ShardTopology,
     Step,
     TopologyError,
     TopologyEvent,
@@ -62,6 +63,8 @@ T = TypeVar("T")
 
 
 FOLLOW_INTERVAL = 1.0  # seconds between looks for a reparent whose controller died
+JOURNAL = "journal"  # the report's name for a store write's phase
+PREFLIGHT = "preflight"  # ... and for an operator's reparent's probe of the shard
 
 
 class Initiator(enum.StrEnum):
@@ -126,8 +129,14 @@ class Controller:
         if to is not None and to == topo.primary:
             raise ReparentRefused(f"{to} is already the primary of shard {shard!r}")
         self._check_allowed(kind, shard, topo.primary, allow_unreachable)
+        phases = []
         if initiator is Initiator.OPERATOR and not force:
+            started, t0 = self.clock(), time.perf_counter()
             await asyncio.to_thread(self._preflight, kind, shard)
+            ms = (time.perf_counter() - t0) * 1000
+            phases.append(PhaseTiming(Step.STARTED, started, ms, PREFLIGHT))
+            if progress is not None:
+                progress(phases[-1])
         lease = await self._store(
             self.store.lock, shard, self.owner, self.config.controller.lock_ttl
         )
@@ -157,7 +166,7 @@ class Controller:
                 term_before=topo.term,
                 term_after=None,
                 step=Step.STARTED,
-                phases=[],
+                phases=phases,
                 positions={},
                 outcome=None,
                 started_at=self.clock(),
@@ -545,12 +554,19 @@ class Controller:
         lease: Lease,
         wait_old_primary: bool = True,
     ) -> ReparentRecord:
+        commit: tuple[int, ShardTopology] | None = None  # a planned switch's last write
         while True:
             record = action.record
             # Journal writes fsync: keep them off the proxy's event loop too.
             if action.finished:
                 record = replace(record, finished_at=self.clock())
-                await asyncio.to_thread(self._journal, record, action.events, True, lease)
+                write = self._finish_with(commit) if commit is not None else self._finish
+                timing = await self._timed(write, record, action.events, lease)
+                # The final write's own time is in the report returned and in the metrics,
+                # not in the stored copy (it was written by then).
+                record = replace(record, phases=[*record.phases, timing])
+                if progress is not None:
+                    progress(timing)
                 metrics.observe(record)
                 log.info(
                     "reparent %s %s of %s: %s -> %s, %s%s",
@@ -563,7 +579,11 @@ class Controller:
                     f" ({record.reason})" if record.reason else "",
                 )
                 return record
-            await asyncio.to_thread(self._journal, record, action.events, False, lease)
+            if action.journal:
+                timing = await self._timed(self._put, record, action.events, lease)
+                orch.timed(timing)
+                if progress is not None:
+                    progress(timing)
             assert action.call is not None
             started = self.clock()
             t0 = time.perf_counter()
@@ -583,20 +603,59 @@ class Controller:
             orch.timed(timing)
             if progress is not None:
                 progress(timing)
+            if action.call is Call.COMMIT and isinstance(result, tuple):
+                commit, result = result, None  # written with the final record
             action = orch.done(result) if error is None else orch.failed(error)
 
-    def _journal(
+    async def _timed(
         self,
+        write: Callable[[ReparentRecord, tuple[TopologyEvent, ...], Lease], None],
         record: ReparentRecord,
         events: tuple[TopologyEvent, ...],
-        finished: bool,
         lease: Lease,
-    ) -> None:
+    ) -> PhaseTiming:
+        """One store write, off the event loop; its duration is a phase of the report of its
+        own (`journal`), so a slow disk or a slow etcd shows apart from the servers' calls."""
+        started = self.clock()
+        t0 = time.perf_counter()
+        await asyncio.to_thread(write, record, events, lease)
+        return PhaseTiming(record.step, started, (time.perf_counter() - t0) * 1000, JOURNAL)
+
+    def _put(self, record: ReparentRecord, events: tuple[TopologyEvent, ...], lease: Lease) -> None:
         """The step and its events in one write: an event is never ahead of the journal."""
-        if finished:
-            self.store.journal_finish(record, events, lease=lease)
-        else:
-            self.store.journal_put(record, events, lease=lease)
+        self.store.journal_put(record, events, lease=lease)
+
+    def _finish(
+        self, record: ReparentRecord, events: tuple[TopologyEvent, ...], lease: Lease
+    ) -> None:
+        self.store.journal_finish(record, events, lease=lease)
+
+    def _finish_with(
+        self, commit: tuple[int, ShardTopology]
+    ) -> Callable[[ReparentRecord, tuple[TopologyEvent, ...], Lease], None]:
+        """The final write of a planned switch: new primary and term with the finished record.
+        Only a config's server list adopted by another Baton can move the shard's version
+        meanwhile (the lock keeps other writers out): then it is read and tried again."""
+
+        def write(record: ReparentRecord, events: tuple[TopologyEvent, ...], lease: Lease) -> None:
+            version, topo = commit
+            for _ in range(3):
+                if self.store.commit_finish(record, version, topo, events, lease=lease):
+                    return
+                current = self.store.read(record.shard)
+                if (current.value.primary, current.value.term) != (
+                    record.old_primary,
+                    record.term_before,
+                ):
+                    break
+                version = current.version
+                topo = replace(current.value, primary=topo.primary, term=topo.term)
+            raise TopologyError(
+                f"shard {record.shard}: the topology moved during the switch; the journal "
+                "still says it holds, so the switch is undone when it is resumed"
+            )
+
+        return write
 
     def _call(
         self,
@@ -629,21 +688,25 @@ class Controller:
             return self.revocations[kind].undo(ctx, p.revoked)
         return self._commit(orch, lease)
 
-    def _commit(self, orch: Orchestrator, lease: Lease) -> None:
-        """Publish the new primary and term, unless the shard changed under us."""
+    def _commit(self, orch: Orchestrator, lease: Lease) -> tuple[int, ShardTopology] | None:
+        """Publish the new primary and term, unless the shard changed under us. A planned
+        switch only checks here and returns the write, which goes with its final one."""
         r = orch.record
         new = r.new_primary or r.candidate
         current = self.store.read(r.shard)
         topo = current.value
         if topo.primary == new and topo.term == orch.new_term:
-            return  # a resumed reparent whose commit had already happened
+            return None  # a resumed reparent whose commit had already happened
         if topo.term != r.term_before:
             raise MechanismError(
                 FailureKind.INVALID, f"shard term moved to {topo.term} during the reparent"
             )
         updated = replace(topo, primary=new, term=orch.new_term)
+        if orch.planned:
+            return current.version, updated
         if not self.store.compare_and_set(r.shard, current.version, updated, lease=lease):
             raise MechanismError(FailureKind.INVALID, "shard topology changed during commit")
+        return None
 
     def _context(self, orch: Orchestrator, timeout: float | None) -> ReparentContext:
         r = orch.record

@@ -288,6 +288,29 @@ class EtcdStore(TopologyStore):
         *,
         lease: Lease | None = None,
     ) -> None:
+        self._finish(record, events, lease)
+
+    def commit_finish(
+        self,
+        record: ReparentRecord,
+        expected_version: int,
+        topology: ShardTopology,
+        events: tuple[TopologyEvent, ...] = (),
+        *,
+        lease: Lease | None = None,
+    ) -> bool:
+        """One txn: the new topology, the finished record and the events."""
+        return self._finish(record, events, lease, (expected_version, topology))
+
+    def _finish(
+        self,
+        record: ReparentRecord,
+        events: tuple[TopologyEvent, ...],
+        lease: Lease | None,
+        commit: tuple[int, ShardTopology] | None = None,
+    ) -> bool:
+        """The record to the history and the in-flight slot cleared, with `commit`'s topology
+        if given (False, and nothing written, if the shard moved from its version)."""
         if record.outcome is None:
             raise ValueError(f"reparent {record.id} has no outcome yet")
         shard = _q(record.shard)
@@ -296,8 +319,14 @@ class EtcdStore(TopologyStore):
             _delete(self._key("journal", shard)),
             _put(self._key("history", shard, finished), record.to_dict()),
         ]
-        self._journal_txn(record, lease, ops, events)
+        version = None
+        if commit is not None:
+            version, topology = commit
+            ops.append(_put(self._key("topology", shard), topology.to_dict()))
+        if not self._journal_txn(record, lease, ops, events, topology_version=version):
+            return False
         self._trim_history(record.shard)
+        return True
 
     def _journal_txn(
         self,
@@ -305,9 +334,11 @@ class EtcdStore(TopologyStore):
         lease: Lease | None,
         ops: list[dict[str, Any]],
         events: tuple[TopologyEvent, ...],
-    ) -> None:
+        topology_version: int | None = None,
+    ) -> bool:
         """`ops` and the events' put in one txn, if the shard exists, the in-flight slot is
-        free or this record's, and `lease` (if any) still holds the lock."""
+        free or this record's, and `lease` (if any) still holds the lock; with
+        `topology_version`, only if the shard's topology is still at it (False if not)."""
         shard = _q(record.shard)
         journal_key = self._key("journal", shard)
         topology_key = self._key("topology", shard)
@@ -332,10 +363,14 @@ class EtcdStore(TopologyStore):
                     )
                 slot = current[0].mod_revision
             compare = [_compare(journal_key, "MOD", slot), *self._held(lease)]
+            if topology_version is not None:
+                if topology[0].version != topology_version:
+                    return False
+                compare.append(_compare(topology_key, "VERSION", topology_version))
             with self._reach():
                 ok, _, _ = self.client.txn(compare, ops)
             if ok:
-                return
+                return True
             self._check_held(lease)
         raise JournalConflictError(f"shard {record.shard}: the journal kept changing")
 

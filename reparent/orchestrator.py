@@ -46,11 +46,14 @@ class Call(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Action:
-    """Journal `record` first, then publish `events`, then make `call` (or stop)."""
+    """Journal `record` first, then publish `events`, then make `call` (or stop). An action
+    with `journal` False is not written: its step is one a resume never needs (see
+    `Orchestrator`), and its events wait for the next write, never ahead of the journal."""
 
     record: ReparentRecord
     call: Call | None = None
     events: tuple[TopologyEvent, ...] = ()
+    journal: bool = True
 
     @property
     def finished(self) -> bool:
@@ -71,12 +74,27 @@ def _with(record: ReparentRecord, step: Step, **changes: object) -> ReparentReco
 
 
 class Orchestrator:
-    """Decides one reparent. `start` or `resume`, then `done(result)` / `failed(error)`."""
+    """Decides one reparent. `start` or `resume`, then `done(result)` / `failed(error)`.
+
+    A planned switch makes two durable writes, one at each end of its hold: every write
+    inside the hold is time each held client waits (one of 459 ms was seen on a shared disk),
+    and every write before it delays the hold's start. Choosing and catching up the candidate
+    change nothing a resume would need to undo, so the first write is HOLDING (with the event
+    that makes the proxies hold); a controller that dies before it leaves no journal, and the
+    old primary never stopped serving. The journal says HOLDING until the final write, which
+    sets the new primary and term and finishes the record at once
+    (`TopologyStore.commit_finish`).
+    So a controller that dies inside the hold is resumed from HOLDING whatever it had done:
+    the candidate is made read_only again (`abandon`, harmless if it was never promoted) and
+    the old primary writable (`undo`). An emergency reparent still journals each step, since
+    it cannot give a dead primary back and must roll forward.
+    """
 
     def __init__(self, record: ReparentRecord) -> None:
         self.record = record
         self.progress = Progress()
         self._call: Call | None = None
+        self._deferred: tuple[TopologyEvent, ...] = ()  # events of unjournaled actions
 
     @property
     def planned(self) -> bool:
@@ -92,7 +110,7 @@ class Orchestrator:
         """A new reparent. Planned: choose first, nothing is touched until the candidate is
         known to be fit. Emergency: fence first, then choose among the fenced replicas."""
         if self.planned:
-            return self._act(Step.STARTED, Call.CHOOSE)
+            return self._act(Step.STARTED, Call.CHOOSE, journal=False)
         return self._hold_then_revoke()
 
     def resume(self) -> Action:
@@ -102,6 +120,11 @@ class Orchestrator:
         step = r.step
         if step in (Step.STARTED, Step.CANDIDATE_CHOSEN, Step.PREPARED) and self.planned:
             return self._finish(Outcome.ABORTED, "controller restarted before revocation")
+        if self.planned and step in (Step.HOLDING, Step.REVOKING) and r.candidate is not None:
+            # Revocation may be half done, and the candidate promoted (nothing inside the
+            # hold is journaled): take the promotion back, then give the old primary back.
+            self.record = replace(r, reason="controller restarted during the switch")
+            return self._act(Step.UNDOING, Call.ABANDON)
         if step is Step.UNDOING or (self.planned and step in (Step.HOLDING, Step.REVOKING)):
             # Revocation may be half done: give the old primary back.
             return self._undo("controller restarted during revocation")
@@ -130,7 +153,7 @@ class Orchestrator:
             positions[f"{result.name}_chosen"] = result.gtid_position
             self.record = replace(self.record, candidate=result.name, positions=positions)
             if self.planned:
-                return self._act(Step.CANDIDATE_CHOSEN, Call.PREPARE)
+                return self._act(Step.CANDIDATE_CHOSEN, Call.PREPARE, journal=False)
             return self._act(Step.ESTABLISHING, Call.ESTABLISH)
         if call is Call.PREPARE:
             return self._hold_then_revoke()
@@ -143,7 +166,7 @@ class Orchestrator:
             self.record = replace(self.record, positions=positions)
             event = Revoked(self.record.shard, self.record.old_primary, result.gtid_position)
             if self.planned:
-                return self._act(Step.REVOKED, Call.ESTABLISH, (event,))
+                return self._act(Step.REVOKED, Call.ESTABLISH, (event,), journal=False)
             return self._act(Step.REVOKED, Call.CHOOSE, (event,))
         if call is Call.ESTABLISH:
             assert isinstance(result, EstablishmentProof)
@@ -151,7 +174,8 @@ class Orchestrator:
             positions = dict(self.record.positions)
             positions["new_primary_writable"] = result.gtid_position
             self.record = replace(self.record, new_primary=result.new_primary, positions=positions)
-            return self._act(Step.ESTABLISHED, Call.COMMIT)
+            # Planned: the compare-and-set goes in the final write (commit_finish).
+            return self._act(Step.ESTABLISHED, Call.COMMIT, journal=not self.planned)
         if call is Call.COMMIT:
             new = self.record.new_primary or self.record.candidate
             assert new is not None
@@ -204,9 +228,19 @@ class Orchestrator:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _act(self, step: Step, call: Call, events: tuple[TopologyEvent, ...] = ()) -> Action:
+    def _act(
+        self,
+        step: Step,
+        call: Call,
+        events: tuple[TopologyEvent, ...] = (),
+        journal: bool = True,
+    ) -> Action:
         self._call = call
         self.record = _with(self.record, step)
+        if not journal:
+            self._deferred += events
+            return Action(self.record, call, (), journal=False)
+        events, self._deferred = self._deferred + events, ()
         return Action(self.record, call, events)
 
     def _hold_then_revoke(self) -> Action:
@@ -225,6 +259,7 @@ class Orchestrator:
         self._call = None
         reason = reason or self.record.reason
         self.record = _with(self.record, Step.DONE, outcome=outcome, reason=reason)
+        events, self._deferred = self._deferred + events, ()
         return Action(self.record, None, events)
 
     def _restore(self) -> None:

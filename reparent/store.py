@@ -24,6 +24,7 @@ from reparent.config import Config
 from reparent.topology import (
     ReparentRecord,
     ShardTopology,
+    Step,
     TopologyError,
     TopologyEvent,
     UnknownShardError,
@@ -204,6 +205,30 @@ class TopologyStore(ABC):
         """Move a record with an outcome to the history, clear the in-flight slot and publish
         `events`, in one durable write, so a restart sees the reparent either in flight or
         finished."""
+
+    def commit_finish(
+        self,
+        record: ReparentRecord,
+        expected_version: int,
+        topology: ShardTopology,
+        events: tuple[TopologyEvent, ...] = (),
+        *,
+        lease: Lease | None = None,
+    ) -> bool:
+        """A planned reparent's last write: compare-and-set the shard's `topology` (new
+        primary, new term) and finish `record`, then publish `events`. False, and nothing
+        written, if the shard is no longer at `expected_version`.
+
+        Stores that can do it in one atomic write override this: inside a switch's hold,
+        each durable write is time every held client waits. This default is three writes
+        that are safe in any order of crashes: the record is journaled as established first,
+        so a controller that dies after the compare-and-set rolls forward from the journal.
+        """
+        self.journal_put(replace(record, step=Step.ESTABLISHED, outcome=None), lease=lease)
+        if not self.compare_and_set(record.shard, expected_version, topology, lease=lease):
+            return False
+        self.journal_finish(record, events, lease=lease)
+        return True
 
     @abstractmethod
     def history(self, shard: str | None = None, limit: int = 50) -> list[ReparentRecord]:

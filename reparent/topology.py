@@ -19,6 +19,7 @@ from reparent.config import ShardConfig
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
+
 class TopologyError(Exception):
     """A topology request that cannot be met; the message names the shard or the file."""
 
@@ -29,8 +30,6 @@ class UnknownShardError(TopologyError, LookupError):
 
 class JournalConflictError(TopologyError):
     """Another reparent is in flight on the shard; two must never interleave in one journal."""
-
-
 
 
 # -- the model ------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ def test_shared_backend_account_is_refused_by_name(tmp_path: Path) -> None:
         (("connect_timeout = 10.0", "connect_timeout = 0"), "proxy.connect_timeout"),
         (("max_connections = 4096", "max_connections = -1"), "proxy.max_connections"),
         (("max_connect_errors = 100", "max_connect_errors = -1"), "proxy.max_connect_errors"),
+        (("workers = 0", "workers = 65"), "proxy.workers"),
+        (("workers = 0", 'workers = "many"'), "proxy.workers"),
+        (("workers = 0", "workers = -1"), "proxy.workers"),
+        (("reuse_port = false", "reuse_port = 1"), "proxy.reuse_port"),
         (("proxy_protocol = false", "proxy_protocol = 1"), "backend.proxy_protocol"),
         (("port = 23302", "port = 0"), "shards[0].servers[1].port"),
         (('store = "file"', 'store = "zookeeper"'), "topology.store"),
@@ -125,6 +129,12 @@ def test_serve_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "proxy.listen_port" in proc.stderr
+
+
+def test_workers_auto_is_the_cores(tmp_path: Path) -> None:
+    path = tmp_path / "baton.toml"
+    path.write_text(EXAMPLE.read_text().replace("workers = 0", 'workers = "auto"'))
+    assert load(str(path)).proxy.workers == len(os.sched_getaffinity(0))
 
 
 def test_durability_and_replication_address(tmp_path: Path) -> None:

@@ -122,6 +122,26 @@ def test_journal_and_events_are_written_together_and_delivered_in_order(
     assert events.wait_for(2) == [ReparentStarted("main", 2), Established("main", "db2", 2)]
 
 
+def test_commit_finish_writes_topology_and_report_at_once_or_nothing(
+    store: TopologyStore,
+) -> None:
+    """A planned switch's last write: the new primary and term, the finished record and the
+    event together; a version that moved writes nothing."""
+    events = Events(store)
+    r = record()
+    store.journal_put(r)
+    current = store.read("main")
+    moved = replace(current.value, primary="db2", term=2)
+    done = replace(r, step=Step.DONE, outcome=Outcome.SUCCEEDED, finished_at=time.time())
+    assert not store.commit_finish(done, current.version + 1, moved)
+    assert store.read("main") == current and store.journal_get("main") == r
+    assert store.commit_finish(done, current.version, moved, (Established("main", "db2", 2),))
+    assert store.read("main") == type(current)(moved, current.version + 1)
+    assert store.journal_get("main") is None
+    assert [h.id for h in store.history("main")] == ["r1"]
+    assert events.wait_for(1) == [Established("main", "db2", 2)]
+
+
 def test_a_new_subscriber_mid_switch_is_told_to_hold(store: TopologyStore) -> None:
     store.journal_put(record(step=Step.REVOKING), (ReparentStarted("main", 2),))
     late = Events(store)
