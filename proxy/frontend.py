@@ -453,6 +453,8 @@ class ClientConnection(asyncio.Protocol):
                 self._too_large(limit)
                 return
             if not infile and buf[pos + 3] != 0 and length != 0:
+                if length == 1 and len(buf) == pos + 4:
+                    break  # its byte decides: a COM_QUIT is taken at any sequence id
                 if length == 1 and buf[pos + 4] == _QUIT:
                     # MariaDB takes COM_QUIT whatever its sequence id (some clients send it
                     # mid-sequence when they close).

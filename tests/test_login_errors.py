@@ -272,6 +272,30 @@ def test_a_dropped_client_is_an_aborted_client_on_the_server_as_direct(
     assert metric(baton.scrape(), "baton_client_protocol_errors_total") == errors
 
 
+@pytest.mark.parametrize("payload", [bytes((Command.QUIT,)), b"\x0e"])
+def test_a_header_out_of_sequence_whose_byte_comes_later_is_decided_on_it(
+    baton: Baton, payload: bytes
+) -> None:
+    """A one-byte command whose header (sequence id 5) arrives before its byte: Baton waits
+    for the byte, then closes quietly for a COM_QUIT or answers 1156 for anything else. The
+    fuzzer found the session machine's shell reading the byte before it had come (an
+    IndexError and a traceback)."""
+    before = baton.log.read_text().count("Traceback")
+    c = RawClient(baton.port)
+    c.query("SELECT 1")
+    c.sock.sendall(b"\x01\x00\x00\x05")
+    time.sleep(0.2)
+    c.sock.sendall(payload)
+    c.sock.settimeout(5)
+    if payload[0] == Command.QUIT:
+        assert c.sock.recv(10) == b""
+    else:
+        seq, reply = c.read_packet()
+        assert (seq, reply[1:3]) == (6, (1156).to_bytes(2, "little")), reply
+    time.sleep(0.2)
+    assert baton.log.read_text().count("Traceback") == before
+
+
 def test_a_client_that_leaves_mid_statement_costs_nothing_more(
     baton: Baton, primary_port: int
 ) -> None:
