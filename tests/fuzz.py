@@ -187,8 +187,7 @@ def command_payload(rng: random.Random, nonce: bytes) -> bytes:
         body = b"app\x00" + bytes((len(auth),)) + auth + b"baton_test\x00\x2d\x00"
         body += b"mysql_native_password\x00"
     elif command == Command.PROCESS_KILL:
-        # Ids no session has (a small one could be the canary's server thread, which the
-        # fuzzer's own account may rightly kill).
+        # Ids no session has (mutations may still reach the canary's: see `fuzz`).
         body = struct.pack("<I", rng.choice((1 << 30, 0xFFFFFFFF, 999_999_999, 0)))
     else:
         body = b""
@@ -341,8 +340,14 @@ def _closed(s: socket.socket) -> bool:
 
 
 def fuzz(port: int, pid: int, log: Path, frames: int, seed: int) -> Report:
+    # The canary is another account than the fuzzed sessions' (`app`): a mutated KILL may name
+    # the canary's session, and the server lets an account kill its own connections.
     canary = pymysql.connect(
-        host="127.0.0.1", port=port, user="app", password="app-pass", ssl_disabled=True
+        host="127.0.0.1",
+        port=port,
+        user="reporting",
+        password="reporting-pass",
+        ssl_disabled=True,
     )
     try:
         return Fuzzer(port, pid, log, seed).run(frames, canary)
