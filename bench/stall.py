@@ -21,11 +21,10 @@ from collections.abc import Callable
 from bench.process import exit_on_signals, progress
 from bench.record import load_average
 from bench.stack import running_stack
-from harness.baton import start_baton
 from harness.clients import admin_conn, connect
 
 BIG = 60 << 20  # bytes of the large statement's string
-PACKET = 64 << 20  # max_allowed_packet on the server and Baton's max_packet_size
+PACKET = 64 << 20  # max_allowed_packet on the server, which Baton takes as its own bound
 
 
 def worst_beside_big(port: int) -> float:
@@ -68,28 +67,18 @@ def main() -> None:
         admin = admin_conn(stack.primary_port)
         admin.cursor().execute(f"SET GLOBAL max_allowed_packet = {PACKET}")
         admin.close()
-        # A Baton started after the setting, so its commands may be as large.
-        baton = start_baton(
-            stack.sandbox.config_path,
-            stack.workdir / "large",
-            stack.baton.metrics_port + 1,
-            controller={"store": str(stack.workdir / "large" / "store.json")},
-            detector={"enabled": False},
-            proxy={"max_packet_size": PACKET},
-        )
+        # Baton reads max_allowed_packet from the primary at start: a new one takes 64 MiB.
+        baton = stack.restart_baton("large")
         paths: dict[str, Callable[[], float]] = {
             "direct": lambda: worst_beside_big(stack.primary_port),
             "HAProxy": lambda: worst_beside_big(stack.haproxy.port),
             "Baton": lambda: worst_beside_big(baton.port),
         }
         figures: dict[str, list[float]] = {name: [] for name in paths}
-        try:
-            for i in range(args.rounds):
-                for name, measure in paths.items():
-                    figures[name].append(measure())
-                    progress(f"round {i + 1} {name}: {figures[name][-1]:.1f} ms")
-        finally:
-            baton.stop()
+        for i in range(args.rounds):
+            for name, measure in paths.items():
+                figures[name].append(measure())
+                progress(f"round {i + 1} {name}: {figures[name][-1]:.1f} ms")
     print(f"load average at the end: {load_average()}")
     print("| path | worst SELECT 1 beside 60 MiB, median ms | max ms | rounds |")
     print("|---|---:|---:|---|")
