@@ -62,6 +62,7 @@ from reparent.store import (
     StoreUnavailableError,
     TopologyStore,
     adopt_shards,
+    check_topology_shard,
     notify,
     report_from_json,
 )
@@ -247,8 +248,7 @@ class EtcdStore(TopologyStore):
         *,
         lease: Lease | None = None,
     ) -> bool:
-        if new.name != shard:
-            raise ValueError(f"topology of shard {new.name!r} written to shard {shard!r}")
+        check_topology_shard(shard, new)
         key = self._key("topology", _q(shard))
         compare = [_compare(key, "VERSION", expected_version), *self._held(lease)]
         with self._reach():
@@ -300,6 +300,7 @@ class EtcdStore(TopologyStore):
         lease: Lease | None = None,
     ) -> bool:
         """One txn: the new topology, the finished record and the events."""
+        check_topology_shard(record.shard, topology)
         return self._finish(record, events, lease, (expected_version, topology))
 
     def _finish(

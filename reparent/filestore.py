@@ -25,6 +25,7 @@ from reparent.store import (
     TopologyStore,
     Waiter,
     adopt_shards,
+    check_topology_shard,
     notify,
 )
 from reparent.topology import (
@@ -126,8 +127,7 @@ class FileStore(TopologyStore):
         *,
         lease: Lease | None = None,
     ) -> bool:
-        if new.name != shard:
-            raise ValueError(f"topology of shard {new.name!r} written to shard {shard!r}")
+        check_topology_shard(shard, new)
         with self._lock:
             self._holds(lease)
             current = self._topology.get(shard)
@@ -190,8 +190,7 @@ class FileStore(TopologyStore):
         """One write of the file: the new topology and the finished record together."""
         if record.outcome is None:
             raise ValueError(f"reparent {record.id} has no outcome yet")
-        if topology.name != record.shard:
-            raise ValueError(f"topology of shard {topology.name!r} for reparent of {record.shard}")
+        check_topology_shard(record.shard, topology)
         with self._publishing:
             with self._lock:
                 if self._known(record.shard).version != expected_version:

@@ -310,6 +310,13 @@ class TopologyStore(ABC):
         """Stop the store's own threads and connections."""
 
 
+def check_topology_shard(shard: str, topology: ShardTopology) -> None:
+    """Refuse to write a shard's topology under another shard's key: a caller's bug that would
+    otherwise move a primary in the wrong shard. Every store checks it before writing."""
+    if topology.name != shard:
+        raise ValueError(f"topology of shard {topology.name!r} written to shard {shard!r}")
+
+
 def notify(callbacks: list[Callable[[TopologyEvent], None]], event: TopologyEvent) -> None:
     """Deliver `event` to each callback in turn; one that raises is logged, and the others
     still get the event."""

@@ -135,6 +135,9 @@ def test_commit_finish_writes_topology_and_report_at_once_or_nothing(
     done = replace(r, step=Step.DONE, outcome=Outcome.SUCCEEDED, finished_at=time.time())
     assert not store.commit_finish(done, current.version + 1, moved)
     assert store.read("main") == current and store.journal_get("main") == r
+    with pytest.raises(ValueError, match="written to shard 'main'"):
+        store.commit_finish(done, current.version, replace(moved, name="other"))
+    assert store.read("main") == current and store.journal_get("main") == r
     assert store.commit_finish(done, current.version, moved, (Established("main", "db2", 2),))
     assert store.read("main") == type(current)(moved, current.version + 1)
     assert store.journal_get("main") is None
