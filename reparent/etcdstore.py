@@ -38,7 +38,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from reparent.config import Config
 from reparent.etcd import (
@@ -84,6 +84,7 @@ from reparent.topology import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HISTORY_PER_SHARD = 200
 MIN_TTL = 2  # etcd's smallest lease, in whole seconds
@@ -179,7 +180,6 @@ class EtcdStore(TopologyStore):
         self._pending: set[int] = set()  # subscribers not yet told what is going on now
         self._ids = itertools.count()
         self._stream = _Stream(self)
-        self._closed = False
 
     @classmethod
     def open(
@@ -547,17 +547,14 @@ class EtcdStore(TopologyStore):
                 entry = None
             if entry is None:
                 lease = self.client.grant(_ttl(ttl))
-                self.client.txn(
-                    [], [_put(self._key("proxies", _q(proxy.id)), info), _put(live, info, lease)]
-                )
             elif entry[1] != info:
-                # The kept copy too: a proxy that dies is shown as it last was.
                 lease = entry[0]
-                self.client.txn(
-                    [], [_put(self._key("proxies", _q(proxy.id)), info), _put(live, info, lease)]
-                )
             else:
                 return
+            # The kept copy too: a proxy that dies is shown as it last was.
+            self.client.txn(
+                [], [_put(self._key("proxies", _q(proxy.id)), info), _put(live, info, lease)]
+            )
             self._registered[proxy.id] = (lease, info)
 
     def unregister_proxy(self, proxy_id: str) -> None:
@@ -674,7 +671,6 @@ class EtcdStore(TopologyStore):
                 watch.close()
 
     def close(self) -> None:
-        self._closed = True
         self._stream.stop()
         self.client.close()
 
@@ -792,11 +788,15 @@ class _Stream:
                 return
             what, shard = parts[0], _uq(parts[1])
             if what == "topology" and kind == "PUT":
-                self.topology[shard] = store._topology(kv).value
-                self.seen.setdefault(shard, Seen(self.topology[shard].term))
+                topology = self._parsed(store._topology, kv)
+                if topology is not None:
+                    self.topology[shard] = topology.value
+                    self.seen.setdefault(shard, Seen(topology.value.term))
             elif what == "journal":
                 if kind == "PUT":
-                    self.journal[shard] = store._record(kv)
+                    record = self._parsed(store._record, kv)
+                    if record is not None:
+                        self.journal[shard] = record
                 else:
                     self.journal.pop(shard, None)
             elif what == "events" and kind == "PUT":
@@ -808,6 +808,16 @@ class _Stream:
                     return
                 for event in events:
                     self._deliver(event)
+
+    @staticmethod
+    def _parsed(parse: Callable[[KeyValue], T], kv: KeyValue) -> T | None:
+        """A damaged value is skipped alone, as damaged events are: raising would watch again
+        from after this revision and lose the rest of its transaction (its events)."""
+        try:
+            return parse(kv)
+        except TopologyError as e:
+            log.error("%s; skipped", e)
+            return None
 
     def _deliver(self, event: TopologyEvent) -> None:
         seen = self.seen.get(event.shard)

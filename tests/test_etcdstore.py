@@ -15,7 +15,7 @@ import pytest
 
 from reparent.config import load
 from reparent.etcdsandbox import EtcdCluster, pick_ports
-from reparent.etcdstore import EtcdStore
+from reparent.etcdstore import EtcdStore, _put
 from reparent.filestore import FileStore
 from reparent.store import LEADER, LockLostError, ProxyInfo, StoreUnavailableError, TopologyStore
 from reparent.topology import (
@@ -28,6 +28,7 @@ from reparent.topology import (
     ReparentStarted,
     Step,
     TopologyEvent,
+    event_to_dict,
 )
 from tests.faultshim import FaultShim
 from tests.fixtures import ETCD_PORTS, etcd_cluster
@@ -203,6 +204,28 @@ def test_annotate_keeps_each_proxys_counts(store: TopologyStore) -> None:
 
 
 # -- etcd only -------------------------------------------------------------------------------
+
+
+def test_a_damaged_journal_value_costs_only_itself_not_its_transactions_events(
+    etcd: EtcdCluster,
+) -> None:
+    """A journal value the watch cannot read, written in one txn with events: the value is
+    skipped and logged, the events are still delivered (the watch used to raise, watch again
+    from after that revision, and so lose the events of the same transaction)."""
+    store = etcd_store(etcd)
+    try:
+        events = Events(store)
+        aborted = {"events": [event_to_dict(Aborted("main", "test"))]}
+        store.client.txn(
+            [],
+            [
+                _put(store._key("journal", "main"), {"not": "a record"}),
+                _put(store._key("events", "main"), aborted),
+            ],
+        )
+        assert events.wait_for(1, timeout=5) == [Aborted("main", "test")]
+    finally:
+        store.close()
 
 
 def test_a_lapsed_proxy_stops_counting_and_is_named(etcd: EtcdCluster) -> None:
