@@ -79,9 +79,11 @@ log = logging.getLogger(__name__)
 HIGH_WATER = 1 << 20
 _STATS = metrics.COMMAND_STATS
 
-# KILL naming a connection by id: the words before the id are kept as they are.
+# KILL naming a connection by id: the words before the id are kept as they are. The tail is
+# `\s*(?:;\s*)?`, not `\s*;?\s*`: two adjacent runs of spaces backtrack quadratically over a
+# client's long run of them, stalling the event loop.
 _KILL = re.compile(
-    rb"(?is)\s*(kill(?:\s+(?:hard|soft))?(?:\s+(?:connection|query))?)\s+(\d{1,20})\s*;?\s*"
+    rb"(?is)\s*(kill(?:\s+(?:hard|soft))?(?:\s+(?:connection|query))?)\s+(\d{1,20})\s*(?:;\s*)?"
 )
 # Plain names for the hot path (an enum member is an attribute lookup each time).
 _LOGIN, _IDLE, _INFILE, _CLOSED = Phase.LOGIN, Phase.IDLE, Phase.INFILE, Phase.CLOSED

@@ -141,6 +141,23 @@ def test_truncated_statement_commands_get_the_servers_error(door: Baton) -> None
     c.close()
 
 
+def test_a_kill_followed_by_64_kib_of_spaces_does_not_stall_baton(door: Baton) -> None:
+    """`kill 1` and 64 KiB of spaces before a stray byte: the KILL screen's regex backtracked
+    quadratically over the spaces (about 12 s of the event loop, every session waiting; a
+    16 MiB statement would take days). Now the statement goes to the server at once and gets
+    its syntax error, and Baton stays responsive."""
+    c = RawClient(door.port)
+    c.sock.settimeout(30)
+    started = time.monotonic()
+    err = parse_err(c.query("kill 1" + " " * (64 << 10) + "x")[4:])
+    assert err.code == 1064
+    assert time.monotonic() - started < 2.0
+    c.close()
+    canary = door.connect()
+    still_healthy(door, canary)
+    canary.close()
+
+
 def test_unoffered_compression_is_refused_at_once(door: Baton) -> None:
     """mysql-connector-python with compress=True used to hang in connect() for ever."""
     import mysql.connector
