@@ -95,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
     """One client socket: its login, then a byte relay of its session to a server.
 
     Mutable attributes: the transport and its write, the input buffer's read offset and its
-    waiter, three flow-control flags, and four for the command in progress (when it started,
+    waiter, four flow-control flags, and four for the command in progress (when it started,
     its command byte, whether any of its result reached the client, the task it waits in).
     The session's lifecycle is the machine's; its server connection is the link's."""
 
@@ -118,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self._admitted = False
         self._paused = False
         self._backend_full = False  # the server reads our writes slower than we send
+        self._pumping = False  # `_take` is running: a nested `_pump` leaves the work to it
         self._streaming = 0  # bytes of a large command already passed on, packet by packet
         self._started = 0.0
         self._command_byte = 0
@@ -426,15 +427,27 @@ class ClientConnection(asyncio.Protocol):
             self._pump()
 
     def _pump(self) -> None:
-        """Take whole packets from the client while the session is free to act on them."""
-        machine = self.machine
-        if machine.phase is _CLOSED or self._backend_full:
+        """Take whole packets from the client while the session is free to act on them. A
+        command Baton answers itself ends within `_take`, whose NEXT calls this again: that
+        call returns at once and the running loop takes the next command, so thousands of
+        pipelined ones do not nest thousands of calls deep."""
+        if self.machine.phase is _CLOSED or self._backend_full or self._pumping:
             return
+        self._pumping = True
+        try:
+            self._take()
+        finally:
+            self._pumping = False
+
+    def _take(self) -> None:
+        machine = self.machine
         limit = self.ctx.max_packet
         buf = self._inbuf
-        while (machine.phase is _IDLE or machine.phase is _INFILE or self._streaming) and len(
-            buf
-        ) - self._inpos >= 4:
+        while (
+            (machine.phase is _IDLE or machine.phase is _INFILE or self._streaming)
+            and len(buf) - self._inpos >= 4
+            and not self._backend_full
+        ):
             pos = self._inpos
             length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
             if self._streaming:
@@ -490,7 +503,10 @@ class ClientConnection(asyncio.Protocol):
                 self._command(raw)
             if machine.phase is _CLOSED:
                 return
-        if machine.phase is _IDLE or machine.phase is _INFILE or self._streaming:
+        # Not while the server takes our writes slower than they come (backend_full resumes).
+        if (
+            machine.phase is _IDLE or machine.phase is _INFILE or self._streaming
+        ) and not self._backend_full:
             self._pause(False)
 
     def _command(self, raw: bytes) -> None:

@@ -158,6 +158,21 @@ def test_a_kill_followed_by_64_kib_of_spaces_does_not_stall_baton(door: Baton) -
     canary.close()
 
 
+def test_thousands_of_pipelined_commands_baton_answers_itself(door: Baton) -> None:
+    """3,000 COM_STMT_CLOSE of unknown statements (the server answers none, nor does Baton)
+    sent in one write, then SELECT 1: each was taken by a call nested in the one before, so
+    about a thousand of them ended the session in a RecursionError and a traceback."""
+    before = door.log.read_text().count("Traceback")
+    c = RawClient(door.port)
+    c.sock.settimeout(10)
+    c.sock.sendall(frame(b"\x19\x07\x00\x00\x00", 0) * 3000 + frame(b"\x03SELECT 1", 0))
+    answer = c.response(Command.QUERY)
+    assert answer[4:5] == b"\x01", answer[:80]  # one column: SELECT 1 was answered
+    c.close()
+    time.sleep(0.2)
+    assert door.log.read_text().count("Traceback") == before
+
+
 def test_unoffered_compression_is_refused_at_once(door: Baton) -> None:
     """mysql-connector-python with compress=True used to hang in connect() for ever."""
     import mysql.connector
