@@ -455,6 +455,7 @@ class ClientConnection(asyncio.Protocol):
                     break
                 continue
             infile = machine.phase is _INFILE
+            first = length  # the first packet's: the sequence check below is about it
             end = pos + 4 + length
             total = length  # the command's payload, over all its packets
             while length == MAX_PAYLOAD and total <= limit:
@@ -467,10 +468,10 @@ class ClientConnection(asyncio.Protocol):
             if total > limit:
                 self._too_large(limit)
                 return
-            if not infile and buf[pos + 3] != 0 and length != 0:
-                if length == 1 and len(buf) == pos + 4:
+            if not infile and buf[pos + 3] != 0 and first != 0:
+                if first == 1 and len(buf) == pos + 4:
                     break  # its byte decides: a COM_QUIT is taken at any sequence id
-                if length == 1 and buf[pos + 4] == _QUIT:
+                if first == 1 and buf[pos + 4] == _QUIT:
                     # MariaDB takes COM_QUIT whatever its sequence id (some clients send it
                     # mid-sequence when they close).
                     self._close(CloseReason.QUIT)

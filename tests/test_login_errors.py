@@ -296,6 +296,27 @@ def test_a_header_out_of_sequence_whose_byte_comes_later_is_decided_on_it(
     assert baton.log.read_text().count("Traceback") == before
 
 
+def test_a_16_mib_command_out_of_sequence_is_refused_whatever_its_last_packet(
+    baton: Baton,
+) -> None:
+    """A 16 MiB command starting at sequence id 5, ended by an empty packet: the check read
+    the last packet's length (0) instead of the first's and let the command through, for the
+    server to refuse (the same code, but from the server, not from Baton)."""
+    errors = metric(baton.scrape(), "baton_client_protocol_errors_total")
+    c = RawClient(baton.port)
+    c.query("SELECT 1")
+    body = b"\x03SELECT '" + b"z" * (0xFFFFFF - 10) + b"'"
+    assert len(body) == 0xFFFFFF
+    try:
+        c.sock.sendall(struct.pack("<I", 0xFFFFFF | 5 << 24) + body + struct.pack("<I", 6 << 24))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.sock.settimeout(10)
+    seq, reply = c.read_packet()
+    assert (seq, reply[1:3]) == (6, (1156).to_bytes(2, "little")), reply[:80]
+    assert metric(baton.scrape(), "baton_client_protocol_errors_total") == errors + 1
+
+
 def test_a_client_that_leaves_mid_statement_costs_nothing_more(
     baton: Baton, primary_port: int
 ) -> None:
