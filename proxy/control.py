@@ -358,7 +358,9 @@ class ControlServer:
                 known = ", ".join(sorted(n[4:] for n in dir(self) if n.startswith("cmd_")))
                 raise ControlError(f"unknown command {_show(request['cmd'])}; known: {known}")
             return {"ok": True, "result": await method(request, emit or (lambda _: None))}
-        except (ControlError, ReparentRefused) as e:
+        except (ControlError, ReparentRefused, TopologyError) as e:
+            # TopologyError: the store's refusals (a journal conflict, an unknown shard, a lost
+            # lock) are written for the operator, as ControlServer._store already passes them.
             return {"ok": False, "error": str(e)}
         except Exception as e:
             # A bug, not bad input: the traceback goes to the log, and the caller still
