@@ -204,6 +204,9 @@ class Classifier:
         self.longest = longest
         self._cache: dict[bytes, Verdict] = {}
 
+    def __len__(self) -> int:
+        return len(self._cache)
+
     def __call__(self, sql: bytes, start: int = 0) -> Verdict:
         if len(sql) - start > self.longest:
             return classify(sql, start)
