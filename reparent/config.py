@@ -599,6 +599,30 @@ def _check_listeners(proxy: ProxyConfig, shards: tuple[ShardConfig, ...]) -> Non
                     )
 
 
+def _check_read_port(
+    proxy: ProxyConfig, routing: RoutingConfig, shards: tuple[ShardConfig, ...]
+) -> None:
+    """The read listener (on proxy.listen_host) is neither another listener nor a backend."""
+    if not routing.read_port:
+        return
+    reads = _address(proxy.listen_host, routing.read_port)
+    taken = [
+        ("proxy.listen_port", _address(proxy.listen_host, proxy.listen_port)),
+        ("proxy.metrics_port", _address(proxy.metrics_host, proxy.metrics_port)),
+    ]
+    taken += [
+        (f"shards[{i}].servers[{j}] ({s.name})", _address(s.host, s.port))
+        for i, shard in enumerate(shards)
+        for j, s in enumerate(shard.servers)
+    ]
+    for what, address in taken:
+        if address == reads:
+            raise ConfigError(
+                f"routing.read_port: {proxy.listen_host}:{routing.read_port} is also the "
+                f"address of {what}"
+            )
+
+
 def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     """Build a Config from parsed TOML, or raise ConfigError naming the key."""
     _unknown(
@@ -622,7 +646,9 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
     if proxy.shard not in {s.name for s in shards}:
         raise ConfigError(f"proxy.shard: no shard named {proxy.shard!r}")
+    routing = _routing(data.get("routing", {}))
     _check_listeners(proxy, shards)
+    _check_read_port(proxy, routing, shards)
     users = _users(data.get("users", []))
     admin = _account(_table(data, "admin"), "admin")
     replication, durability = _replication(data.get("replication", {}), admin)
@@ -643,7 +669,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         detector=_detector(data.get("detector", {})),
         durability=durability,
         topology=topology,
-        routing=_routing(data.get("routing", {})),
+        routing=routing,
     )
 
 
