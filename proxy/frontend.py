@@ -579,7 +579,7 @@ class ClientConnection(asyncio.Protocol):
         if verdict is None or not verdict.replica:
             return False
         reads.kind = "read"
-        if not session_allows_replica(self.state):
+        if reads.refused == reads.version or not session_allows_replica(self.state):
             metrics.READ_FALLBACKS.labels(str(Fallback.SESSION_STATE)).inc()
             return False
         ctx = self.ctx
@@ -679,6 +679,10 @@ class ClientConnection(asyncio.Protocol):
             log.info("session %d: read on %s failed before it ran: %s", self.connection_id, name, e)
             if e.err is None:
                 ctx.read_pool.failed(name, time.monotonic())
+            else:
+                # The replica refused the session or its state (a variable only the primary
+                # takes): its reads stay on the primary until its state changes.
+                reads.refused = reads.version
             reads.drop(name)
             if self.machine.phase is Phase.READING:
                 metrics.READ_RETRIES.labels(name).inc()

@@ -81,6 +81,7 @@ class SessionReads:
         self.state = state
         self.conns: dict[str, ReplicaConn] = {}
         self.version = 0  # grows when the session's state changes on the primary
+        self.refused = -1  # the version a replica refused (its reads go to the primary)
         self.long_data: set[int] = set()  # statements given long data: they run on the primary
         self.target: str | None = None  # the replica chosen for the read in progress
         self.sent: str | None = None  # the replica the read in progress was sent to

@@ -96,6 +96,7 @@ def prepared(box: Sandbox) -> None:
     )
     with admin_conn(port) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS sbtest.causal (id INT PRIMARY KEY, v INT)")
+        cur.execute("CREATE DATABASE IF NOT EXISTS baton_routing")
         cur.execute("SELECT @@gtid_binlog_pos")
         pos = cur.fetchone()[0]
     for name, p in server_ports(box).items():
@@ -169,6 +170,34 @@ def test_oltp_read_write_in_split_mode_has_no_errors(
     counts = run_sysbench(rbaton.port, "oltp_read_write", ps_mode)
     assert counts["transactions"] > 50
     assert (counts["errors"], counts["reconnects"]) == (0, 0)
+
+
+def test_session_state_reaches_the_replicas(rbaton: Baton, prepared: None) -> None:
+    """A SET or USE on the primary reaches the session's replica connections before their
+    next read: the reads below run on replicas (counted) and answer as the state says."""
+    conn = rbaton.connect(database="sbtest")
+    before = reads_on(rbaton)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM (SELECT id FROM sbtest1 LIMIT 5) t")
+            assert cur.fetchone()[0] == 5
+            cur.execute("SET SESSION sql_select_limit = 2")
+            cur.execute("SELECT id FROM sbtest1 ORDER BY id")
+            assert len(cur.fetchall()) == 2
+            cur.execute("SET SESSION sql_select_limit = DEFAULT")
+            cur.execute("SELECT id FROM sbtest1 ORDER BY id LIMIT 3")
+            assert len(cur.fetchall()) == 3
+            cur.execute("USE baton_routing")
+            cur.execute("SELECT DATABASE()")
+            assert cur.fetchone()[0] == "baton_routing"
+            cur.execute("SET NAMES latin1")
+            cur.execute("SELECT CHARSET('x')")
+            assert cur.fetchone()[0] == "latin1"
+    finally:
+        conn.close()
+    after = reads_on(rbaton)
+    assert after["db2"] + after["db3"] - before["db2"] - before["db3"] == 5
+    assert after["db1"] == before["db1"]
 
 
 class Lagger(Background):
@@ -356,3 +385,27 @@ def test_reads_are_served_while_a_switch_holds_writes(
     assert write_took[0] > 0.5
     slowest = max(s for _, s in readers.latencies)
     assert slowest < write_took[0] / 2, (slowest, write_took)
+
+
+@pytest.mark.fault
+def test_ten_switches_under_mixed_load_leave_reads_unchanged(tmp_path: Path) -> None:
+    """The failover benchmark's read path (bench/reads.py): 10 PRS under paced reads and
+    writes in split mode: no request fails, every switch succeeds, and the read p99 around
+    the switches stays within twice its steady value (bench.reads exits 1 otherwise)."""
+    from bench import reads
+    from tests.conftest import sandbox_base_port
+
+    out = tmp_path / "out"
+    rc = reads.main(
+        [
+            "--duration",
+            "50",
+            "--switches",
+            "10",
+            "--base-port",
+            str(sandbox_base_port()),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0, (out / "reads.md").read_text()
