@@ -22,7 +22,6 @@ import argparse
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from bench.figures import quantile
 from bench.probe import (
     WINDOW_S,
     FixedTarget,
+    Probe,
     Request,
     compact,
     connect_app,
@@ -55,57 +55,13 @@ TABLE = "bench_reads"
 REPLICAS = 2
 
 
-class Readers:
-    """Paced readers through Baton, each request logged (bench.probe's Probe, for reads)."""
+class Readers(Probe):
+    """Paced readers through Baton, each request logged: bench.probe's client, reading the
+    row the run inserted first instead of inserting."""
 
-    def __init__(self, port: int, readers: int, rate: int) -> None:
-        self.period = 1.0 / rate
-        self._stop = threading.Event()
-        self.requests: list[list[Request]] = [[] for _ in range(readers)]
-        self._conns = [connect_app(port) for _ in range(readers)]
-        self._port = port
-        self._threads = [
-            threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(readers)
-        ]
-
-    def _read(self, reader: int) -> None:
-        conn: pymysql.Connection | None = self._conns[reader]
-        log = self.requests[reader]
-        due = time.monotonic()
-        while not self._stop.is_set():
-            wait = due - time.monotonic()
-            if wait > 0 and self._stop.wait(wait):
-                break
-            due = max(due + self.period, time.monotonic())
-            start = time.time()
-            error = None
-            try:
-                if conn is None:
-                    conn = connect_app(self._port)
-                with conn.cursor() as cur:
-                    cur.execute(f"SELECT seq FROM {TABLE} WHERE id = 1")
-                    cur.fetchall()
-            except pymysql.MySQLError as e:
-                error = ": ".join(str(a) for a in e.args)
-                if conn is not None:
-                    conn.close()
-                conn = None
-            log.append(Request(reader, start, time.time(), error))
-        if conn is not None:
-            conn.close()
-
-    def __enter__(self) -> Readers:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(70)
-
-    def all_requests(self) -> list[Request]:
-        return sorted((r for log in self.requests for r in log), key=lambda r: r.start)
+    def request(self, cur: pymysql.cursors.Cursor, writer: int, seq: int) -> None:
+        cur.execute(f"SELECT seq FROM {self.table} WHERE id = 1")
+        cur.fetchall()
 
 
 def stats(requests: list[Request]) -> dict[str, Any]:
@@ -282,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.time()
             with (
                 probing(FixedTarget(baton.port), args.writers, args.write_rate, TABLE) as writers,
-                Readers(baton.port, args.readers, args.read_rate) as readers,
+                probing(
+                    FixedTarget(baton.port), args.readers, args.read_rate, TABLE, Readers
+                ) as readers,
             ):
                 for i, at in enumerate(times):
                     time.sleep(max(0.0, start + at - time.time()))
