@@ -260,6 +260,48 @@ def test_causal_reads_see_the_sessions_own_writes(
         assert stale > 0, (stale, reads)
 
 
+def cross_session_stale(writer_port: int, reader_port: int, rounds: int) -> int:
+    """One session writes, another reads the row back at once: the stale reads."""
+    writer = app_conn(writer_port, database="sbtest")
+    reader = app_conn(reader_port, database="sbtest")
+    stale = 0
+    try:
+        with writer.cursor() as w, reader.cursor() as r:
+            for i in range(rounds):
+                w.execute("REPLACE INTO causal VALUES (2, %s)", (i,))
+                r.execute("SELECT v FROM causal WHERE id = 2")
+                row = r.fetchone()
+                if row is None or row[0] != i:
+                    stale += 1
+    finally:
+        writer.close()
+        reader.close()
+    return stale
+
+
+@pytest.mark.parametrize("causal", ["global", "local"])
+def test_global_causal_reads_see_other_sessions_writes(
+    box: Sandbox, prepared: None, causal: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With "global" a read sees every write acknowledged before it started, another
+    session's too: 0 stale; "local" promises only the session's own writes, and the same
+    test sees stale reads with it (so it can fail)."""
+    hint = port_hint() + (130 if causal == "global" else 140)
+    b = routed_baton(box, tmp_path_factory.mktemp(f"cross-{causal}"), hint, causal=causal)
+    ports = server_ports(box)
+    try:
+        with Lagger([ports["db2"], ports["db3"]]):
+            stale = cross_session_stale(b.port, b.port, CAUSAL_ROUNDS // 3)
+        reads = reads_on(b)
+    finally:
+        b.stop()
+    assert reads["db2"] + reads["db3"] > 0, reads
+    if causal == "global":
+        assert stale == 0
+    else:
+        assert stale > 0, reads
+
+
 class Readers(Background):
     """Threads that read through Baton without pause, timing each read."""
 
