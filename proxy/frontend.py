@@ -759,6 +759,7 @@ class ClientConnection(asyncio.Protocol):
         metrics.ROUTED.labels(name, "read").inc()
         if ctx.switching():
             metrics.READS_DURING_HOLD.inc()
+            self._holder.read_served(self._shard)
         actions = machine.response_done(False)
         if actions is NEXT:
             _STATS.observe(self._command_byte, time.perf_counter() - self._started)

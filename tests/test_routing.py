@@ -386,7 +386,9 @@ def test_reads_are_served_while_a_switch_holds_writes(
     try:
         with Readers(rbaton.port, threads=4) as readers:
             time.sleep(0.5)
-            prs = subprocess.Popen(rbaton.ctl_args("--json", "prs", "--to", target))
+            prs = subprocess.Popen(
+                rbaton.ctl_args("--json", "prs", "--to", target), stdout=subprocess.PIPE, text=True
+            )
             wait_for(  # the switch has started (it found the open transaction) and holds
                 "the switch to start",
                 lambda: (
@@ -400,7 +402,8 @@ def test_reads_are_served_while_a_switch_holds_writes(
             with writer.cursor() as cur:
                 cur.execute("UPDATE sbtest1 SET k = k + 1 WHERE id = 2")
             write_took.append(time.perf_counter() - t0)
-            assert prs.wait(30) == 0
+            out, _ = prs.communicate(timeout=30)
+            assert prs.returncode == 0, out
             time.sleep(0.5)
     finally:
         writer.close()
@@ -408,6 +411,10 @@ def test_reads_are_served_while_a_switch_holds_writes(
     assert readers.errors == []
     served = metric(rbaton.scrape(), "baton_reads_during_hold_total", 0.0) - during_before
     assert served > 50, served
+    # The reparent's report counts them too (this proxy's share: it is the only one).
+    report = json.loads(out)
+    assert report["outcome"] == "succeeded"
+    assert 0 < report["reads_during_hold"] <= served, report
     # The write waited for the switch; no read waited anything like as long.
     assert write_took[0] > 0.5
     slowest = max(s for _, s in readers.latencies)
