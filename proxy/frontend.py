@@ -656,10 +656,10 @@ class ClientConnection(asyncio.Protocol):
             position = state.last_gtid
             if step is Step.READ_PRIMARY_POSITION:
                 position = await self._primary_position()
-                step = Step.WAIT if position else Step.GO
                 if position is None:
                     self._read_on_primary(Fallback.NO_POSITION)
                     return
+                step = Step.WAIT if position else Step.GO
             if step is Step.WAIT:
                 started = time.perf_counter()
                 applied = await causal_wait(conn.backend, position, routing.causal_timeout)
@@ -676,6 +676,8 @@ class ClientConnection(asyncio.Protocol):
                     raise BackendError("the statement is gone")
                 await prepare_on(conn, stmt)
         except BackendError as e:
+            if self.machine.phase is _CLOSED:
+                return
             log.info("session %d: read on %s failed before it ran: %s", self.connection_id, name, e)
             if e.err is None:
                 ctx.read_pool.failed(name, time.monotonic())
@@ -689,18 +691,26 @@ class ClientConnection(asyncio.Protocol):
                 reads.tried = reads.tried | {name}
                 self._carry_out(self.machine.read_lost(False))
             return
+        finally:
+            if self.machine.phase is _CLOSED:
+                reads.close_all(quit=False)  # the client left while this connected
         if self.machine.phase is Phase.READING:
             self._send_read(conn)
 
     async def _primary_position(self) -> str | None:
         """causal_reads = "global": the primary's position now, read on the session's own
         connection to it (idle: the session's one command is this read). None if it has no
-        current connection."""
+        current connection or the read failed (the read then goes to the primary, which
+        finds out what became of that connection)."""
         link = self.link
         if not link.ready:
             return None
         assert link.backend is not None
-        rows = await link.backend.query("SELECT @@global.gtid_binlog_pos")
+        try:
+            rows = await link.backend.query("SELECT @@global.gtid_binlog_pos")
+        except BackendError as e:
+            log.info("session %d: cannot read the primary's position: %s", self.connection_id, e)
+            return None
         return rows[0][0].decode() if rows and rows[0][0] is not None else ""
 
     def _read_on_primary(self, reason: Fallback) -> None:
