@@ -579,14 +579,21 @@ class ClientConnection(asyncio.Protocol):
         if verdict is None or not verdict.replica:
             return False
         reads.kind = "read"
-        if reads.refused == reads.version or not session_allows_replica(self.state):
+        if not session_allows_replica(self.state):
             metrics.READ_FALLBACKS.labels(str(Fallback.SESSION_STATE)).inc()
             return False
         ctx = self.ctx
         assert ctx.read_pool is not None
-        target = ctx.read_pool.choose(ctx.primary().name, time.monotonic(), reads.tried)
+        avoid = reads.avoid()
+        target = ctx.read_pool.choose(ctx.primary().name, time.monotonic(), avoid)
         if target is None:
-            reason = Fallback.REPLICA_FAILED if reads.tried else Fallback.NO_REPLICA
+            reason = (
+                Fallback.REPLICA_FAILED
+                if reads.tried
+                else Fallback.SESSION_STATE
+                if avoid
+                else Fallback.NO_REPLICA
+            )
             metrics.READ_FALLBACKS.labels(str(reason)).inc()
             return False
         reads.target = target
@@ -682,9 +689,9 @@ class ClientConnection(asyncio.Protocol):
             if e.err is None:
                 ctx.read_pool.failed(name, time.monotonic())
             else:
-                # The replica refused the session or its state (a variable only the primary
-                # takes): its reads stay on the primary until its state changes.
-                reads.refused = reads.version
+                # The replica refused the session (its login, a variable only the primary
+                # takes): none of its reads go there until its state changes.
+                reads.refused[name] = reads.version
             reads.drop(name)
             if self.machine.phase is Phase.READING:
                 metrics.READ_RETRIES.labels(name).inc()

@@ -81,7 +81,9 @@ class SessionReads:
         self.state = state
         self.conns: dict[str, ReplicaConn] = {}
         self.version = 0  # grows when the session's state changes on the primary
-        self.refused = -1  # the version a replica refused (its reads go to the primary)
+        # Replicas that refused the session (its login, or its state) at the state version
+        # they refused: they get none of its reads until that state changes.
+        self.refused: dict[str, int] = {}
         self.long_data: set[int] = set()  # statements given long data: they run on the primary
         self.target: str | None = None  # the replica chosen for the read in progress
         self.sent: str | None = None  # the replica the read in progress was sent to
@@ -89,6 +91,13 @@ class SessionReads:
         self.primary_only = False  # this command runs on the primary (a causal wait timed out)
         self.kind = "write"  # the command in progress, for the metrics: read or write
         self.client_slow = False  # the client reads slowly: replicas' results wait too
+
+    def avoid(self) -> frozenset[str]:
+        """The replicas this read must not go to: those that failed under it, and those
+        that refused the session's current state."""
+        version = self.version
+        refused = [name for name, v in self.refused.items() if v == version]
+        return self.tried.union(refused) if refused else self.tried
 
     def ready(self, name: str) -> ReplicaConn | None:
         """The connection to `name` if it is alive and has the session's current state."""

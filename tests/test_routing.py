@@ -185,6 +185,38 @@ def test_session_state_reaches_the_replicas(rbaton: Baton, prepared: None) -> No
     assert after["db1"] == before["db1"]
 
 
+def test_a_replica_that_refuses_the_session_gets_none_of_its_reads(
+    box: Sandbox, rbaton: Baton, prepared: None
+) -> None:
+    """db2 refuses the application's login (its account locked there alone, unlogged): the
+    session's reads run on db3 with no error, and db2 is not tried again for each read."""
+    port = server_ports(box)["db2"]
+    lock = "ALTER USER app@'127.0.0.1' ACCOUNT {}"
+    with admin_conn(port) as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION sql_log_bin = 0")
+        cur.execute(lock.format("LOCK"))
+    before = reads_on(rbaton)
+    page = rbaton.scrape()
+    retries = metric(page, "baton_read_retries_total", 0.0, server="db2")
+    try:
+        conn = rbaton.connect(database="sbtest")
+        with conn.cursor() as cur:
+            for _ in range(20):
+                cur.execute("SELECT c FROM sbtest1 WHERE id = 3")
+                assert len(cur.fetchall()) == 1
+        conn.close()
+    finally:
+        with admin_conn(port) as admin, admin.cursor() as cur:
+            cur.execute("SET SESSION sql_log_bin = 0")
+            cur.execute(lock.format("UNLOCK"))
+    after = reads_on(rbaton)
+    assert after["db2"] == before["db2"]
+    assert after["db3"] - before["db3"] == 20
+    # Refused once, then avoided: not one failed attempt per read.
+    page = rbaton.scrape()
+    assert metric(page, "baton_read_retries_total", 0.0, server="db2") - retries == 1
+
+
 class Lagger(Background):
     """Makes the replicas apply late without stopping replication: a session on each holds a
     read lock on the table the test writes, so its SQL thread waits (Slave_SQL_Running stays
