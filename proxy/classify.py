@@ -20,6 +20,9 @@ hazard it covers; the hazards are those MaxScale's readwritesplit documents, plu
 - executable comments (`/*! ... */`, `/*M! ... */`): they may hold anything;
 - unterminated literals or comments, texts longer than `MAX_TEXT`: not understood.
 
+`SHOW WARNINGS`, `SHOW ERRORS` and reads of `@@warning_count` / `@@error_count` are about the
+previous statement: `about_previous` names them, and they run where it ran, a replica too.
+
 Temporary tables, transactions and autocommit off are the session's state, not the text's:
 `session_allows_replica` (proxy/readroute.py) checks them per command. Prepared statements are
 classified once, at prepare time, by the same function; plain queries through a cache by text
@@ -193,6 +196,20 @@ def classify(sql: bytes, start: int = 0) -> Verdict:
         if t.group("open") is not None:
             return Verdict.UNPARSED
     return Verdict.REPLICA
+
+
+# Statements about the previous statement (its warnings, errors and their counts): they must
+# run where that statement ran, a replica too (MaxScale routes them to the last server used).
+_ABOUT_PREVIOUS = re.compile(
+    rb"(?is)\s*(?:show\s+(?:count\s*\(\s*\*\s*\)\s+)?(?:warnings|errors)(?:\s+limit\s+\d{1,20}"
+    rb"(?:\s*,\s*\d{1,20})?)?|select\s+@@(?:session\.)?(?:warning_count|error_count))\s*;?\s*"
+)
+
+
+def about_previous(sql: bytes, start: int = 0) -> bool:
+    """Is this SHOW WARNINGS, SHOW ERRORS, their COUNT(*), or a read of @@warning_count or
+    @@error_count, and nothing else? (Bounded: the pattern has no nested repetition.)"""
+    return len(sql) - start <= 256 and _ABOUT_PREVIOUS.fullmatch(sql, start) is not None
 
 
 class Classifier:

@@ -28,6 +28,7 @@ from proxy.admission import LoginFailure, Refusal
 from proxy.auth import nonce as new_nonce
 from proxy.backend import BackendError
 from proxy.classify import Verdict as Classified
+from proxy.classify import about_previous
 from proxy.client_packets import (
     STMT_HEADER,
     ClientPacketError,
@@ -548,7 +549,8 @@ class ClientConnection(asyncio.Protocol):
         if reads is not None:
             reads.tried = frozenset()
             reads.primary_only = False
-            if self._route_read(raw):
+            previous, reads.last = reads.last, None
+            if self._route_read(raw, previous):
                 return
         self._primary(raw)
 
@@ -567,9 +569,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- reads on replicas (proxy/readpath.py) ----------------------------------------------------
 
-    def _route_read(self, raw: bytes) -> bool:
+    def _route_read(self, raw: bytes, previous: str | None = None) -> bool:
         """Send the command to a replica if it is a read that may run on one and one
-        qualifies (True); else the caller sends it to the primary."""
+        qualifies (True); else the caller sends it to the primary. `previous`: the replica
+        the previous command ran on, where SHOW WARNINGS and the like must run too."""
         reads = self.reads
         assert reads is not None
         reads.kind = "write"
@@ -577,6 +580,16 @@ class ClientConnection(asyncio.Protocol):
             return False
         verdict = self._classify(raw)
         if verdict is None or not verdict.replica:
+            if (
+                previous is not None
+                and raw[4] == _QUERY
+                and reads.ready(previous) is not None
+                and about_previous(raw, 5)
+            ):
+                reads.kind = "read"
+                reads.target = previous
+                self._carry_out(self.machine.read(raw))
+                return True
             return False
         reads.kind = "read"
         if not session_allows_replica(self.state):
@@ -774,6 +787,7 @@ class ClientConnection(asyncio.Protocol):
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
         metrics.ROUTED.labels(name, "read").inc()
+        reads.last = name
         if ctx.switching():
             metrics.READS_DURING_HOLD.inc()
             self._holder.read_served(self._shard)

@@ -86,6 +86,7 @@ class SessionReads:
         self.refused: dict[str, int] = {}
         self.long_data: set[int] = set()  # statements given long data: they run on the primary
         self.target: str | None = None  # the replica chosen for the read in progress
+        self.last: str | None = None  # the replica the previous command ran on (None: primary)
         self.sent: str | None = None  # the replica the read in progress was sent to
         self.tried: frozenset[str] = frozenset()  # replicas that failed under this read
         self.primary_only = False  # this command runs on the primary (a causal wait timed out)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from proxy.classify import MAX_TEXT, Classifier, Verdict, classify
+from proxy.classify import MAX_TEXT, Classifier, Verdict, about_previous, classify
 
 V = Verdict
 TABLE: list[tuple[str, Verdict]] = [
@@ -158,3 +158,23 @@ def test_cache_is_bounded_and_agrees() -> None:
     assert len(c) == 8  # too long to keep: not cached
     raw = b"\x00\x00\x00\x00\x03SELECT @a"
     assert c(raw, 5) is V.VARIABLES
+
+
+@pytest.mark.parametrize(
+    ("sql", "about"),
+    [
+        ("SHOW WARNINGS", True),
+        ("show errors;", True),
+        ("SHOW COUNT(*) WARNINGS", True),
+        ("SHOW WARNINGS LIMIT 2, 5", True),
+        ("SELECT @@warning_count", True),
+        ("select @@session.error_count ;", True),
+        ("SHOW WARNINGS; DROP TABLE t", False),
+        ("SELECT @@warning_count, @@x", False),
+        ("SHOW TABLES", False),
+        ("SHOW WARNINGS LIMIT " + "9" * 300, False),  # bounded: too long
+    ],
+)
+def test_statements_about_the_previous_one(sql: str, about: bool) -> None:
+    assert about_previous(sql.encode()) is about
+    assert classify(sql.encode()) is not V.REPLICA  # not reads of their own

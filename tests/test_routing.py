@@ -217,6 +217,27 @@ def test_a_replica_that_refuses_the_session_gets_none_of_its_reads(
     assert metric(page, "baton_read_retries_total", 0.0, server="db2") - retries == 1
 
 
+def test_show_warnings_runs_where_the_read_ran(rbaton: Baton, prepared: None) -> None:
+    """SHOW WARNINGS after a read on a replica shows that read's warnings: it runs on the same
+    replica connection (on the primary it would show none)."""
+    conn = rbaton.connect(database="sbtest")
+    before = reads_on(rbaton)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT CAST('7x' AS SIGNED) FROM sbtest1 WHERE id = 1")
+            assert cur.fetchone()[0] == 7
+            cur.execute("SHOW WARNINGS")
+            codes = [row[1] for row in cur.fetchall()]
+            cur.execute("SELECT @@warning_count")
+            count = cur.fetchone()[0]
+    finally:
+        conn.close()
+    assert codes == [1292], codes  # "Truncated incorrect INTEGER value"
+    assert count == 1
+    after = reads_on(rbaton)
+    assert after["db2"] + after["db3"] - before["db2"] - before["db3"] == 3
+
+
 class Lagger(Background):
     """Makes the replicas apply late without stopping replication: a session on each holds a
     read lock on the table the test writes, so its SQL thread waits (Slave_SQL_Running stays
