@@ -265,22 +265,26 @@ class Lagger(Background):
                 conn.close()
 
 
-def stale_reads(port: int, rounds: int) -> tuple[int, int]:
-    """Write a row and read it back at once, `rounds` times: (stale reads, rounds)."""
-    conn = app_conn(port, database="sbtest")
+def stale_reads(port: int, rounds: int, other_session: bool = False) -> int:
+    """Write a row and read it back at once, `rounds` times, in the same session or (with
+    `other_session`) in a second one: the reads that did not see the write."""
+    writer = app_conn(port, database="sbtest")
+    reader = app_conn(port, database="sbtest") if other_session else writer
+    key = 2 if other_session else 1
     stale = 0
     try:
-        with conn.cursor() as cur:
-            cur.execute("DELETE FROM causal")
+        with writer.cursor() as w, reader.cursor() as r:
             for i in range(rounds):
-                cur.execute("REPLACE INTO causal VALUES (1, %s)", (i,))
-                cur.execute("SELECT v FROM causal WHERE id = 1")
-                row = cur.fetchone()
+                w.execute("REPLACE INTO causal VALUES (%s, %s)", (key, i))
+                r.execute("SELECT v FROM causal WHERE id = %s", (key,))
+                row = r.fetchone()
                 if row is None or row[0] != i:
                     stale += 1
     finally:
-        conn.close()
-    return stale, rounds
+        writer.close()
+        if reader is not writer:
+            reader.close()
+    return stale
 
 
 @pytest.mark.parametrize("causal", ["local", "none"])
@@ -298,7 +302,8 @@ def test_causal_reads_see_the_sessions_own_writes(
     ports = server_ports(box)
     try:
         with Lagger([ports["db2"], ports["db3"]]):
-            stale, rounds = stale_reads(b.port, CAUSAL_ROUNDS)
+            rounds = CAUSAL_ROUNDS
+            stale = stale_reads(b.port, rounds)
         reads = reads_on(b)
         page = b.scrape()
     finally:
@@ -313,25 +318,6 @@ def test_causal_reads_see_the_sessions_own_writes(
         assert stale > 0, (stale, reads)
 
 
-def cross_session_stale(writer_port: int, reader_port: int, rounds: int) -> int:
-    """One session writes, another reads the row back at once: the stale reads."""
-    writer = app_conn(writer_port, database="sbtest")
-    reader = app_conn(reader_port, database="sbtest")
-    stale = 0
-    try:
-        with writer.cursor() as w, reader.cursor() as r:
-            for i in range(rounds):
-                w.execute("REPLACE INTO causal VALUES (2, %s)", (i,))
-                r.execute("SELECT v FROM causal WHERE id = 2")
-                row = r.fetchone()
-                if row is None or row[0] != i:
-                    stale += 1
-    finally:
-        writer.close()
-        reader.close()
-    return stale
-
-
 @pytest.mark.parametrize("causal", ["global", "local"])
 def test_global_causal_reads_see_other_sessions_writes(
     box: Sandbox, prepared: None, causal: str, tmp_path_factory: pytest.TempPathFactory
@@ -344,7 +330,7 @@ def test_global_causal_reads_see_other_sessions_writes(
     ports = server_ports(box)
     try:
         with Lagger([ports["db2"], ports["db3"]]):
-            stale = cross_session_stale(b.port, b.port, CAUSAL_ROUNDS // 3)
+            stale = stale_reads(b.port, CAUSAL_ROUNDS // 3, other_session=True)
         reads = reads_on(b)
     finally:
         b.stop()
