@@ -201,19 +201,20 @@ def _inflate(body: memoryview, expected: int) -> bytes:
     inflater = zlib.decompressobj()
     try:
         data = inflater.decompress(body, expected)
+        more = b""
         if not inflater.eof and inflater.unconsumed_tail:
             # The header's length reached: what is left may only end the stream. One more
             # byte of output would be a lie, and is all that is asked for.
-            data += inflater.decompress(inflater.unconsumed_tail, 1)
+            more = inflater.decompress(inflater.unconsumed_tail, 1)
     except zlib.error as e:
         raise CompressionError(Broken.BAD_ZLIB, f"Couldn't uncompress communication packet: {e}")
-    if len(data) > expected or not inflater.eof:
+    if more or not inflater.eof:
         raise CompressionError(
-            Broken.LENGTH_LIE if len(data) >= expected else Broken.BAD_ZLIB,
+            Broken.LENGTH_LIE if more or len(data) == expected else Broken.BAD_ZLIB,
             "Couldn't uncompress communication packet: "
             + (
                 f"it inflates to more than the {expected} bytes its header says"
-                if len(data) >= expected
+                if more or len(data) == expected
                 else "the zlib stream ends early"
             ),
         )

@@ -470,6 +470,7 @@ class ClientConnection(asyncio.Protocol):
         sends is inflated before `_take` reads it, and what it is sent is deflated, Baton's own
         packets and relayed responses alike. Bytes it pipelined behind its login are already
         compressed."""
+        metrics.COMPRESSED_SESSIONS.inc()
         zipped = self._zip = CompressedStream()
         zipped.feed(self._inbuf[self._inpos :])
         self._inbuf.clear()
