@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import MySQLdb
 
 from bench.cpu import cpu_seconds
 from bench.process import exit_on_signals, progress
-from bench.record import load_average
+from bench.record import ROOT, head_lines, load_average, machine_info, neighbours, run_record
 from bench.stack import running_stack
 from harness.baton import Baton
 
@@ -53,18 +55,24 @@ def run(baton: Baton, compress: bool, clients: int, queries: int, rows: int) -> 
             port=baton.port,
             user="app",
             password="app-pass",
-            compress=compress,
+            database="sbtest",
+            # mysqlclient turns compression on for any `compress` given, False too.
+            **({"compress": True} if compress else {}),
         )
         for _ in range(clients)
     ]
     sql = SQL.format(rows=rows)
     sizes: list[int] = []
+    failures: list[BaseException] = []
 
     def work(conn: MySQLdb.Connection) -> None:
         cur = conn.cursor()
-        for _ in range(queries):
-            cur.execute(sql)
-            sizes.append(sum(len(r[1]) + len(r[2]) + 8 for r in cur.fetchall()))
+        try:
+            for _ in range(queries):
+                cur.execute(sql)
+                sizes.append(sum(len(r[1]) + len(r[2]) + 8 for r in cur.fetchall()))
+        except MySQLdb.Error as e:
+            failures.append(e)
 
     try:
         wire_before = net_bytes(baton.port)
@@ -81,6 +89,8 @@ def run(baton: Baton, compress: bool, clients: int, queries: int, rows: int) -> 
     finally:
         for c in conns:
             c.close()
+    if failures:
+        raise SystemExit(f"{len(failures)} clients failed: {failures[0]}")
     results = clients * queries
     return {
         "ms_per_1000": used / results * 1e6,
@@ -98,37 +108,49 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs of each; the median counts")
     parser.add_argument("--base-port", type=int, default=23701, help="port of the primary")
     parser.add_argument("--service-port", type=int, default=23750, help="Baton's ports from")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compress.md")
     args = parser.parse_args()
+    command = " ".join(["python -m bench.compress", *sys.argv[1:]])
+    machine, neighbours_start = machine_info(), neighbours()
+    lines: list[str] = []
     with exit_on_signals(), running_stack(args.base_port, 1, args.service_port) as stack:
         figures: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for i in range(args.repeat):
             for compress in (False, True):
                 f = run(stack.baton, compress, args.clients, args.queries, args.rows)
                 figures[compress].append(f)
-                progress(
+                line = (
                     f"run {i + 1} {'compressed' if compress else 'plain'}: "
                     f"{f['ms_per_1000']:.0f} ms CPU per 1,000 results, "
                     f"{f['ms_per_mib']:.1f} ms per MiB, {f['wire_mib']:.1f} MiB on the wire, "
                     f"{f['results_per_s']:.0f} results/s (load {load_average()[0]})"
                 )
+                progress(line)
+                lines.append(f"- {line}")
     median = {
         c: {k: statistics.median(f[k] for f in runs) for k in runs[0]}
         for c, runs in figures.items()
     }
     plain, zipped = median[False], median[True]
-    print(
+    summary = (
         f"{args.clients} clients x {args.queries} results of {args.rows} rows, median of "
-        f"{args.repeat}:\n"
-        f"  plain:      {plain['ms_per_1000']:.0f} ms Baton CPU per 1,000 results, "
-        f"{plain['ms_per_mib']:.2f} ms per MiB, {plain['wire_mib']:.1f} MiB to clients, "
-        f"{plain['results_per_s']:.0f} results/s\n"
-        f"  compressed: {zipped['ms_per_1000']:.0f} ms Baton CPU per 1,000 results, "
-        f"{zipped['ms_per_mib']:.2f} ms per MiB, {zipped['wire_mib']:.1f} MiB to clients, "
-        f"{zipped['results_per_s']:.0f} results/s\n"
-        f"  compressed / plain: CPU {zipped['ms_per_1000'] / plain['ms_per_1000']:.2f}x, "
-        f"wire bytes {zipped['wire_mib'] / plain['wire_mib']:.2f}x, "
-        f"throughput {zipped['results_per_s'] / plain['results_per_s']:.2f}x"
+        f"{args.repeat}:\n\n"
+        "| session | Baton CPU per 1,000 results | per MiB of rows | MiB to clients | results/s |\n"
+        "|---|---:|---:|---:|---:|\n"
+        + "".join(
+            f"| {name} | {m['ms_per_1000']:.0f} ms | {m['ms_per_mib']:.2f} ms | "
+            f"{m['wire_mib']:.1f} | {m['results_per_s']:.0f} |\n"
+            for name, m in (("plain", plain), ("compressed", zipped))
+        )
+        + f"\ncompressed / plain: CPU {zipped['ms_per_1000'] / plain['ms_per_1000']:.2f}x, "
+        f"bytes to clients {zipped['wire_mib'] / plain['wire_mib']:.2f}x, "
+        f"throughput {zipped['results_per_s'] / plain['results_per_s']:.2f}x\n"
     )
+    print(summary)
+    record = run_record(args, command, machine, neighbours_start)
+    header = head_lines("A compressed session's cost to Baton, against a plain one", record)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join([*header, "", summary, "Every run:", "", *lines]) + "\n")
 
 
 if __name__ == "__main__":
