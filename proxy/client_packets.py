@@ -60,7 +60,10 @@ class Malformed(enum.StrEnum):
     OLD_PROTOCOL = "old_protocol"
     UNOFFERED_CAPABILITY = "unoffered_capability"
     TRAILING = "trailing"
-    BAD_COMPRESSION = "bad_compression"
+    # The compressed protocol's (proxy/compression.py).
+    OUT_OF_ORDER = "out_of_order"
+    BAD_ZLIB = "bad_zlib"
+    LENGTH_LIE = "length_lie"
 
 
 class ClientPacketError(Exception):

@@ -11,7 +11,7 @@ deflates what goes to the client, and everything between relays ordinary packets
 Inflating is bounded and total, as for every client packet (proxy/client_packets.py): a body is
 inflated with `max_length` set from the header, which is never trusted beyond that bound (the
 header's 3 bytes cap it at 16 MiB), and must come out exactly that long, with nothing after the
-zlib stream; any other input ends in a `CompressionError`. Compressed bytes are held until a
+zlib stream; any other input ends in a `ClientPacketError`. Compressed bytes are held until a
 whole packet is there (at most 16 MiB and its header), and the shell takes inflated packets one
 at a time, as it can act on them, so a small packet that inflates to 16 MiB costs 16 MiB once,
 not once per packet a read brought.
@@ -25,9 +25,10 @@ numbers the reply from there.
 
 from __future__ import annotations
 
-import enum
 import zlib
 from collections import deque
+
+from proxy.client_packets import ClientPacketError, Malformed
 
 HEADER = 7
 MAX_BODY = 0xFFFFFF  # both lengths are 3 bytes
@@ -37,22 +38,6 @@ MIN_COMPRESS = 50
 # strings) level 6 took 2.4 times level 1's CPU for a result 4% smaller (0.304 against 0.318 of
 # the plain size), and Baton's CPU is the scarcer resource: level 1.
 LEVEL = 1
-
-
-class Broken(enum.StrEnum):
-    """What was wrong with a compressed packet from the client; a log word."""
-
-    OUT_OF_ORDER = "out_of_order"
-    BAD_ZLIB = "bad_zlib"
-    LENGTH_LIE = "length_lie"
-
-
-class CompressionError(Exception):
-    """A compressed packet Baton cannot read; the connection cannot go on after it."""
-
-    def __init__(self, kind: Broken, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def _header(body_length: int, seq: int, inflated_length: int) -> bytes:
@@ -121,8 +106,8 @@ class CompressedStream:
         start = pos + HEADER
         end = start + length
         if seq != 0 and seq != (self._last_in + 1) & 0xFF and seq != self._out:
-            raise CompressionError(
-                Broken.OUT_OF_ORDER,
+            raise ClientPacketError(
+                Malformed.OUT_OF_ORDER,
                 f"Got packets out of order: compressed packet {seq} where 0, "
                 f"{(self._last_in + 1) & 0xFF} or {self._out} was expected",
             )
@@ -208,10 +193,12 @@ def _inflate(body: memoryview, expected: int) -> bytes:
             # byte of output would be a lie, and is all that is asked for.
             more = inflater.decompress(inflater.unconsumed_tail, 1)
     except zlib.error as e:
-        raise CompressionError(Broken.BAD_ZLIB, f"Couldn't uncompress communication packet: {e}")
+        raise ClientPacketError(
+            Malformed.BAD_ZLIB, f"Couldn't uncompress communication packet: {e}"
+        )
     if more or not inflater.eof:
-        raise CompressionError(
-            Broken.LENGTH_LIE if more or len(data) == expected else Broken.BAD_ZLIB,
+        raise ClientPacketError(
+            Malformed.LENGTH_LIE if more or len(data) == expected else Malformed.BAD_ZLIB,
             "Couldn't uncompress communication packet: "
             + (
                 f"it inflates to more than the {expected} bytes its header says"
@@ -220,14 +207,14 @@ def _inflate(body: memoryview, expected: int) -> bytes:
             ),
         )
     if inflater.unused_data:
-        raise CompressionError(
-            Broken.BAD_ZLIB,
+        raise ClientPacketError(
+            Malformed.BAD_ZLIB,
             f"Couldn't uncompress communication packet: {len(inflater.unused_data)} bytes "
             "after its zlib stream",
         )
     if len(data) != expected:
-        raise CompressionError(
-            Broken.LENGTH_LIE,
+        raise ClientPacketError(
+            Malformed.LENGTH_LIE,
             f"Couldn't uncompress communication packet: it inflates to {len(data)} bytes, "
             f"its header says {expected}",
         )

@@ -34,7 +34,7 @@ from proxy.client_packets import (
     check_stmt_header,
     parse_change_user,
 )
-from proxy.compression import CompressedStream, CompressionError
+from proxy.compression import CompressedStream
 from proxy.context import SESSION_ID_BASE, SESSION_ID_END, ProxyContext
 from proxy.errors import ErrorKind
 from proxy.holder import Released, Verdict
@@ -252,10 +252,7 @@ class ClientConnection(asyncio.Protocol):
             if self.machine.phase is _CLOSED:
                 raise ConnectionResetError("the client closed the connection")
             if self._zip is not None:
-                try:
-                    data = self._zip.inflate()
-                except CompressionError as e:
-                    raise ClientPacketError(Malformed.BAD_COMPRESSION, str(e))
+                data = self._zip.inflate()
                 if data is not None:
                     self._inbuf += data
                     continue
@@ -498,8 +495,14 @@ class ClientConnection(asyncio.Protocol):
             return False
         try:
             data = zipped.inflate()
-        except CompressionError as e:
-            self._protocol_error(ErrorKind.UNCOMPRESS, str(e))
+        except ClientPacketError as e:
+            kind = e.kind
+            self._protocol_error(
+                ErrorKind.PACKETS_OUT_OF_ORDER
+                if kind is Malformed.OUT_OF_ORDER
+                else ErrorKind.UNCOMPRESS,
+                str(e),
+            )
             return False
         if data is None:
             return False

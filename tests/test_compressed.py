@@ -6,7 +6,6 @@ own errors, a client that lies in a compressed header, and a session across a PR
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import threading
 import zlib
@@ -21,7 +20,15 @@ from harness.baton import Baton, start_baton
 from harness.clients import admin_query
 from proxy.packets import Cap, frame, parse_err, split_packets
 from reparent.sandbox import Sandbox
-from tests.fixtures import app_connector, metric, port_hint, private_sandbox, server_ports
+from tests.fixtures import (
+    app_connector,
+    current_primary,
+    metric,
+    port_hint,
+    private_sandbox,
+    prs_across,
+    server_ports,
+)
 from tests.rawclient import DEFAULT_CAPS, RawClient
 
 BIG = 17 * 1024 * 1024  # a row longer than one packet (16 MiB) and than one compressed packet
@@ -56,31 +63,28 @@ def infile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def primary_of(b: Baton) -> str:
-    return str(json.loads(b.ctl("--json", "status").stdout)["shards"][0]["primary"])
-
-
 def primary_port(box: Sandbox, b: Baton) -> int:
-    return server_ports(box)[primary_of(b)]
+    return server_ports(box)[current_primary(b)]
 
 
 def compressed_sessions(b: Baton) -> float:
     return metric(b.scrape(), "baton_client_compressed_sessions_total", absent=0.0)
 
 
+def mysqldb(port: int, **kw: Any) -> MySQLdb.Connection:
+    """The application user through libmariadb, compressed unless `plain` (mysqlclient
+    compresses for any `compress` given, False too)."""
+    if not kw.pop("plain", False):
+        kw["compress"] = True
+    return MySQLdb.connect(
+        host="127.0.0.1", port=port, user="app", password="app-pass", autocommit=True, **kw
+    )
+
+
 def mysqldb_session(port: int, infile: Path, table: str) -> list[Any]:
     """What one compressed libmariadb session sees: rows, a result over 16 MiB (as its
     digest), a LOAD DATA LOCAL, a prepared statement, and the session's own state."""
-    conn = MySQLdb.connect(
-        host="127.0.0.1",
-        port=port,
-        user="app",
-        password="app-pass",
-        database="sbtest",
-        compress=True,
-        local_infile=1,
-        autocommit=True,
-    )
+    conn = mysqldb(port, database="sbtest", local_infile=1)
     seen: list[Any] = []
     cur = conn.cursor()
     try:
@@ -229,15 +233,28 @@ def test_commands_pipelined_behind_the_login_and_batons_own_errors_are_compresse
         client.close()
 
 
-def test_a_lying_compressed_header_gets_1157_and_the_connection_closes(zbaton: Baton) -> None:
-    body = zlib.compress(bytes(4 << 20))  # 4 MiB of zeros, said to be 100 bytes
-    lie = len(body).to_bytes(3, "little") + b"\x00" + (100).to_bytes(3, "little") + body
+_ZEROS = zlib.compress(bytes(4 << 20))
+# 4 MiB of zeros, said to be 100 bytes.
+BOMB = len(_ZEROS).to_bytes(3, "little") + b"\x00" + (100).to_bytes(3, "little") + _ZEROS
+
+
+@pytest.mark.parametrize(
+    ("lie", "code", "words"),
+    [
+        (BOMB, 1157, "header"),
+        (cpacket(frame(b"\x0e", 0), 5, False), 1156, "out of order"),
+    ],
+    ids=["inflated length", "sequence id"],
+)
+def test_a_lying_compressed_packet_gets_the_servers_error_and_the_connection_closes(
+    zbaton: Baton, lie: bytes, code: int, words: str
+) -> None:
     client = raw_compressed(zbaton.port, b"")
     try:
         client.sock.sendall(lie)
         ((_, content),) = read_compressed(client, 2)
         e = parse_err(split_packets(content)[0])
-        assert (e.code, e.sqlstate) == (1157, "08S01") and "header" in e.message
+        assert (e.code, e.sqlstate) == (code, "08S01") and words in e.message
         client.sock.settimeout(5)
         assert client.sock.recv(100) == b""  # closed
     finally:
@@ -248,9 +265,7 @@ def test_a_lying_compressed_header_gets_1157_and_the_connection_closes(zbaton: B
 def test_a_compressed_session_survives_a_prs(box: Sandbox, zbaton: Baton) -> None:
     """Writers on compressed sessions across a planned switch: their commands are held and
     flushed on the new primary, none fails, and each session keeps its state."""
-    setup = MySQLdb.connect(
-        host="127.0.0.1", port=zbaton.port, user="app", password="app-pass", autocommit=True
-    )
+    setup = mysqldb(zbaton.port, plain=True)
     setup.cursor().execute(
         "CREATE TABLE IF NOT EXISTS sbtest.zprs (id INT AUTO_INCREMENT PRIMARY KEY, port INT)"
     )
@@ -260,14 +275,7 @@ def test_a_compressed_session_survives_a_prs(box: Sandbox, zbaton: Baton) -> Non
     kept: list[Any] = []
 
     def writer(n: int) -> None:
-        conn = MySQLdb.connect(
-            host="127.0.0.1",
-            port=zbaton.port,
-            user="app",
-            password="app-pass",
-            compress=True,
-            autocommit=True,
-        )
+        conn = mysqldb(zbaton.port)
         cur = conn.cursor()
         cur.execute("SET @mine = %s", (n,))
         try:
@@ -282,19 +290,7 @@ def test_a_compressed_session_survives_a_prs(box: Sandbox, zbaton: Baton) -> Non
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        stop.wait(0.5)
-        target = "db2" if primary_of(zbaton) == "db1" else "db1"
-        out = zbaton.ctl("--json", "prs", "--to", target)
-        assert out.returncode == 0, out.stdout + out.stderr
-        stop.wait(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+    prs_across(zbaton, [threading.Thread(target=writer, args=(n,)) for n in range(3)], stop)
     assert errors == []
     assert sorted(kept) == [0, 1, 2]
     rows = admin_query(
@@ -320,10 +316,7 @@ def test_compression_off_refuses_at_once(
         e = parse_err(client.login_reply)
         assert e.code == 1043 and "proxy.compression" in e.message
         client.close()
-        plain = MySQLdb.connect(
-            host="127.0.0.1", port=b.port, user="app", password="app-pass", compress=True
-        )
-        plain.close()  # libmariadb asks only for what is offered: a plain session
+        mysqldb(b.port).close()  # libmariadb asks only for what is offered: a plain session
         assert metric(b.scrape(), "baton_client_compressed_sessions_total", absent=0.0) == 0
     finally:
         b.stop()

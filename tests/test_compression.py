@@ -11,13 +11,8 @@ import zlib
 
 import pytest
 
-from proxy.compression import (
-    MAX_BODY,
-    MIN_COMPRESS,
-    Broken,
-    CompressedStream,
-    CompressionError,
-)
+from proxy.client_packets import ClientPacketError, Malformed
+from proxy.compression import MAX_BODY, MIN_COMPRESS, CompressedStream
 
 
 def packet(body: bytes, seq: int, inflated: int) -> bytes:
@@ -101,9 +96,9 @@ def test_bytes_arriving_one_at_a_time_inflate_the_same() -> None:
 def test_a_lying_inflated_length_is_refused(said: int) -> None:
     stream = CompressedStream()
     stream.feed(packet(zlib.compress(b"q" * 100), 0, said))
-    with pytest.raises(CompressionError) as e:
+    with pytest.raises(ClientPacketError) as e:
         stream.inflate()
-    assert e.value.kind in (Broken.LENGTH_LIE, Broken.BAD_ZLIB)
+    assert e.value.kind in (Malformed.LENGTH_LIE, Malformed.BAD_ZLIB)
     assert "header" in str(e.value) or "ends early" in str(e.value)
 
 
@@ -118,12 +113,12 @@ def test_a_zip_bomb_inflates_no_further_than_its_header_says() -> None:
         tracemalloc.start()
         started = time.monotonic()
         try:
-            with pytest.raises(CompressionError) as e:
+            with pytest.raises(ClientPacketError) as e:
                 stream.inflate()
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert e.value.kind is Broken.LENGTH_LIE
+        assert e.value.kind is Malformed.LENGTH_LIE
         # The header's bound (zlib's output buffer and the bytes made of it), not 64 MiB.
         assert peak < 2 * said + (4 << 20), peak
         assert time.monotonic() - started < 2
@@ -141,9 +136,9 @@ def test_corrupt_zlib_is_refused() -> None:
     for name, body in cases.items():
         stream = CompressedStream()
         stream.feed(packet(body, 0, 1000))
-        with pytest.raises(CompressionError) as e:
+        with pytest.raises(ClientPacketError) as e:
             stream.inflate()
-        assert e.value.kind in (Broken.BAD_ZLIB, Broken.LENGTH_LIE), name
+        assert e.value.kind in (Malformed.BAD_ZLIB, Malformed.LENGTH_LIE), name
         assert str(e.value).startswith("Couldn't uncompress communication packet"), name
 
 
@@ -167,9 +162,9 @@ def test_a_packet_out_of_sequence_is_refused(seq: int) -> None:
     stream = CompressedStream()
     stream.feed(packet(b"a", 0, 0) + packet(b"b", seq, 0))
     assert stream.inflate() == b"a"
-    with pytest.raises(CompressionError) as e:
+    with pytest.raises(ClientPacketError) as e:
         stream.inflate()
-    assert e.value.kind is Broken.OUT_OF_ORDER and "out of order" in str(e.value)
+    assert e.value.kind is Malformed.OUT_OF_ORDER and "out of order" in str(e.value)
 
 
 def test_a_reply_is_numbered_after_its_own_command_not_a_pipelined_one() -> None:
@@ -196,7 +191,7 @@ def test_a_packet_cut_short_is_kept_until_it_ends() -> None:
 
 
 def test_random_input_ends_in_content_or_an_error() -> None:
-    """Total: whatever arrives, `inflate` returns content, None, or a CompressionError."""
+    """Total: whatever arrives, `inflate` returns content, None, or a ClientPacketError."""
     rng = random.Random(16)
     for _ in range(3000):
         stream = CompressedStream()
@@ -213,5 +208,5 @@ def test_random_input_ends_in_content_or_an_error() -> None:
         try:
             while stream.inflate() is not None:
                 pass
-        except CompressionError:
+        except ClientPacketError:
             pass
