@@ -509,6 +509,13 @@ class ClientConnection(asyncio.Protocol):
         self._inbuf += data
         return True
 
+    def _renumber(self, pos: int, seq: int) -> None:
+        """Give the packet at `pos` of a command of 16 MiB or more the sequence id the server
+        expects of its `seq`-th packet. Compressing clients need not number the packets inside
+        compressed ones (libmariadb sends them all as 0, which the server, reading compressed,
+        ignores), but the server leg is plain and checks them."""
+        self._inbuf[pos + 3] = seq & 0xFF
+
     def _zwrite(self, data: bytes) -> None:
         self._zsend(data, True)
 
@@ -549,6 +556,8 @@ class ClientConnection(asyncio.Protocol):
                 if len(buf) < end + 4:
                     break
                 length = buf[end] | buf[end + 1] << 8 | buf[end + 2] << 16
+                if self._zip is not None and not infile:
+                    self._renumber(end, total // MAX_PAYLOAD)
                 end += 4 + length
                 total += length
             if total > limit:
@@ -654,6 +663,8 @@ class ClientConnection(asyncio.Protocol):
         end = pos + 4 + length
         if len(self._inbuf) < end:
             return False
+        if self._zip is not None:
+            self._renumber(pos, self._streaming // MAX_PAYLOAD)
         self._streaming += length
         if self._streaming > limit:
             self._drop()

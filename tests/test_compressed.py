@@ -82,8 +82,8 @@ def mysqldb(port: int, **kw: Any) -> MySQLdb.Connection:
 
 
 def mysqldb_session(port: int, infile: Path, table: str) -> list[Any]:
-    """What one compressed libmariadb session sees: rows, a result over 16 MiB (as its
-    digest), a LOAD DATA LOCAL, a prepared statement, and the session's own state."""
+    """What one compressed libmariadb session sees: rows, a result and a statement over
+    16 MiB, a LOAD DATA LOCAL, a prepared statement, an error, and the session's own state."""
     conn = mysqldb(port, database="sbtest", local_infile=1)
     seen: list[Any] = []
     cur = conn.cursor()
@@ -93,6 +93,10 @@ def mysqldb_session(port: int, infile: Path, table: str) -> list[Any]:
         cur.execute(f"SELECT repeat('z', {BIG}), 'after'")
         big, after = cur.fetchone()
         seen.append((len(big), hashlib.sha256(big.encode()).hexdigest(), after))
+        # A statement over 16 MiB: libmariadb numbers every packet of it 0 when compressing,
+        # which the plain server leg would refuse (1156) unless Baton renumbers them.
+        cur.execute("SELECT length(%s), md5(%s)", (big, "s"))
+        seen.append(cur.fetchall())
         cur.execute(f"DROP TABLE IF EXISTS {table}")
         cur.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, v VARCHAR(40))")
         cur.execute(
@@ -123,7 +127,7 @@ def test_mysqldb_compressed_sees_what_it_sees_directly(
     direct = mysqldb_session(primary_port(box, zbaton), infile, "sbtest.zdirect")
     through = mysqldb_session(zbaton.port, infile, "sbtest.zbaton")
     assert through == direct
-    assert direct[1][0] == BIG and direct[2] == 100_000
+    assert direct[1][0] == BIG and direct[3] == 100_000
     assert compressed_sessions(zbaton) == before + 1  # the session through Baton compressed
 
 
@@ -137,6 +141,8 @@ def test_connector_binary_protocol_compressed(box: Sandbox, zbaton: Baton) -> No
             cur = conn.cursor(prepared=True)
             cur.execute("SELECT ?, repeat('p', ?), md5(?)", (7, 300_000, "x"))
             rows = [(a, len(b), c) for a, b, c in cur.fetchall()]
+            cur.execute("SELECT length(?), md5(?)", ("q" * BIG, "r"))  # an execute of 17 MiB
+            rows += cur.fetchall()
             cur.execute(f"SELECT seq, md5(seq) FROM seq_1_to_{ROWS} WHERE seq > ?", (5,))
             rows.append(hashlib.sha256(repr(cur.fetchall()).encode()).hexdigest())
             return rows
