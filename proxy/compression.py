@@ -17,10 +17,12 @@ at a time, as it can act on them, so a small packet that inflates to 16 MiB cost
 not once per packet a read brought.
 
 Sequence ids follow the server (net_serv.cc): a command starts at 0, each packet either way
-takes the next number, and a reply carries the number after the last packet it answers. The
-shell consumes inflated bytes a command at a time, possibly after inflating a pipelined command
-behind it, so `consumed` maps the bytes taken back to the compressed packet they came in and
-numbers the reply from there.
+takes the next number, and a reply carries the number after the last packet it answers. A
+client's packet must carry 0, the number after its previous one, or the number after Baton's
+last reply (a LOCAL INFILE's file follows the server's request for it). The shell consumes
+inflated bytes a command at a time, possibly after inflating a pipelined command behind it,
+so `consumed` maps the bytes taken back to the compressed packet they came in and numbers the
+reply from there.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ MIN_COMPRESS = 50
 # strings) level 6 took 2.4 times level 1's CPU for a result 4% smaller (0.304 against 0.318 of
 # the plain size), and Baton's CPU is the scarcer resource: level 1.
 LEVEL = 1
+# Packets whose inflated bytes the session has not taken yet that keep their own sequence id:
+# enough for any command's packets behind the one the session is on, and a bound on memory
+# whatever the client sends (one-byte packets, say).
+MAX_ENDS = 64
 
 
 def _header(body_length: int, seq: int, inflated_length: int) -> bytes:
@@ -124,9 +130,17 @@ class CompressedStream:
             del buf[:end]
             self._pos = 0
         self._last_in = seq
-        self._out = (seq + 1) & 0xFF
-        self._inflated += len(data)
-        self._ends.append((self._inflated, seq))
+        if data:
+            self._inflated += len(data)
+            ends = self._ends
+            if ends and ends[-1][1] == seq:
+                ends[-1] = (self._inflated, seq)  # pipelined commands, each in its packet 0
+            else:
+                ends.append((self._inflated, seq))
+                if len(ends) > MAX_ENDS:
+                    # Many packets inflated ahead of the session: the oldest is forgotten, so
+                    # a command that ended inside it is answered after the next one's id.
+                    ends.popleft()
         return data
 
     def consumed(self, n: int) -> None:

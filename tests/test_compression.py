@@ -180,6 +180,44 @@ def test_a_reply_is_numbered_after_its_own_command_not_a_pipelined_one() -> None
     assert bytes(stream.pack(b"ok")[0])[3] == 1
 
 
+def test_a_reply_is_numbered_after_its_command_when_the_next_is_inflated_before_it() -> None:
+    """A (packets 0-2) is taken and runs; B (packet 0) is inflated meanwhile; A's reply is 3."""
+    stream = CompressedStream()
+    stream.feed(b"".join(zipped(b"A" * 100, i) for i in range(3)))
+    assert len(inflate_all(stream)) == 300
+    stream.consumed(300)
+    stream.feed(zipped(b"B" * 60, 0))
+    assert stream.inflate() == b"B" * 60
+    assert [bytes(p)[3] for p in stream.pack(b"x" * 10) + stream.pack(b"y" * 10)] == [3, 4]
+    stream.consumed(60)
+    assert bytes(stream.pack(b"ok")[0])[3] == 1
+
+
+def inflated_length(stream: CompressedStream) -> int:
+    n = 0
+    while (data := stream.inflate()) is not None:
+        n += len(data)
+    return n
+
+
+def test_one_byte_packets_keep_memory_bounded() -> None:
+    """20,000 one-byte packets of one command (ids 0, 1, ... 255, 0, ...): the map from bytes
+    to ids stays small, and the reply follows the last packet."""
+    stream = CompressedStream()
+    stream.feed(b"".join(packet(b"c", i & 0xFF, 0) for i in range(20_000)))
+    assert inflated_length(stream) == 20_000
+    stream.consumed(20_000)
+    assert bytes(stream.pack(b"ok")[0])[3] == 20_000 & 0xFF
+    stream.feed(b"".join(packet(b"d", i & 0xFF, 0) for i in range(20_000)))
+    tracemalloc.start()
+    try:
+        assert inflated_length(stream) == 20_000
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept < 50_000, kept  # not 20,000 entries of the map (about 1.5 MB)
+
+
 def test_a_packet_cut_short_is_kept_until_it_ends() -> None:
     stream = CompressedStream()
     assert stream.pack(b"\xff\x00\x00\x01" + b"r" * 100, ends_packet=False) == []
