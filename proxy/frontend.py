@@ -125,8 +125,11 @@ class ClientConnection(asyncio.Protocol):
         self._command_byte = 0
         self._relayed = False
         self._task: asyncio.Task[None] | None = None
-        # The compressed protocol, once the login's OK is out and if the client asked for it.
+        # The compressed protocol, once the login's OK is out and if the client asked for it;
+        # what `_pump` wrote, deflated together when it returns.
         self._zip: CompressedStream | None = None
+        self._zqueue: list[bytes] = []
+        self._zends = True  # the queue's last write ends a packet
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -459,6 +462,8 @@ class ClientConnection(asyncio.Protocol):
                     self._take()
         finally:
             self._pumping = False
+            if self._zqueue:
+                self._zflush()
 
     # -- the compressed protocol: a layer around the client's byte stream ------------------
 
@@ -525,6 +530,21 @@ class ClientConnection(asyncio.Protocol):
             self._zsend(data, not self._parser.mid_packet)
 
     def _zsend(self, data: bytes, ends_packet: bool) -> None:
+        """Deflate and write; inside `_pump` (answers to pipelined commands, Baton's own
+        errors) the writes wait for its end and go as one compressed packet."""
+        if self._pumping:
+            self._zqueue.append(data)
+            self._zends = ends_packet
+            return
+        self._zemit(data, ends_packet)
+
+    def _zflush(self) -> None:
+        queue = self._zqueue
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        self._zemit(data, self._zends)
+
+    def _zemit(self, data: bytes, ends_packet: bool) -> None:
         assert self._zip is not None and self._transport is not None
         pieces = self._zip.pack(data, ends_packet)
         if len(pieces) == 1:
@@ -762,6 +782,8 @@ class ClientConnection(asyncio.Protocol):
         self._carry_out(self.machine.close(reason))
 
     def _closed(self, reason: CloseReason) -> None:
+        if self._zqueue:
+            self._zflush()  # the last answers, an error saying why, before the close
         self._write = _discard  # the transport refuses writes once closed: drop them
         if reason is CloseReason.QUIT:
             self.link.close(quit=True)

@@ -239,6 +239,20 @@ def test_commands_pipelined_behind_the_login_and_batons_own_errors_are_compresse
         client.close()
 
 
+def test_answers_baton_writes_together_go_in_one_compressed_packet(zbaton: Baton) -> None:
+    """Five unknown commands in one compressed packet: Baton answers each itself, and the
+    five errors go out deflated together, in one packet numbered after the client's."""
+    commands = frame(b"\x99", 0) * 5
+    client = raw_compressed(zbaton.port, cpacket(commands, 0, True))
+    try:
+        ((seq, content),) = read_compressed(client, 1)
+        assert seq == 1
+        errors = split_packets(content)
+        assert [parse_err(e).code for e in errors] == [1047] * 5
+    finally:
+        client.close()
+
+
 _ZEROS = zlib.compress(bytes(4 << 20))
 # 4 MiB of zeros, said to be 100 bytes.
 BOMB = len(_ZEROS).to_bytes(3, "little") + b"\x00" + (100).to_bytes(3, "little") + _ZEROS
