@@ -36,6 +36,7 @@ from proxy.client_packets import (
     check_stmt_header,
     parse_change_user,
 )
+from proxy.compression import CompressedStream
 from proxy.context import SESSION_ID_BASE, SESSION_ID_END, ProxyContext
 from proxy.errors import ErrorKind
 from proxy.holder import Released, Verdict
@@ -145,6 +146,11 @@ class ClientConnection(asyncio.Protocol):
         self._command_byte = 0
         self._relayed = False
         self._task: asyncio.Task[None] | None = None
+        # The compressed protocol, once the login's OK is out and if the client asked for it;
+        # what `_pump` wrote, deflated together when it returns.
+        self._zip: CompressedStream | None = None
+        self._zqueue: list[bytes] = []
+        self._zends = True  # the queue's last write ends a packet
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -170,7 +176,11 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._inbuf += data
+            zipped = self._zip
+            if zipped is None:
+                self._inbuf += data
+            else:
+                zipped.feed(data)  # inflated as the session takes it (`_pump`, `read_packet`)
             self._wake()
             phase = self.machine.phase
             if phase is not _LOGIN:
@@ -180,7 +190,7 @@ class ClientConnection(asyncio.Protocol):
                 phase is not _IDLE
                 and phase is not _INFILE
                 and not self._streaming
-                and len(self._inbuf) - self._inpos > HIGH_WATER
+                and len(self._inbuf) - self._inpos + (zipped.pending if zipped else 0) > HIGH_WATER
             ):
                 # Nobody takes these bytes now (a login or a command runs): let them wait in
                 # the kernel, not in Baton's memory. `_pump` and `read_packet` resume reading.
@@ -244,6 +254,8 @@ class ClientConnection(asyncio.Protocol):
         """Drop `n` bytes from the front of the input; the buffer is compacted once at least
         half of it was consumed, so each byte is moved at most a bounded number of times."""
         self._inpos += n
+        if self._zip is not None:
+            self._zip.consumed(n)
         if self._inpos >= len(self._inbuf):
             self._inbuf.clear()
             self._inpos = 0
@@ -269,6 +281,11 @@ class ClientConnection(asyncio.Protocol):
                     return seq, payload
             if self.machine.phase is _CLOSED:
                 raise ConnectionResetError("the client closed the connection")
+            if self._zip is not None:
+                data = self._zip.inflate()
+                if data is not None:
+                    self._inbuf += data
+                    continue
             self._pause(False)
             self._reader = asyncio.get_running_loop().create_future()
             await self._reader
@@ -338,6 +355,8 @@ class ClientConnection(asyncio.Protocol):
             return
         ctx.admission.login_ok(self.address)
         self._write(make_ok(Status.AUTOCOMMIT, seq))
+        if self.link.client_caps & Cap.COMPRESS:
+            self._compress()
         self.machine.logged_in()
         ctx.sessions[self.connection_id] = self
         self._transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[union-attr]
@@ -350,6 +369,8 @@ class ClientConnection(asyncio.Protocol):
         offered = identity.capabilities
         if not ctx.config.proxy.allow_load_data_local:
             offered &= ~Cap.LOCAL_FILES
+        if ctx.config.proxy.compression:
+            offered |= Cap.COMPRESS
         nonce = new_nonce()
         self._write(
             frame(
@@ -463,8 +484,100 @@ class ClientConnection(asyncio.Protocol):
         self._pumping = True
         try:
             self._take()
+            if self._zip is not None:
+                while self._inflate():
+                    self._take()
         finally:
             self._pumping = False
+            if self._zqueue:
+                self._zflush()
+
+    # -- the compressed protocol: a layer around the client's byte stream ------------------
+
+    def _compress(self) -> None:
+        """The login's OK is out and the client asked for compression: from here on what it
+        sends is inflated before `_take` reads it, and what it is sent is deflated, Baton's own
+        packets and relayed responses alike. Bytes it pipelined behind its login are already
+        compressed."""
+        metrics.COMPRESSED_SESSIONS.inc()
+        zipped = self._zip = CompressedStream()
+        zipped.feed(self._inbuf[self._inpos :])
+        self._inbuf.clear()
+        self._inpos = 0
+        self._write = self._zwrite
+        self._sink = self._zsink  # type: ignore[method-assign]
+
+    def _inflate(self) -> bool:
+        """Inflate the client's next compressed packet into the input, while the session can
+        take what it holds or holds less than HIGH_WATER; True when it did."""
+        zipped = self._zip
+        machine = self.machine
+        phase = machine.phase
+        if (
+            zipped is None
+            or phase is _CLOSED
+            or self._backend_full
+            or (
+                phase is not _IDLE
+                and phase is not _INFILE
+                and not self._streaming
+                and len(self._inbuf) - self._inpos >= HIGH_WATER
+            )
+        ):
+            return False
+        try:
+            data = zipped.inflate()
+        except ClientPacketError as e:
+            kind = e.kind
+            self._protocol_error(
+                ErrorKind.PACKETS_OUT_OF_ORDER
+                if kind is Malformed.OUT_OF_ORDER
+                else ErrorKind.UNCOMPRESS,
+                str(e),
+            )
+            return False
+        if data is None:
+            return False
+        self._inbuf += data
+        return True
+
+    def _renumber(self, pos: int, seq: int) -> None:
+        """Give the packet at `pos` of a command of 16 MiB or more the sequence id the server
+        expects of its `seq`-th packet. Compressing clients need not number the packets inside
+        compressed ones (libmariadb sends them all as 0, which the server, reading compressed,
+        ignores), but the server leg is plain and checks them."""
+        self._inbuf[pos + 3] = seq & 0xFF
+
+    def _zwrite(self, data: bytes) -> None:
+        self._zsend(data, True)
+
+    def _zsink(self, data: bytes) -> None:
+        self._relayed = True
+        if self._write is not _discard:  # else the client is closed: drop it, as `_sink` does
+            self._zsend(data, not self._parser.mid_packet)
+
+    def _zsend(self, data: bytes, ends_packet: bool) -> None:
+        """Deflate and write; inside `_pump` (answers to pipelined commands, Baton's own
+        errors) the writes wait for its end and go as one compressed packet."""
+        if self._pumping:
+            self._zqueue.append(data)
+            self._zends = ends_packet
+            return
+        self._zemit(data, ends_packet)
+
+    def _zflush(self) -> None:
+        queue = self._zqueue
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        self._zemit(data, self._zends)
+
+    def _zemit(self, data: bytes, ends_packet: bool) -> None:
+        assert self._zip is not None and self._transport is not None
+        pieces = self._zip.pack(data, ends_packet)
+        if len(pieces) == 1:
+            self._transport.write(pieces[0])
+        elif pieces:
+            self._transport.writelines(pieces)
 
     def _take(self) -> None:
         machine = self.machine
@@ -490,6 +603,8 @@ class ClientConnection(asyncio.Protocol):
                 if len(buf) < end + 4:
                     break
                 length = buf[end] | buf[end + 1] << 8 | buf[end + 2] << 16
+                if self._zip is not None and not infile:
+                    self._renumber(end, total // MAX_PAYLOAD)
                 end += 4 + length
                 total += length
             if total > limit:
@@ -844,6 +959,8 @@ class ClientConnection(asyncio.Protocol):
         end = pos + 4 + length
         if len(self._inbuf) < end:
             return False
+        if self._zip is not None:
+            self._renumber(pos, self._streaming // MAX_PAYLOAD)
         self._streaming += length
         if self._streaming > limit:
             self._drop()
@@ -945,6 +1062,8 @@ class ClientConnection(asyncio.Protocol):
         self._carry_out(self.machine.close(reason))
 
     def _closed(self, reason: CloseReason) -> None:
+        if self._zqueue:
+            self._zflush()  # the last answers, an error saying why, before the close
         self._write = _discard  # the transport refuses writes once closed: drop them
         if reason is CloseReason.QUIT:
             self.link.close(quit=True)

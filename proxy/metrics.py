@@ -29,6 +29,11 @@ CLIENT_CONNECTIONS = Gauge(
 CLIENT_CONNECTIONS_TOTAL = Counter(
     "baton_client_connections_accepted", "Client connections accepted", registry=REGISTRY
 )
+COMPRESSED_SESSIONS = Counter(
+    "baton_client_compressed_sessions",
+    "Client sessions that logged in with the compressed protocol (CLIENT_COMPRESS)",
+    registry=REGISTRY,
+)
 LOGIN_FAILURES = Counter(
     "baton_login_failures",
     "Client logins refused, by reason (access_denied, unknown_user, unfenced_user, "

@@ -91,6 +91,9 @@ class ProxyConfig:
     metrics_port: int = 9104
     shard: str = ""
     allow_load_data_local: bool = False
+    # Offer clients the compressed protocol (zlib). Only sessions whose client asks for it pay
+    # its CPU; false makes such clients' logins fail at once with 1043.
+    compression: bool = True
     # None: the primary's max_allowed_packet, read at start (64 MiB if it cannot be read).
     max_packet_size: int | None = None
     backend_connect_timeout: float = 2.0
@@ -261,6 +264,7 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int,
     "shard": str,
     "allow_load_data_local": bool,
+    "compression": bool,
     "max_packet_size": int,
     "backend_connect_timeout": (int, float),
     "id": str,
