@@ -409,8 +409,10 @@ class ClientConnection(asyncio.Protocol):
         refuses Baton's admin login, a CA that does not verify the servers): the client is told
         that, in the server's words for an unreachable source, not a bare "access denied"."""
         accounts = self.ctx.accounts
-        if refused.reason is not LoginFailure.UNKNOWN_USER or len(accounts.book) or not (
-            accounts.error
+        if (
+            refused.reason is not LoginFailure.UNKNOWN_USER
+            or len(accounts.book)
+            or not (accounts.error)
         ):
             return None
         assert refused.packet is not None

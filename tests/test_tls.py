@@ -267,10 +267,12 @@ def test_failed_handshake_frees_its_connection(tbaton: Baton) -> None:
     page = wait_for(
         "the failure counted",
         lambda: (
-            p := tbaton.scrape(),
-            metric(p, "baton_client_tls_handshakes_total", 0, result="failed") > before,
-        )[1]
-        and p,
+            (
+                p := tbaton.scrape(),
+                metric(p, "baton_client_tls_handshakes_total", 0, result="failed") > before,
+            )[1]
+            and p
+        ),
     )
     assert metric(page, "baton_client_connections_open") == 0
 
