@@ -10,7 +10,8 @@ out the machine's actions: relay the command (translating statement ids and KILL
 connect, probe, write an error, close. A relayed command goes from the client's
 `data_received` to the server and its response back from the server's, with no task and no
 future: one machine call each way. Only what must wait (a connect, a probe, a login) runs in a
-task.
+task. A client that asks for TLS gets it before its login (`start_tls`, proxy/tls.py): the
+transport is swapped and nothing after the login knows.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ CLIENT_CONNECTIONS_TOTAL = Counter(
 LOGIN_FAILURES = Counter(
     "baton_login_failures",
     "Client logins refused, by reason (access_denied, unknown_user, unfenced_user, "
-    "unsupported_plugin, bad_handshake, timeout, server_refused, client_gone)",
+    "unsupported_plugin, bad_handshake, timeout, server_refused, client_gone, "
+    "insecure_transport)",
     ["reason"],
     registry=REGISTRY,
 )

@@ -273,7 +273,14 @@ def on_reload_signal(reload: Callable[[], Awaitable[object]]) -> None:
     """SIGHUP reads Baton's certificate for clients again (`baton ctl tls reload` does too);
     what it finds is logged and counted by the reload itself."""
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    running: set[asyncio.Task[object]] = set()  # the loop keeps only weak references
+
+    def start() -> None:
+        task = loop.create_task(reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, start)
 
 
 async def until_stopped() -> None:

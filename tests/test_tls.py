@@ -285,12 +285,15 @@ def test_plain_login_refused_when_tls_required(
     tls_box: Sandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """tls.require: a login without TLS gets 3159 and the connection ends; over TLS it goes
-    on. (MariaDB itself answers such a login with a bare 1045 access denied.)"""
+    on. (MariaDB itself answers such a login with a bare 1045 access denied.) With tls.ca a
+    TLS client must show a certificate signed by it."""
+    work = tmp_path_factory.mktemp("tls-require")
+    client = certs.make_cert(work, "client", tls_box.ca)
     b = start_baton(
         tls_box.config_path,
-        tmp_path_factory.mktemp("tls-require"),
+        work,
         port_hint() + 210,
-        extra={"tls": {"require": True}},
+        extra={"tls": {"require": True, "ca": str(tls_box.ca.cert)}},
     )
     try:
         with pytest.raises(pymysql.err.OperationalError) as refused:
@@ -309,13 +312,18 @@ def test_plain_login_refused_when_tls_required(
         )
         assert cli.returncode == 1
         assert "ERROR 3159 (HY000)" in cli.stderr
-        conn = pymysql_tls(b, tls_box)
+        with pytest.raises(pymysql.err.OperationalError):
+            pymysql_tls(b, tls_box)  # no client certificate
+        ctx = ca_context(tls_box)
+        ctx.load_cert_chain(client.cert, client.key)
+        conn = b.connect(ssl=ctx)
         cur = conn.cursor()
         cur.execute("SELECT CURRENT_USER()")
         assert cur.fetchone()[0] == "app@127.0.0.1"
         conn.close()
         page = b.scrape()
         assert metric(page, "baton_login_failures_total", reason="insecure_transport") == 2
+        assert metric(page, "baton_client_tls_handshakes_total", result="failed") == 1
     finally:
         b.stop()
 
