@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from bench.record import ROOT, load_average, machine_info
 from bench.stack import BENCH_PORT_HINT, Stack, running_stack
 from bench.sysbench import SysbenchRun, run_sysbench, sysbench_command, sysbench_prepare
 from harness.baton import Baton, start_baton
+from reparent import certs
 
 CORES = len(os.sched_getaffinity(0))
 PLAIN_PATHS = ("direct", "baton", "baton-w1", f"baton-w{CORES}", "haproxy")
@@ -177,6 +179,18 @@ def tree_cpu(pids: list[int]) -> tuple[float, float]:
     return sum(u for u, _ in times), sum(s for _, s in times)
 
 
+def sysbench_tls_files(stack: Stack) -> Path:
+    """sysbench 1.0's --mysql-ssl=on reads fixed names from its working directory: the CA
+    (cacert.pem) that checks the server, and a client certificate and key, here signed by the
+    sandbox's CA (the servers verify one they are given; Baton asks for none)."""
+    folder = stack.workdir / "sysbench-tls"
+    client = certs.make_cert(folder, "client", stack.sandbox.ca)
+    client.cert.rename(folder / "client-cert.pem")
+    client.key.rename(folder / "client-key.pem")
+    shutil.copy(stack.sandbox.ca.cert, folder / "cacert.pem")
+    return folder
+
+
 def start_worker_batons(stack: Stack, paths: list[str]) -> dict[str, Baton]:
     """The Batons with workers the paths ask for, beside the stack's own (one process); each
     with a store of its own and no failure detector (the stack's Baton has one)."""
@@ -209,9 +223,11 @@ def run_all(
     ports: dict[str, int],
     check: Callable[[], None],
     pids: dict[str, int],
+    tls_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Every run, in the interleaved order; `check` raises if a proxy has died; `pids` are
-    each proxy's main process, whose CPU time (with its children's) is taken over each run."""
+    each proxy's main process, whose CPU time (with its children's) is taken over each run;
+    TLS paths run sysbench in `tls_dir` (`sysbench_tls_files`)."""
     combos = [
         (w, t, m, r, p)
         for w in args.workloads
@@ -226,9 +242,11 @@ def run_all(
         options = sysbench_options(args, threads, ps_mode, path in TLS_PATHS)
         tree = process_tree(pids[path]) if path in pids else []
         cpu_before = tree_cpu(tree)
-        run: SysbenchRun = run_sysbench(
-            sysbench_command(workload, ports[path], "run", options), args.duration
-        )
+        command = sysbench_command(workload, ports[path], "run", options)
+        if path in TLS_PATHS:
+            assert tls_dir is not None
+            command = ["env", f"--chdir={tls_dir}", *command]  # where it reads its TLS files
+        run: SysbenchRun = run_sysbench(command, args.duration)
         cpu_after = tree_cpu(tree)
         check()
         r = run.result
@@ -425,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                     if b.proc.poll() is not None:
                         raise RuntimeError(f"{path} exited with {b.proc.returncode}")
 
-            runs = run_all(args, ports, check, pids)
+            tls = any(p in TLS_PATHS for p in args.paths)
+            runs = run_all(args, ports, check, pids, sysbench_tls_files(stack) if tls else None)
         finally:
             for b in batons.values():
                 b.stop()
