@@ -971,7 +971,7 @@ class ClientConnection(asyncio.Protocol):
                 f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
                 f"{e}. The statement was not executed; retry when the primary is back.",
             )
-            self._carry_out(self.machine.connect_failed(error))
+            self._carry_out(self.machine.connect_failed(error, lasting=e.tls))
             return
         self._carry_out(self.machine.connected(link.ready or self._unready()))
 

@@ -334,7 +334,7 @@ def test_wrong_ca_for_the_servers_is_refused_clearly(
     """backend.tls = verify_ca with a CA that did not sign the servers' certificates: Baton
     talks to no server. A client is told why (1429, naming the certificate check), the log says
     so, and the refusals are counted; with a fixed list of logins the session itself starts and
-    its first statement gets the cause."""
+    its first statement gets the cause at once (no switch of primary would mend it)."""
     work = tmp_path_factory.mktemp("tls-wrong-ca")
     wrong = certs.make_ca(work / "other", "other-ca")
     backend = {"tls": "verify_ca", "ca": str(wrong.cert)}
@@ -354,8 +354,11 @@ def test_wrong_ca_for_the_servers_is_refused_clearly(
             users=users,
         )
         try:
+            started = time.monotonic()
             with pytest.raises(pymysql.err.OperationalError) as refused:
                 pymysql_tls(b, tls_box)
+            # At once: not held for buffer.window (10 s) waiting for a primary that verifies.
+            assert time.monotonic() - started < 5
             code, message = refused.value.args
             assert code == 1429
             assert cause in message
