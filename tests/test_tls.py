@@ -473,3 +473,50 @@ def test_reload_swaps_the_certificate_without_dropping_sessions(
 def test_replication_follows_backend_tls(mode: BackendTls, sql: str, args: tuple[str]) -> None:
     ca = "/ca.pem" if mode.verifies else ""
     assert replication_options(BackendSettings(tls=mode, ca=ca)) == (sql, args)
+
+
+def test_emergency_reparent_over_tls(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """kill -9 of the primary of a TLS group, `ctl ers`: the fence and the repointing run over
+    verified TLS (the admin connections and CHANGE MASTER follow backend.tls), the remaining
+    replica replicates from the new primary over verified TLS, and a TLS client's writes go on
+    through Baton on the new primary."""
+    box = Sandbox(
+        tmp_path_factory.mktemp("tls-ers"), base_port=sandbox_base_port(), replicas=2, tls=True
+    )
+    box.up()
+    b = None
+    try:
+        admin_query(box.nodes()[0].port, "CREATE TABLE baton_test.ers_rows (id INT PRIMARY KEY)")
+        b = start_baton(
+            box.config_path,
+            tmp_path_factory.mktemp("tls-ers-baton"),
+            port_hint() + 240,
+            detector={"enabled": False},
+        )
+        conn = pymysql_tls(b, box)
+        cur = conn.cursor()
+        cur.execute("INSERT INTO baton_test.ers_rows VALUES (1)")
+        db1 = next(s for s in box.status()["servers"] if s["name"] == "db1")
+        os.kill(db1["pid"], signal.SIGKILL)
+        done = b.ctl("ers", "--to", "db2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        cur.execute("INSERT INTO baton_test.ers_rows VALUES (2)")
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] == box.nodes()[1].port
+        conn.close()
+        db3 = box.nodes()[2]
+        status = wait_for(
+            "db3 replicates from db2",
+            lambda: [
+                s
+                for s in admin_query(db3.port, "SHOW SLAVE STATUS")
+                if s["Master_Port"] == box.nodes()[1].port and s["Slave_IO_Running"] == "Yes"
+            ],
+        )[0]
+        assert status["Master_SSL_Allowed"] == "Yes"
+        assert status["Master_SSL_Verify_Server_Cert"] == "Yes"
+        assert status["Master_SSL_CA_File"] == str(box.ca.cert)
+    finally:
+        if b is not None:
+            b.stop()
+        box.down()
