@@ -520,3 +520,42 @@ def test_emergency_reparent_over_tls(tmp_path_factory: pytest.TempPathFactory) -
         if b is not None:
             b.stop()
         box.down()
+
+
+def test_servers_without_tls(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The shared sandbox has no TLS. `preferred` falls back to plain for the sessions and for
+    the admin connections (Baton reads the accounts, so a login works); `required` refuses the
+    servers, saying they offer no TLS."""
+    work = tmp_path_factory.mktemp("tls-plain-servers")
+    b = start_baton(
+        sandbox.config_path,
+        work / "preferred",
+        port_hint() + 250,
+        detector={"enabled": False},
+        extra={"backend": {"tls": "preferred"}},
+    )
+    try:
+        conn = b.connect(ssl_disabled=True)
+        cur = conn.cursor()
+        cur.execute("SHOW SESSION STATUS LIKE 'Ssl_version'")
+        assert cur.fetchone()[1] == ""  # plain to the server
+        conn.close()
+    finally:
+        b.stop()
+    b = start_baton(
+        sandbox.config_path,
+        work / "required",
+        port_hint() + 255,
+        detector={"enabled": False},
+        extra={"backend": {"tls": "required"}},
+        users=[{"name": "app", "password": "app-pass"}],
+    )
+    try:
+        with pytest.raises(pymysql.err.OperationalError) as refused:
+            b.connect(ssl_disabled=True)
+        code, message = refused.value.args
+        assert code == 1429
+        assert "offers no TLS, and backend.tls is required" in message
+        assert metric(b.scrape(), "baton_backend_tls_failures_total", server="db1") >= 1
+    finally:
+        b.stop()
