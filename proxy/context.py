@@ -19,8 +19,10 @@ from proxy.accounts import Accounts
 from proxy.admission import Admission
 from proxy.auth import stage1
 from proxy.backend import BackendConnection, BackendError, BackendLogin
+from proxy.classify import Classifier
 from proxy.holder import Holder
 from proxy.packets import proxy_header
+from proxy.readroute import ReadPool
 from proxy.router import Router
 from proxy.session import routine_hazards
 from proxy.tls import ClientTls
@@ -81,6 +83,10 @@ class ProxyContext:
     # TLS for clients ([tls]); None when Baton offers none.
     tls: ClientTls | None = None
     _tls_logged: dict[str, float] = field(default_factory=dict)  # server -> last TLS warning
+    # Read routing (proxy/readroute.py): the replicas' health and load, None when no listener
+    # routes reads; the statement classifier with its cache, shared by the sessions.
+    read_pool: ReadPool | None = None
+    classifier: Classifier = field(default_factory=Classifier)
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -108,6 +114,10 @@ class ProxyContext:
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
+
+    def server(self, name: str) -> ServerConfig:
+        """A server of the shard sessions are routed to, by name."""
+        return next(s for s in self.config.shard.servers if s.name == name)
 
     def term(self) -> int:
         return self.router.term(self.config.proxy.shard)
