@@ -10,7 +10,8 @@ out the machine's actions: relay the command (translating statement ids and KILL
 connect, probe, write an error, close. A relayed command goes from the client's
 `data_received` to the server and its response back from the server's, with no task and no
 future: one machine call each way. Only what must wait (a connect, a probe, a login) runs in a
-task.
+task. A client that asks for TLS gets it before its login (`start_tls`, proxy/tls.py): the
+transport is swapped and nothing after the login knows.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ from proxy.session_machine import (
     error_packet,
     loss_message,
 )
+from proxy.tls import upgrade
 from reparent.config import CausalReads, RoutingMode
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,8 @@ class ClientConnection(asyncio.Protocol):
         self._zip: CompressedStream | None = None
         self._zqueue: list[bytes] = []
         self._zends = True  # the queue's last write ends a packet
+        self._secure = False  # the client's connection is under TLS
+        self._gone = False  # connection_lost has run
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -210,6 +214,9 @@ class ClientConnection(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:
+            return
+        self._gone = True
         self._write = _discard
         self._wake()
         self._carry_out(self.machine.close(CloseReason.GONE))
@@ -293,6 +300,35 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._write(data)
 
+    async def start_tls(self) -> None:
+        """The client sent an SSL request: the rest of its connection is TLS (proxy/tls.py).
+        A handshake that fails ends the connection; there is no way left to send it an
+        error it could read."""
+        tls = self.ctx.tls
+        raw = self._transport
+        assert tls is not None and raw is not None
+        # From here the socket's bytes are TLS's: reading stops now (start_tls resumes it for
+        # the TLS layer), and what was read already goes to TLS first.
+        raw.pause_reading()
+        self._paused = False  # the TLS transport starts reading
+        early = bytes(self._inbuf[self._inpos :])
+        self._consume(len(early))
+        try:
+            transport = await upgrade(raw, self, tls.context, early)
+        except BaseException as e:
+            # A failed handshake (ssl.SSLError is an OSError), or the task cancelled by the
+            # login's timeout or by connection_lost (the TLS layer may report the loss).
+            metrics.CLIENT_TLS.labels("failed").inc()
+            if not isinstance(e, OSError | TimeoutError):
+                raise
+            raw.close()
+            self.connection_lost(None)  # else no one would: the loss came mid-handshake
+            raise LoginRefused(LoginFailure.BAD_HANDSHAKE, None, f"TLS handshake failed: {e}")
+        metrics.CLIENT_TLS.labels("ok").inc()
+        self._transport = transport
+        self._write = transport.write
+        self._secure = True
+
     # -- login -------------------------------------------------------------------------------
 
     def _refuse(self, refusal: Refusal) -> None:
@@ -336,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
                 seq = await self._authenticate()
             await self._first_backend(seq)
         except LoginRefused as e:
-            self._login_failed(e.reason, str(e), e.packet)
+            self._login_failed(e.reason, str(e), self._unreadable_accounts(e) or e.packet)
             return
         except TimeoutError:
             self._login_failed(
@@ -371,6 +407,9 @@ class ClientConnection(asyncio.Protocol):
             offered &= ~Cap.LOCAL_FILES
         if ctx.config.proxy.compression:
             offered |= Cap.COMPRESS
+        tls = ctx.tls
+        if tls is not None:
+            offered |= Cap.SSL
         nonce = new_nonce()
         self._write(
             frame(
@@ -385,7 +424,7 @@ class ClientConnection(asyncio.Protocol):
                 0,
             )
         )
-        response = await read_handshake(self, offered)
+        seq, response = await read_handshake(self, offered, tls is not None and tls.require)
         link = self.link
         link.client_caps = response.capabilities & offered
         self.state.collation = response.collation
@@ -401,16 +440,37 @@ class ClientConnection(asyncio.Protocol):
             response.auth_plugin,
             response.auth_response,
             nonce,
-            1,
+            seq,
         )
         link.login = verified.login
         return verified.seq
 
     def _login_settings(self, offered: int) -> LoginSettings:
         return LoginSettings(
+            secure=self._secure,
             offered=offered,
             address=self.address,
             allow_unfenced=self.ctx.config.proxy.allow_unfenced_users,
+        )
+
+    def _unreadable_accounts(self, refused: LoginRefused) -> bytes | None:
+        """An unknown user while Baton has never read the servers' accounts (a server that
+        refuses Baton's admin login, a CA that does not verify the servers): the client is told
+        that, in the server's words for an unreachable source, not a bare "access denied"."""
+        accounts = self.ctx.accounts
+        if (
+            refused.reason is not LoginFailure.UNKNOWN_USER
+            or len(accounts.book)
+            or not (accounts.error)
+        ):
+            return None
+        assert refused.packet is not None
+        return frame(
+            ErrorKind.BACKEND_UNREACHABLE.packet(
+                f"Baton cannot read the accounts from the servers to check this login: "
+                f"{accounts.error}"
+            ),
+            refused.packet[3],
         )
 
     async def _first_backend(self, seq: int) -> None:
@@ -1326,7 +1386,7 @@ class ClientConnection(asyncio.Protocol):
                 f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
                 f"{e}. The statement was not executed; retry when the primary is back.",
             )
-            self._carry_out(self.machine.connect_failed(error))
+            self._carry_out(self.machine.connect_failed(error, lasting=e.tls))
             return
         self._carry_out(self.machine.connected(link.ready or self._unready()))
 
