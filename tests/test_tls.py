@@ -559,3 +559,38 @@ def test_servers_without_tls(sandbox: Sandbox, tmp_path_factory: pytest.TempPath
         assert metric(b.scrape(), "baton_backend_tls_failures_total", server="db1") >= 1
     finally:
         b.stop()
+
+
+def test_compression_inside_tls(tbaton: Baton, tls_box: Sandbox) -> None:
+    """Compression is layered inside TLS: the TLS transport hands Baton decrypted bytes to
+    inflate, and Baton's deflated writes go out through the TLS transport that replaced the
+    plain one at the upgrade. A result of a few MiB (many compressed packets, many TLS
+    records) and a prepared statement read back as they do directly."""
+    before = metric(tbaton.scrape(), "baton_client_compressed_sessions_total", absent=0.0)
+
+    def session(port: int) -> list[object]:
+        conn = mysql.connector.connect(
+            host="127.0.0.1",
+            port=port,
+            user="app",
+            password="app-pass",
+            ssl_ca=str(tls_box.ca.cert),
+            ssl_verify_cert=True,
+            compress=True,
+        )
+        try:
+            cur = conn.cursor()
+            cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+            assert cur.fetchone()[1]  # the server's view: Baton's connection, also TLS
+            cur.execute("SELECT REPEAT('x', 3000000), 42")
+            big = cur.fetchone()
+            pcur = conn.cursor(prepared=True)
+            pcur.execute("SELECT ? + 1, CONCAT(?, 'b')", (41, "a"))
+            return [len(big[0]), big[1], pcur.fetchone()]
+        finally:
+            conn.close()
+
+    direct = session(tls_box.nodes()[0].port)
+    assert session(tbaton.port) == direct
+    after = metric(tbaton.scrape(), "baton_client_compressed_sessions_total", absent=0.0)
+    assert after == before + 1
