@@ -120,11 +120,12 @@ def test_only_store_methods_are_served(pair: Pair) -> None:
 
 def test_config_crosses_whole() -> None:
     """Workers take their config from the supervisor, over the same channel."""
+    loaded = load(str(CONFIG.path))
     ours, theirs = socket.socketpair()
-    a = Channel(ours, lambda kind, args: CONFIG).start()
+    a = Channel(ours, lambda kind, args: loaded).start()
     b = Channel(theirs, lambda kind, args: None).start()
     try:
-        assert b.call("config") == CONFIG == load(str(CONFIG.path))
+        assert b.call("config") == loaded
     finally:
         a.close()
         b.close()
