@@ -138,9 +138,7 @@ RULES: tuple[Rule, ...] = (
         Pin.USER_VARIABLES,
         "user variables are not reported by session tracking; restoring them per borrow "
         "would cost a read back and a SET each time, so the session keeps its connection",
-        lambda s, p, r: bool(s.user_variables)
-        or s.user_variables_stale
-        or s.last_insert_id_stale,
+        lambda s, p, r: bool(s.user_variables) or s.user_variables_stale or s.last_insert_id_stale,
     ),
     Rule(
         Pin.SQL_PREPARED,
