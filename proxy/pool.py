@@ -27,34 +27,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from reparent.config import PoolConfig
+
 C = TypeVar("C")
-
-
-class PoolSettingsError(ValueError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class PoolLimits:
-    """The bounds of one pool (the `[pool]` table gives them to every pool)."""
-
-    min: int = 0
-    max: int = 32
-    idle_timeout: float = 60.0
-    queue: int = 10_000
-    wait_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.max < 1:
-            raise PoolSettingsError(f"max: must be at least 1, got {self.max}")
-        if not 0 <= self.min <= self.max:
-            raise PoolSettingsError(f"min: must be between 0 and max ({self.max}), got {self.min}")
-        if self.queue < 0:
-            raise PoolSettingsError(f"queue: must be zero or more, got {self.queue}")
-        for name in ("idle_timeout", "wait_timeout"):
-            value = getattr(self, name)
-            if not 0 < value < float("inf"):
-                raise PoolSettingsError(f"{name}: must be a positive number of seconds: {value}")
 
 
 class RefuseReason(enum.StrEnum):
@@ -107,7 +82,7 @@ Action = Grant[C] | Open | Wait | Refuse | CloseConn[C]
 class Pool(Generic[C]):
     """The connections of one (server, account, shape) and the borrowers waiting for them."""
 
-    def __init__(self, limits: PoolLimits) -> None:
+    def __init__(self, limits: PoolConfig) -> None:
         self.limits = limits
         self.idle: deque[tuple[C, float]] = deque()  # (conn, idle since), newest on the right
         self.lent = 0

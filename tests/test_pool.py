@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.pool import (
-    CloseConn,
-    Grant,
-    Open,
-    Pool,
-    PoolLimits,
-    PoolSettingsError,
-    Refuse,
-    RefuseReason,
-    Wait,
-)
+from proxy.pool import CloseConn, Grant, Open, Pool, Refuse, RefuseReason, Wait
+from reparent.config import ConfigError, PoolConfig, parse
 
 
 def pool(**kw: float) -> Pool[str]:
-    return Pool(PoolLimits(**kw))  # type: ignore[arg-type]
+    return Pool(PoolConfig(**kw))  # type: ignore[arg-type]
 
 
 def test_opens_up_to_max_then_queues_then_refuses() -> None:
@@ -129,5 +120,30 @@ def test_a_cancelled_waiter_is_not_granted() -> None:
     ],
 )
 def test_limits_are_checked(kw: dict[str, float], word: str) -> None:
-    with pytest.raises(PoolSettingsError, match=word):
-        PoolLimits(**kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=word):
+        PoolConfig(**kw)  # type: ignore[arg-type]
+
+
+def _config(extra: dict[str, object]) -> dict[str, object]:
+    return {
+        "admin": {"user": "a", "password": "p"},
+        "shards": [
+            {
+                "name": "main",
+                "servers": [{"name": "db1", "host": "127.0.0.1", "port": 3307, "role": "primary"}],
+            }
+        ],
+        **extra,
+    }
+
+
+def test_the_pool_table_is_read_and_checked() -> None:
+    cfg = parse(_config({"pool": {"multiplex": True, "max": 8, "wait_timeout": 1}}))
+    assert cfg.pool == PoolConfig(multiplex=True, max=8, wait_timeout=1)
+    assert not parse(_config({})).pool.multiplex  # off by default
+    with pytest.raises(ConfigError, match="pool.max"):
+        parse(_config({"pool": {"max": 0}}))
+    with pytest.raises(ConfigError, match="pool.mx"):
+        parse(_config({"pool": {"mx": 1}}))
+    with pytest.raises(ConfigError, match="proxy_protocol"):
+        parse(_config({"pool": {"multiplex": True}, "backend": {"proxy_protocol": True}}))
