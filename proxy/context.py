@@ -20,6 +20,7 @@ from proxy.auth import stage1
 from proxy.backend import BackendConnection, BackendError, BackendLogin
 from proxy.holder import Holder
 from proxy.packets import proxy_header
+from proxy.pools import Pools
 from proxy.router import Router
 from proxy.session import routine_hazards
 from reparent.admin import AdminConnection
@@ -75,6 +76,8 @@ class ProxyContext:
     worker: int = 0  # this process's worker index: the high bits of its session ids
     # Another worker's session by id: (its server's name, its server thread), or None.
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
+    # The pools of server connections sessions share ([pool] multiplex); None: no sharing.
+    pools: Pools | None = None
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -225,6 +228,8 @@ class ProxyContext:
                 metrics.SWITCH_SESSIONS.labels(case).inc()
         elif isinstance(event, EstablishedEvent):
             self.epoch += 1
+            if self.pools is not None:
+                self.pools.retire(keep=event.new_primary)
             for conn in list(self.sessions.values()):
                 conn.link.abandon_stale(event.new_primary)
         elif isinstance(event, Aborted):

@@ -51,6 +51,7 @@ from proxy.packets import (
     make_server_handshake,
     with_stmt_id,
 )
+from proxy.pools import PoolRefused
 from proxy.response import Phase as ResponsePhase
 from proxy.response import ResponseParser
 from proxy.session import SessionState
@@ -104,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.connection_id = session_id
         self.state = SessionState(session_id=session_id, user="", client_address="?")
         self.machine = SessionMachine(self.state, ctx)
+        self.machine.shares = ctx.pools is not None  # [pool] multiplex
         self.link = ServerLink(ctx, self.state, self.backend_full)
         self._holder = ctx.holder
         self._shard = ctx.config.proxy.shard
@@ -369,9 +371,21 @@ class ClientConnection(asyncio.Protocol):
         """Log the session in to the primary as its own account. The server's refusal (too
         many connections, host blocked, unknown database, a changed password) is the
         client's answer; a server that cannot be reached is not: the session starts and
-        its commands wait for, or explain, the primary."""
+        its commands wait for, or explain, the primary. A session that shares connections
+        borrows one from its account's pool (which checks the login and the schema the same
+        way) and gives it back: it holds none while idle."""
         try:
-            await self.link.connect()
+            if self.machine.shares:
+                await self.link.borrow()
+                self.link.give_back()
+            else:
+                await self.link.connect()
+        except PoolRefused as e:
+            raise LoginRefused(
+                LoginFailure.SERVER_REFUSED,
+                frame(ErrorKind.TOO_MANY_CONNECTIONS.packet(str(e)), seq),
+                str(e),
+            )
         except BackendError as e:
             if e.err is None:
                 log.info("session %d: no backend yet: %s", self.connection_id, e)
@@ -630,6 +644,10 @@ class ClientConnection(asyncio.Protocol):
                 self._holder.end(action.ticket)
             elif action is Do.CONNECT:
                 self._spawn(self._connect())
+            elif action is Do.GIVE_BACK:
+                self.link.give_back()
+            elif action is Do.BORROW:
+                self._spawn(self._borrow())
             elif action is Do.PROBE:
                 self._spawn(self._probe())
             elif action is Do.RETRACK:
@@ -742,9 +760,15 @@ class ClientConnection(asyncio.Protocol):
             return
         if command == Command.STMT_CLOSE or command == Command.STMT_SEND_LONG_DATA:
             # No response: write it and go on with the next command.
-            backend = self.link.backend
+            link = self.link
+            backend = link.backend
             assert backend is not None
-            backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
+            if self.machine.shares:
+                self.machine.pending.note(command, client_id, 0, 0, b"")
+            if command != Command.STMT_CLOSE or link.lease is None:
+                backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
+            # (A pooled connection keeps the statement: other sessions of the account may
+            # prepare the same text; proxy/state_diff.py bounds how many it keeps.)
             if command == Command.STMT_CLOSE:
                 del self.state.statements[client_id]
             self._carry_out(self.machine.answered())
@@ -843,6 +867,8 @@ class ClientConnection(asyncio.Protocol):
         command = parser.command
         changed = state.apply(parser.status, parser.tracked)
         err = parser.err
+        if machine.shares:
+            self._note_pending(command, parser)
         retrack = False
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
@@ -862,6 +888,7 @@ class ClientConnection(asyncio.Protocol):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
+            self.link.reset = True  # the server forgot the connection's prepared statements
             retrack = True
         actions = machine.response_done(retrack)
         if actions is NEXT:
@@ -869,6 +896,20 @@ class ClientConnection(asyncio.Protocol):
             self._pump()
         else:
             self._carry_out(actions)
+
+    def _note_pending(self, command: int, parser: ResponseParser) -> None:
+        """What the response left on the connection that decides whether it can be given
+        back: a cursor, the statement's warnings (proxy/pinning.py)."""
+        raw = self.machine.raw
+        stmt_id = check_stmt_header(raw[4:]) if command in STMT_HEADER and raw else 0
+        ok = parser.ok
+        self.machine.pending.note(
+            command,
+            stmt_id,
+            parser.status,
+            ok.warnings if ok is not None else 0,
+            raw[5:] if command == _QUERY else b"",
+        )
 
     def _after_statement(self, sql: bytes, start: int, changed: bool) -> bool:
         """What the statement just run did that the server's reports leave out (its text from
@@ -910,6 +951,28 @@ class ClientConnection(asyncio.Protocol):
                 ErrorKind.BACKEND_UNREACHABLE,
                 f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
                 f"{e}. The statement was not executed; retry when the primary is back.",
+            )
+            self._carry_out(self.machine.connect_failed(error))
+            return
+        self._carry_out(self.machine.connected(link.ready or self._unready()))
+
+    async def _borrow(self) -> None:
+        """BORROW: a connection from the pool, with what of the session's state it lacks."""
+        link = self.link
+        try:
+            async with link.lock:
+                await link.borrow()
+        except PoolRefused as e:
+            error = error_packet(ErrorKind.TOO_MANY_CONNECTIONS, str(e))
+            self._carry_out(self.machine.borrow_refused(error))
+            return
+        except BackendError as e:
+            server = self.ctx.primary()
+            error = error_packet(
+                ErrorKind.BACKEND_UNREACHABLE,
+                f"Baton cannot get a connection to the primary {server.name} "
+                f"({server.host}:{server.port}): {e}. The statement was not executed; retry "
+                "when the primary is back.",
             )
             self._carry_out(self.machine.connect_failed(error))
             return

@@ -15,13 +15,15 @@ import uvloop
 
 from proxy import metrics
 from proxy.accounts import Accounts, book_from_config
-from proxy.admission import Admission
+from proxy.admission import FD_RESERVE, FDS_PER_SESSION, Admission
 from proxy.backend import BackendConnection, BackendError
 from proxy.context import BackendIdentity, ProxyContext
 from proxy.control import ControlServer, LocalProxies, Proxies
 from proxy.frontend import ProxyServer
 from proxy.holder import Holder
+from proxy.link import TRACKING_SQL
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
+from proxy.pools import Pools
 from proxy.router import Router, default_proxy_id
 from reparent.admin import AdminConnection, AdminError, AdminPool
 from reparent.config import (
@@ -159,6 +161,8 @@ class DataPath:
     async def stop(self) -> None:
         self.refresh.cancel()
         self.server.close()
+        if self.ctx.pools is not None:
+            self.ctx.pools.close()
         await self.router.unregister()
         self.router.close()
 
@@ -189,10 +193,14 @@ async def start_data_path(
         lambda: [router.primary(config.proxy.shard), *config.shard.servers],
         config.admin,
     )
+    multiplex = config.pool.multiplex
     admission = Admission(
         max_connections=max_connections or config.proxy.max_connections,
         fd_limit=file_limit(),
         max_connect_errors=config.proxy.max_connect_errors,
+        # Sharing: a session holds its client socket only, the pools hold the rest.
+        fds_per_session=1 if multiplex else FDS_PER_SESSION,
+        reserve=FD_RESERVE + (config.pool.max if multiplex else 0),
     )
     ctx = ProxyContext(
         config=config,
@@ -204,6 +212,9 @@ async def start_data_path(
         max_packet=await asyncio.to_thread(max_allowed_packet, config),
         worker=worker,
     )
+    if multiplex:
+        ctx.pools = Pools(config.pool, ctx.connect, TRACKING_SQL)
+        metrics.REGISTRY.register(ctx.pools)
     router.listener = ctx
     router.holder = holder
     await router.start()

@@ -407,6 +407,7 @@ class SessionMachine:
 
     def logged_in(self) -> Actions:
         self._go(Edge.LOGGED_IN)
+        self.detached = self.shares  # its login's connection went back to the pool
         return NOTHING
 
     def command(self, raw: bytes, hold: bool, ready: bool) -> Actions:
