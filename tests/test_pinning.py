@@ -63,6 +63,15 @@ def shared_machine() -> SessionMachine:
     m = SessionMachine(SessionState(1, "app", "?"), World())
     m.shares = True
     m.logged_in()
+    assert m.detached  # its login's connection went back to the pool
+    assert m.command(QUERY, hold=False, ready=False) is BORROW
+    assert m.connected(ready=True) is SEND
+    assert m.response_done(retrack=False) is GIVE_BACK_NEXT
+    # Its next command borrows again; these tests start from there, with a connection.
+    m.command(QUERY, hold=False, ready=False)
+    m.connected(ready=True)
+    m.response_done(retrack=False)
+    m.detached = False
     return m
 
 
