@@ -20,6 +20,7 @@ from proxy.auth import stage1
 from proxy.backend import BackendConnection, BackendError, BackendLogin
 from proxy.holder import Holder
 from proxy.packets import proxy_header
+from proxy.pinning import Pin, pins
 from proxy.pools import Pools
 from proxy.router import Router
 from proxy.session import routine_hazards
@@ -200,6 +201,16 @@ class ProxyContext:
             return False
         finally:
             backend.close()
+
+    def pinned(self) -> dict[Pin, int]:
+        """Sharing sessions that keep their connection now, by every rule that pins them."""
+        counts = dict.fromkeys(Pin, 0)
+        for conn in self.sessions.values():
+            machine = conn.machine
+            if machine.shares and not machine.detached:
+                for pin in pins(conn.state, machine.pending, self.routines):
+                    counts[pin] += 1
+        return counts
 
     # -- the router's listener: topology events, on the proxy's loop ---------------------------
 

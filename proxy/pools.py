@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -85,6 +85,8 @@ class Pools(Collector):
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused: dict[RefuseReason, int] = {r: 0 for r in RefuseReason}
+        # Sharing sessions pinned to their connection now, by rule (set by the proxy).
+        self.pinned: Callable[[], Mapping[str, int]] = dict
 
     @property
     def enabled(self) -> bool:
@@ -304,4 +306,12 @@ class Pools(Collector):
         )
         for reason, n in self.refused.items():
             refused.add_metric([str(reason)], n)
-        yield from (conns, waiting, borrows, waited, refused)
+        pinned = GaugeMetricFamily(
+            "baton_sessions_pinned",
+            "Sharing sessions that keep their server connection now, by the rule that pins "
+            "them (a session may count under several)",
+            labels=["reason"],
+        )
+        for reason, n in self.pinned().items():
+            pinned.add_metric([str(reason)], n)
+        yield from (conns, waiting, borrows, waited, refused, pinned)

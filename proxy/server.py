@@ -214,6 +214,7 @@ async def start_data_path(
     )
     if multiplex:
         ctx.pools = Pools(config.pool, ctx.connect, TRACKING_SQL)
+        ctx.pools.pinned = ctx.pinned
         metrics.REGISTRY.register(ctx.pools)
     router.listener = ctx
     router.holder = holder
