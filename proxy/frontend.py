@@ -902,12 +902,11 @@ class ClientConnection(asyncio.Protocol):
         back: a cursor, the statement's warnings (proxy/pinning.py)."""
         raw = self.machine.raw
         stmt_id = check_stmt_header(raw[4:]) if command in STMT_HEADER and raw else 0
-        ok = parser.ok
         self.machine.pending.note(
             command,
             stmt_id,
             parser.status,
-            ok.warnings if ok is not None else 0,
+            parser.warnings + (parser.err is not None),
             raw[5:] if command == _QUERY else b"",
         )
 

@@ -64,6 +64,7 @@ class Pending:
 
     def note(self, command: int, stmt_id: int, status: int, warnings: int, sql: bytes) -> None:
         """One command's response has passed (`stmt_id`: the client's, for COM_STMT_*;
+        `warnings`: its warnings and errors, which SHOW WARNINGS / SHOW ERRORS read next;
         `sql`: a query's text, else b"")."""
         if command == _SEND_LONG_DATA:
             self.long_data.add(stmt_id)
@@ -167,7 +168,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         Pin.DIAGNOSTICS,
-        "the last statement's warnings or FOUND_ROWS() may be read by the next one",
+        "the last statement's warnings, error or FOUND_ROWS() may be read by the next one",
         lambda s, p, r: p.diagnostics,
     ),
 )

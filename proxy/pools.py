@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from proxy import metrics
 from proxy.backend import BackendConnection, BackendError, BackendLogin
-from proxy.packets import PROXY_CAPS
+from proxy.packets import PROXY_CAPS, Cap
 from proxy.pool import Action as PoolAction
 from proxy.pool import CloseConn, Grant, Open, Pool, Refuse, RefuseReason, Wait
 from proxy.session import SessionState
@@ -38,7 +38,20 @@ log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between the pools' clock ticks (wait deadlines, idle timeouts)
 
-# server name, login, capabilities, collation
+# Capabilities that shape only the login, not what the server sends afterwards: sessions that
+# differ in them share a pool.
+LOGIN_ONLY = (
+    Cap.LONG_PASSWORD
+    | Cap.CONNECT_WITH_DB
+    | Cap.SECURE_CONNECTION
+    | Cap.PLUGIN_AUTH
+    | Cap.CONNECT_ATTRS
+    | Cap.PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | Cap.CAN_HANDLE_EXPIRED_PASSWORDS
+)
+SHAPE_CAPS = PROXY_CAPS & ~LOGIN_ONLY
+
+# server name, login, capabilities (SHAPE_CAPS), collation
 PoolKey = tuple[str, BackendLogin, int, int]
 Connect = Callable[[ServerConfig, BackendLogin, int, int, str | None], Awaitable[BackendConnection]]
 
@@ -113,7 +126,7 @@ class Pools(Collector):
         `discard`. Raises PoolRefused when the pool stays full, BackendError when a new
         connection cannot be made."""
         started = time.perf_counter()
-        key = (server.name, login, caps & PROXY_CAPS, collation)
+        key = (server.name, login, caps & SHAPE_CAPS, collation)
         pool = self._pool(key, server)
         self._next_waiter += 1
         waiter = self._next_waiter
