@@ -443,6 +443,8 @@ class SessionMachine:
     def answered(self) -> Actions:
         """The shell answered the command itself (an unknown statement, KILL of no session, a
         COM_STMT_CLOSE, which has no response)."""
+        if self.shares and self.phase is Phase.RELAYING and self._free():
+            return self._give_back()
         return self._over(Edge.ANSWER)
 
     def may_retry(self, command: int) -> bool:
@@ -763,6 +765,11 @@ class SessionMachine:
         return (EndTicket(ticket), Do.NEXT)
 
     def _close(self, reason: CloseReason) -> Actions:
+        if self.shares and self.phase is Phase.IDLE and not self.detached and self._free():
+            # Nothing in flight and nothing pinned: its connection serves others on.
+            self._go(Edge.CLOSE)
+            self.detached = True
+            return (Do.GIVE_BACK, Close(reason))
         self._go(Edge.CLOSE)
         ticket, self.ticket = self.ticket, None
         self.failure = None

@@ -12,6 +12,8 @@ from proxy.pinning import RULES, Pending, Pin, pins
 from proxy.session import SessionState
 from proxy.session_machine import (
     BORROW,
+    Close,
+    CloseReason,
     GIVE_BACK_NEXT,
     NEXT,
     SEND,
@@ -128,6 +130,20 @@ def test_leaving_the_pinning_state_gives_the_connection_back() -> None:
     m.command(frame(b"\x03COMMIT", 0), hold=False, ready=True)
     m.state.status &= ~Status.IN_TRANS  # the COMMIT's OK
     assert m.response_done(retrack=False) is GIVE_BACK_NEXT
+
+
+def test_a_session_that_leaves_gives_back_unless_pinned_or_mid_command() -> None:
+    m = shared_machine()
+    assert m.close(CloseReason.QUIT) == (Do.GIVE_BACK, Close(CloseReason.QUIT))
+    m = shared_machine()
+    m.state.temporary_tables.add("t")
+    assert m.close(CloseReason.GONE) == (Close(CloseReason.GONE),)
+    m = shared_machine()
+    m.command(QUERY, hold=False, ready=True)
+    assert m.close(CloseReason.GONE) == (Close(CloseReason.GONE),)  # its result is in flight
+    m = shared_machine()
+    m.command(frame(b"\x19\x01\x00\x00\x00", 0), hold=False, ready=True)  # COM_STMT_CLOSE
+    assert m.answered() is GIVE_BACK_NEXT
 
 
 def test_a_full_pool_answers_and_the_session_stays_detached() -> None:
