@@ -12,11 +12,11 @@ from proxy.pinning import RULES, Pending, Pin, pins
 from proxy.session import SessionState
 from proxy.session_machine import (
     BORROW,
-    Close,
-    CloseReason,
     GIVE_BACK_NEXT,
     NEXT,
     SEND,
+    Close,
+    CloseReason,
     Do,
     Phase,
     SessionMachine,
