@@ -647,7 +647,10 @@ class ClientConnection(asyncio.Protocol):
             elif action is Do.GIVE_BACK:
                 self.link.give_back()
             elif action is Do.BORROW:
-                self._spawn(self._borrow())
+                if self.link.borrow_idle(machine.raw):
+                    self._carry_out(machine.connected(True))
+                else:
+                    self._spawn(self._borrow())
             elif action is Do.PROBE:
                 self._spawn(self._probe())
             elif action is Do.RETRACK:
@@ -915,9 +918,10 @@ class ClientConnection(asyncio.Protocol):
         `start`); True when Baton must set its session tracking again."""
         ok = self._parser.ok
         state = self.state
-        retrack = state.after_statement(
-            sql, start, changed, ok.last_insert_id if ok is not None else 0
-        )
+        insert_id = ok.last_insert_id if ok is not None else 0
+        if insert_id:
+            self.link.insert_id = True  # the server's LAST_INSERT_ID() is the session's now
+        retrack = state.after_statement(sql, start, changed, insert_id)
         if state.routines:
             self._inspect_routines()
         return retrack
@@ -960,7 +964,7 @@ class ClientConnection(asyncio.Protocol):
         link = self.link
         try:
             async with link.lock:
-                await link.borrow()
+                await link.borrow(self.machine.raw)
         except PoolRefused as e:
             error = error_packet(ErrorKind.TOO_MANY_CONNECTIONS, str(e))
             self._carry_out(self.machine.borrow_refused(error))

@@ -22,7 +22,7 @@ from proxy.context import ProxyContext
 from proxy.packets import Command, frame
 from proxy.pools import Pooled
 from proxy.session import READ_BACK_SQL, SessionState
-from proxy.state_diff import plan
+from proxy.state_diff import plan, reads_insert_id
 from reparent.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class ServerLink:
         self.lock = asyncio.Lock()
         self.lease: Pooled | None = None  # the pool's connection it borrowed, if it did
         self.reset = False  # COM_RESET_CONNECTION ran on the borrowed connection
+        # The borrowed connection's LAST_INSERT_ID() is the session's (restored, or set by
+        # one of its statements); else it is still the one its last borrower left.
+        self.insert_id = False
 
     @property
     def ready(self) -> bool:
@@ -109,10 +112,11 @@ class ServerLink:
             metrics.SESSIONS_MOVED.labels("moved").inc()
         self.attach(backend, server, epoch)
 
-    async def borrow(self) -> None:
+    async def borrow(self, raw: bytes = b"") -> None:
         """A connection from the pool of the current primary and the client's account, given
-        what of the session's state it lacks. Raises PoolRefused (the pool stayed full) or
-        BackendError; a switch published meanwhile makes it stale at once, as `connect`."""
+        what of the session's state it lacks (for the command `raw`). Raises PoolRefused (the
+        pool stayed full) or BackendError; a switch published meanwhile makes it stale at
+        once, as `connect`."""
         ctx = self.ctx
         pools = ctx.pools
         assert pools is not None and self.login is not None
@@ -124,7 +128,8 @@ class ServerLink:
             pooled = await pools.borrow(
                 server, self.login, self.client_caps, state.collation, state.schema
             )
-            todo = plan(state, pooled.state)
+            insert_id = reads_insert_id(state, raw)
+            todo = plan(state, pooled.state, insert_id)
             if not todo.unusable:
                 break
             pools.discard(pooled)  # its schema cannot be unset; the pool opens another
@@ -151,7 +156,37 @@ class ServerLink:
         metrics.POOL_RESTORE_SECONDS.observe(time.perf_counter() - started)
         self.lease = pooled
         self.reset = False
+        self.insert_id = insert_id
         self.attach(backend, server, epoch)
+
+    def borrow_idle(self, raw: bytes) -> bool:
+        """BORROW at once, when an idle connection needs nothing restored (the same account's
+        sessions mostly share their state): True when attached. Otherwise `borrow` waits."""
+        ctx = self.ctx
+        pools = ctx.pools
+        assert pools is not None and self.login is not None
+        if self.lock.locked():
+            return False
+        state = self.state
+        server = ctx.primary()
+        pooled = pools.take_idle(server, self.login, self.client_caps, state.collation)
+        if pooled is None:
+            return False
+        insert_id = reads_insert_id(state, raw)
+        todo = plan(state, pooled.state, insert_id)
+        if todo.round_trips or todo.unusable:
+            pools.put_back(pooled)
+            return False
+        self.close()
+        for client_id, backend_id in todo.mapped.items():
+            stmt = state.statements[client_id]
+            stmt.backend_id = backend_id
+            stmt.rebound = False
+        self.lease = pooled
+        self.reset = False
+        self.insert_id = insert_id
+        self.attach(pooled.backend, server, ctx.epoch)
+        return True
 
     def give_back(self) -> None:
         """GIVE_BACK: nothing pins the session; its connection goes back to its pool, holding
@@ -168,7 +203,7 @@ class ServerLink:
             backend.pause_reading(False)
         self._detach()
         assert self.ctx.pools is not None
-        self.ctx.pools.give_back(lease, self.state, self.reset)
+        self.ctx.pools.give_back(lease, self.state, self.reset, self.insert_id)
 
     def attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
         metrics.BACKEND_UP.labels(server.name).set(1)

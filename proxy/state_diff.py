@@ -20,11 +20,36 @@ closed instead of given back.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from proxy.client_packets import ClientPacketError, check_stmt_header
+from proxy.packets import Command
 from proxy.session import CHARSET_VARIABLES, SessionState, system_assignments
 
 MAX_STATEMENTS = 256  # prepared statements a pooled connection may hold
+
+# A statement that may read LAST_INSERT_ID() (a routine may too): only then is the session's
+# value restored on a borrowed connection. Restoring it always would cost a round trip on most
+# borrows, since every INSERT changes it.
+_READS_INSERT_ID = re.compile(rb"(?i)last_insert_id|identity|\bcall\b")
+_QUERY, _EXECUTE = int(Command.QUERY), int(Command.STMT_EXECUTE)
+
+
+def reads_insert_id(state: SessionState, raw: bytes) -> bool:
+    """Might this command (a whole client packet) read LAST_INSERT_ID()?"""
+    if len(raw) < 5:
+        return False
+    if raw[4] == _QUERY:
+        return _READS_INSERT_ID.search(raw, 5) is not None
+    if raw[4] == _EXECUTE:
+        try:
+            stmt = state.statements.get(check_stmt_header(raw[4:]))
+        except ClientPacketError:
+            return False
+        return stmt is not None and _READS_INSERT_ID.search(stmt.sql) is not None
+    return False
+
 
 # Read once per new pooled connection: its character sets as its login left them.
 BASELINE_SQL = "SELECT " + ", ".join(f"@@{n}" for n in CHARSET_VARIABLES)
@@ -47,15 +72,18 @@ class ConnState:
         }
         return cls(schema, baseline)
 
-    def given_back(self, state: SessionState, reset: bool) -> bool:
+    def given_back(self, state: SessionState, reset: bool, insert_id: bool) -> bool:
         """The borrower is done: the connection now holds its state. `reset`: it ran
-        COM_RESET_CONNECTION, so the server forgot the prepared statements. False when the
-        connection holds too many statements to be kept."""
+        COM_RESET_CONNECTION, so the server forgot the prepared statements; `insert_id`: the
+        server's LAST_INSERT_ID() is the session's (restored, or set by its INSERT). False
+        when the connection holds too many statements to be kept."""
         if reset:
             self.statements.clear()
+            self.last_insert_id = 0
         self.schema = state.schema
         self.variables = dict(state.variables)
-        self.last_insert_id = state.last_insert_id
+        if insert_id:
+            self.last_insert_id = state.last_insert_id
         for stmt in state.statements.values():
             self.statements[stmt.sql] = stmt.backend_id
         return len(self.statements) <= MAX_STATEMENTS
@@ -76,8 +104,9 @@ class Plan:
         return (self.init_db is not None) + bool(self.assignments) + len(self.prepare)
 
 
-def plan(state: SessionState, conn: ConnState) -> Plan:
-    """What differs between the session and the connection, as commands to send."""
+def plan(state: SessionState, conn: ConnState, insert_id: bool) -> Plan:
+    """What differs between the session and the connection, as commands to send. `insert_id`:
+    the command may read LAST_INSERT_ID(), so the session's value is restored too."""
     unusable = state.schema is None and conn.schema is not None
     init_db = state.schema if state.schema is not None and state.schema != conn.schema else None
     wanted: dict[str, str | None] = {}
@@ -87,7 +116,7 @@ def plan(state: SessionState, conn: ConnState) -> Plan:
         if now != target:
             wanted[name] = target  # None: the server's default
     assignments = system_assignments(wanted)
-    if state.last_insert_id != conn.last_insert_id:
+    if insert_id and state.last_insert_id != conn.last_insert_id:
         assignments.append(f"last_insert_id = {state.last_insert_id}")
     mapped: dict[int, int] = {}
     prepare: list[int] = []
