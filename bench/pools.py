@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--prs", type=int, default=0, help="planned switchovers during the run")
     ap.add_argument("--direct", action="store_true", help="also run straight to the primary")
     ap.add_argument("--buffer-size", type=int, default=10000)
+    ap.add_argument("--workers", type=int, default=0, help="Baton's worker processes")
     args = ap.parse_args()
 
     status = json.loads(
@@ -248,8 +249,14 @@ def main() -> None:
                 "wait_timeout": 20,
             }
         },
-        buffer={"size": args.buffer_size, "drain_concurrency": 64},
-        controller={"grace": 2.0},
+        proxy={"max_connections": args.sessions + 1000, "workers": args.workers},
+        buffer={
+            "size": args.buffer_size,
+            "drain_concurrency": 64,
+            "window": 20,
+            "max_failover": 30,
+        },
+        controller={"grace": 5.0},
         detector={"enabled": False},
         nofile=20000,
     )
@@ -270,7 +277,8 @@ def main() -> None:
 
         reports = asyncio.run(both())
         poller.stop.set()
-        result = summary(f"baton pool.max={args.pool_max}", load, poller.most)
+        name = f"baton pool.max={args.pool_max} workers={args.workers}"
+        result = summary(name, load, poller.most)
         result["switches"] = reports
         metrics = b.scrape()
         keep = (

@@ -20,7 +20,7 @@ from proxy import metrics
 from proxy.backend import BackendConnection, BackendError, BackendLogin
 from proxy.context import ProxyContext
 from proxy.packets import Command, frame
-from proxy.pools import Pooled
+from proxy.pools import Pooled, PoolRetired
 from proxy.session import READ_BACK_SQL, SessionState
 from proxy.state_diff import plan, reads_insert_id
 from reparent.config import ServerConfig
@@ -120,14 +120,17 @@ class ServerLink:
         ctx = self.ctx
         pools = ctx.pools
         assert pools is not None and self.login is not None
-        epoch = ctx.epoch
-        server = ctx.primary()
         state = self.state
         self.close()  # a stale one, or its own connection from a login or a move
         while True:
-            pooled = await pools.borrow(
-                server, self.login, self.client_caps, state.collation, state.schema
-            )
+            epoch = ctx.epoch
+            server = ctx.primary()
+            try:
+                pooled = await pools.borrow(
+                    server, self.login, self.client_caps, state.collation, state.schema
+                )
+            except PoolRetired:
+                continue  # a switch was published while it waited: the new primary's pool
             insert_id = reads_insert_id(state, raw)
             todo = plan(state, pooled.state, insert_id)
             if not todo.unusable:

@@ -73,6 +73,11 @@ class PoolRefused(Exception):
         )
 
 
+class PoolRetired(Exception):
+    """The pool's server stopped leading while the borrower waited: borrow again from the
+    current primary's pool."""
+
+
 @dataclass(eq=False, slots=True)
 class Pooled:
     """One pooled server connection: the socket, what it holds, and its pool."""
@@ -169,12 +174,10 @@ class Pools(Collector):
                 metrics.POOL_BORROW_SECONDS.observe(time.perf_counter() - started)
                 return pooled
             elif isinstance(action, Refuse):
-                if action.reason is RefuseReason.RETIRED and pool is not self._pools.get(key):
-                    # Its server was retired while it waited: this key's new pool (if the
-                    # server leads again) or the caller's next primary.
-                    pool = self._pool(key, server)
-                    action = pool.borrow(waiter, time.monotonic())
-                    continue
+                if action.reason is RefuseReason.RETIRED:
+                    # Its server stopped leading while it waited: the caller borrows from
+                    # the new primary's pool.
+                    raise PoolRetired(server.name)
                 self.refused[action.reason] += 1
                 raise PoolRefused(action.reason, key, self.config)
 

@@ -578,6 +578,11 @@ class SessionMachine:
                 "This statement was not executed; retry the whole transaction.",
             )
             return (RolledBack(), *self._answer(error))
+        if self.shares and self._free():
+            # Nothing of it lives on a server connection: it borrows, as a detached session
+            # does, rather than open one of its own beside the pool.
+            self.detached = True
+            return BORROW
         return CONNECT
 
     def _refuse(self, found: dict[Unmovable, list[str]]) -> Actions:

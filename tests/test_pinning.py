@@ -146,6 +146,16 @@ def test_a_session_that_leaves_gives_back_unless_pinned_or_mid_command() -> None
     assert m.answered() is GIVE_BACK_NEXT
 
 
+def test_a_free_session_whose_connection_went_stale_borrows_a_pinned_one_connects() -> None:
+    m = shared_machine()
+    # A switch was published: its connection is stale (not ready), nothing pins it.
+    assert m.command(QUERY, hold=False, ready=False) is BORROW
+    assert m.phase is Phase.MOVING and m.detached
+    m = shared_machine()
+    m.state.sql_prepared["p"] = b"SELECT 1"  # pinned: it moves to a connection of its own
+    assert m.command(QUERY, hold=False, ready=False) == (Do.CONNECT,)
+
+
 def test_a_full_pool_answers_and_the_session_stays_detached() -> None:
     m = shared_machine()
     m.command(QUERY, hold=False, ready=True)
