@@ -249,7 +249,8 @@ def main() -> None:
                 "wait_timeout": 20,
             }
         },
-        proxy={"max_connections": args.sessions + 1000, "workers": args.workers},
+        # Per worker, and the kernel does not split clients evenly between workers.
+        proxy={"max_connections": 2 * args.sessions + 1000, "workers": args.workers},
         buffer={
             "size": args.buffer_size,
             "drain_concurrency": 64,
