@@ -10,10 +10,9 @@ import asyncio
 import json
 from collections.abc import Iterator
 
-import pymysql
 import pytest
 
-from bench.pools import DB, Load, Poller, switches
+from bench.pools import DB, Load, Poller, admin, switches
 from harness.baton import start_baton
 from reparent.sandbox import Sandbox
 from tests.fixtures import port_hint, private_sandbox, server_ports
@@ -22,16 +21,6 @@ from tests.fixtures import port_hint, private_sandbox, server_ports
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     yield from private_sandbox(tmp_path_factory, "pools-sandbox", replicas=1)
-
-
-def admin(port: int, sql: str) -> None:
-    conn = pymysql.connect(
-        host="127.0.0.1", port=port, user="baton_admin", password="admin-pass", autocommit=True
-    )
-    try:
-        conn.cursor().execute(sql)
-    finally:
-        conn.close()
 
 
 def run(
