@@ -32,6 +32,7 @@ def run(
     prs: int,
     max_connections: int,
     pool_max: int,
+    workers: int = 0,
 ) -> None:
     ports = server_ports(box)
     primary = next(s["name"] for s in box.status()["servers"] if s["role"] == "primary")
@@ -46,11 +47,12 @@ def run(
         box.config_path,
         tmp_path_factory.mktemp("pools-switch-baton"),
         port_hint() + 170,
-        proxy={"max_connections": sessions + 100},
+        # (per worker, and clients do not split evenly between workers)
+        proxy={"max_connections": 2 * sessions + 100, "workers": workers},
         extra={"pool": {"multiplex": True, "max": pool_max, "queue": 20000, "wait_timeout": 20}},
         buffer={"size": 10000, "drain_concurrency": 64, "window": 20, "max_failover": 30},
         detector={"enabled": False},
-        nofile=4 * sessions + 1000,
+        nofile=min(20000, 4 * sessions + 1000),
     )
     poller = Poller(list(ports.values()))
     poller.start()
@@ -111,5 +113,6 @@ def test_five_thousand_sessions_ten_switchovers(
         seconds=70,
         prs=10,
         max_connections=200,
-        pool_max=150,
+        pool_max=90,
+        workers=2,
     )
