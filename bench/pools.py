@@ -191,6 +191,20 @@ async def switches(b: Baton, servers: list[str], count: int, every: float) -> li
     return reports
 
 
+def sandbox_servers(directory: Path) -> tuple[dict[str, int], str]:
+    """A running sandbox's servers by name, and its primary's name."""
+    status = json.loads(
+        subprocess.run(
+            [".venv/bin/baton", "sandbox", "status", "--dir", str(directory), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    ports = {s["name"]: s["port"] for s in status["servers"]}
+    return ports, next(s["name"] for s in status["servers"] if s["role"] == "primary")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sandbox", type=Path, required=True, help="a `baton sandbox up` dir")
@@ -207,16 +221,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="Baton's worker processes")
     args = ap.parse_args()
 
-    status = json.loads(
-        subprocess.run(
-            [".venv/bin/baton", "sandbox", "status", "--dir", str(args.sandbox), "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    ports = {s["name"]: s["port"] for s in status["servers"]}
-    primary = next(s["name"] for s in status["servers"] if s["role"] == "primary")
+    ports, primary = sandbox_servers(args.sandbox)
     admin(ports[primary], f"CREATE DATABASE IF NOT EXISTS {DB}")
     admin(
         ports[primary],
