@@ -18,10 +18,12 @@ from proxy.accounts import Accounts
 from proxy.admission import Admission
 from proxy.auth import stage1
 from proxy.backend import BackendConnection, BackendError, BackendLogin
+from proxy.classify import Classifier
 from proxy.holder import Holder
 from proxy.packets import proxy_header
 from proxy.pinning import Pin, pins
 from proxy.pools import Pools
+from proxy.readroute import ReadPool
 from proxy.router import Router
 from proxy.session import routine_hazards
 from reparent.admin import AdminConnection
@@ -79,6 +81,10 @@ class ProxyContext:
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
     # The pools of server connections sessions share ([pool] multiplex); None: no sharing.
     pools: Pools | None = None
+    # Read routing (proxy/readroute.py): the replicas' health and load, None when no listener
+    # routes reads; the statement classifier with its cache, shared by the sessions.
+    read_pool: ReadPool | None = None
+    classifier: Classifier = field(default_factory=Classifier)
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -106,6 +112,10 @@ class ProxyContext:
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
+
+    def server(self, name: str) -> ServerConfig:
+        """A server of the shard sessions are routed to, by name."""
+        return next(s for s in self.config.shard.servers if s.name == name)
 
     def term(self) -> int:
         return self.router.term(self.config.proxy.shard)

@@ -42,6 +42,12 @@ The paths, with the rules that are easy to break:
   RELAYING), with its state restored on it. While any pinning rule holds (a transaction,
   temporary tables, locks, ...) the session keeps its connection, so nobody else is ever given
   it mid-state. A pool that stays full answers the command with 1040; it never ran.
+- Reads on replicas (READING, proxy/readroute.py): a read the shell routed to a replica is
+  never held by a switch (replicas are not touched by one) and is not in flight on the
+  primary, so the drain before a demotion does not wait for it. If its replica fails before
+  any byte of its result reached the client, it provably had no effect (it was classified a
+  read), so it is routed again (READING -reroute-> IDLE, and the shell routes the same bytes
+  once more, without that replica); a failure mid-result closes the session, as on the primary.
 - Order: a session has at most one command in progress, so pipelined commands are answered in
   the order they were sent; the shell takes the next command only on `NEXT`.
 """
@@ -71,6 +77,7 @@ class Phase(enum.StrEnum):
     FLUSHING = "flushing"  # released by the holder: moving to the primary to run there
     PROBING = "probing"  # a read lost its connection: was the loss this session's alone?
     RETRACKING = "retracking"  # the response passed; Baton sets its session tracking again
+    READING = "reading"  # a read runs on a replica: never held, not in flight on the primary
     CLAIMED = "claimed"  # Baton's own statements use the idle connection (read back)
     CHANGING_USER = "changing_user"  # COM_CHANGE_USER: a login and a new connection
     BORROWING = "borrowing"  # a shared session waits for a connection from its pool
@@ -99,6 +106,8 @@ class Edge(enum.StrEnum):
     MOVED = "moved"  # connected to the primary with the session's state
     BORROW = "borrow"  # a detached session takes a connection from its pool
     GIVE_BACK = "give_back"  # the command is over and nothing pins the session
+    READ = "read"  # a read goes to a replica
+    REROUTE = "reroute"  # its replica failed before any result reached the client: route again
     CLOSE = "close"
 
 
@@ -114,6 +123,12 @@ TRANSITIONS: Mapping[Phase, Mapping[Edge, Phase]] = {
         E.CHANGE_USER: P.CHANGING_USER,
         E.CLAIM: P.CLAIMED,
         E.BORROW: P.BORROWING,
+        E.READ: P.READING,
+        E.CLOSE: P.CLOSED,
+    },
+    P.READING: {
+        E.DONE: P.IDLE,
+        E.REROUTE: P.IDLE,
         E.CLOSE: P.CLOSED,
     },
     P.RELAYING: {
@@ -214,6 +229,8 @@ class Do(enum.Enum):
     RETRACK = "retrack"  # set Baton's session tracking again; then `retracked`
     NEXT = "next"  # the command is over: count it and take the client's next one
     RESUME = "resume"  # Baton's own statements are done: take the client's next command
+    READ = "read"  # run `raw` on a replica the shell chose
+    REROUTE = "reroute"  # route `raw` again, without the replicas that failed under it
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +286,8 @@ CONNECT: Actions = (Do.CONNECT,)
 PROBE: Actions = (Do.PROBE,)
 BORROW: Actions = (Do.BORROW,)
 GIVE_BACK_NEXT: Actions = (Do.GIVE_BACK, Do.NEXT)
+READ: Actions = (Do.READ,)
+REROUTE: Actions = (Do.REROUTE,)
 NOTHING: Actions = ()
 
 _E_SEND, _E_DONE = Edge.SEND, Edge.DONE
@@ -432,6 +451,22 @@ class SessionMachine:
             return BORROW
         self._go(Edge.MOVE)
         return self._move()
+
+    def read(self, raw: bytes) -> Actions:
+        """A whole command the shell routes to a replica (a read outside a transaction): it
+        is not held, whatever the shard does."""
+        self.raw = raw
+        self.failed_once = False
+        self._go(Edge.READ)
+        return READ
+
+    def read_lost(self, relayed: bool) -> Actions:
+        """The replica's connection failed under the read. `relayed`: part of the result
+        reached the client, so no other answer can take its place."""
+        if relayed:
+            return self._close(CloseReason.LOST_MID_RESPONSE)
+        self._go(Edge.REROUTE)
+        return REROUTE
 
     def stream(self) -> Actions:
         """A large command starts: its packets go on as they arrive, and are not kept."""
