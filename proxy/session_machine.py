@@ -128,6 +128,7 @@ TRANSITIONS: Mapping[Phase, Mapping[Edge, Phase]] = {
     },
     P.READING: {
         E.DONE: P.IDLE,
+        E.GIVE_BACK: P.IDLE,  # a sharing session's primary connection, if it still had one
         E.REROUTE: P.IDLE,
         E.CLOSE: P.CLOSED,
     },
