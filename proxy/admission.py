@@ -63,6 +63,8 @@ class Admission:
     max_connections: int
     fd_limit: int
     max_connect_errors: int  # 0: no blocking
+    fds_per_session: int = FDS_PER_SESSION  # 1 when sessions share pooled connections
+    reserve: int = FD_RESERVE  # plus the pools' connections when sessions share them
     open: int = 0  # client connections open now, logged in or not
     refused: dict[Refusal, int] = field(default_factory=lambda: {r: 0 for r in Refusal})
     _failures: OrderedDict[str, int] = field(default_factory=OrderedDict)
@@ -72,7 +74,7 @@ class Admission:
     @property
     def fd_sessions(self) -> int:
         """Client connections the file-descriptor limit leaves room for."""
-        return max(0, (self.fd_limit - FD_RESERVE) // FDS_PER_SESSION)
+        return max(0, (self.fd_limit - self.reserve) // self.fds_per_session)
 
     @property
     def capacity(self) -> int:

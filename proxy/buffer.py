@@ -151,6 +151,7 @@ class Counters:
 
     held: int = 0  # hold() calls, a newcomer rejected for a full buffer included
     flushed: int = 0  # Flush actions issued
+    most_waiting: int = 0  # the most entries ever waiting at once
     starts_by_reason: dict[StartReason, int] = field(
         default_factory=lambda: dict.fromkeys(StartReason, 0)
     )
@@ -381,7 +382,9 @@ class Buffer:
         self._waiting[entry] = e
         sh.queue[entry] = e
         self._sessions.setdefault(session, {})[entry] = None
-        self.counters.held += 1
+        counters = self.counters
+        counters.held += 1
+        counters.most_waiting = max(counters.most_waiting, len(self._waiting))
         sh.held += 1
         self._dirty[shard] = None
         # Added before time moves on, so that a deadline already passed evicts it too.

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
     commands.add_parser("status", help="shards, primaries, terms, reparent in flight")
     commands.add_parser("sessions", help="every client session's state")
+    commands.add_parser(
+        "pools", help="the pools of server connections sessions share, and pinned sessions"
+    )
     users = commands.add_parser(
         "users", help="the accounts Baton lets in, and those it refuses (SUPER, READ ONLY ADMIN)"
     )

@@ -22,6 +22,8 @@ from proxy.backend import BackendConnection, BackendError, BackendLogin
 from proxy.classify import Classifier
 from proxy.holder import Holder
 from proxy.packets import proxy_header
+from proxy.pinning import Pin, pins
+from proxy.pools import Pools
 from proxy.readroute import ReadPool
 from proxy.router import Router
 from proxy.session import routine_hazards
@@ -80,6 +82,8 @@ class ProxyContext:
     worker: int = 0  # this process's worker index: the high bits of its session ids
     # Another worker's session by id: (its server's name, its server thread), or None.
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
+    # The pools of server connections sessions share ([pool] multiplex); None: no sharing.
+    pools: Pools | None = None
     # TLS for clients ([tls]); None when Baton offers none.
     tls: ClientTls | None = None
     _tls_logged: dict[str, float] = field(default_factory=dict)  # server -> last TLS warning
@@ -224,6 +228,16 @@ class ProxyContext:
         finally:
             backend.close()
 
+    def pinned(self) -> dict[Pin, int]:
+        """Sharing sessions that keep their connection now, by every rule that pins them."""
+        counts = dict.fromkeys(Pin, 0)
+        for conn in self.sessions.values():
+            machine = conn.machine
+            if machine.shares and not machine.detached:
+                for pin in pins(conn.state, machine.pending, self.routines):
+                    counts[pin] += 1
+        return counts
+
     # -- the router's listener: topology events, on the proxy's loop ---------------------------
 
     def busy(self, shard: str) -> bool:
@@ -251,6 +265,8 @@ class ProxyContext:
                 metrics.SWITCH_SESSIONS.labels(case).inc()
         elif isinstance(event, EstablishedEvent):
             self.epoch += 1
+            if self.pools is not None:
+                self.pools.retire(keep=event.new_primary)
             for conn in list(self.sessions.values()):
                 conn.link.abandon_stale(event.new_primary)
         elif isinstance(event, Aborted):

@@ -237,6 +237,8 @@ class Proxies(Protocol):
 
     async def unblock(self, address: str) -> bool: ...
 
+    async def pools(self) -> dict[str, Any]: ...
+
     async def annotate(self, shard: str, term: int, record_id: str) -> Counts: ...
 
     async def tls(self, reload: bool) -> list[dict[str, Any]]: ...
@@ -292,6 +294,18 @@ class LocalProxies:
 
     async def unblock(self, address: str) -> bool:
         return self.ctx.admission.unblock(address)
+
+    async def pools(self) -> dict[str, Any]:
+        """The pools of server connections that sessions share, and why sessions keep theirs."""
+        ctx = self.ctx
+        sharing = [c.machine for c in ctx.sessions.values() if c.machine.shares]
+        return {
+            "multiplex": ctx.pools is not None,
+            "pools": ctx.pools.snapshot() if ctx.pools is not None else [],
+            "sessions": len(ctx.sessions),
+            "detached": sum(1 for m in sharing if m.detached),
+            "pinned": {str(k): v for k, v in ctx.pinned().items() if v},
+        }
 
     async def tls(self, reload: bool) -> list[dict[str, Any]]:
         """The client certificate in use (with reload: read again first, the old one kept
@@ -433,6 +447,11 @@ class ControlServer:
             raise ControlError(f"{address} is not blocked")
         log.info("address %s unblocked by an operator", address)
         return {"unblocked": address}
+
+    async def cmd_pools(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """The pools of server connections sessions share ([pool] multiplex)."""
+        Args(request)  # it takes no arguments: refuse any
+        return await self.proxies.pools()
 
     async def cmd_tls(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """`status` or `reload` of Baton's certificate for clients (every worker's). A reload

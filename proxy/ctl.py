@@ -80,6 +80,21 @@ def render_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_pools(result: dict[str, Any]) -> str:
+    if not result["multiplex"]:
+        return "sessions do not share server connections ([pool] multiplex is off)"
+    pinned = ", ".join(f"{k} {v}" for k, v in sorted(result["pinned"].items())) or "none"
+    head = (
+        f"sessions {result['sessions']}: {result['detached']} hold no server connection; "
+        f"pinned: {pinned}"
+    )
+    columns = ["server", "user", "idle", "lent", "opening", "waiting", "max", "borrows"]
+    columns += ["waited", "refused"]
+    if any("worker" in p for p in result["pools"]):
+        columns.insert(0, "worker")
+    return head + "\n" + table(result["pools"], columns)
+
+
 def render(cmd: str, result: Any) -> str:
     if cmd == "sessions":
         rows = [
@@ -106,6 +121,8 @@ def render(cmd: str, result: Any) -> str:
                 "user_variables",
             ],
         )
+    if cmd == "pools":
+        return render_pools(result)
     if cmd in ("prs", "ers"):
         return render_report(result)
     if cmd == "check":

@@ -55,6 +55,7 @@ from proxy.packets import (
     make_server_handshake,
     with_stmt_id,
 )
+from proxy.pools import PoolRefused
 from proxy.readpath import (
     ReplicaConn,
     SessionReads,
@@ -128,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
         if read_only:
             self.state.variables["tx_read_only"] = "1"
         self.machine = SessionMachine(self.state, ctx)
+        self.machine.shares = ctx.pools is not None  # [pool] multiplex
         self.link = ServerLink(ctx, self.state, self.backend_full)
         self._holder = ctx.holder
         self._shard = ctx.config.proxy.shard
@@ -477,9 +479,21 @@ class ClientConnection(asyncio.Protocol):
         """Log the session in to the primary as its own account. The server's refusal (too
         many connections, host blocked, unknown database, a changed password) is the
         client's answer; a server that cannot be reached is not: the session starts and
-        its commands wait for, or explain, the primary."""
+        its commands wait for, or explain, the primary. A session that shares connections
+        borrows one from its account's pool (which checks the login and the schema the same
+        way) and gives it back: it holds none while idle."""
         try:
-            await self.link.connect()
+            if self.machine.shares:
+                await self.link.borrow()
+                self.link.give_back()
+            else:
+                await self.link.connect()
+        except PoolRefused as e:
+            raise LoginRefused(
+                LoginFailure.SERVER_REFUSED,
+                frame(ErrorKind.TOO_MANY_CONNECTIONS.packet(str(e)), seq),
+                str(e),
+            )
         except BackendError as e:
             if e.err is None:
                 log.info("session %d: no backend yet: %s", self.connection_id, e)
@@ -1083,6 +1097,13 @@ class ClientConnection(asyncio.Protocol):
                 self._holder.end(action.ticket)
             elif action is Do.CONNECT:
                 self._spawn(self._connect())
+            elif action is Do.GIVE_BACK:
+                self.link.give_back()
+            elif action is Do.BORROW:
+                if self.link.borrow_idle(machine.raw):
+                    self._carry_out(machine.connected(True))
+                else:
+                    self._spawn(self._borrow())
             elif action is Do.PROBE:
                 self._spawn(self._probe())
             elif action is Do.RETRACK:
@@ -1201,9 +1222,15 @@ class ClientConnection(asyncio.Protocol):
             return
         if command == Command.STMT_CLOSE or command == Command.STMT_SEND_LONG_DATA:
             # No response: write it and go on with the next command.
-            backend = self.link.backend
+            link = self.link
+            backend = link.backend
             assert backend is not None
-            backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
+            if self.machine.shares:
+                self.machine.pending.note(command, client_id, 0, 0, b"")
+            if command != Command.STMT_CLOSE or link.lease is None:
+                backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
+            # (A pooled connection keeps the statement: other sessions of the account may
+            # prepare the same text; proxy/state_diff.py bounds how many it keeps.)
             if self.reads is not None:
                 if command == Command.STMT_CLOSE:
                     for replica, backend_id in self.reads.forget_statement(client_id):
@@ -1316,6 +1343,8 @@ class ClientConnection(asyncio.Protocol):
             server = self.link.server
             metrics.ROUTED.labels(server.name if server else "?", reads.kind).inc()
         err = parser.err
+        if machine.shares:
+            self._note_pending(command, parser)
         retrack = False
         if err is not None:
             metrics.ERRORS.labels(str(err.code), "backend").inc()
@@ -1335,6 +1364,7 @@ class ClientConnection(asyncio.Protocol):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
+            self.link.reset = True  # the server forgot the connection's prepared statements
             if reads is not None:
                 reads.changed()
             retrack = True
@@ -1345,14 +1375,28 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._carry_out(actions)
 
+    def _note_pending(self, command: int, parser: ResponseParser) -> None:
+        """What the response left on the connection that decides whether it can be given
+        back: a cursor, the statement's warnings (proxy/pinning.py)."""
+        raw = self.machine.raw
+        stmt_id = check_stmt_header(raw[4:]) if command in STMT_HEADER and raw else 0
+        self.machine.pending.note(
+            command,
+            stmt_id,
+            parser.status,
+            parser.warnings + (parser.err is not None),
+            raw[5:] if command == _QUERY else b"",
+        )
+
     def _after_statement(self, sql: bytes, start: int, changed: bool) -> bool:
         """What the statement just run did that the server's reports leave out (its text from
         `start`); True when Baton must set its session tracking again."""
         ok = self._parser.ok
         state = self.state
-        retrack = state.after_statement(
-            sql, start, changed, ok.last_insert_id if ok is not None else 0
-        )
+        insert_id = ok.last_insert_id if ok is not None else 0
+        if insert_id:
+            self.link.insert_id = True  # the server's LAST_INSERT_ID() is the session's now
+        retrack = state.after_statement(sql, start, changed, insert_id)
         if state.routines:
             self._inspect_routines()
         return retrack
@@ -1385,6 +1429,28 @@ class ClientConnection(asyncio.Protocol):
                 ErrorKind.BACKEND_UNREACHABLE,
                 f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
                 f"{e}. The statement was not executed; retry when the primary is back.",
+            )
+            self._carry_out(self.machine.connect_failed(error, lasting=e.tls))
+            return
+        self._carry_out(self.machine.connected(link.ready or self._unready()))
+
+    async def _borrow(self) -> None:
+        """BORROW: a connection from the pool, with what of the session's state it lacks."""
+        link = self.link
+        try:
+            async with link.lock:
+                await link.borrow(self.machine.raw)
+        except PoolRefused as e:
+            error = error_packet(ErrorKind.TOO_MANY_CONNECTIONS, str(e))
+            self._carry_out(self.machine.borrow_refused(error))
+            return
+        except BackendError as e:
+            server = self.ctx.primary()
+            error = error_packet(
+                ErrorKind.BACKEND_UNREACHABLE,
+                f"Baton cannot get a connection to the primary {server.name} "
+                f"({server.host}:{server.port}): {e}. The statement was not executed; retry "
+                "when the primary is back.",
             )
             self._carry_out(self.machine.connect_failed(error, lasting=e.tls))
             return

@@ -290,6 +290,11 @@ class Holder(Collector):
         )
         yield _by_reason("baton_buffer_stops", "Times holding stopped", c.stops_by_reason)
         yield _by_reason("baton_buffer_starts", "Times holding started", c.starts_by_reason)
+        most = GaugeMetricFamily(
+            "baton_buffer_most_held", "The most commands ever held at once (since start)"
+        )
+        most.add_metric([], c.most_waiting)
+        yield most
         used = GaugeMetricFamily("baton_buffer_utilization", "Share of buffer slots in use")
         used.add_metric([], self.buffer.slots_used() / self.settings.size)
         yield used

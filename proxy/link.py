@@ -2,21 +2,27 @@
 session's state, read back from, and dropped when it breaks.
 
 `ClientConnection` (proxy/frontend.py) owns one `ServerLink` and carries out the session
-machine's CONNECT, RETRACK and COM_CHANGE_USER through it; whether to connect, and what a
-failure means for the command, is the machine's to decide (proxy/session_machine.py).
+machine's CONNECT, BORROW, GIVE_BACK, RETRACK and COM_CHANGE_USER through it. With `[pool]
+multiplex` the connection may be a pool's (`lease`): borrowed with only what differs restored
+(proxy/state_diff.py), given back with the session's state recorded on it. Whether to
+connect, and what a failure means for the command, is the machine's to decide
+(proxy/session_machine.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from proxy import metrics
 from proxy.backend import BackendConnection, BackendError, BackendLogin
 from proxy.context import ProxyContext
 from proxy.packets import Command, frame
+from proxy.pools import Pooled, PoolRetired
 from proxy.session import READ_BACK_SQL, SessionState
+from proxy.state_diff import plan, reads_insert_id
 from reparent.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,11 @@ class ServerLink:
         # Baton's own statements on a held session's idle connection, and that session's move
         # once it is released, take turns.
         self.lock = asyncio.Lock()
+        self.lease: Pooled | None = None  # the pool's connection it borrowed, if it did
+        self.reset = False  # COM_RESET_CONNECTION ran on the borrowed connection
+        # The borrowed connection's LAST_INSERT_ID() is the session's (restored, or set by
+        # one of its statements); else it is still the one its last borrower left.
+        self.insert_id = False
 
     @property
     def ready(self) -> bool:
@@ -100,6 +111,102 @@ class ServerLink:
         if moving:
             metrics.SESSIONS_MOVED.labels("moved").inc()
         self.attach(backend, server, epoch)
+
+    async def borrow(self, raw: bytes = b"") -> None:
+        """A connection from the pool of the current primary and the client's account, given
+        what of the session's state it lacks (for the command `raw`). Raises PoolRefused (the
+        pool stayed full) or BackendError; a switch published meanwhile makes it stale at
+        once, as `connect`."""
+        ctx = self.ctx
+        pools = ctx.pools
+        assert pools is not None and self.login is not None
+        state = self.state
+        self.close()  # a stale one, or its own connection from a login or a move
+        while True:
+            epoch = ctx.epoch
+            server = ctx.primary()
+            try:
+                pooled = await pools.borrow(
+                    server, self.login, self.client_caps, state.collation, state.schema
+                )
+            except PoolRetired:
+                continue  # a switch was published while it waited: the new primary's pool
+            insert_id = reads_insert_id(state, raw)
+            todo = plan(state, pooled.state, insert_id)
+            if not todo.unusable:
+                break
+            pools.discard(pooled)  # its schema cannot be unset; the pool opens another
+        started = time.perf_counter()
+        backend = pooled.backend
+        try:
+            if todo.init_db is not None:
+                await backend.command(frame(b"\x02" + todo.init_db.encode(), 0))
+            if todo.assignments:
+                await backend.query("SET " + ", ".join(todo.assignments))
+            for client_id, backend_id in todo.mapped.items():
+                state.statements[client_id].backend_id = backend_id
+            for client_id in todo.prepare:
+                stmt = state.statements[client_id]
+                parser, _ = await backend.command(
+                    frame(bytes((Command.STMT_PREPARE,)) + stmt.sql, 0)
+                )
+                stmt.backend_id = parser.backend_stmt_id
+            for stmt in state.statements.values():
+                stmt.rebound = False  # another borrower may have bound other types
+        except BaseException:
+            pools.discard(pooled)
+            raise
+        metrics.POOL_RESTORE_SECONDS.observe(time.perf_counter() - started)
+        self.lease = pooled
+        self.reset = False
+        self.insert_id = insert_id
+        self.attach(backend, server, epoch)
+
+    def borrow_idle(self, raw: bytes) -> bool:
+        """BORROW at once, when an idle connection needs nothing restored (the same account's
+        sessions mostly share their state): True when attached. Otherwise `borrow` waits."""
+        ctx = self.ctx
+        pools = ctx.pools
+        assert pools is not None and self.login is not None
+        if self.lock.locked():
+            return False
+        state = self.state
+        server = ctx.primary()
+        pooled = pools.take_idle(server, self.login, self.client_caps, state.collation)
+        if pooled is None:
+            return False
+        insert_id = reads_insert_id(state, raw)
+        todo = plan(state, pooled.state, insert_id)
+        if todo.round_trips or todo.unusable:
+            pools.put_back(pooled)
+            return False
+        self.close()
+        for client_id, backend_id in todo.mapped.items():
+            stmt = state.statements[client_id]
+            stmt.backend_id = backend_id
+            stmt.rebound = False
+        self.lease = pooled
+        self.reset = False
+        self.insert_id = insert_id
+        self.attach(pooled.backend, server, ctx.epoch)
+        return True
+
+    def give_back(self) -> None:
+        """GIVE_BACK: nothing pins the session; its connection goes back to its pool, holding
+        the session's state. A connection of its own (made at a move or a change of user)
+        is closed instead: the pool did not make it."""
+        lease = self.lease
+        if lease is None or self.backend is not lease.backend:
+            self.close()
+            return
+        self.lease = None
+        backend = lease.backend
+        backend.on_full = None
+        if self.client_slow:
+            backend.pause_reading(False)
+        self._detach()
+        assert self.ctx.pools is not None
+        self.ctx.pools.give_back(lease, self.state, self.reset, self.insert_id)
 
     def attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
         metrics.BACKEND_UP.labels(server.name).set(1)
@@ -186,9 +293,19 @@ class ServerLink:
             self.backend.pause_reading(slow)
 
     def close(self, quit: bool = True) -> None:
-        """Close the connection; without `quit`, the server counts an aborted client."""
-        if self.backend is not None:
+        """Close the connection; without `quit`, the server counts an aborted client. A
+        borrowed one is closed too (its state is the session's, or unknown) and its pool
+        told, so that it opens another."""
+        lease, self.lease = self.lease, None
+        if lease is not None and self.backend is lease.backend:
+            assert self.ctx.pools is not None
+            self.ctx.pools.discard(lease, quit)
+        elif self.backend is not None:
             self.backend.close(quit)
+        self._detach()
+
+    def _detach(self) -> None:
+        if self.backend is not None:
             assert self.server is not None
             metrics.BACKEND_CONNECTIONS.labels(self.server.name).dec()
         self.backend = None

@@ -176,6 +176,25 @@ HOLD_SECONDS = Histogram(
     registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0),
 )
+POOL_BORROW_SECONDS = Histogram(
+    "baton_pool_borrow_seconds",
+    "How long a session waited for a pooled connection (an idle one, a new one, or a wait "
+    "for a full pool); the state restored on it is not counted",
+    registry=REGISTRY,
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+POOL_RESTORE_SECONDS = Histogram(
+    "baton_pool_restore_seconds",
+    "How long restoring a session's state on a borrowed connection took (what differed)",
+    registry=REGISTRY,
+    buckets=(0.00001, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+POOL_OPENED = Counter(
+    "baton_pool_opened",
+    "Server connections the pools opened",
+    ["server"],
+    registry=REGISTRY,
+)
 CLIENT_PROTOCOL_ERRORS = Counter(
     "baton_client_protocol_errors",
     "Client connections closed for a malformed or oversized packet",

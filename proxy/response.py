@@ -95,6 +95,7 @@ class ResponseParser:
         "status",
         "ok",
         "err",
+        "warnings",
         "tracked",
         "client_stmt_id",
         "backend_stmt_id",
@@ -119,6 +120,7 @@ class ResponseParser:
         self.status = Status.AUTOCOMMIT.value
         self.ok: Ok | None = None
         self.err: Err | None = None
+        self.warnings = 0  # of the last OK or EOF: what SHOW WARNINGS would list next
         self.tracked: list[tuple[int, bytes]] = []
         self.client_stmt_id = 0
         self.backend_stmt_id = 0
@@ -160,6 +162,7 @@ class ResponseParser:
         self.withheld = None
         self.ok = None
         self.err = None
+        self.warnings = 0
         self.tracked = []
         self.results = 0
         self.client_stmt_id = client_stmt_id
@@ -342,6 +345,7 @@ class ResponseParser:
             return self._ok(payload)
         status = parse_eof_status(payload)
         self.status = status
+        self.warnings = payload[1] | payload[2] << 8 if len(payload) >= 3 else 0
         self._phase = Phase.FIRST if status & _MORE_RESULTS else Phase.DONE
         return self._eof_for_client(payload, status)
 
@@ -356,6 +360,7 @@ class ResponseParser:
         ok = parse_ok(payload, session_track=True)
         self.ok = ok
         self.status = ok.status
+        self.warnings = ok.warnings
         if ok.tracked:
             self.tracked.extend(ok.tracked)
         more = ok.status & _MORE_RESULTS

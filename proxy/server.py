@@ -16,13 +16,15 @@ import uvloop
 
 from proxy import metrics
 from proxy.accounts import Accounts, book_from_config
-from proxy.admission import Admission
+from proxy.admission import FD_RESERVE, FDS_PER_SESSION, Admission
 from proxy.backend import BackendConnection, BackendError
 from proxy.context import BackendIdentity, ProxyContext
 from proxy.control import ControlServer, LocalProxies, Proxies
 from proxy.frontend import ProxyServer
 from proxy.holder import Holder
+from proxy.link import TRACKING_SQL
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
+from proxy.pools import Pools
 from proxy.readpath import ReplicaMonitor
 from proxy.readroute import ReadPool
 from proxy.router import Router, default_proxy_id
@@ -176,6 +178,8 @@ class DataPath:
     async def stop(self) -> None:
         self.refresh.cancel()
         self.server.close()
+        if self.ctx.pools is not None:
+            self.ctx.pools.close()
         if self.read_server is not None:
             self.read_server.close()
         if self.monitor is not None:
@@ -211,10 +215,14 @@ async def start_data_path(
         config.admin,
         backend=config.backend,
     )
+    multiplex = config.pool.multiplex
     admission = Admission(
         max_connections=max_connections or config.proxy.max_connections,
         fd_limit=file_limit(),
         max_connect_errors=config.proxy.max_connect_errors,
+        # Sharing: a session holds its client socket only, the pools hold the rest.
+        fds_per_session=1 if multiplex else FDS_PER_SESSION,
+        reserve=FD_RESERVE + (config.pool.max if multiplex else 0),
     )
     ctx = ProxyContext(
         config=config,
@@ -227,6 +235,10 @@ async def start_data_path(
         worker=worker,
         tls=ClientTls(config.tls) if config.tls.enabled else None,
     )
+    if multiplex:
+        ctx.pools = Pools(config.pool, ctx.connect, TRACKING_SQL)
+        ctx.pools.pinned = ctx.pinned
+        metrics.REGISTRY.register(ctx.pools)
     router.listener = ctx
     router.holder = holder
     await router.start()

@@ -170,7 +170,7 @@ READ_BACK_SQL = (
     " UNION ALL SELECT NULL, LAST_INSERT_ID(), 'LAST_INSERT_ID', NULL"
 )
 # Restored first and in this order: each SET of a character set resets the collation after it.
-_CHARSET_ORDER = (
+CHARSET_VARIABLES = (
     "character_set_client",
     "character_set_results",
     "character_set_connection",
@@ -188,6 +188,17 @@ def _quote(value: str) -> str:
 def _system_literal(value: str) -> str:
     # Numeric variables refuse a quoted value (1232); everything else is given as a string.
     return value if _NUMBER.fullmatch(value) else _quote(value)
+
+
+def system_assignments(values: dict[str, str | None]) -> list[str]:
+    """SET assignments of session variables, character sets first and in their order (None:
+    back to the server's default)."""
+    names = [n for n in CHARSET_VARIABLES if n in values]
+    names += sorted(n for n in values if n not in CHARSET_VARIABLES)
+    return [
+        f"SESSION {n} = {'DEFAULT' if (v := values[n]) is None else _system_literal(v)}"
+        for n in names
+    ]
 
 
 @dataclass(slots=True)
@@ -509,9 +520,7 @@ class SessionState:
 
     def restore_assignments(self) -> list[str]:
         """SET assignments that give a new server session this session's variables."""
-        names = [n for n in _CHARSET_ORDER if n in self.variables]
-        names += sorted(n for n in self.variables if n not in _CHARSET_ORDER)
-        out = [f"SESSION {n} = {_system_literal(self.variables[n])}" for n in names]
+        out = system_assignments(dict(self.variables))
         out += [
             f"@`{n.replace('`', '``')}` = {v.literal()}" for n, v in self.user_variables.items()
         ]

@@ -36,6 +36,12 @@ The paths, with the rules that are easy to break:
   it to a new connection (temporary tables, locks, ...) is refused by name (1927) and the
   session closes; an open transaction was rolled back with the old connection, which the
   client is told (1213) rather than let it COMMIT a transaction that no longer exists.
+- Sharing (`[pool] multiplex`, proxy/pinning.py): a session that may give its connection
+  back does so when its command's response has passed (RELAYING -give_back-> IDLE, detached);
+  its next command borrows one from its account's pool (IDLE -borrow-> BORROWING -moved->
+  RELAYING), with its state restored on it. While any pinning rule holds (a transaction,
+  temporary tables, locks, ...) the session keeps its connection, so nobody else is ever given
+  it mid-state. A pool that stays full answers the command with 1040; it never ran.
 - Reads on replicas (READING, proxy/readroute.py): a read the shell routed to a replica is
   never held by a switch (replicas are not touched by one) and is not in flight on the
   primary, so the drain before a demotion does not wait for it. If its replica fails before
@@ -56,6 +62,7 @@ from typing import Any, Protocol
 from proxy.client_packets import check_stmt_header
 from proxy.errors import ErrorKind
 from proxy.packets import Command, Status, frame
+from proxy.pinning import Pending, pinned
 from proxy.session import SessionState, Unmovable, reads_only
 
 
@@ -73,6 +80,7 @@ class Phase(enum.StrEnum):
     READING = "reading"  # a read runs on a replica: never held, not in flight on the primary
     CLAIMED = "claimed"  # Baton's own statements use the idle connection (read back)
     CHANGING_USER = "changing_user"  # COM_CHANGE_USER: a login and a new connection
+    BORROWING = "borrowing"  # a shared session waits for a connection from its pool
     CLOSED = "closed"
 
 
@@ -96,6 +104,8 @@ class Edge(enum.StrEnum):
     PROBE = "probe"  # is the primary still writable? (was a loss this session's alone?)
     RELEASED = "released"  # the holder lets the command go: move and run it
     MOVED = "moved"  # connected to the primary with the session's state
+    BORROW = "borrow"  # a detached session takes a connection from its pool
+    GIVE_BACK = "give_back"  # the command is over and nothing pins the session
     READ = "read"  # a read goes to a replica
     REROUTE = "reroute"  # its replica failed before any result reached the client: route again
     CLOSE = "close"
@@ -112,16 +122,19 @@ TRANSITIONS: Mapping[Phase, Mapping[Edge, Phase]] = {
         E.MOVE: P.MOVING,
         E.CHANGE_USER: P.CHANGING_USER,
         E.CLAIM: P.CLAIMED,
+        E.BORROW: P.BORROWING,
         E.READ: P.READING,
         E.CLOSE: P.CLOSED,
     },
     P.READING: {
         E.DONE: P.IDLE,
+        E.GIVE_BACK: P.IDLE,  # a sharing session's primary connection, if it still had one
         E.REROUTE: P.IDLE,
         E.CLOSE: P.CLOSED,
     },
     P.RELAYING: {
         E.DONE: P.IDLE,
+        E.GIVE_BACK: P.IDLE,
         E.INFILE: P.INFILE,
         E.RETRACK: P.RETRACKING,
         E.ANSWER: P.IDLE,
@@ -143,12 +156,22 @@ TRANSITIONS: Mapping[Phase, Mapping[Edge, Phase]] = {
     # published, so nothing better is coming (no WAIT edge).
     P.FLUSHING: {
         E.MOVED: P.RELAYING,
-        E.MOVE: P.FLUSHING,
+        E.MOVE: P.FLUSHING,  # (a detached session borrows here)
         E.ANSWER: P.IDLE,
         E.CLOSE: P.CLOSED,
     },
     P.PROBING: {E.WAIT: P.RETRY_WAIT, E.ANSWER: P.IDLE, E.CLOSE: P.CLOSED},
-    P.RETRACKING: {E.DONE: P.IDLE, E.CLOSE: P.CLOSED},
+    P.RETRACKING: {E.DONE: P.IDLE, E.GIVE_BACK: P.IDLE, E.CLOSE: P.CLOSED},
+    # The pool lends a connection (MOVED), the borrow is tried again after a switch (MOVE),
+    # or the pool stays full and the command is answered with 1040 (ANSWER); an unreachable
+    # primary is a failed CONNECT, as for any session (WAIT).
+    P.BORROWING: {
+        E.MOVED: P.RELAYING,
+        E.MOVE: P.BORROWING,
+        E.ANSWER: P.IDLE,
+        E.WAIT: P.RETRY_WAIT,
+        E.CLOSE: P.CLOSED,
+    },
     P.CLAIMED: {E.RELEASE: P.IDLE, E.CLOSE: P.CLOSED},
     P.CHANGING_USER: {E.ANSWER: P.IDLE, E.CLOSE: P.CLOSED},
     P.CLOSED: {E.CLOSE: P.CLOSED},
@@ -165,6 +188,7 @@ BUSY = frozenset(
         P.RETRACKING,
         P.CLAIMED,
         P.CHANGING_USER,
+        P.BORROWING,  # the connection it gets could be on the old primary
     }
 )
 # Where a command waits in the holder.
@@ -200,6 +224,8 @@ class Do(enum.Enum):
     HOLD_FAILED = "hold_failed"  # hand the failed `raw` to the holder until a newer primary
     PROBE = "probe"  # ask whether the primary takes writes; report `probed`
     CONNECT = "connect"  # connect to the primary, restore the state; `connected`/`connect_failed`
+    BORROW = "borrow"  # borrow from the pool, restore what differs; `connected`/`borrow_refused`
+    GIVE_BACK = "give_back"  # return the connection to its pool (nothing pins the session)
     CHANGE_USER = "change_user"  # check the new login, connect as it; report `user_changed`
     RETRACK = "retrack"  # set Baton's session tracking again; then `retracked`
     NEXT = "next"  # the command is over: count it and take the client's next one
@@ -259,6 +285,8 @@ NEXT: Actions = (Do.NEXT,)
 HOLD: Actions = (Do.HOLD,)
 CONNECT: Actions = (Do.CONNECT,)
 PROBE: Actions = (Do.PROBE,)
+BORROW: Actions = (Do.BORROW,)
+GIVE_BACK_NEXT: Actions = (Do.GIVE_BACK, Do.NEXT)
 READ: Actions = (Do.READ,)
 REROUTE: Actions = (Do.REROUTE,)
 NOTHING: Actions = ()
@@ -354,6 +382,9 @@ class SessionMachine:
         "avoid",
         "ticket",
         "lost",
+        "shares",
+        "detached",
+        "pending",
     )
 
     def __init__(self, state: SessionState, world: World) -> None:
@@ -370,6 +401,13 @@ class SessionMachine:
         # (server, epoch) of the last connection that broke, until a command learns whether the
         # loss was this session's alone.
         self.lost: tuple[str, int] | None = None
+        # Sharing: the session gives its connection back whenever no pinning rule holds
+        # (set by the shell from `[pool] multiplex`); `detached` while it has none because it
+        # gave it back (not because one was lost); `pending`: what the last responses left on
+        # the connection that the state record does not keep.
+        self.shares = False
+        self.detached = False
+        self.pending = Pending()
 
     def _go(self, edge: Edge) -> None:
         self.phase = TRANSITIONS[self.phase][edge]
@@ -389,6 +427,7 @@ class SessionMachine:
 
     def logged_in(self) -> Actions:
         self._go(Edge.LOGGED_IN)
+        self.detached = self.shares  # its login's connection went back to the pool
         return NOTHING
 
     def command(self, raw: bytes, hold: bool, ready: bool) -> Actions:
@@ -408,6 +447,9 @@ class SessionMachine:
         if ready:
             self.phase = TRANSITIONS[self.phase][_E_SEND]
             return SEND
+        if self.detached:
+            self._go(Edge.BORROW)
+            return BORROW
         self._go(Edge.MOVE)
         return self._move()
 
@@ -437,6 +479,8 @@ class SessionMachine:
     def answered(self) -> Actions:
         """The shell answered the command itself (an unknown statement, KILL of no session, a
         COM_STMT_CLOSE, which has no response)."""
+        if self.shares and self.phase is Phase.RELAYING and self._free():
+            return self._give_back()
         return self._over(Edge.ANSWER)
 
     def may_retry(self, command: int) -> bool:
@@ -458,10 +502,21 @@ class SessionMachine:
         if retrack:
             self._go(Edge.RETRACK)
             return (Do.RETRACK,)
+        if self.shares and self._free():
+            return self._give_back()
         if self.ticket is None:
             self.phase = TRANSITIONS[self.phase][_E_DONE]
             return NEXT
         return self._over(Edge.DONE)
+
+    def _free(self) -> bool:
+        """May the session give its connection back now (no pinning rule holds)?"""
+        return not pinned(self.state, self.pending, self.world.routines)
+
+    def _give_back(self) -> Actions:
+        self.detached = True
+        actions = self._over(Edge.GIVE_BACK)
+        return GIVE_BACK_NEXT if actions is NEXT else (Do.GIVE_BACK, *actions)
 
     def infile(self) -> Actions:
         """The server asked for the client's local file: the client's packets go to it."""
@@ -530,7 +585,10 @@ class SessionMachine:
     def _move(self) -> Actions:
         """The command needs a connection on the current primary (it has none, its own broke,
         or a switch was published since it was made). A loss that may have been this
-        session's alone is looked into first."""
+        session's alone is looked into first; a session that gave its connection back
+        borrows one (nothing of it lives on a server connection)."""
+        if self.detached:
+            return BORROW
         if self._loss_may_be_alone():
             return PROBE
         lost = self.lost is not None
@@ -556,6 +614,11 @@ class SessionMachine:
                 "This statement was not executed; retry the whole transaction.",
             )
             return (RolledBack(), *self._answer(error))
+        if self.shares and self._free():
+            # Nothing of it lives on a server connection: it borrows, as a detached session
+            # does, rather than open one of its own beside the pool.
+            self.detached = True
+            return BORROW
         return CONNECT
 
     def _refuse(self, found: dict[Unmovable, list[str]]) -> Actions:
@@ -591,6 +654,7 @@ class SessionMachine:
     def _moved(self) -> Actions:
         """The command goes to the primary the session is now connected to, unless that is the
         server that may have run it (a switch back to it while the command moved)."""
+        self.detached = False
         failure = self.failure
         if failure is not None and self.world.primary().name == self.avoid:
             self.failure = None
@@ -598,6 +662,13 @@ class SessionMachine:
         self.failure = self.avoid = None
         self._go(Edge.MOVED)
         return SEND
+
+    def borrow_refused(self, error: bytes) -> Actions:
+        """The pool stayed full (its wait queue was full, or the wait timed out): the client
+        gets the error, which says the statement did not run. The session stays detached."""
+        if self.phase is Phase.CLOSED:
+            return NOTHING
+        return self._answer(error)
 
     def connect_failed(self, error: bytes, lasting: bool = False) -> Actions:
         """CONNECT failed: the primary cannot be reached (or refused the session's state).
@@ -665,6 +736,8 @@ class SessionMachine:
         """RETRACK is done (or failed: the connection was closed, the next command moves)."""
         if self.phase is Phase.CLOSED:
             return NOTHING
+        if self.shares and self._free():
+            return self._give_back()
         return self._over(Edge.DONE)
 
     def user_changed(self) -> Actions:
@@ -738,6 +811,11 @@ class SessionMachine:
         return (EndTicket(ticket), Do.NEXT)
 
     def _close(self, reason: CloseReason) -> Actions:
+        if self.shares and self.phase is Phase.IDLE and not self.detached and self._free():
+            # Nothing in flight and nothing pinned: its connection serves others on.
+            self._go(Edge.CLOSE)
+            self.detached = True
+            return (Do.GIVE_BACK, Close(reason))
         self._go(Edge.CLOSE)
         ticket, self.ticket = self.ticket, None
         self.failure = None

@@ -320,6 +320,21 @@ class GroupProxies:
     async def unblock(self, address: str) -> bool:
         return any(found for _, found in await self.supervisor.ask(w.UNBLOCK, address))
 
+    async def pools(self) -> dict[str, Any]:
+        """Every worker's pools (each worker has its own), and their sessions summed."""
+        answers = await self.supervisor.ask(w.POOLS)
+        pinned: dict[str, int] = {}
+        for _, a in answers:
+            for reason, n in a["pinned"].items():
+                pinned[reason] = pinned.get(reason, 0) + n
+        return {
+            "multiplex": any(a["multiplex"] for _, a in answers),
+            "pools": [{**p, "worker": i} for i, a in answers for p in a["pools"]],
+            "sessions": sum(a["sessions"] for _, a in answers),
+            "detached": sum(a["detached"] for _, a in answers),
+            "pinned": pinned,
+        }
+
     async def tls(self, reload: bool) -> list[dict[str, Any]]:
         """Every worker's certificate; with reload, each reads it again itself."""
         return [

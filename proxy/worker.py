@@ -49,6 +49,7 @@ SESSIONS = "sessions"
 FRONT_DOOR = "front_door"
 USERS = "users"
 UNBLOCK = "unblock"
+POOLS = "pools"
 ANNOTATE = "annotate"
 METRICS = "metrics"
 SESSION_THREAD = "session_thread"
@@ -95,6 +96,8 @@ class Worker:
             return self._on_loop(lambda: proxies.users(*args))
         if kind == UNBLOCK:
             return self._on_loop(lambda: proxies.unblock(*args))
+        if kind == POOLS:
+            return self._on_loop(proxies.pools)
         if kind == ANNOTATE:
             return self._on_loop(lambda: proxies.annotate(*args))
         if kind == TLS:

@@ -266,6 +266,36 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """`[pool]`: whether client sessions share server connections, and each pool's bounds
+    (proxy/pool.py is the pool, proxy/pools.py its shell; README "Sharing server connections").
+    There is one pool per server, account and connection shape, and every pool takes these
+    bounds. A bad value raises ValueError naming the field; `load` reports it as
+    `pool.<field>: ...`."""
+
+    # Sessions give their connection back between commands when nothing pins them. Off by
+    # default: each session then has a connection of its own, as before.
+    multiplex: bool = False
+    min: int = 0  # connections each pool keeps open while idle
+    max: int = 32  # connections each pool may hold: idle, lent and being opened
+    idle_timeout: float = 60.0  # seconds an idle connection above `min` stays open
+    queue: int = 10_000  # borrowers that may wait for a full pool; more are refused (1040)
+    wait_timeout: float = 5.0  # seconds a borrower waits for a full pool before 1040
+
+    def __post_init__(self) -> None:
+        if self.max < 1:
+            raise ValueError(f"max: must be at least 1, got {self.max}")
+        if not 0 <= self.min <= self.max:
+            raise ValueError(f"min: must be between 0 and max ({self.max}), got {self.min}")
+        if self.queue < 0:
+            raise ValueError(f"queue: must be zero or more, got {self.queue}")
+        for name in ("idle_timeout", "wait_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name}: must be a positive number of seconds, got {value}")
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     """The failure detector (`reparent/detector.py`): how often it probes and when it acts."""
 
@@ -293,6 +323,7 @@ class Config:
     detector: DetectorConfig = DetectorConfig()
     durability: Durability = Durability.ASYNC
     topology: TopologySettings = TopologySettings()
+    pool: PoolConfig = PoolConfig()
     tls: TlsSettings = TlsSettings()
     routing: RoutingConfig = RoutingConfig()
 
@@ -688,6 +719,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
             "users",
             "shards",
             "topology",
+            "pool",
             "tls",
             "routing",
         },
@@ -707,9 +739,16 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     controller = _controller(data.get("controller", {}))
     buffer = _buffer(data.get("buffer", {}))
     _fleet_bounds(topology, controller, buffer)
+    backend = _backend(data.get("backend", {}))
+    pool = _pool(data.get("pool", {}))
+    if pool.multiplex and backend.proxy_protocol:
+        raise ConfigError(
+            "pool.multiplex: sessions that share a server connection cannot each give the "
+            "server their own address; turn off backend.proxy_protocol or pool.multiplex"
+        )
     return Config(
         proxy=proxy,
-        backend=_backend(data.get("backend", {})),
+        backend=backend,
         admin=admin,
         users=users,
         replication=replication,
@@ -720,9 +759,29 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         detector=_detector(data.get("detector", {})),
         durability=durability,
         topology=topology,
+        pool=pool,
         tls=_tls(data.get("tls", {})),
         routing=routing,
     )
+
+
+def _pool(table: Any) -> PoolConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("pool: expected a table")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "multiplex": bool,
+        "min": int,
+        "max": int,
+        "idle_timeout": (int, float),
+        "queue": int,
+        "wait_timeout": (int, float),
+    }
+    _unknown(table, set(kinds), "pool")
+    values = {k: _typed(table, k, kind, "pool") for k, kind in kinds.items() if k in table}
+    try:
+        return PoolConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"pool.{e}") from None
 
 
 def _tls(table: Any) -> TlsSettings:

@@ -135,6 +135,8 @@ def test_established_flushes_to_new_then_goes_idle_when_done():
     assert buf.state("s1") is IDLE and buf.slots_used() == 0
     assert buf.counters.held == 2 and buf.counters.flushed == 2
     assert buf.counters.stops_by_reason[StopReason.ESTABLISHED] == 1
+    # The most held at once stays as a record: the size a switch needed.
+    assert buf.counters.most_waiting == 2
 
 
 def test_aborted_flushes_back_to_the_old_primary():

@@ -628,6 +628,10 @@ class Timeline:
         for sim in self.sims:
             sim.machine.logged_in()
             sim.conn, sim.alive = ("db1", 0), True
+        # Two of the four share connections ([pool] multiplex): they give theirs back
+        # whenever nothing pins them and borrow one for their next command.
+        for sim in self.sims[2:]:
+            sim.machine.shares = True
 
     # -- the holder, faked on the real buffer --------------------------------------------------
 
@@ -710,6 +714,11 @@ class Timeline:
                     )
             elif isinstance(a, EndTicket):
                 self.end(a.ticket)
+            elif a is Do.GIVE_BACK:
+                state = m.state
+                assert not state.status & IN_TRANS, "gave back a connection mid-transaction"
+                assert not state.temporary_tables, "gave back a connection with temporary tables"
+                sim.conn = None
             elif a is Do.READ:
                 sim.on = REPLICA  # never held, whatever the shard does
             elif a is Do.REROUTE:
@@ -721,7 +730,7 @@ class Timeline:
                     self.carry_out(
                         sim, m.command(sim.current.raw, self.world.holding, self.ready(sim))
                     )
-            elif a in (Do.CONNECT, Do.PROBE, Do.RETRACK, Do.CHANGE_USER):
+            elif a in (Do.CONNECT, Do.PROBE, Do.RETRACK, Do.CHANGE_USER, Do.BORROW):
                 assert sim.pending is None
                 sim.pending = a  # type: ignore[assignment]
                 sim.connecting_epoch = self.world.epoch
@@ -815,6 +824,16 @@ class Timeline:
         if what is Do.CONNECT:
             primary = self.world.primary_name
             if primary in self.dead or self.rng.random() < 0.1:
+                self.carry_out(sim, m.connect_failed(b"unreachable"))
+            else:
+                sim.conn, sim.alive = (primary, sim.connecting_epoch), True
+                self.carry_out(sim, m.connected(self.ready(sim)))
+        elif what is Do.BORROW:
+            primary = self.world.primary_name
+            roll = self.rng.random()
+            if roll < 0.05:
+                self.carry_out(sim, m.borrow_refused(b"1040"))
+            elif primary in self.dead or roll < 0.1:
                 self.carry_out(sim, m.connect_failed(b"unreachable"))
             else:
                 sim.conn, sim.alive = (primary, sim.connecting_epoch), True
