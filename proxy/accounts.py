@@ -20,7 +20,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from proxy.auth import NATIVE_PLUGIN, Account, AccountBook, Fence, native_hash, parse_native_hash
+from proxy.auth import (
+    ED25519_PLUGIN,
+    NATIVE_PLUGIN,
+    Account,
+    AccountBook,
+    Fence,
+    Sha2Cache,
+    native_hash,
+    parse_ed25519_key,
+    parse_native_hash,
+)
 from reparent.admin import AdminConnection
 from reparent.config import Account as ConfigAccount
 from reparent.config import ServerConfig
@@ -71,12 +81,16 @@ def book_from_rows(
         if data.get("is_role") or data.get("account_locked"):
             continue
         plugin = data.get("plugin", NATIVE_PLUGIN)
-        h2 = None
-        if plugin == NATIVE_PLUGIN and not data.get("auth_or"):
-            h2 = parse_native_hash(str(data.get("authentication_string", "")))
+        h2 = ed25519 = None
+        if not data.get("auth_or"):
+            text = str(data.get("authentication_string", ""))
+            if plugin == NATIVE_PLUGIN:
+                h2 = parse_native_hash(text)
+            elif plugin == ED25519_PLUGIN:
+                ed25519 = parse_ed25519_key(text)
         bits = access((user, host), frozenset({(user, host)}))
         unfenced = frozenset(f for f, bit in _FENCE_BITS.items() if bits & bit)
-        accounts.append(Account(user, host, str(plugin), h2, unfenced))
+        accounts.append(Account(user, host, str(plugin), h2, unfenced, ed25519))
     return AccountBook(accounts)
 
 
@@ -108,6 +122,8 @@ class Accounts:
         self.error = ""
         self._last_try = -RELOAD_MIN_INTERVAL
         self._loading: asyncio.Future[bool] | None = None
+        # caching_sha2_password's fast-path verifiers, filled by full logins (proxy/auth.py).
+        self.sha2 = Sha2Cache()
 
     async def reload(self, why: str, force: bool = False) -> bool:
         """Read the accounts again; True if a new list was read. Concurrent callers share one

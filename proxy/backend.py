@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.auth import NATIVE_PLUGIN, scramble
@@ -34,10 +34,16 @@ from proxy.response import Phase, ResponseParser
 
 @dataclass(frozen=True, slots=True)
 class BackendLogin:
-    """Whom a server connection logs in as: the client's own account, by SHA1(password)."""
+    """Whom a server connection logs in as: the client's own account, by SHA1(password).
+    `h1` None: an account Baton cannot answer for (ed25519); only the client can, through
+    a `Relay`, once."""
 
     user: str
-    h1: bytes
+    h1: bytes | None
+
+
+# Hands a server's auth-switch request (plugin, data) to the client and returns its answer.
+Relay = Callable[[str, bytes], Awaitable[bytes]]
 
 
 class BackendError(Exception):
@@ -124,9 +130,16 @@ class BackendConnection(asyncio.Protocol):
         database: str | None,
         timeout: float,
         proxy_header: bytes = b"",
+        relay: Relay | None = None,
     ) -> BackendConnection:
         """Open and log in as `login`; capabilities mirror the client's, plus session tracking
-        for Baton. `proxy_header` (a PROXY protocol line) goes first when given."""
+        for Baton. `proxy_header` (a PROXY protocol line) goes first when given. A server that
+        asks for a plugin other than mysql_native_password is answered by `relay`."""
+        if login.h1 is None and relay is None:
+            raise BackendError(
+                f"the account {login.user} logs in with a plugin only its client can answer; "
+                "Baton cannot log it in again"
+            )
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -138,7 +151,9 @@ class BackendConnection(asyncio.Protocol):
         try:
             if proxy_header:
                 conn.write(proxy_header)
-            await asyncio.wait_for(conn._login(login, client_caps, collation, database), timeout)
+            await asyncio.wait_for(
+                conn._login(login, client_caps, collation, database, relay), timeout
+            )
         except TimeoutError:
             conn.close()
             raise BackendError(f"backend {host}:{port} did not finish login in {timeout}s")
@@ -151,7 +166,12 @@ class BackendConnection(asyncio.Protocol):
         return conn
 
     async def _login(
-        self, login: BackendLogin, client_caps: int, collation: int, database: str | None
+        self,
+        login: BackendLogin,
+        client_caps: int,
+        collation: int,
+        database: str | None,
+        relay: Relay | None,
     ) -> None:
         seq, payload = await self.read_packet()
         hs = parse_server_handshake(payload)
@@ -162,18 +182,23 @@ class BackendConnection(asyncio.Protocol):
             # MariaDB reads the extended capability bytes only when bit 0 is clear.
             caps &= ~Cap.LONG_PASSWORD
         self.capabilities = caps
-        auth = scramble(login.h1, hs.auth_data)
+        # Without H1 the first answer is empty: the server switches to the account's plugin.
+        auth = b"" if login.h1 is None else scramble(login.h1, hs.auth_data)
         response = make_handshake_response(caps, collation, login.user, auth, database)
         self.write(frame(response, seq + 1))
         seq, reply = await self.read_packet()
         if reply[:1] == b"\xfe":
-            plugin, nonce = parse_auth_switch(reply)
-            if plugin != NATIVE_PLUGIN:
+            plugin, data = parse_auth_switch(reply)
+            if plugin == NATIVE_PLUGIN and login.h1 is not None:
+                answer = scramble(login.h1, data)
+            elif relay is not None:
+                answer = await relay(plugin, data)
+            else:
                 raise BackendError(
                     f"backend {self.address} wants auth plugin {plugin} for {login.user}, "
                     "which Baton cannot answer"
                 )
-            self.write(frame(scramble(login.h1, nonce), seq + 1))
+            self.write(frame(answer, seq + 1))
             _, reply = await self.read_packet()
         if reply[:1] == b"\xff":
             err = parse_err(reply)

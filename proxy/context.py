@@ -17,10 +17,11 @@ from proxy import metrics
 from proxy.accounts import Accounts
 from proxy.admission import Admission
 from proxy.auth import stage1
-from proxy.backend import BackendConnection, BackendError, BackendLogin
+from proxy.backend import BackendConnection, BackendError, BackendLogin, Relay
 from proxy.holder import Holder
 from proxy.packets import proxy_header
 from proxy.router import Router
+from proxy.rsa_key import RsaKey
 from proxy.session import routine_hazards
 from reparent.admin import AdminConnection
 from reparent.config import MAX_WORKERS, Config, ServerConfig
@@ -75,6 +76,8 @@ class ProxyContext:
     worker: int = 0  # this process's worker index: the high bits of its session ids
     # Another worker's session by id: (its server's name, its server thread), or None.
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
+    # For caching_sha2_password over plain text (proxy/rsa_key.py).
+    rsa_key: RsaKey = field(default_factory=RsaKey.generate)
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -139,9 +142,11 @@ class ProxyContext:
         collation: int,
         schema: str | None,
         client: tuple[str, int] | None = None,
+        relay: Relay | None = None,
     ) -> BackendConnection:
         """A backend connection to `server`, logged in as `login` (the client's own account).
-        With backend.proxy_protocol the server is told `client`'s address first."""
+        With backend.proxy_protocol the server is told `client`'s address first; `relay`
+        answers a login only the client can (ed25519)."""
         header = b""
         if client is not None and self.config.backend.proxy_protocol:
             header = proxy_header(client, (server.host, server.port))
@@ -154,6 +159,7 @@ class ProxyContext:
             schema,
             self.config.proxy.backend_connect_timeout,
             header,
+            relay,
         )
 
     async def inspect_routine(self, name: str) -> None:

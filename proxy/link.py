@@ -101,6 +101,11 @@ class ServerLink:
             metrics.SESSIONS_MOVED.labels("moved").inc()
         self.attach(backend, server, epoch)
 
+    async def adopt(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
+        """Make a connection opened during the login (ed25519) the session's own."""
+        await self.restore(backend)
+        self.attach(backend, server, epoch)
+
     def attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
         metrics.BACKEND_UP.labels(server.name).set(1)
         metrics.BACKEND_CONNECTIONS.labels(server.name).inc()

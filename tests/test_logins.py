@@ -1,0 +1,205 @@
+"""Today's clients log in through Baton as themselves: caching_sha2_password (MySQL 8.4/9.x
+clients; MariaDB has no such server plugin, so Baton checks it against the account's
+mysql_native_password hash), MariaDB's ed25519 (passed through to the primary), and
+mysql_clear_password only under TLS. Each session runs queries and a prepared statement and is
+its own account on the server (CURRENT_USER())."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import mysql.connector
+import pymysql
+import pytest
+
+from harness.baton import Baton, start_baton
+from harness.clients import admin_conn
+from reparent.sandbox import Sandbox
+from tests.fixtures import metric, port_hint, server_ports
+
+SHA2_USER, SHA2_PASS = "sha2_user", "sha2-pass"
+ED_USER, ED_PASS = "ed_user", "ed-pass"
+PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/libmariadb3/plugin"
+
+
+@pytest.fixture(scope="module")
+def accounts(sandbox: Sandbox) -> Iterator[None]:
+    """A mysql_native_password account for the caching_sha2 clients and an ed25519 one. The
+    ed25519 plugin is loaded on every server first: CREATE USER replicates, and a replica
+    without the plugin would stop on it."""
+    for port in server_ports(sandbox).values():
+        with admin_conn(port) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.PLUGINS WHERE PLUGIN_NAME='ed25519'"
+            )
+            if not cur.fetchone()[0]:
+                cur.execute("INSTALL SONAME 'auth_ed25519'")
+    primary = next(s["port"] for s in sandbox.status()["servers"] if s["role"] == "primary")
+    with admin_conn(primary) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE USER '{SHA2_USER}'@'127.0.0.1' IDENTIFIED BY '{SHA2_PASS}'")
+        cur.execute(
+            f"CREATE USER '{ED_USER}'@'127.0.0.1' "
+            f"IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASS}')"
+        )
+        for user in (SHA2_USER, ED_USER):
+            cur.execute(f"GRANT ALL PRIVILEGES ON baton_test.* TO '{user}'@'127.0.0.1'")
+    try:
+        yield
+    finally:
+        with admin_conn(primary) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP USER '{SHA2_USER}'@'127.0.0.1', '{ED_USER}'@'127.0.0.1'")
+
+
+@pytest.fixture(scope="module")
+def sha2_baton(
+    sandbox: Sandbox, accounts: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Baton]:
+    """A Baton whose greeting names caching_sha2_password, as a MySQL 8.4 server's does."""
+    b = start_baton(
+        sandbox.config_path,
+        tmp_path_factory.mktemp("sha2-baton"),
+        port_hint() + 90,
+        proxy={"auth_plugin": "caching_sha2_password"},
+    )
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def logins(b: Baton, method: str) -> float:
+    return metric(b.scrape(), "baton_logins_total", absent=0.0, method=method)
+
+
+def failures(b: Baton, reason: str) -> float:
+    return metric(b.scrape(), "baton_login_failures_total", absent=0.0, reason=reason)
+
+
+def pymysql_session(port: int, user: str = SHA2_USER, password: str = SHA2_PASS) -> list:
+    """Log in with PyMySQL, run a query and a server-side prepared statement."""
+    conn = pymysql.connect(
+        host="127.0.0.1", port=port, user=user, password=password, database="baton_test"
+    )
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT CURRENT_USER()")
+        who = cur.fetchone()[0]
+        cur.execute("PREPARE s FROM 'SELECT ? * 2'")
+        cur.execute("SET @x = 21")
+        cur.execute("EXECUTE s USING @x")
+        return [who, cur.fetchone()[0]]
+    finally:
+        conn.close()
+
+
+def connector_session(port: int) -> list:
+    """mysql-connector-python offering caching_sha2_password; a binary-protocol statement."""
+    conn = mysql.connector.connect(
+        host="127.0.0.1",
+        port=port,
+        user=SHA2_USER,
+        password=SHA2_PASS,
+        database="baton_test",
+        auth_plugin="caching_sha2_password",
+        use_pure=True,
+        ssl_disabled=True,
+    )
+    try:
+        cur = conn.cursor(prepared=True)
+        cur.execute("SELECT CURRENT_USER(), %s * 2", (21,))
+        return list(cur.fetchone())
+    finally:
+        conn.close()
+
+
+def test_pymysql_caching_sha2_full_then_fast(sha2_baton: Baton) -> None:
+    """PyMySQL follows the greeting: caching_sha2_password. Baton has no verifier yet, so the
+    first login is full (PyMySQL asks for Baton's RSA key and sends the password encrypted);
+    the second is the fast path against the verifier the first left."""
+    full, fast = logins(sha2_baton, "caching_sha2_full"), logins(sha2_baton, "caching_sha2_fast")
+    assert pymysql_session(sha2_baton.port) == [f"{SHA2_USER}@127.0.0.1", 42]
+    assert logins(sha2_baton, "caching_sha2_full") == full + 1
+    assert pymysql_session(sha2_baton.port) == [f"{SHA2_USER}@127.0.0.1", 42]
+    assert logins(sha2_baton, "caching_sha2_fast") == fast + 1
+    assert logins(sha2_baton, "caching_sha2_full") == full + 1
+
+
+def test_caching_sha2_wrong_password_is_1045(sha2_baton: Baton) -> None:
+    before = failures(sha2_baton, "access_denied")
+    with pytest.raises(pymysql.err.OperationalError) as e:
+        pymysql_session(sha2_baton.port, password="wrong")
+    assert e.value.args[0] == 1045
+    assert failures(sha2_baton, "access_denied") == before + 1
+
+
+def test_connector_caching_sha2(baton: Baton, sha2_baton: Baton, accounts: None) -> None:
+    """mysql-connector-python with auth_plugin='caching_sha2_password' against a Baton whose
+    greeting says mysql_native_password. Over plain text its full path sends the password in
+    clear (the pure-Python connector cannot encrypt it), which Baton refuses as a MySQL 8.4
+    server does; once a full login (PyMySQL's, encrypted) left a verifier, the connector logs
+    in by the fast path. (Its C extension does not load on this machine: it needs OpenSSL
+    3.2, Debian 12 has 3.0.)"""
+    before = failures(baton, "cleartext_without_tls")
+    with pytest.raises(mysql.connector.Error) as e:
+        connector_session(baton.port)
+    assert e.value.errno == 1045
+    assert "in clear" in str(e.value)
+    assert failures(baton, "cleartext_without_tls") == before + 1
+    # PyMySQL follows the greeting, so its full login is on the Baton that names sha2.
+    assert pymysql_session(sha2_baton.port)[0] == f"{SHA2_USER}@127.0.0.1"
+    fast = logins(sha2_baton, "caching_sha2_fast")
+    assert connector_session(sha2_baton.port) == [f"{SHA2_USER}@127.0.0.1", 42]
+    assert logins(sha2_baton, "caching_sha2_fast") == fast + 1
+
+
+def mariadb(port: int, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "mariadb",
+            "-h127.0.0.1",
+            f"-P{port}",
+            f"-u{user}",
+            f"-p{password}",
+            "--skip-ssl",
+            f"--plugin-dir={PLUGIN_DIR}",
+            "-N",
+            "-B",
+            "baton_test",
+            "-e",
+            sql,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+ED_SQL = "SELECT CURRENT_USER(); PREPARE s FROM 'SELECT ? * 2'; SET @x = 21; EXECUTE s USING @x"
+
+
+@pytest.mark.parametrize("which", ["baton", "sha2_baton"])
+def test_mariadb_cli_ed25519_as_direct(
+    request: pytest.FixtureRequest, primary_port: int, accounts: None, which: str
+) -> None:
+    """The mariadb CLI logs in to an ed25519 account through Baton (whatever its greeting
+    names) as it does direct: same output, and the server sees the account itself."""
+    b: Baton = request.getfixturevalue(which)
+    direct = mariadb(primary_port, ED_USER, ED_PASS, ED_SQL)
+    assert direct.returncode == 0, direct.stderr
+    before = logins(b, "ed25519")
+    through = mariadb(b.port, ED_USER, ED_PASS, ED_SQL)
+    assert through.returncode == 0, through.stderr
+    assert through.stdout == direct.stdout == f"{ED_USER}@127.0.0.1\n42\n"
+    assert logins(b, "ed25519") == before + 1
+
+
+def test_mariadb_cli_ed25519_wrong_password_as_direct(
+    baton: Baton, primary_port: int, accounts: None
+) -> None:
+    direct = mariadb(primary_port, ED_USER, "wrong", "SELECT 1")
+    before = failures(baton, "access_denied")
+    through = mariadb(baton.port, ED_USER, "wrong", "SELECT 1")
+    assert direct.returncode == through.returncode == 1
+    assert "ERROR 1045" in direct.stderr and "ERROR 1045" in through.stderr, through.stderr
+    assert failures(baton, "access_denied") == before + 1
