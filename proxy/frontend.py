@@ -1073,7 +1073,11 @@ class ClientConnection(asyncio.Protocol):
         self.state.reset(change.database)
         try:
             await link.restore(backend)  # only Baton's tracking: the new session is empty
+        except asyncio.CancelledError:  # the client left meanwhile
+            backend.close()
+            raise
         except BackendError as e:
+            backend.close()
             lost = ErrorKind.BACKEND_LOST.packet(loss_message(str(e)))
             self._write_error(frame(lost, verified.seq))
         else:

@@ -70,7 +70,30 @@ def b64(data: str | bytes) -> str:
 def unb64(text: Any) -> bytes:
     if not isinstance(text, str):
         raise EtcdError(f"expected base64 text from etcd, got {text!r}")
-    return base64.b64decode(text, validate=True)
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise EtcdError(f"bad base64 from etcd: {text[:80]!r} ({e})")
+
+
+def number(value: Any, what: str) -> int:
+    """An int64 field of the gateway's JSON (sent as a string, or a number): a damaged one is
+    an EtcdError the store handles, never a ValueError that escapes as a crash."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise EtcdError(f"expected a number for {what} from etcd, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise EtcdError(f"expected a number for {what} from etcd, got {value[:80]!r}")
+
+
+def items(value: Any, what: str) -> list[Any]:
+    """A repeated field of the gateway's JSON: absent is empty, anything but a list is damage."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise EtcdError(f"expected a list for {what} from etcd, got {type(value).__name__}")
+    return value
 
 
 def prefix_end(prefix: str) -> str:
@@ -92,13 +115,18 @@ class KeyValue:
     def from_json(cls, d: Any) -> KeyValue:
         if not isinstance(d, dict):
             raise EtcdError(f"expected a key-value object from etcd, got {d!r}")
+        key = unb64(d.get("key", ""))
+        try:
+            name = key.decode()
+        except UnicodeDecodeError:
+            raise EtcdError(f"a key from etcd is not UTF-8: {key[:80]!r}")
         return cls(
-            key=unb64(d.get("key", "")).decode(),
+            key=name,
             value=unb64(d.get("value", "")),
-            version=int(d.get("version", 0)),
-            create_revision=int(d.get("create_revision", 0)),
-            mod_revision=int(d.get("mod_revision", 0)),
-            lease=int(d.get("lease", 0)),
+            version=number(d.get("version", 0), "version"),
+            create_revision=number(d.get("create_revision", 0), "create_revision"),
+            mod_revision=number(d.get("mod_revision", 0), "mod_revision"),
+            lease=number(d.get("lease", 0), "lease"),
         )
 
 
@@ -212,7 +240,8 @@ class EtcdClient:
         if prefix:
             body["range_end"] = b64(prefix_end(key))
         answer = self.call("/v3/kv/range", body)
-        return [KeyValue.from_json(kv) for kv in answer.get("kvs", [])], _revision(answer)
+        kvs = items(answer.get("kvs"), "kvs")
+        return [KeyValue.from_json(kv) for kv in kvs], _revision(answer)
 
     def txn(
         self,
@@ -224,7 +253,7 @@ class EtcdClient:
         answer = self.call(
             "/v3/kv/txn", {"compare": compare, "success": success, "failure": failure or []}
         )
-        responses = answer.get("responses", [])
+        responses = items(answer.get("responses"), "responses")
         return bool(answer.get("succeeded", False)), responses, _revision(answer)
 
     def put(self, key: str, value: bytes | str, lease: int = 0) -> int:
@@ -246,13 +275,15 @@ class EtcdClient:
 
     def grant(self, ttl: int) -> int:
         answer = self.call("/v3/lease/grant", {"TTL": str(ttl)})
-        return int(answer["ID"])
+        if "ID" not in answer:
+            raise EtcdError(f"a lease grant without an ID: {str(answer)[:200]}")
+        return number(answer["ID"], "lease ID")
 
     def keepalive(self, lease: int) -> int:
         """The lease's TTL after this keepalive; 0 when it had already lapsed."""
         answer = self.call("/v3/lease/keepalive", {"ID": str(lease)})
         result = answer.get("result", {})
-        return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
+        return number(result.get("TTL", 0), "TTL") if isinstance(result, dict) else 0
 
     def revoke(self, lease: int) -> None:
         try:
@@ -348,18 +379,21 @@ class Watch:
             if not isinstance(result, dict):
                 error = message.get("error") if isinstance(message, dict) else message
                 raise EtcdUnavailable(f"watch on {self.endpoint}: {error}")
-            compacted = int(result.get("compact_revision", 0) or 0)
+            compacted = number(result.get("compact_revision", 0) or 0, "compact_revision")
             if compacted:
                 raise Compacted(compacted)
             if result.get("canceled"):
                 raise EtcdUnavailable(f"watch on {self.endpoint} canceled: {result}")
-            events = [
-                WatchEvent(str(e.get("type", "PUT")), KeyValue.from_json(e.get("kv", {})))
-                for e in result.get("events", [])
-            ]
+            events = [_event(e) for e in items(result.get("events"), "events")]
             yield events, _revision(result)
+
+
+def _event(e: Any) -> WatchEvent:
+    if not isinstance(e, dict):
+        raise EtcdError(f"expected a watch event object from etcd, got {e!r}")
+    return WatchEvent(str(e.get("type", "PUT")), KeyValue.from_json(e.get("kv", {})))
 
 
 def _revision(answer: dict[str, Any]) -> int:
     header = answer.get("header", {})
-    return int(header.get("revision", 0)) if isinstance(header, dict) else 0
+    return number(header.get("revision", 0), "revision") if isinstance(header, dict) else 0

@@ -665,8 +665,8 @@ class EtcdStore(TopologyStore):
                         return result(False)
             except Compacted:
                 return result(False)  # cannot follow: go ahead as at the grace period's end
-            except EtcdUnavailable:
-                pass  # quiet until the deadline, or the connection ended: look again
+            except (EtcdUnavailable, EtcdError):
+                pass  # quiet, ended, or a damaged message: look again until the deadline
             finally:
                 watch.close()
 
@@ -730,7 +730,7 @@ class _Stream:
                 self.revision = 0
             except WatchQuiet:
                 continue
-            except (EtcdUnavailable, TopologyError) as e:
+            except (EtcdUnavailable, EtcdError, TopologyError) as e:
                 if self._stop.is_set():
                     return
                 log.info("topology watch: %s; watching again from %d", e, self.revision + 1)
