@@ -21,14 +21,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from proxy.auth import (
-    ED25519_PLUGIN,
     NATIVE_PLUGIN,
     Account,
     AccountBook,
     Fence,
     Sha2Cache,
     native_hash,
-    parse_ed25519_key,
     parse_native_hash,
 )
 from reparent.admin import AdminConnection
@@ -81,16 +79,12 @@ def book_from_rows(
         if data.get("is_role") or data.get("account_locked"):
             continue
         plugin = data.get("plugin", NATIVE_PLUGIN)
-        h2 = ed25519 = None
-        if not data.get("auth_or"):
-            text = str(data.get("authentication_string", ""))
-            if plugin == NATIVE_PLUGIN:
-                h2 = parse_native_hash(text)
-            elif plugin == ED25519_PLUGIN:
-                ed25519 = parse_ed25519_key(text)
+        h2 = None
+        if plugin == NATIVE_PLUGIN and not data.get("auth_or"):
+            h2 = parse_native_hash(str(data.get("authentication_string", "")))
         bits = access((user, host), frozenset({(user, host)}))
         unfenced = frozenset(f for f, bit in _FENCE_BITS.items() if bits & bit)
-        accounts.append(Account(user, host, str(plugin), h2, unfenced, ed25519))
+        accounts.append(Account(user, host, str(plugin), h2, unfenced))
     return AccountBook(accounts)
 
 

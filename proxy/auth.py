@@ -11,8 +11,8 @@ password: `caching_sha2_password` (MySQL 8.4/9.x clients) either proves, against
 Baton cached at that account's last full login, that it knows the password (`Sha2Cache`), or
 sends the password itself (over TLS, or RSA-encrypted with Baton's key): Baton checks
 `SHA1(SHA1(password)) == H2` and keeps `H1` as for mysql_native_password. MariaDB's `ed25519`
-signs the server's nonce with a key only the password gives: the signature is checked against
-the public key the server stores, but it cannot be turned into a login to another server.
+signs the server's nonce with a key only the password gives: that signature cannot be turned
+into a login to another server, so Baton never holds anything to log such an account in with.
 
 Which account a login means follows MariaDB's rule: among the accounts of that user name, the
 one with the most specific host pattern that matches the client's address. The server decides
@@ -22,8 +22,6 @@ the server would refuse.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import hashlib
 import hmac
@@ -32,9 +30,6 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proxy.client_packets import SHA2_SCRAMBLE_LENGTH
 
@@ -88,29 +83,6 @@ def password_stage1(password: bytes, h2: bytes) -> bytes | None:
     h1 = hashlib.sha1(password).digest() if password else b""
     expected = hashlib.sha1(h1).digest() if h1 else b""
     return h1 if hmac.compare_digest(expected, h2) else None
-
-
-def ed25519_verify(public_key: bytes, nonce: bytes, signature: bytes) -> bool:
-    """Is `signature` the account's Ed25519 signature of `nonce`? MariaDB's client_ed25519
-    derives its key from the password differently from RFC 8032's seed, but signs and is
-    verified as standard Ed25519."""
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, nonce)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
-
-
-def parse_ed25519_key(text: str) -> bytes | None:
-    """The 32-byte public key an ed25519 account stores as base64 (43 characters, unpadded);
-    None for anything else."""
-    if len(text) != 43:
-        return None
-    try:
-        key = base64.b64decode(text + "=", validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return key if len(key) == 32 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +162,15 @@ class Account:
     plugin: str
     h2: bytes | None  # None: not a mysql_native_password account
     unfenced: frozenset[Fence] = frozenset()
-    ed25519: bytes | None = None  # an ed25519 account's public key
 
     @property
     def name(self) -> str:
         return f"'{self.user}'@'{self.host}'"
+
+    @property
+    def ed25519(self) -> bool:
+        """Only its client can log it in (proxy/login.py passes its login through)."""
+        return self.plugin == ED25519_PLUGIN
 
 
 def host_matches(pattern: str, address: str) -> bool:
