@@ -10,13 +10,14 @@ import subprocess
 from collections.abc import Iterator
 
 import mysql.connector
+import MySQLdb
 import pymysql
 import pytest
 
 from harness.baton import Baton, start_baton
 from harness.clients import admin_conn
 from reparent.sandbox import Sandbox
-from tests.fixtures import metric, port_hint, server_ports
+from tests.fixtures import metric, port_hint, private_sandbox, server_ports
 
 SHA2_USER, SHA2_PASS = "sha2_user", "sha2-pass"
 ED_USER, ED_PASS = "ed_user", "ed-pass"
@@ -153,10 +154,13 @@ def test_connector_caching_sha2(baton: Baton, sha2_baton: Baton, accounts: None)
     assert logins(sha2_baton, "caching_sha2_fast") == fast + 1
 
 
-def mariadb(port: int, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+def mariadb(
+    port: int, user: str, password: str, sql: str, *options: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             "mariadb",
+            *options,
             "-h127.0.0.1",
             f"-P{port}",
             f"-u{user}",
@@ -203,3 +207,77 @@ def test_mariadb_cli_ed25519_wrong_password_as_direct(
     assert direct.returncode == through.returncode == 1
     assert "ERROR 1045" in direct.stderr and "ERROR 1045" in through.stderr, through.stderr
     assert failures(baton, "access_denied") == before + 1
+
+
+def test_a_password_sent_in_clear_without_tls_is_refused(
+    baton: Baton, primary_port: int, accounts: None
+) -> None:
+    """mysql_clear_password is taken under TLS only. Over plain text MariaDB would switch
+    such a client to the account's plugin and let it in; Baton refuses it, saying its password
+    just crossed the network in clear (a departure from direct, on purpose)."""
+    clear = "--default-auth=mysql_clear_password"
+    direct = mariadb(primary_port, SHA2_USER, SHA2_PASS, "SELECT CURRENT_USER()", clear)
+    assert direct.returncode == 0, direct.stderr
+    before = failures(baton, "cleartext_without_tls")
+    through = mariadb(baton.port, SHA2_USER, SHA2_PASS, "SELECT CURRENT_USER()", clear)
+    assert through.returncode == 1
+    assert "ERROR 1045" in through.stderr and "in clear" in through.stderr, through.stderr
+    assert failures(baton, "cleartext_without_tls") == before + 1
+
+
+@pytest.fixture(scope="module")
+def switch_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A sandbox of this module's own (one replica): the switch test moves the primary."""
+    yield from private_sandbox(tmp_path_factory, "logins-switch", replicas=1)
+
+
+def ed25519_account(port: int) -> None:
+    with admin_conn(port) as conn, conn.cursor() as cur:
+        cur.execute(
+            f"CREATE USER '{ED_USER}'@'127.0.0.1' "
+            f"IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASS}')"
+        )
+        cur.execute(f"GRANT ALL PRIVILEGES ON baton_test.* TO '{ED_USER}'@'127.0.0.1'")
+
+
+def test_an_ed25519_session_ends_clearly_at_a_switch(
+    switch_box: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Baton cannot log an ed25519 session in to the new primary (only its client can sign
+    that server's challenge): at a planned switch its next statement gets 1927 saying so, and
+    the session ends, counted under baton_sessions_refused_total{reason="login"}. A
+    mysql_native_password session beside it moves without an error, and the ed25519 client
+    logs in again to the new primary."""
+    ports = server_ports(switch_box)
+    for port in ports.values():
+        with admin_conn(port) as conn, conn.cursor() as cur:
+            cur.execute("INSTALL SONAME 'auth_ed25519'")
+    ed25519_account(ports["db1"])
+    b = start_baton(switch_box.config_path, tmp_path_factory.mktemp("switch"), port_hint() + 110)
+    try:
+        ed = MySQLdb.connect(
+            host="127.0.0.1", port=b.port, user=ED_USER, password=ED_PASS, database="baton_test"
+        )
+        app = pymysql.connect(
+            host="127.0.0.1", port=b.port, user="app", password="app-pass", database="baton_test"
+        )
+        for conn in (ed, app):
+            cur = conn.cursor()
+            cur.execute("SELECT @@port")
+            assert cur.fetchone()[0] == ports["db1"]
+        out = b.ctl("--json", "prs", "--to", "db2")
+        assert out.returncode == 0, out.stdout + out.stderr
+        cur = app.cursor()
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] == ports["db2"]
+        with pytest.raises(MySQLdb.OperationalError) as e:
+            ed.cursor().execute("SELECT @@port")
+        assert e.value.args[0] == 1927
+        assert "ed25519 login" in e.value.args[1]
+        page = b.scrape()
+        assert metric(page, "baton_sessions_refused_total", reason="login") == 1
+        again = mariadb(b.port, ED_USER, ED_PASS, "SELECT @@port, CURRENT_USER()")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == f"{ports['db2']}\t{ED_USER}@127.0.0.1\n"
+    finally:
+        b.stop()
