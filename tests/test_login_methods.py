@@ -231,15 +231,29 @@ def login(
     plugin: str,
     response: bytes,
     greeting: bytes | None,
-    secure: bool = False,
     user: str = "u",
     open_backend: Callable = no_backend,
+    secure: bool = False,
     greeting_plugin: str = NATIVE_PLUGIN,
 ) -> Verified:
     settings = LoginSettings(0, "127.0.0.1", False, secure=secure, plugin=greeting_plugin)
     return asyncio.run(
         verify(client, book, settings, user, plugin, response, greeting, 1, rsa, open_backend)
     )
+
+
+def sha2_login(
+    client: Client,
+    greeting: bytes,
+    rsa: RsaKey,
+    password: bytes = PASSWORD,
+    book: Accounts | None = None,
+    secure: bool = False,
+) -> Verified:
+    """A caching_sha2_password client's login that starts with its fast answer."""
+    answer = scramble_caching_sha2(password, greeting)
+    book = book or accounts(USER)
+    return login(client, book, rsa, SHA2_PLUGIN, answer, greeting, secure=secure)
 
 
 def pymysql_sha2(password: bytes, greeting: bytes, rsa: RsaKey) -> Client:
@@ -259,8 +273,7 @@ def test_sha2_full_login_over_plain_text_then_fast(rsa: RsaKey) -> None:
     book = accounts(USER)
     greeting = nonce()
     client = pymysql_sha2(PASSWORD, greeting, rsa)
-    fast = scramble_caching_sha2(PASSWORD, greeting)
-    verified = login(client, book, rsa, SHA2_PLUGIN, fast, greeting)
+    verified = sha2_login(client, greeting, rsa, book=book)
     assert [seq for seq, _ in client.written] == [2, 4]
     assert client.written[0][1] == b"\x01\x04"
     assert client.written[1][1] == b"\x01" + rsa.public_pem
@@ -269,9 +282,7 @@ def test_sha2_full_login_over_plain_text_then_fast(rsa: RsaKey) -> None:
     # The next login of the account takes the fast path.
     greeting = nonce()
     client = Client(lambda seq, payload: None)
-    verified = login(
-        client, book, rsa, SHA2_PLUGIN, scramble_caching_sha2(PASSWORD, greeting), greeting
-    )
+    verified = sha2_login(client, greeting, rsa, book=book)
     assert client.written == [(2, b"\x01\x03")]
     assert verified.seq == 3 and verified.method is LoginMethod.SHA2_FAST
     assert verified.login.h1 == hashlib.sha1(PASSWORD).digest()
@@ -281,14 +292,7 @@ def test_sha2_wrong_password_is_denied(rsa: RsaKey) -> None:
     greeting = nonce()
     client = pymysql_sha2(b"wrong", greeting, rsa)
     with pytest.raises(LoginRefused) as e:
-        login(
-            client,
-            accounts(USER),
-            rsa,
-            SHA2_PLUGIN,
-            scramble_caching_sha2(b"wrong", greeting),
-            greeting,
-        )
+        sha2_login(client, greeting, rsa, b"wrong")
     assert e.value.reason is LoginFailure.ACCESS_DENIED
     assert e.value.packet is not None and e.value.packet[3] == 6
     assert int.from_bytes(e.value.packet[5:7], "little") == 1045
@@ -300,14 +304,7 @@ def test_sha2_password_in_clear_over_plain_text_is_refused(rsa: RsaKey) -> None:
     greeting = nonce()
     client = Client(lambda seq, p: (seq + 1, PASSWORD + b"\x00") if p == b"\x01\x04" else None)
     with pytest.raises(LoginRefused) as e:
-        login(
-            client,
-            accounts(USER),
-            rsa,
-            SHA2_PLUGIN,
-            scramble_caching_sha2(PASSWORD, greeting),
-            greeting,
-        )
+        sha2_login(client, greeting, rsa)
     assert e.value.reason is LoginFailure.CLEARTEXT_WITHOUT_TLS
     assert int.from_bytes(e.value.packet[5:7], "little") == 1045
 
@@ -315,45 +312,21 @@ def test_sha2_password_in_clear_over_plain_text_is_refused(rsa: RsaKey) -> None:
 def test_sha2_full_login_under_tls_takes_the_password(rsa: RsaKey) -> None:
     greeting = nonce()
     client = Client(lambda seq, p: (seq + 1, PASSWORD + b"\x00") if p == b"\x01\x04" else None)
-    verified = login(
-        client,
-        accounts(USER),
-        rsa,
-        SHA2_PLUGIN,
-        scramble_caching_sha2(PASSWORD, greeting),
-        greeting,
-        secure=True,
-    )
+    verified = sha2_login(client, greeting, rsa, secure=True)
     assert verified.seq == 4 and verified.method is LoginMethod.SHA2_FULL
 
 
-def test_sha2_asking_for_the_key_twice_is_a_bad_handshake(rsa: RsaKey) -> None:
-    greeting = nonce()
-    client = Client(lambda seq, p: (seq + 1, b"\x02"))
+@pytest.mark.parametrize(
+    "lie",
+    [
+        lambda seq, p: (seq + 1, b"\x02"),  # asks for the key again and again
+        lambda seq, p: (seq + 2, b"\x02"),  # out of sequence
+        lambda seq, p: (seq + 1, b"\x02" * 1000),  # an oversized answer
+    ],
+)
+def test_sha2_lies_are_a_bad_handshake(rsa: RsaKey, lie: Callable) -> None:
     with pytest.raises(LoginRefused) as e:
-        login(
-            client,
-            accounts(USER),
-            rsa,
-            SHA2_PLUGIN,
-            scramble_caching_sha2(PASSWORD, greeting),
-            greeting,
-        )
-    assert e.value.reason is LoginFailure.BAD_HANDSHAKE
-
-
-def test_sha2_out_of_sequence_is_a_bad_handshake(rsa: RsaKey) -> None:
-    greeting = nonce()
-    client = Client(lambda seq, p: (seq + 2, b"\x02"))
-    with pytest.raises(LoginRefused) as e:
-        login(
-            client,
-            accounts(USER),
-            rsa,
-            SHA2_PLUGIN,
-            scramble_caching_sha2(PASSWORD, greeting),
-            greeting,
-        )
+        sha2_login(Client(lie), nonce(), rsa)
     assert e.value.reason is LoginFailure.BAD_HANDSHAKE
 
 
@@ -432,20 +405,18 @@ def ed25519_backend(nonce32: bytes, reply: Err | None = None) -> Callable:
     return open_backend
 
 
+def ed_login(client: Client, rsa: RsaKey, open_backend: Callable) -> Verified:
+    """An ed25519 account's login, whatever the client first answered Baton's greeting."""
+    return login(
+        client, accounts(ED_USER), rsa, NATIVE_PLUGIN, b"x" * 20, nonce(), "ed", open_backend
+    )
+
+
 def test_ed25519_passes_the_servers_nonce_and_the_signature(rsa: RsaKey) -> None:
     nonce32 = bytes(range(1, 32)) + b"\x00"  # ends in 0: must reach the client as it is
     signature = b"S" * 64
     client = Client(lambda seq, p: (seq + 1, signature))
-    verified = login(
-        client,
-        accounts(ED_USER),
-        rsa,
-        NATIVE_PLUGIN,
-        b"x" * 20,
-        nonce(),
-        user="ed",
-        open_backend=ed25519_backend(nonce32),
-    )
+    verified = ed_login(client, rsa, ed25519_backend(nonce32))
     assert client.written == [(2, b"\xfeclient_ed25519\x00" + nonce32)]
     assert verified.backend == [signature]
     assert verified.seq == 4 and verified.method is LoginMethod.ED25519
@@ -455,16 +426,7 @@ def test_ed25519_passes_the_servers_nonce_and_the_signature(rsa: RsaKey) -> None
 def test_ed25519_short_signature_is_a_bad_handshake(rsa: RsaKey) -> None:
     client = Client(lambda seq, p: (seq + 1, b"S" * 63))
     with pytest.raises(LoginRefused) as e:
-        login(
-            client,
-            accounts(ED_USER),
-            rsa,
-            NATIVE_PLUGIN,
-            b"",
-            nonce(),
-            user="ed",
-            open_backend=ed25519_backend(b"n" * 32),
-        )
+        ed_login(client, rsa, ed25519_backend(b"n" * 32))
     assert e.value.reason is LoginFailure.BAD_HANDSHAKE
 
 
@@ -472,16 +434,7 @@ def test_ed25519_refused_by_the_server_gets_its_error(rsa: RsaKey) -> None:
     client = Client(lambda seq, p: (seq + 1, b"S" * 64))
     denied = Err(1045, "28000", "Access denied for user 'ed'@'127.0.0.1' (using password: YES)")
     with pytest.raises(LoginRefused) as e:
-        login(
-            client,
-            accounts(ED_USER),
-            rsa,
-            NATIVE_PLUGIN,
-            b"",
-            nonce(),
-            user="ed",
-            open_backend=ed25519_backend(b"n" * 32, denied),
-        )
+        ed_login(client, rsa, ed25519_backend(b"n" * 32, denied))
     assert e.value.reason is LoginFailure.ACCESS_DENIED
     assert e.value.packet is not None and e.value.packet[3] == 4
     assert e.value.packet[4:] == make_err(1045, "28000", denied.message)
@@ -492,15 +445,6 @@ def test_ed25519_unreachable_primary_refuses_the_login(rsa: RsaKey) -> None:
         raise BackendError("cannot connect to backend 127.0.0.1:1: refused")
 
     with pytest.raises(LoginRefused) as e:
-        login(
-            Client(lambda s, p: None),
-            accounts(ED_USER),
-            rsa,
-            NATIVE_PLUGIN,
-            b"",
-            nonce(),
-            user="ed",
-            open_backend=unreachable,
-        )
+        ed_login(Client(lambda s, p: None), rsa, unreachable)
     assert e.value.reason is LoginFailure.BACKEND_UNREACHABLE
     assert int.from_bytes(e.value.packet[5:7], "little") == 1429
