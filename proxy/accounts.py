@@ -119,6 +119,11 @@ class Accounts:
         # caching_sha2_password's fast-path verifiers, filled by full logins (proxy/auth.py).
         self.sha2 = Sha2Cache()
 
+    def just_read(self) -> bool:
+        """Were the accounts read less than RELOAD_MIN_INTERVAL ago? (A login that already
+        made them be read for an unknown user need not wait for another read.)"""
+        return self._clock() - self.loaded_at < RELOAD_MIN_INTERVAL
+
     async def reload(self, why: str, force: bool = False) -> bool:
         """Read the accounts again; True if a new list was read. Concurrent callers share one
         load, and logins cannot ask more often than RELOAD_MIN_INTERVAL."""

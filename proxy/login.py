@@ -343,9 +343,9 @@ async def _check(
             h1 = match(account)
             if h1 is not None:
                 return account, h1
-        if attempt == 0 and await accounts.reload(
-            "unknown user" if not candidates else "password mismatch"
-        ):
+        if attempt > 0 or (not candidates and accounts.just_read()):
+            break
+        if await accounts.reload("unknown user" if not candidates else "password mismatch"):
             continue
         break
     password = "YES" if response else "NO"
