@@ -154,6 +154,48 @@ def test_connector_caching_sha2(baton: Baton, sha2_baton: Baton, accounts: None)
     assert logins(sha2_baton, "caching_sha2_fast") == fast + 1
 
 
+def test_change_user_with_caching_sha2(sha2_baton: Baton) -> None:
+    """COM_CHANGE_USER from a connector that logged in with caching_sha2_password: Baton
+    switches it to caching_sha2 with a new nonce, and the account's verifier (left by a
+    full login) takes it by the fast path."""
+    # Full logins leave both accounts' verifiers (the connector cannot log in full here).
+    pymysql_session(sha2_baton.port)
+    pymysql_session(sha2_baton.port, "app", "app-pass")
+    conn = mysql.connector.connect(
+        host="127.0.0.1",
+        port=sha2_baton.port,
+        user=SHA2_USER,
+        password=SHA2_PASS,
+        auth_plugin="caching_sha2_password",
+        use_pure=True,
+        ssl_disabled=True,
+    )
+    try:
+        fast = logins(sha2_baton, "caching_sha2_fast")
+        conn.cmd_change_user("app", "app-pass", "baton_test")
+        cur = conn.cursor(prepared=True)
+        cur.execute("SELECT CURRENT_USER(), DATABASE(), %s", (1,))
+        assert list(cur.fetchone()) == ["app@127.0.0.1", "baton_test", 1]
+        assert logins(sha2_baton, "caching_sha2_fast") == fast + 1
+    finally:
+        conn.close()
+
+
+def test_change_user_to_an_ed25519_account(baton: Baton, accounts: None) -> None:
+    """libmariadb's mysql_change_user to an ed25519 account: the primary's challenge is
+    passed to the client as at connect, and the session is that account."""
+    conn = MySQLdb.connect(host="127.0.0.1", port=baton.port, user="app", password="app-pass")
+    try:
+        before = logins(baton, "ed25519")
+        conn.change_user(ED_USER, ED_PASS, "baton_test")
+        cur = conn.cursor()
+        cur.execute("SELECT CURRENT_USER(), DATABASE()")
+        assert cur.fetchone() == (f"{ED_USER}@127.0.0.1", "baton_test")
+        assert logins(baton, "ed25519") == before + 1
+    finally:
+        conn.close()
+
+
 def mariadb(
     port: int, user: str, password: str, sql: str, *options: str
 ) -> subprocess.CompletedProcess[str]:
