@@ -241,7 +241,7 @@ async def _with_password(
 ) -> Verified:
     """A password the client sent: it must be the account's (SHA1(SHA1(password)) == H2)."""
     account, h1 = await _check(
-        accounts, settings, user, lambda a: password_stage1(password, a.h2), b"?", seq
+        accounts, settings, user, lambda a: password_stage1(password, a.h2), password, seq
     )
     return _admitted(account, BackendLogin(user, h1), settings, seq + 1, method)
 
@@ -334,7 +334,7 @@ async def _check(
 ) -> tuple[Account, bytes]:
     """The account `match` finds the client's proof fits (it returns that account's H1); the
     accounts are read again once if none does (a user created or re-passworded since the
-    last read). `response` says whether a password was given."""
+    last read). `response` (the client's answer or password) says whether one was given."""
     for attempt in range(2):
         candidates = accounts.book.candidates(user, settings.address)
         for account in candidates:

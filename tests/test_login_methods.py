@@ -130,6 +130,18 @@ def test_rsa_key_from_a_file(rsa: RsaKey, tmp_path) -> None:
         RsaKey.load(path)
 
 
+def test_accounts_just_read_within_the_reload_interval() -> None:
+    """An unknown user's login reads the accounts before choosing the account's kind; the
+    check after its password then need not read (and wait for) them again."""
+    now = [100.0]
+    book = Accounts(None, lambda: [], ConfigAccount("admin", "x"), clock=lambda: now[0])
+    assert not book.just_read()  # never read
+    book.loaded_at = 99.5
+    assert book.just_read()
+    now[0] = 101.0
+    assert not book.just_read()
+
+
 # -- the codec -----------------------------------------------------------------------------------
 
 
