@@ -102,8 +102,13 @@ class ServerLink:
         self.attach(backend, server, epoch)
 
     async def adopt(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
-        """Make a connection opened during the login (ed25519) the session's own."""
-        await self.restore(backend)
+        """Make a connection opened during the login (ed25519) the session's own; closed if
+        its state cannot be set or the client leaves meanwhile, as `connect` does."""
+        try:
+            await self.restore(backend)
+        except asyncio.CancelledError:
+            backend.close()
+            raise
         self.attach(backend, server, epoch)
 
     def attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
