@@ -172,6 +172,11 @@ class Account:
         """Only its client can log it in (proxy/login.py passes its login through)."""
         return self.plugin == ED25519_PLUGIN
 
+    @property
+    def usable(self) -> bool:
+        """Can a client log in to it through Baton?"""
+        return self.h2 is not None or self.ed25519
+
 
 def host_matches(pattern: str, address: str) -> bool:
     """MariaDB's host match for a client at IP `address`: a literal, a `%`/`_` wildcard

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from pymysql._auth import scramble_caching_sha2, scramble_native_password, sha2_rsa_encrypt
 
-from proxy.accounts import Accounts
+from proxy.accounts import Accounts, book_from_rows
 from proxy.admission import LoginFailure
 from proxy.auth import (
     ED25519_PLUGIN,
@@ -140,6 +140,19 @@ def test_accounts_just_read_within_the_reload_interval() -> None:
     assert book.just_read()
     now[0] = 101.0
     assert not book.just_read()
+
+
+def test_which_accounts_are_usable() -> None:
+    """`ctl users` says which accounts a client can log in to through Baton."""
+    book = book_from_rows(
+        [
+            ("n", "%", '{"plugin": "mysql_native_password", "authentication_string": ""}'),
+            ("e", "%", '{"plugin": "ed25519", "authentication_string": "x"}'),
+            ("s", "%", '{"plugin": "unix_socket", "authentication_string": ""}'),
+        ],
+        [],
+    )
+    assert {a.user: a.usable for a in book} == {"n": True, "e": True, "s": False}
 
 
 # -- the codec -----------------------------------------------------------------------------------
