@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := mariadb-server mariadb-client sysbench haproxy libmariadb-dev pkg-config etcd-server
 export PATH := $(abspath $(VENV))/bin:/usr/sbin:/sbin:$(PATH)
 
-.PHONY: setup system-packages demo demo-fleet test fault-test fuzz compat lint bench-steady bench-hold bench-failover bench-fleet bench-holdstart clean
+.PHONY: setup system-packages demo demo-fleet test fault-test fuzz compat lint bench-steady bench-hold bench-failover bench-reads bench-fleet bench-holdstart clean
 
 setup: system-packages $(STAMP)
 
@@ -40,7 +40,7 @@ fault-test: setup lint
 	BATON_FAULT_SUITE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py \
 	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py \
 	  tests/test_fleet.py tests/test_etcdstore.py \
-	  tests/test_truth.py tests/test_blips.py tests/test_workers.py
+	  tests/test_truth.py tests/test_blips.py tests/test_workers.py tests/test_routing.py
 
 # 100,000 fuzzed logins and commands against a Baton of its own (make test runs 2,000).
 fuzz: setup
@@ -67,6 +67,10 @@ bench-hold: setup
 
 bench-failover: setup
 	$(PY) -m bench.failover
+
+# The failover benchmark's read path: 10 PRS under paced reads and writes in split mode.
+bench-reads: setup
+	$(PY) -m bench.reads
 
 # The failover benchmark's fleet path: three Batons on etcd, 10 PRS driven from each in turn.
 bench-fleet: setup

@@ -145,9 +145,7 @@ class Probe:
                     port = self.target.port()
                     conn = connect_app(port)
                 with conn.cursor() as cur:
-                    cur.execute(
-                        f"INSERT INTO {self.table} (writer, seq) VALUES (%s, %s)", (writer, seq)
-                    )
+                    self.request(cur, writer, seq)
             except pymysql.MySQLError as e:
                 error = ": ".join(str(a) for a in e.args)
                 if conn is not None:
@@ -158,6 +156,10 @@ class Probe:
             seq += 1
         if conn is not None:
             conn.close()
+
+    def request(self, cur: pymysql.cursors.Cursor, writer: int, seq: int) -> None:
+        """One request: an insert (bench.reads' readers read instead)."""
+        cur.execute(f"INSERT INTO {self.table} (writer, seq) VALUES (%s, %s)", (writer, seq))
 
     def start(self) -> None:
         for t in self._threads:
@@ -179,9 +181,11 @@ class Probe:
 
 
 @contextmanager
-def probing(target: Target, writers: int, rate: int, table: str) -> Iterator[Probe]:
-    """Run the probe's writers while the block runs; stop and join them however it ends."""
-    probe = Probe(target, writers, rate, table)
+def probing(
+    target: Target, writers: int, rate: int, table: str, kind: type[Probe] = Probe
+) -> Iterator[Probe]:
+    """Run the probe's clients while the block runs; stop and join them however it ends."""
+    probe = kind(target, writers, rate, table)
     probe.start()
     try:
         yield probe

@@ -138,6 +138,7 @@ class Finished:
     held: int
     flushed: int
     evicted: int
+    reads: int = 0  # reads served on replicas meanwhile (the holder counts them, not the buffer)
 
 
 Action = Flush | Evict | Started | Stopped | Skipped | Finished

@@ -18,8 +18,10 @@ from proxy.accounts import Accounts
 from proxy.admission import Admission
 from proxy.auth import stage1
 from proxy.backend import BackendConnection, BackendError, BackendLogin, Relay
+from proxy.classify import Classifier
 from proxy.holder import Holder
 from proxy.packets import proxy_header
+from proxy.readroute import ReadPool
 from proxy.router import Router
 from proxy.rsa_key import RsaKey
 from proxy.session import routine_hazards
@@ -78,6 +80,10 @@ class ProxyContext:
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
     # For caching_sha2_password over plain text (proxy/rsa_key.py).
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
+    # Read routing (proxy/readroute.py): the replicas' health and load, None when no listener
+    # routes reads; the statement classifier with its cache, shared by the sessions.
+    read_pool: ReadPool | None = None
+    classifier: Classifier = field(default_factory=Classifier)
 
     def __post_init__(self) -> None:
         self.holder.probe = lambda shard: self.primary_writable()
@@ -105,6 +111,10 @@ class ProxyContext:
 
     def primary(self) -> ServerConfig:
         return self.router.primary(self.config.proxy.shard)
+
+    def server(self, name: str) -> ServerConfig:
+        """A server of the shard sessions are routed to, by name."""
+        return next(s for s in self.config.shard.servers if s.name == name)
 
     def term(self) -> int:
         return self.router.term(self.config.proxy.shard)

@@ -219,7 +219,8 @@ def _text(key: str, value: Any, choices: Collection[str] | None) -> str:
     return value
 
 
-Counts = dict[str, dict[str, int]]  # proxy id -> {"held": n, "flushed": n, "evicted": n}
+# proxy id -> {"held": n, "flushed": n, "evicted": n, "reads": n}
+Counts = dict[str, dict[str, int]]
 
 
 class Proxies(Protocol):
@@ -296,7 +297,12 @@ class LocalProxies:
         episode = await self.ctx.router.annotate(shard, term, record_id)
         if episode is None:
             return {}
-        counts = {"held": episode.held, "flushed": episode.flushed, "evicted": episode.evicted}
+        counts = {
+            "held": episode.held,
+            "flushed": episode.flushed,
+            "evicted": episode.evicted,
+            "reads": episode.reads,
+        }
         return {self.proxy_id: counts}
 
 
@@ -463,6 +469,7 @@ class ControlServer:
         updated = report.with_buffers({**report.buffers, **found})
         report.buffers = updated.buffers
         report.held, report.flushed, report.evicted = updated.held, updated.flushed, updated.evicted
+        report.reads_during_hold = updated.reads_during_hold
 
     async def cmd_check(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """The config and the store against what every server says (reparent/survey.py)."""

@@ -65,6 +65,8 @@ def render_report(r: dict[str, Any]) -> str:
     total = sum(p["duration_ms"] for p in r["phases"])
     lines.append(f"  total {total:.1f} ms over {len(r['phases'])} steps")
     lines.append(f"  commands held {r['held']}, flushed {r['flushed']}, evicted {r['evicted']}")
+    if r.get("reads_during_hold"):
+        lines.append(f"  reads served on replicas during the hold {r['reads_during_hold']}")
     if r.get("not_drained"):
         lines.append(f"  went ahead without a drained report from {', '.join(r['not_drained'])}")
     if r.get("allow_unreachable"):

@@ -27,6 +27,8 @@ from proxy import metrics
 from proxy.admission import LoginFailure, Refusal
 from proxy.auth import nonce as new_nonce
 from proxy.backend import BackendConnection, BackendError, BackendLogin, Relay
+from proxy.classify import Verdict as Classified
+from proxy.classify import about_previous
 from proxy.client_packets import (
     STMT_HEADER,
     ClientPacketError,
@@ -58,6 +60,15 @@ from proxy.packets import (
     make_server_handshake,
     with_stmt_id,
 )
+from proxy.readpath import (
+    ReplicaConn,
+    SessionReads,
+    causal_wait,
+    connect_replica,
+    execute_payload,
+    prepare_on,
+)
+from proxy.readroute import Fallback, Step, causal_step, session_allows_replica, state_changed
 from proxy.response import Phase as ResponsePhase
 from proxy.response import ResponseParser
 from proxy.session import SessionState
@@ -79,7 +90,7 @@ from proxy.session_machine import (
     error_packet,
     loss_message,
 )
-from reparent.config import ServerConfig
+from reparent.config import CausalReads, RoutingMode, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +108,7 @@ _KILL = re.compile(
 _LOGIN, _IDLE, _INFILE, _CLOSED = Phase.LOGIN, Phase.IDLE, Phase.INFILE, Phase.CLOSED
 _QUIT, _QUERY, _PROCESS_KILL = int(Command.QUIT), int(Command.QUERY), int(Command.PROCESS_KILL)
 _INFILE_RESPONSE = ResponsePhase.INFILE
+_STMT_EXECUTE, _STMT_CLOSE = int(Command.STMT_EXECUTE), int(Command.STMT_CLOSE)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -107,10 +119,18 @@ class ClientConnection(asyncio.Protocol):
     its command byte, whether any of its result reached the client, the task it waits in).
     The session's lifecycle is the machine's; its server connection is the link's."""
 
-    def __init__(self, ctx: ProxyContext, session_id: int) -> None:
+    def __init__(self, ctx: ProxyContext, session_id: int, read_only: bool = False) -> None:
         self.ctx = ctx
         self.connection_id = session_id
         self.state = SessionState(session_id=session_id, user="", client_address="?")
+        # Read routing (proxy/readpath.py): None when every command goes to the primary. A
+        # session of the read listener is read-only on the server (its writes get 1792).
+        routing = ctx.config.routing
+        self.reads: SessionReads | None = None
+        if ctx.read_pool is not None and (read_only or routing.mode is RoutingMode.SPLIT):
+            self.reads = SessionReads(self.state)
+        if read_only:
+            self.state.variables["tx_read_only"] = "1"
         self.machine = SessionMachine(self.state, ctx)
         self.link = ServerLink(ctx, self.state, self.backend_full)
         self._holder = ctx.holder
@@ -201,6 +221,8 @@ class ClientConnection(asyncio.Protocol):
         # server too (Aborted_clients), as it would be direct. (After COM_QUIT the connection
         # was closed with its own COM_QUIT already.)
         self.link.close(quit=False)
+        if self.reads is not None:
+            self.reads.close_all(quit=False)
         if self._admitted:
             self._admitted = False
             self.ctx.admission.closed()
@@ -210,9 +232,13 @@ class ClientConnection(asyncio.Protocol):
     # stops the server's results at the backend socket instead of in Baton's memory.
     def pause_writing(self) -> None:
         self.link.slow(True)
+        if self.reads is not None:
+            self.reads.slow(True)
 
     def resume_writing(self) -> None:
         self.link.slow(False)
+        if self.reads is not None:
+            self.reads.slow(False)
 
     @property
     def address(self) -> str:
@@ -576,6 +602,17 @@ class ClientConnection(asyncio.Protocol):
             return
         self._command_byte = command
         self._started = time.perf_counter()
+        reads = self.reads
+        if reads is not None:
+            reads.tried = frozenset()
+            reads.primary_only = False
+            previous, reads.last = reads.last, None
+            if self._route_read(raw, previous):
+                return
+        self._primary(raw)
+
+    def _primary(self, raw: bytes) -> None:
+        """The command goes to the primary (or waits for it, or is held)."""
         holder = self._holder
         hold = holder.active and holder.should_hold(self._shard)
         link = self.link
@@ -586,6 +623,244 @@ class ClientConnection(asyncio.Protocol):
             self._relay(raw)
         else:
             self._carry_out(actions)
+
+    # -- reads on replicas (proxy/readpath.py) ----------------------------------------------------
+
+    def _route_read(self, raw: bytes, previous: str | None = None) -> bool:
+        """Send the command to a replica if it is a read that may run on one and one
+        qualifies (True); else the caller sends it to the primary. `previous`: the replica
+        the previous command ran on, where SHOW WARNINGS and the like must run too."""
+        reads = self.reads
+        assert reads is not None
+        reads.kind = "write"
+        if reads.primary_only:
+            return False
+        verdict = self._classify(raw)
+        if verdict is None or not verdict.replica:
+            if (
+                previous is not None
+                and raw[4] == _QUERY
+                and reads.ready(previous) is not None
+                and about_previous(raw, 5)
+            ):
+                reads.kind = "read"
+                reads.target = previous
+                self._carry_out(self.machine.read(raw))
+                return True
+            return False
+        reads.kind = "read"
+        if not session_allows_replica(self.state):
+            metrics.READ_FALLBACKS.labels(str(Fallback.SESSION_STATE)).inc()
+            return False
+        ctx = self.ctx
+        assert ctx.read_pool is not None
+        avoid = reads.avoid()
+        target = ctx.read_pool.choose(ctx.primary().name, time.monotonic(), avoid)
+        if target is None:
+            reason = (
+                Fallback.REPLICA_FAILED
+                if reads.tried
+                else Fallback.SESSION_STATE
+                if avoid
+                else Fallback.NO_REPLICA
+            )
+            metrics.READ_FALLBACKS.labels(str(reason)).inc()
+            return False
+        reads.target = target
+        self._carry_out(self.machine.read(raw))
+        return True
+
+    def _classify(self, raw: bytes) -> Classified | None:
+        """The classifier's verdict on a query or on an executed statement's text; None for
+        any other command (a cursor, a statement given long data, one not known)."""
+        command = raw[4]
+        if command == _QUERY:
+            return self.ctx.classifier(raw, 5)
+        if command != _STMT_EXECUTE or len(raw) < 14 or raw[9] != 0:  # raw[9]: cursor flags
+            return None
+        client_id = int.from_bytes(raw[5:9], "little")
+        stmt = self.state.statements.get(client_id)
+        if stmt is None or client_id in self.reads.long_data:  # type: ignore[union-attr]
+            return None
+        return self.ctx.classifier(stmt.sql)
+
+    def _read(self) -> None:
+        """READ: run the command on the replica chosen, at once when its connection is
+        ready and nothing must be waited for; else in a task."""
+        reads = self.reads
+        assert reads is not None and reads.target is not None
+        name = reads.target
+        conn = reads.ready(name)
+        if conn is not None and self._causal(conn) is Step.GO and self._prepared(conn):
+            self._send_read(conn)
+        else:
+            self._spawn(self._read_after_setup(name))
+
+    def _causal(self, conn: ReplicaConn) -> Step:
+        state = self.state
+        last = state.last_gtid
+        pool = self.ctx.read_pool
+        assert pool is not None
+        mode = self.ctx.config.routing.causal_reads
+        known = bool(last) and mode is CausalReads.LOCAL and pool.covers(conn.server.name, last)
+        return causal_step(mode, last, conn.covered, known)
+
+    def _prepared(self, conn: ReplicaConn) -> bool:
+        raw = self.machine.raw
+        return raw[4] != _STMT_EXECUTE or int.from_bytes(raw[5:9], "little") in conn.statements
+
+    async def _read_after_setup(self, name: str) -> None:
+        """Connect to the replica (with the session's state), wait there for the session's
+        write (causal reads), prepare the statement there; then send the read. A failure
+        routes it again without this replica: nothing of it ran."""
+        ctx, reads, link, state = self.ctx, self.reads, self.link, self.state
+        assert reads is not None and ctx.read_pool is not None
+        routing = ctx.config.routing
+        try:
+            conn = reads.ready(name)
+            if conn is None:
+                reads.drop(name)
+                conn = await connect_replica(
+                    lambda s: ctx.connect(
+                        s, link.login, link.client_caps, state.collation, state.schema, link.peer
+                    ),
+                    ctx.server(name),
+                    state,
+                    reads.version,
+                )
+                reads.adopt(conn)
+            step = self._causal(conn)
+            position = state.last_gtid
+            if step is Step.READ_PRIMARY_POSITION:
+                position = await self._primary_position()
+                if position is None:
+                    self._read_on_primary(Fallback.NO_POSITION)
+                    return
+                step = Step.WAIT if position else Step.GO
+            if step is Step.WAIT:
+                started = time.perf_counter()
+                applied = await causal_wait(conn.backend, position, routing.causal_timeout)
+                metrics.CAUSAL_WAIT_SECONDS.observe(time.perf_counter() - started)
+                metrics.CAUSAL_WAITS.labels("applied" if applied else "timeout").inc()
+                if not applied:
+                    self._read_on_primary(Fallback.CAUSAL_TIMEOUT)
+                    return
+                conn.covered = position
+            raw = self.machine.raw
+            if raw[4] == _STMT_EXECUTE and not self._prepared(conn):
+                stmt = state.statements.get(int.from_bytes(raw[5:9], "little"))
+                if stmt is None:  # closed meanwhile cannot happen: one command at a time
+                    raise BackendError("the statement is gone")
+                await prepare_on(conn, stmt)
+        except BackendError as e:
+            if self.machine.phase is _CLOSED:
+                return
+            log.info("session %d: read on %s failed before it ran: %s", self.connection_id, name, e)
+            if e.err is None:
+                ctx.read_pool.failed(name, time.monotonic())
+            else:
+                # The replica refused the session (its login, a variable only the primary
+                # takes): none of its reads go there until its state changes.
+                reads.refused[name] = reads.version
+            reads.drop(name)
+            if self.machine.phase is Phase.READING:
+                metrics.READ_RETRIES.labels(name).inc()
+                reads.tried = reads.tried | {name}
+                self._carry_out(self.machine.read_lost(False))
+            return
+        finally:
+            if self.machine.phase is _CLOSED:
+                reads.close_all(quit=False)  # the client left while this connected
+        if self.machine.phase is Phase.READING:
+            self._send_read(conn)
+
+    async def _primary_position(self) -> str | None:
+        """causal_reads = "global": the primary's position now, read on the session's own
+        connection to it (idle: the session's one command is this read). None if it has no
+        current connection or the read failed (the read then goes to the primary, which
+        finds out what became of that connection)."""
+        link = self.link
+        if not link.ready:
+            return None
+        assert link.backend is not None
+        try:
+            rows = await link.backend.query("SELECT @@global.gtid_binlog_pos")
+        except BackendError as e:
+            log.info("session %d: cannot read the primary's position: %s", self.connection_id, e)
+            return None
+        return rows[0][0].decode() if rows and rows[0][0] is not None else ""
+
+    def _read_on_primary(self, reason: Fallback) -> None:
+        """The read runs on the primary after all (a causal wait timed out, ...)."""
+        metrics.READ_FALLBACKS.labels(str(reason)).inc()
+        reads = self.reads
+        assert reads is not None
+        if self.machine.phase is Phase.READING:
+            reads.primary_only = True
+            self._carry_out(self.machine.read_lost(False))
+
+    def _send_read(self, conn: ReplicaConn) -> None:
+        reads = self.reads
+        assert reads is not None and self.ctx.read_pool is not None
+        raw = self.machine.raw
+        command = raw[4]
+        if command == _STMT_EXECUTE:
+            client_id = int.from_bytes(raw[5:9], "little")
+            stmt = self.state.statements[client_id]
+            payload, types = execute_payload(
+                stmt, raw[4:], conn.statements[client_id], conn.types.get(client_id, b"")
+            )
+            conn.types[client_id] = types
+            raw = frame(payload, 0)
+        self.ctx.read_pool.begin(conn.server.name)
+        reads.sent = conn.server.name
+        self._parser.begin(command, infile_allowed=False)
+        self._relayed = False
+        conn.backend.send(raw, self._parser, self._sink, self._read_done)
+
+    def _read_done(self, exc: BaseException | None) -> None:
+        try:
+            self._read_finished(exc)
+        except Exception:
+            self.crashed()
+
+    def _read_finished(self, exc: BaseException | None) -> None:
+        reads, ctx, machine = self.reads, self.ctx, self.machine
+        assert reads is not None and ctx.read_pool is not None and reads.sent is not None
+        name = reads.sent
+        ctx.read_pool.end(name)
+        if exc is not None:
+            reads.drop(name)
+            ctx.read_pool.failed(name, time.monotonic())
+            metrics.BACKEND_LOST.labels(name).inc()
+            if machine.phase is _CLOSED:
+                return
+            if not self._relayed:
+                metrics.READ_RETRIES.labels(name).inc()
+                reads.tried = reads.tried | {name}
+            self._carry_out(machine.read_lost(self._relayed))
+            return
+        err = self._parser.err
+        if err is not None:
+            metrics.ERRORS.labels(str(err.code), "backend").inc()
+        metrics.ROUTED.labels(name, "read").inc()
+        reads.last = name
+        if ctx.switching():
+            metrics.READS_DURING_HOLD.inc()
+            self._holder.read_served(self._shard)
+        actions = machine.response_done(False)
+        if actions is NEXT:
+            _STATS.observe(self._command_byte, time.perf_counter() - self._started)
+            self._pump()
+        else:
+            self._carry_out(actions)
+
+    def _rerouted(self) -> None:
+        """REROUTE: the read's replica failed before anything of it ran or reached the
+        client: route the same bytes again, without that replica (or to the primary)."""
+        raw = self.machine.raw
+        if not self._route_read(raw):
+            self._primary(raw)
 
     def _unready(self) -> bool:
         """The connection cannot take the command: a broken one is a loss the machine must
@@ -696,6 +971,10 @@ class ClientConnection(asyncio.Protocol):
                 self._spawn(self._change_user(machine.raw))
             elif action is Do.RESUME:
                 self._pump()
+            elif action is Do.READ:
+                self._read()
+            elif action is Do.REROUTE:
+                self._rerouted()
             elif isinstance(action, Close):
                 self._closed(action.reason)
             elif isinstance(action, Failed):
@@ -803,6 +1082,14 @@ class ClientConnection(asyncio.Protocol):
             backend = self.link.backend
             assert backend is not None
             backend.write(raw[:4] + with_stmt_id(raw[4:], stmt.backend_id))
+            if self.reads is not None:
+                if command == Command.STMT_CLOSE:
+                    for replica, backend_id in self.reads.forget_statement(client_id):
+                        replica.write(
+                            frame(bytes((_STMT_CLOSE,)) + backend_id.to_bytes(4, "little"), 0)
+                        )
+                else:
+                    self.reads.long_data.add(client_id)  # it runs on the primary now
             if command == Command.STMT_CLOSE:
                 del self.state.statements[client_id]
             self._carry_out(self.machine.answered())
@@ -900,6 +1187,12 @@ class ClientConnection(asyncio.Protocol):
             return
         command = parser.command
         changed = state.apply(parser.status, parser.tracked)
+        reads = self.reads
+        if reads is not None:
+            if parser.tracked and state_changed(parser.tracked):
+                reads.changed()  # a SET, USE, ...: the replica connections follow
+            server = self.link.server
+            metrics.ROUTED.labels(server.name if server else "?", reads.kind).inc()
         err = parser.err
         retrack = False
         if err is not None:
@@ -920,6 +1213,8 @@ class ClientConnection(asyncio.Protocol):
             )
         elif command == Command.RESET_CONNECTION:
             state.reset(state.schema)
+            if reads is not None:
+                reads.changed()
             retrack = True
         actions = machine.response_done(retrack)
         if actions is NEXT:
@@ -1066,6 +1361,8 @@ class ClientConnection(asyncio.Protocol):
             self._carry_out(self.machine.user_changed())
             return
         link.close()
+        if self.reads is not None:
+            self.reads.close_all()  # they were logged in as the old account
         link.login = verified.login
         self.state.single_login = verified.backend is not None
         self.state.user = change.user
@@ -1122,15 +1419,17 @@ def _discard(data: bytes) -> None:
 class ProxyServer:
     """The listening socket: a `ClientConnection` for every client that connects."""
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, read_only: bool = False) -> None:
         self.ctx = ctx
+        self.read_only = read_only  # the read listener: read-only sessions, reads to replicas
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen on host:port, or accept from `sock` (a worker's, bound by its supervisor)."""
         loop = asyncio.get_running_loop()
         ctx = self.ctx
-        factory = lambda: ClientConnection(ctx, ctx.new_session_id())  # noqa: E731
+        read_only = self.read_only
+        factory = lambda: ClientConnection(ctx, ctx.new_session_id(), read_only)  # noqa: E731
         if sock is not None:
             self._server = await loop.create_server(factory, sock=sock, backlog=1024)
             return

@@ -19,7 +19,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -108,6 +108,13 @@ class Holder(Collector):
         # that a primary which recovers by itself (read_only lifted, restarted) gets them back.
         self.probe: Callable[[str], Awaitable[bool]] | None = None
         self._watches: dict[str, asyncio.Task[None]] = {}
+        # Reads served on replicas while each shard holds, for its episode's report.
+        self._reads: dict[str, int] = {}
+
+    def read_served(self, shard: str) -> None:
+        """A read ran on a replica while `shard` holds: it counts for the episode's report."""
+        if shard in self._reads:
+            self._reads[shard] += 1
 
     # -- topology events, from the router (on the loop) ----------------------------------------
 
@@ -210,6 +217,7 @@ class Holder(Collector):
                 why = EVICTION_MESSAGES[action.reason].format(**vars(self.settings))
                 verdicts.append((ticket, Evicted(action.reason, why)))
             elif isinstance(action, Started):
+                self._reads[action.shard] = 0
                 if action.reason is StartReason.FAILURE:
                     self._watch(action.shard)
                 log.info(
@@ -220,7 +228,7 @@ class Holder(Collector):
                 )
             elif isinstance(action, Finished):
                 key = (action.shard, action.term)
-                self.episodes[key] = action
+                self.episodes[key] = replace(action, reads=self._reads.pop(action.shard, 0))
                 while len(self.episodes) > EPISODES_KEPT:
                     del self.episodes[next(iter(self.episodes))]
                 waiter = self._episode_waiters.pop(key, None)

@@ -184,6 +184,51 @@ CLIENT_PROTOCOL_ERRORS = Counter(
     "Client connections closed for a malformed or oversized packet",
     registry=REGISTRY,
 )
+# Read routing (proxy/readroute.py, proxy/readpath.py).
+ROUTED = Counter(
+    "baton_routed_commands",
+    "Commands of sessions that route reads, by server and kind (read: a statement that "
+    "qualified for a replica, wherever it ran; write: anything else)",
+    ["server", "kind"],
+    registry=REGISTRY,
+)
+READ_FALLBACKS = Counter(
+    "baton_read_fallbacks",
+    "Reads that qualified for a replica but ran on the primary, by reason (no_replica, "
+    "causal_timeout, replica_failed, session_state)",
+    ["reason"],
+    registry=REGISTRY,
+)
+READ_RETRIES = Counter(
+    "baton_read_retries",
+    "Reads retried on another server after their replica failed before any result reached "
+    "the client, by the replica that failed",
+    ["server"],
+    registry=REGISTRY,
+)
+CAUSAL_WAITS = Counter(
+    "baton_causal_waits",
+    "Causal reads that waited on a replica for a position, by outcome (applied, timeout)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+CAUSAL_WAIT_SECONDS = Histogram(
+    "baton_causal_wait_seconds",
+    "How long causal reads waited on a replica for a position",
+    registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+READS_DURING_HOLD = Counter(
+    "baton_reads_during_hold",
+    "Reads served by a replica while the shard held its commands for a switch",
+    registry=REGISTRY,
+)
+REPLICA_LAG = Gauge(
+    "baton_replica_lag_seconds",
+    "Each replica's Seconds_Behind_Master as the read monitor last saw it (-1: not known)",
+    ["server"],
+    registry=REGISTRY,
+)
 
 
 def serve(host: str, port: int) -> None:

@@ -237,6 +237,7 @@ class Router:
                 episode.held,
                 episode.flushed,
                 episode.evicted,
+                episode.reads,
             )
         except TopologyError as e:
             log.warning("reparent %s: buffer counts not recorded: %s", record_id, e)

@@ -22,12 +22,15 @@ from proxy.control import ControlServer, LocalProxies, Proxies
 from proxy.frontend import ProxyServer
 from proxy.holder import Holder
 from proxy.packets import PROXY_CAPS, PacketError, parse_server_handshake
+from proxy.readpath import ReplicaMonitor
+from proxy.readroute import ReadPool
 from proxy.router import Router, default_proxy_id
 from proxy.rsa_key import RsaKey
 from reparent.admin import AdminConnection, AdminError, AdminPool
 from reparent.config import (
     Config,
     ConfigError,
+    RoutingMode,
     ServerConfig,
     StoreKind,
     check_files,
@@ -151,15 +154,29 @@ class DataPath:
     router: Router
     server: ProxyServer
     refresh: asyncio.Future[None]
+    # routing.read_port's listener and the monitor of the replicas, when reads are routed.
+    read_server: ProxyServer | None = None
+    monitor: ReplicaMonitor | None = None
 
     async def serve(self, sock: socket.socket | None = None) -> None:
-        """Accept clients on the config's address, or from `sock`."""
-        p = self.ctx.config.proxy
+        """Accept clients on the config's address, or from `sock`; and on the read port."""
+        config = self.ctx.config
+        p = config.proxy
         await self.server.start(p.listen_host, p.listen_port, sock)
+        if self.read_server is not None:
+            # Bound here by each worker (SO_REUSEPORT when there are several).
+            reads = bind_listener(
+                p.listen_host, config.routing.read_port, reuse_port=sock is not None
+            )
+            await self.read_server.start(p.listen_host, config.routing.read_port, reads)
 
     async def stop(self) -> None:
         self.refresh.cancel()
         self.server.close()
+        if self.read_server is not None:
+            self.read_server.close()
+        if self.monitor is not None:
+            self.monitor.close()
         await self.router.unregister()
         self.router.close()
 
@@ -221,7 +238,16 @@ async def start_data_path(
     router.holder = holder
     await router.start()
     refresh = asyncio.ensure_future(accounts.refresh_forever())
-    return DataPath(ctx, router, ProxyServer(ctx), refresh)
+    routing = config.routing
+    data = DataPath(ctx, router, ProxyServer(ctx), refresh)
+    if routing.mode is not RoutingMode.PRIMARY or routing.read_port:
+        ctx.read_pool = ReadPool(routing.max_replica_lag)
+        data.monitor = ReplicaMonitor(config, ctx.read_pool, ctx.primary, store)
+        await data.monitor.round()  # reads go to replicas from the first session on
+        data.monitor.start()
+        if routing.read_port:
+            data.read_server = ProxyServer(ctx, read_only=True)
+    return data
 
 
 async def start_controller(controller: Controller, adopt: bool) -> None:

@@ -36,6 +36,12 @@ The paths, with the rules that are easy to break:
   it to a new connection (temporary tables, locks, ...) is refused by name (1927) and the
   session closes; an open transaction was rolled back with the old connection, which the
   client is told (1213) rather than let it COMMIT a transaction that no longer exists.
+- Reads on replicas (READING, proxy/readroute.py): a read the shell routed to a replica is
+  never held by a switch (replicas are not touched by one) and is not in flight on the
+  primary, so the drain before a demotion does not wait for it. If its replica fails before
+  any byte of its result reached the client, it provably had no effect (it was classified a
+  read), so it is routed again (READING -reroute-> IDLE, and the shell routes the same bytes
+  once more, without that replica); a failure mid-result closes the session, as on the primary.
 - Order: a session has at most one command in progress, so pipelined commands are answered in
   the order they were sent; the shell takes the next command only on `NEXT`.
 """
@@ -64,6 +70,7 @@ class Phase(enum.StrEnum):
     FLUSHING = "flushing"  # released by the holder: moving to the primary to run there
     PROBING = "probing"  # a read lost its connection: was the loss this session's alone?
     RETRACKING = "retracking"  # the response passed; Baton sets its session tracking again
+    READING = "reading"  # a read runs on a replica: never held, not in flight on the primary
     CLAIMED = "claimed"  # Baton's own statements use the idle connection (read back)
     CHANGING_USER = "changing_user"  # COM_CHANGE_USER: a login and a new connection
     CLOSED = "closed"
@@ -89,6 +96,8 @@ class Edge(enum.StrEnum):
     PROBE = "probe"  # is the primary still writable? (was a loss this session's alone?)
     RELEASED = "released"  # the holder lets the command go: move and run it
     MOVED = "moved"  # connected to the primary with the session's state
+    READ = "read"  # a read goes to a replica
+    REROUTE = "reroute"  # its replica failed before any result reached the client: route again
     CLOSE = "close"
 
 
@@ -103,6 +112,12 @@ TRANSITIONS: Mapping[Phase, Mapping[Edge, Phase]] = {
         E.MOVE: P.MOVING,
         E.CHANGE_USER: P.CHANGING_USER,
         E.CLAIM: P.CLAIMED,
+        E.READ: P.READING,
+        E.CLOSE: P.CLOSED,
+    },
+    P.READING: {
+        E.DONE: P.IDLE,
+        E.REROUTE: P.IDLE,
         E.CLOSE: P.CLOSED,
     },
     P.RELAYING: {
@@ -189,6 +204,8 @@ class Do(enum.Enum):
     RETRACK = "retrack"  # set Baton's session tracking again; then `retracked`
     NEXT = "next"  # the command is over: count it and take the client's next one
     RESUME = "resume"  # Baton's own statements are done: take the client's next command
+    READ = "read"  # run `raw` on a replica the shell chose
+    REROUTE = "reroute"  # route `raw` again, without the replicas that failed under it
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +259,8 @@ NEXT: Actions = (Do.NEXT,)
 HOLD: Actions = (Do.HOLD,)
 CONNECT: Actions = (Do.CONNECT,)
 PROBE: Actions = (Do.PROBE,)
+READ: Actions = (Do.READ,)
+REROUTE: Actions = (Do.REROUTE,)
 NOTHING: Actions = ()
 
 _E_SEND, _E_DONE = Edge.SEND, Edge.DONE
@@ -393,6 +412,22 @@ class SessionMachine:
             return SEND
         self._go(Edge.MOVE)
         return self._move()
+
+    def read(self, raw: bytes) -> Actions:
+        """A whole command the shell routes to a replica (a read outside a transaction): it
+        is not held, whatever the shard does."""
+        self.raw = raw
+        self.failed_once = False
+        self._go(Edge.READ)
+        return READ
+
+    def read_lost(self, relayed: bool) -> Actions:
+        """The replica's connection failed under the read. `relayed`: part of the result
+        reached the client, so no other answer can take its place."""
+        if relayed:
+            return self._close(CloseReason.LOST_MID_RESPONSE)
+        self._go(Edge.REROUTE)
+        return REROUTE
 
     def stream(self) -> Actions:
         """A large command starts: its packets go on as they arrive, and are not kept."""

@@ -186,6 +186,43 @@ class BufferConfig:
             raise ValueError(f"drain_concurrency: must be at least 1, got {self.drain_concurrency}")
 
 
+class RoutingMode(enum.StrEnum):
+    """Where a listener's sessions send their statements (proxy/readroute.py)."""
+
+    PRIMARY = "primary"  # everything to the primary
+    SPLIT = "split"  # reads that qualify to a replica, everything else to the primary
+
+
+class CausalReads(enum.StrEnum):
+    """What a read sent to a replica must see (proxy/readroute.py)."""
+
+    NONE = "none"  # whatever the replica has applied
+    LOCAL = "local"  # the session's own last write
+    GLOBAL = "global"  # every write the primary had acknowledged when the read started
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """`[routing]`: read routing to replicas. `mode` is the main listener's; `read_port`, when
+    set, is a second listener whose sessions are read-only (their writes get the server's
+    1792) and send every read that qualifies to a replica."""
+
+    mode: RoutingMode = RoutingMode.PRIMARY
+    causal_reads: CausalReads = CausalReads.LOCAL
+    max_replica_lag: float = 10.0  # seconds behind the primary beyond which a replica gets no reads
+    causal_timeout: float = 1.0  # seconds a read waits on a replica for the session's write
+    read_port: int = 0  # 0: no read listener
+    monitor_interval: float = 0.5  # seconds between looks at each replica's replication
+
+    def __post_init__(self) -> None:
+        for name in ("max_replica_lag", "causal_timeout", "monitor_interval"):
+            value = getattr(self, name)
+            if not (0 < value < math.inf):
+                raise ValueError(f"{name}: must be a positive number of seconds, got {value}")
+        if self.read_port and not 0 < self.read_port < 65536:
+            raise ValueError(f"read_port: port {self.read_port} out of range 1-65535")
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """The failure detector (`reparent/detector.py`): how often it probes and when it acts."""
@@ -214,6 +251,7 @@ class Config:
     detector: DetectorConfig = DetectorConfig()
     durability: Durability = Durability.ASYNC
     topology: TopologySettings = TopologySettings()
+    routing: RoutingConfig = RoutingConfig()
 
     @property
     def shard(self) -> ShardConfig:
@@ -576,6 +614,30 @@ def _check_listeners(proxy: ProxyConfig, shards: tuple[ShardConfig, ...]) -> Non
                     )
 
 
+def _check_read_port(
+    proxy: ProxyConfig, routing: RoutingConfig, shards: tuple[ShardConfig, ...]
+) -> None:
+    """The read listener (on proxy.listen_host) is neither another listener nor a backend."""
+    if not routing.read_port:
+        return
+    reads = _address(proxy.listen_host, routing.read_port)
+    taken = [
+        ("proxy.listen_port", _address(proxy.listen_host, proxy.listen_port)),
+        ("proxy.metrics_port", _address(proxy.metrics_host, proxy.metrics_port)),
+    ]
+    taken += [
+        (f"shards[{i}].servers[{j}] ({s.name})", _address(s.host, s.port))
+        for i, shard in enumerate(shards)
+        for j, s in enumerate(shard.servers)
+    ]
+    for what, address in taken:
+        if address == reads:
+            raise ConfigError(
+                f"routing.read_port: {proxy.listen_host}:{routing.read_port} is also the "
+                f"address of {what}"
+            )
+
+
 def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     """Build a Config from parsed TOML, or raise ConfigError naming the key."""
     _unknown(
@@ -591,6 +653,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
             "users",
             "shards",
             "topology",
+            "routing",
         },
         "config",
     )
@@ -598,7 +661,9 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
     proxy = _proxy(data.get("proxy", {}), default_shard=shards[0].name)
     if proxy.shard not in {s.name for s in shards}:
         raise ConfigError(f"proxy.shard: no shard named {proxy.shard!r}")
+    routing = _routing(data.get("routing", {}))
     _check_listeners(proxy, shards)
+    _check_read_port(proxy, routing, shards)
     users = _users(data.get("users", []))
     admin = _account(_table(data, "admin"), "admin")
     replication, durability = _replication(data.get("replication", {}), admin)
@@ -619,7 +684,29 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         detector=_detector(data.get("detector", {})),
         durability=durability,
         topology=topology,
+        routing=routing,
     )
+
+
+def _routing(table: Any) -> RoutingConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("routing: expected a table")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "max_replica_lag": (int, float),
+        "causal_timeout": (int, float),
+        "read_port": int,
+        "monitor_interval": (int, float),
+    }
+    _unknown(table, {*kinds, "mode", "causal_reads"}, "routing")
+    values: dict[str, Any] = {
+        k: _typed(table, k, kind, "routing") for k, kind in kinds.items() if k in table
+    }
+    values["mode"] = _choice(table, "mode", RoutingMode.PRIMARY, "routing")
+    values["causal_reads"] = _choice(table, "causal_reads", CausalReads.LOCAL, "routing")
+    try:
+        return RoutingConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"routing.{e}") from None
 
 
 def _backend(table: Any) -> BackendSettings:

@@ -432,7 +432,13 @@ class EtcdStore(TopologyStore):
         return kept
 
     def annotate(
-        self, record_id: str, proxy_id: str, held: int, flushed: int, evicted: int
+        self,
+        record_id: str,
+        proxy_id: str,
+        held: int,
+        flushed: int,
+        evicted: int,
+        reads: int = 0,
     ) -> bool:
         with self._reach():
             ok, responses, _ = self.client.txn(
@@ -440,7 +446,7 @@ class EtcdStore(TopologyStore):
             )
             if not any(kv.key.endswith(f"-{_q(record_id)}") for kv in _kvs(responses[0])):
                 return False
-            counts = {"held": held, "flushed": flushed, "evicted": evicted}
+            counts = {"held": held, "flushed": flushed, "evicted": evicted, "reads": reads}
             self.client.put(self._key("buffers", _q(record_id), _q(proxy_id)), json.dumps(counts))
         return True
 

@@ -226,9 +226,15 @@ class FileStore(TopologyStore):
             return copy.deepcopy(found[: max(0, limit)])
 
     def annotate(
-        self, record_id: str, proxy_id: str, held: int, flushed: int, evicted: int
+        self,
+        record_id: str,
+        proxy_id: str,
+        held: int,
+        flushed: int,
+        evicted: int,
+        reads: int = 0,
     ) -> bool:
-        counts = {"held": held, "flushed": flushed, "evicted": evicted}
+        counts = {"held": held, "flushed": flushed, "evicted": evicted, "reads": reads}
         with self._lock:
             for i, record in enumerate(self._history):
                 if record.id == record_id:

@@ -141,9 +141,15 @@ class SocketStore(TopologyStore):
         return self._call("history", shard, limit)
 
     def annotate(
-        self, record_id: str, proxy_id: str, held: int, flushed: int, evicted: int
+        self,
+        record_id: str,
+        proxy_id: str,
+        held: int,
+        flushed: int,
+        evicted: int,
+        reads: int = 0,
     ) -> bool:
-        return self._call("annotate", record_id, proxy_id, held, flushed, evicted)
+        return self._call("annotate", record_id, proxy_id, held, flushed, evicted, reads)
 
     def watch(self, callback: Callable[[TopologyEvent], None]) -> Callable[[], None]:
         watch_id = next(self._watch_ids)

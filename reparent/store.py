@@ -236,11 +236,18 @@ class TopologyStore(ABC):
 
     @abstractmethod
     def annotate(
-        self, record_id: str, proxy_id: str, held: int, flushed: int, evicted: int
+        self,
+        record_id: str,
+        proxy_id: str,
+        held: int,
+        flushed: int,
+        evicted: int,
+        reads: int = 0,
     ) -> bool:
-        """Record one proxy's buffer counts for a finished reparent; the report shows the sum
-        over proxies. A proxy's later counts for the same reparent replace its earlier ones.
-        False if the report is no longer kept."""
+        """Record one proxy's buffer counts for a finished reparent (and `reads`: the reads
+        it served on replicas while it held); the report shows the sum over proxies. A
+        proxy's later counts for the same reparent replace its earlier ones. False if the
+        report is no longer kept."""
 
     @abstractmethod
     def watch(self, callback: Callable[[TopologyEvent], None]) -> Callable[[], None]:

@@ -186,6 +186,7 @@ class ReparentRecord:
     held: int = 0  # buffer counts, filled in by the proxy side
     flushed: int = 0
     evicted: int = 0
+    reads_during_hold: int = 0  # reads the proxies served on replicas while they held
     started_at: float  # wall-clock seconds
     finished_at: float | None = None
     # Proxies that were alive during the drain and had not reported drained when the demotion
@@ -207,6 +208,7 @@ class ReparentRecord:
             held=sum(c.get("held", 0) for c in b.values()),
             flushed=sum(c.get("flushed", 0) for c in b.values()),
             evicted=sum(c.get("evicted", 0) for c in b.values()),
+            reads_during_hold=sum(c.get("reads", 0) for c in b.values()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +230,7 @@ class ReparentRecord:
             "held": self.held,
             "flushed": self.flushed,
             "evicted": self.evicted,
+            "reads_during_hold": self.reads_during_hold,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "not_drained": list(self.not_drained),
@@ -273,6 +276,10 @@ class ReparentRecord:
             held=json_get(d, "held", int),
             flushed=json_get(d, "flushed", int),
             evicted=json_get(d, "evicted", int),
+            # Absent from records written before read routing: none.
+            reads_during_hold=json_get(d, "reads_during_hold", int)
+            if "reads_during_hold" in d
+            else 0,
             started_at=json_float(d, "started_at"),
             finished_at=None if finished_at is None else float(finished_at),
             not_drained=not_drained,
@@ -285,9 +292,11 @@ class ReparentRecord:
 
 
 def buffer_counts(value: Any) -> dict[str, int]:
-    """One proxy's buffer counts for a reparent: {"held", "flushed", "evicted"}."""
+    """One proxy's buffer counts for a reparent: {"held", "flushed", "evicted"}, and
+    "reads" (served on replicas during the hold; absent from counts written before it)."""
     d = json_mapping(value)
-    return {key: json_get(d, key, int) for key in ("held", "flushed", "evicted")}
+    keys = ("held", "flushed", "evicted", *(("reads",) if "reads" in d else ()))
+    return {key: json_get(d, key, int) for key in keys}
 
 
 # -- events ---------------------------------------------------------------------------------

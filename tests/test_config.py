@@ -259,6 +259,13 @@ def edited(tmp_path: Path, old: str, new: str, count: int = 1) -> Path:
         ('metrics_host = "127.0.0.1"', f'metrics_host = "{"m" * 64}"', "proxy.metrics_host"),
         ('host = "127.0.0.1"\nport = 23302', f'host = "{"h" * 64}.db"\nport = 23302', "shards[0]"),
         ("port = 23302", 'port = 23302\nreplication_host = ".r"', "shards[0].servers[1].repl"),
+        ("causal_timeout = 1.0", "causal_timeout = nan", "routing.causal_timeout"),
+        ("max_replica_lag = 10.0", "max_replica_lag = 0", "routing.max_replica_lag"),
+        ('mode = "primary"', 'mode = "both"', "routing.mode"),
+        ('causal_reads = "local"', 'causal_reads = "strong"', "routing.causal_reads"),
+        ("read_port = 0", "read_port = 70000", "routing.read_port"),
+        ("read_port = 0", "read_port = 23302", "routing.read_port"),  # a server's
+        ("read_port = 0", "read_port = 23401", "routing.read_port"),  # the metrics port
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, old: str, new: str, key: str) -> None:

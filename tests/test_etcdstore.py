@@ -195,11 +195,11 @@ def test_annotate_keeps_each_proxys_counts(store: TopologyStore) -> None:
     r = replace(record(), step=Step.DONE, outcome=Outcome.ABORTED, finished_at=time.time())
     store.journal_put(record())
     store.journal_finish(r)
-    assert store.annotate("r1", "p1", 3, 2, 1)
+    assert store.annotate("r1", "p1", 3, 2, 1, 5)
     assert store.annotate("r1", "p2", 1, 1, 0)
     assert not store.annotate("nope", "p1", 1, 1, 1)
     (h,) = store.history()
-    assert (h.held, h.flushed, h.evicted) == (4, 3, 1)
+    assert (h.held, h.flushed, h.evicted, h.reads_during_hold) == (4, 3, 1, 5)
     assert set(h.buffers) == {"p1", "p2"}
 
 

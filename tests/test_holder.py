@@ -141,3 +141,25 @@ def test_disabled_holder_ignores_switches() -> None:
         assert not holder.should_hold("s") and not holder.can_hold_failed("s")
 
     run(body)
+
+
+def test_reads_served_during_a_hold_count_for_its_episode() -> None:
+    """Reads served on replicas while the shard holds go into that switch's counts (the
+    reparent's report), and only those: none before the hold, none after it."""
+
+    async def body() -> None:
+        holder = Holder(BufferConfig())
+        holder.read_served("s")  # no hold yet: not counted anywhere
+        holder.topology_event(ReparentStarted("s", 2))
+        for _ in range(3):
+            holder.read_served("s")
+        holder.topology_event(Established("s", "db2", 2))
+        await asyncio.sleep(0)
+        holder.read_served("s")  # after the switch
+        assert holder.episodes[("s", 2)].reads == 3
+        holder.topology_event(ReparentStarted("s", 3))
+        holder.topology_event(Established("s", "db1", 3))
+        await asyncio.sleep(0)
+        assert holder.episodes[("s", 3)].reads == 0
+
+    run(body)

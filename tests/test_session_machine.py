@@ -77,6 +77,7 @@ def query(sql: str) -> bytes:
 
 READ = query("SELECT 1")
 WRITE = query("INSERT INTO t VALUES (1)")
+REPLICA = "replica"  # where a read the shell routed to a replica runs
 ERROR = b"error packet"
 TICKET = object()
 
@@ -601,6 +602,8 @@ class Timeline:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
+        # The read routing's own draws: the other events' draws stay as they were without it.
+        self.reads = random.Random(rng.random())
         self.world = World()
         self.buffer = Buffer(
             BufferConfig(
@@ -708,6 +711,17 @@ class Timeline:
                     )
             elif isinstance(a, EndTicket):
                 self.end(a.ticket)
+            elif a is Do.READ:
+                sim.on = REPLICA  # never held, whatever the shard does
+            elif a is Do.REROUTE:
+                # The shell routes it again: another replica, or the primary.
+                assert sim.current is not None and not sim.current.write
+                if self.reads.random() < 0.5:
+                    self.carry_out(sim, m.read(sim.current.raw))
+                else:
+                    self.carry_out(
+                        sim, m.command(sim.current.raw, self.world.holding, self.ready(sim))
+                    )
             elif a in (Do.CONNECT, Do.PROBE, Do.RETRACK, Do.CHANGE_USER):
                 assert sim.pending is None
                 sim.pending = a  # type: ignore[assignment]
@@ -739,6 +753,9 @@ class Timeline:
             return
         sent = sim.queue.pop(0)
         sim.current = sent
+        if sent.raw is READ and self.reads.random() < 0.4:
+            self.carry_out(sim, sim.machine.read(sent.raw))  # the shell chose a replica
+            return
         if sent.big and not self.world.holding and self.ready(sim):
             assert sim.machine.stream() == NOTHING
             self.send(sim)
@@ -778,6 +795,20 @@ class Timeline:
             m.state.temporary_tables.add("t")
         self.answer(sim)
         self.carry_out(sim, m.response_done(retrack=roll > 0.95))
+
+    def read_response(self, sim: Sim) -> None:
+        """The replica answers the read, or fails under it (before or after any of its
+        result reached the client)."""
+        m = sim.machine
+        roll = self.reads.random()
+        sim.on = None
+        if roll < 0.1:
+            self.carry_out(sim, m.read_lost(relayed=False))
+        elif roll < 0.12:
+            self.carry_out(sim, m.read_lost(relayed=True))
+        else:
+            self.answer(sim)
+            self.carry_out(sim, m.response_done(False))
 
     def finish_pending(self, sim: Sim) -> None:
         m, what = sim.machine, sim.pending
@@ -852,7 +883,8 @@ class Timeline:
                 elif kind < 0.3:
                     raw, write = cmd(Command.STMT_CLOSE, b"\x01\x00\x00\x00"), False
                 elif kind < 0.35:
-                    sim.queue.append(Sent(self.next_id, query("SELECT 'big'"), True, big=True))
+                    # A read: sent again if need be when it was not streamed (kept whole).
+                    sim.queue.append(Sent(self.next_id, query("SELECT 'big'"), False, big=True))
                     self.next_id += 1
                     self.take(sim)
                     return
@@ -862,7 +894,9 @@ class Timeline:
                 self.next_id += 1
                 self.take(sim)
         elif roll < 0.5:
-            if m.phase is Phase.RELAYING and sim.on is not None:
+            if m.phase is Phase.READING and sim.on == REPLICA:
+                self.read_response(sim)
+            elif m.phase is Phase.RELAYING and sim.on is not None:
                 self.response(sim)
             elif m.phase is Phase.INFILE:
                 m.file_sent()
@@ -924,6 +958,9 @@ class Timeline:
                 m = sim.machine
                 if sim.pending is not None:
                     self.finish_pending(sim)
+                    busy = True
+                elif m.phase is Phase.READING and sim.on == REPLICA:
+                    self.read_response(sim)
                     busy = True
                 elif m.phase is Phase.RELAYING and sim.on is not None:
                     self.response(sim)

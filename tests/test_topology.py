@@ -261,14 +261,24 @@ def test_annotate_adds_each_proxys_buffer_counts_to_a_kept_report(tmp_path: Path
     path = tmp_path / "state.json"
     store, _ = fake_store(path)
     store.journal_finish(finished("r1"))
-    assert store.annotate("r1", "p1", 3, 2, 1) and store.annotate("r1", "p2", 1, 1, 0)
-    assert store.annotate("r1", "p2", 1, 1, 0)  # a proxy's later counts replace its own
+    assert store.annotate("r1", "p1", 3, 2, 1, 7) and store.annotate("r1", "p2", 1, 1, 0)
+    assert store.annotate("r1", "p2", 1, 1, 0, 2)  # a proxy's later counts replace its own
     assert not store.annotate("gone", "p1", 1, 1, 0)
     (again,) = fake_store(path)[0].history()
-    assert (again.held, again.flushed, again.evicted) == (4, 3, 1)
+    assert (again.held, again.flushed, again.evicted, again.reads_during_hold) == (4, 3, 1, 9)
     assert again.buffers == {
-        "p1": {"held": 3, "flushed": 2, "evicted": 1},
-        "p2": {"held": 1, "flushed": 1, "evicted": 0},
+        "p1": {"held": 3, "flushed": 2, "evicted": 1, "reads": 7},
+        "p2": {"held": 1, "flushed": 1, "evicted": 0, "reads": 2},
+    }
+    # Counts and reports written before read routing have no reads: none.
+    old = again.to_dict()
+    del old["reads_during_hold"]
+    old["buffers"] = {"p1": {"held": 3, "flushed": 2, "evicted": 1}}
+    back = ReparentRecord.from_dict(old)
+    assert back.reads_during_hold == 0 and back.buffers["p1"] == {
+        "held": 3,
+        "flushed": 2,
+        "evicted": 1,
     }
 
 
