@@ -16,8 +16,9 @@ import pytest
 
 from harness.baton import Baton, start_baton
 from harness.clients import admin_conn
+from harness.process import free_port
 from reparent.sandbox import Sandbox
-from tests.fixtures import metric, port_hint, private_sandbox, server_ports
+from tests.fixtures import metric, port_hint, private_sandbox, server_ports, wait_for
 
 SHA2_USER, SHA2_PASS = "sha2_user", "sha2-pass"
 ED_USER, ED_PASS = "ed_user", "ed-pass"
@@ -289,14 +290,60 @@ def test_an_ed25519_session_ends_clearly_at_a_switch(
     that server's challenge): at a planned switch its next statement gets 1927 saying so, and
     the session ends, counted under baton_sessions_refused_total{reason="login"}. A
     mysql_native_password session beside it moves without an error, and the ed25519 client
-    logs in again to the new primary."""
+    logs in again to the new primary. With read routing, its reads stay on the primary."""
     ports = server_ports(switch_box)
     for port in ports.values():
         with admin_conn(port) as conn, conn.cursor() as cur:
             cur.execute("INSTALL SONAME 'auth_ed25519'")
     ed25519_account(ports["db1"])
-    b = start_baton(switch_box.config_path, tmp_path_factory.mktemp("switch"), port_hint() + 110)
+    read_port = free_port(port_hint() + 120)
+    b = start_baton(
+        switch_box.config_path,
+        tmp_path_factory.mktemp("switch"),
+        port_hint() + 110,
+        extra={"routing": {"mode": "split", "read_port": read_port, "monitor_interval": 0.2}},
+    )
     try:
+        # Reads on the read port: the native session's go to the replica, the ed25519
+        # session's stay on the primary (Baton cannot log it in to a replica).
+        app_reads = pymysql.connect(
+            host="127.0.0.1", port=read_port, user="app", password="app-pass", autocommit=True
+        )
+        ed_reads = MySQLdb.connect(
+            host="127.0.0.1", port=read_port, user=ED_USER, password=ED_PASS, autocommit=True
+        )
+
+        def reads_on(name: str) -> float:
+            page = b.scrape()
+            return metric(page, "baton_routed_commands_total", 0.0, server=name, kind="read")
+
+        def read(conn: object) -> None:
+            cur = conn.cursor()  # type: ignore[attr-defined]
+            cur.execute("SELECT CURRENT_USER()")
+            cur.fetchall()
+
+        def app_read_on_replica() -> bool:
+            before = reads_on("db2")
+            read(app_reads)
+            return reads_on("db2") == before + 1
+
+        wait_for("a read on the replica", app_read_on_replica)
+        def fallbacks() -> tuple[float, float]:
+            page = b.scrape()
+            return (
+                metric(page, "baton_read_fallbacks_total", 0.0, reason="session_state"),
+                metric(page, "baton_read_fallbacks_total", 0.0, reason="replica_failed"),
+            )
+
+        on_primary, on_replica = reads_on("db1"), reads_on("db2")
+        state, failed = fallbacks()
+        for _ in range(5):
+            read(ed_reads)
+        assert (reads_on("db1"), reads_on("db2")) == (on_primary + 5, on_replica)
+        # Not sent to a replica to fail there first: the session's state keeps it home.
+        assert fallbacks() == (state + 5, failed)
+        app_reads.close()
+        ed_reads.close()
         ed = MySQLdb.connect(
             host="127.0.0.1", port=b.port, user=ED_USER, password=ED_PASS, database="baton_test"
         )
