@@ -72,9 +72,15 @@ def _start_baton(
 ) -> Baton:
     """`baton serve` on the sandbox, its store in WORKDIR (shared by every Baton of a stack)."""
     config = sandbox.config_path
-    if buffer is not None:
+    if buffer is not None or sandbox.tls:
         data = tomllib.loads(config.read_text())
-        data["buffer"] = buffer
+        if buffer is not None:
+            data["buffer"] = buffer
+        # The stack's Baton is plain on both legs whatever the sandbox offers; bench.steady
+        # starts its own `baton-tls` from the sandbox's config for TLS.
+        data.pop("tls", None)
+        for key in ("tls", "ca"):
+            data.get("backend", {}).pop(key, None)
         (workdir / name).mkdir(parents=True, exist_ok=True)
         config = workdir / name / "source.toml"
         config.write_text(dump_toml(data))
@@ -88,18 +94,20 @@ def running_stack(
     replicas: int,
     service_port: int = BENCH_PORT_HINT,
     health_checks: bool = False,
+    tls: bool = False,
 ) -> Iterator[Stack]:
     """Start a private stack in a temp dir and stop all of it, by pid, however the block ends.
 
     Baton, HAProxy (and its health agents) listen on free ports from `service_port`. Without
     `health_checks` HAProxy fronts only the primary, unchecked; with them it fronts every
-    server and routes to the writable one (see start_haproxy).
+    server and routes to the writable one (see start_haproxy). With `tls` the servers also
+    take TLS (`baton sandbox up --tls`); the stack's Baton stays plain.
 
     The temp dir (logs, generated configs) is deleted after a clean run and kept, with its path
     on stderr, after a failure, because then its logs are the evidence.
     """
     workdir = Path(tempfile.mkdtemp(prefix="baton-bench-"))
-    sandbox = Sandbox(workdir / "sandbox", base_port=base_port, replicas=replicas)
+    sandbox = Sandbox(workdir / "sandbox", base_port=base_port, replicas=replicas, tls=tls)
     baton: Baton | None = None
     haproxy: HAProxy | None = None
     agents: list[HealthAgent] = []

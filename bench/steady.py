@@ -19,6 +19,12 @@ Why it is built this way:
   noise from other work can be seen in the record.
 - Both `--db-ps-mode` values: `disable` sends text queries, `auto` server-side prepared
   statements, which Baton must relay with its own statement ids.
+- TLS paths (asked for by name in --paths; the sandbox then takes TLS too): sysbench with
+  `--mysql-ssl=on` directly to the primary (`direct-tls`), through HAProxy in TCP mode, which
+  passes the TLS session through to the server (`haproxy-tls`), and through a Baton that ends
+  the client's TLS and makes its own to the server, verified (`baton-tls`: the sandbox's
+  config, `[tls]` and backend.tls = verify_identity). A TLS path's ratios are to the TLS
+  paths of the same combination.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,9 +47,12 @@ from bench.record import ROOT, load_average, machine_info
 from bench.stack import BENCH_PORT_HINT, Stack, running_stack
 from bench.sysbench import SysbenchRun, run_sysbench, sysbench_command, sysbench_prepare
 from harness.baton import Baton, start_baton
+from reparent import certs
 
 CORES = len(os.sched_getaffinity(0))
-PATHS = ("direct", "baton", "baton-w1", f"baton-w{CORES}", "haproxy")
+PLAIN_PATHS = ("direct", "baton", "baton-w1", f"baton-w{CORES}", "haproxy")
+TLS_PATHS = ("direct-tls", "baton-tls", "haproxy-tls")
+PATHS = PLAIN_PATHS + TLS_PATHS
 PS_MODES = ("disable", "auto")
 PORT_RANGE = range(20000, 30000)  # the ports this machine's benchmarks may use
 
@@ -89,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--paths",
         type=lambda v: _subset(v, PATHS),
-        default=",".join(PATHS),
-        help="where sysbench connects",
+        default=",".join(PLAIN_PATHS),
+        help=f"where sysbench connects (also {','.join(TLS_PATHS)})",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per path; the median counts")
     parser.add_argument("--tables", type=int, default=4, help="sysbench --tables")
@@ -125,8 +135,11 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
     return args
 
 
-def sysbench_options(args: argparse.Namespace, threads: int, ps_mode: str) -> dict[str, str | int]:
+def sysbench_options(
+    args: argparse.Namespace, threads: int, ps_mode: str, tls: bool = False
+) -> dict[str, str | int]:
     return {
+        **({"mysql-ssl": "on"} if tls else {}),
         "tables": args.tables,
         "table-size": args.table_size,
         "threads": threads,
@@ -166,10 +179,30 @@ def tree_cpu(pids: list[int]) -> tuple[float, float]:
     return sum(u for u, _ in times), sum(s for _, s in times)
 
 
+def sysbench_tls_files(stack: Stack) -> Path:
+    """sysbench 1.0's --mysql-ssl=on reads fixed names from its working directory: the CA
+    (cacert.pem) that checks the server, and a client certificate and key, here signed by the
+    sandbox's CA (the servers verify one they are given; Baton asks for none)."""
+    folder = stack.workdir / "sysbench-tls"
+    client = certs.make_cert(folder, "client", stack.sandbox.ca)
+    client.cert.rename(folder / "client-cert.pem")
+    client.key.rename(folder / "client-key.pem")
+    shutil.copy(stack.sandbox.ca.cert, folder / "cacert.pem")
+    return folder
+
+
 def start_worker_batons(stack: Stack, paths: list[str]) -> dict[str, Baton]:
     """The Batons with workers the paths ask for, beside the stack's own (one process); each
     with a store of its own and no failure detector (the stack's Baton has one)."""
     batons = {}
+    if "baton-tls" in paths:
+        batons["baton-tls"] = start_baton(
+            stack.sandbox.config_path,
+            stack.workdir / "baton_tls",
+            stack.haproxy.port + 50,
+            controller={"store": str(stack.workdir / "baton_tls" / "store.json")},
+            detector={"enabled": False},
+        )
     for path in paths:
         if not path.startswith("baton-w"):
             continue
@@ -190,9 +223,11 @@ def run_all(
     ports: dict[str, int],
     check: Callable[[], None],
     pids: dict[str, int],
+    tls_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Every run, in the interleaved order; `check` raises if a proxy has died; `pids` are
-    each proxy's main process, whose CPU time (with its children's) is taken over each run."""
+    each proxy's main process, whose CPU time (with its children's) is taken over each run;
+    TLS paths run sysbench in `tls_dir` (`sysbench_tls_files`)."""
     combos = [
         (w, t, m, r, p)
         for w in args.workloads
@@ -204,12 +239,14 @@ def run_all(
     runs: list[dict[str, Any]] = []
     for i, (workload, threads, ps_mode, rep, path) in enumerate(combos, 1):
         load = load_average()[0]
-        options = sysbench_options(args, threads, ps_mode)
+        options = sysbench_options(args, threads, ps_mode, path in TLS_PATHS)
         tree = process_tree(pids[path]) if path in pids else []
         cpu_before = tree_cpu(tree)
-        run: SysbenchRun = run_sysbench(
-            sysbench_command(workload, ports[path], "run", options), args.duration
-        )
+        command = sysbench_command(workload, ports[path], "run", options)
+        if path in TLS_PATHS:
+            assert tls_dir is not None
+            command = ["env", f"--chdir={tls_dir}", *command]  # where it reads its TLS files
+        run: SysbenchRun = run_sysbench(command, args.duration)
         cpu_after = tree_cpu(tree)
         check()
         r = run.result
@@ -278,11 +315,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     by_key = {(r["workload"], r["threads"], r["ps_mode"], r["path"]): r for r in rows}
     for row in rows:
+        suffix = "-tls" if row["path"] in TLS_PATHS else ""
         for base in ("direct", "haproxy"):
-            ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], base))
+            ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], base + suffix))
             ok = ref is not None and ref["qps"] and row["qps"] is not None
             row[f"ratio_{base}"] = row["qps"] / ref["qps"] if ok else None
-        ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], "haproxy"))
+        ref = by_key.get((row["workload"], row["threads"], row["ps_mode"], "haproxy" + suffix))
         ok = ref is not None and ref["cpu_ms"] and row["cpu_ms"] is not None
         row["cpu_ratio_haproxy"] = row["cpu_ms"] / ref["cpu_ms"] if ok else None
     return rows
@@ -347,7 +385,9 @@ def report(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "of the proxy's processes over each run per 1,000 queries. sysbench, servers and "
         f"proxies share the same CPUs. {s['duration']} s per run, median of {s['repeat']} "
         "run(s) per path; the paths of one combination run back to back. Ratios are qps "
-        "over the qps of the direct (HAProxy) path in the same combination.",
+        "over the qps of the direct (HAProxy) path in the same combination; for a `-tls` path "
+        "(sysbench `--mysql-ssl=on`), of `direct-tls` (`haproxy-tls`, which passes TLS through "
+        "to the server), and `baton-tls` ends the client's TLS and verifies the server's.",
         "",
         table(rows),
     ]
@@ -370,9 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     with (
         exit_on_signals(),
-        running_stack(args.base_port, args.replicas, args.service_port) as stack,
+        running_stack(
+            args.base_port,
+            args.replicas,
+            args.service_port,
+            tls=any(p in TLS_PATHS for p in args.paths),
+        ) as stack,
     ):
         ports = stack.ports()
+        ports.update({"direct-tls": ports["direct"], "haproxy-tls": ports["haproxy"]})
         prepare = sysbench_command(
             "oltp_read_write",
             ports["direct"],
@@ -387,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             pids = {
                 "baton": stack.baton.proc.pid,
                 "haproxy": stack.haproxy.proc.pid,
+                "haproxy-tls": stack.haproxy.proc.pid,
                 **{path: b.proc.pid for path, b in batons.items()},
             }
 
@@ -396,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                     if b.proc.poll() is not None:
                         raise RuntimeError(f"{path} exited with {b.proc.returncode}")
 
-            runs = run_all(args, ports, check, pids)
+            tls = any(p in TLS_PATHS for p in args.paths)
+            runs = run_all(args, ports, check, pids, sysbench_tls_files(stack) if tls else None)
         finally:
             for b in batons.values():
                 b.stop()

@@ -30,8 +30,8 @@ from proxy.auth import (
     parse_native_hash,
 )
 from reparent.admin import AdminConnection
+from reparent.config import PLAIN_BACKEND, BackendSettings, ServerConfig
 from reparent.config import Account as ConfigAccount
-from reparent.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,12 @@ class Accounts:
         servers: Callable[[], list[ServerConfig]],
         admin: ConfigAccount,
         clock: Callable[[], float] = time.monotonic,
+        backend: BackendSettings = PLAIN_BACKEND,
     ) -> None:
         self._fixed = fixed
         self._servers = servers
         self._admin = admin
+        self._backend = backend  # TLS to the servers
         self._clock = clock
         self.book = fixed if fixed is not None else AccountBook()
         self.loaded_at = 0.0 if fixed is None else clock()
@@ -171,7 +173,7 @@ class Accounts:
         return False
 
     def _read(self, server: ServerConfig) -> AccountBook:
-        conn = AdminConnection(server, self._admin, CONNECT_TIMEOUT)
+        conn = AdminConnection(server, self._admin, CONNECT_TIMEOUT, self._backend)
         try:
             privs = conn.query(ACCOUNTS_SQL)
             roles = conn.query(ROLES_SQL)

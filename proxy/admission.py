@@ -45,6 +45,7 @@ class LoginFailure(enum.StrEnum):
     TIMEOUT = "timeout"  # no complete login within proxy.connect_timeout
     SERVER_REFUSED = "server_refused"  # the server answered Baton's login with an error
     CLIENT_GONE = "client_gone"  # closed the connection before finishing
+    INSECURE_TRANSPORT = "insecure_transport"  # a plain login while tls.require is set
 
 
 # Failures that count against an address: the ones a client controls. A refusal by the server

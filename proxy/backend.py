@@ -2,13 +2,15 @@
 
 During login it reads whole packets; afterwards every byte from the server goes through the
 session's `ResponseParser` straight to the client transport, so rows are never decoded or copied
-more than the parser needs.
+more than the parser needs. With `backend.tls` the connection turns to TLS after the greeting
+(an SSL request, then `loop.start_tls`); the transport is swapped and nothing else changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,8 @@ from proxy.packets import (
     split_packets,
 )
 from proxy.response import Phase, ResponseParser
+from reparent.config import PLAIN_BACKEND, BackendSettings, BackendTls
+from reparent.tls import backend_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +53,10 @@ Relay = Callable[[str, bytes], Awaitable[bytes]]
 class BackendError(Exception):
     """The backend could not be reached or dropped the connection."""
 
-    def __init__(self, message: str, err: Err | None = None) -> None:
+    def __init__(self, message: str, err: Err | None = None, tls: bool = False) -> None:
         super().__init__(message)
         self.err = err
+        self.tls = tls  # the TLS handshake with the server failed, or it offers no TLS
 
 
 class BackendConnection(asyncio.Protocol):
@@ -130,11 +135,13 @@ class BackendConnection(asyncio.Protocol):
         database: str | None,
         timeout: float,
         proxy_header: bytes = b"",
+        backend: BackendSettings = PLAIN_BACKEND,
         relay: Relay | None = None,
     ) -> BackendConnection:
         """Open and log in as `login`; capabilities mirror the client's, plus session tracking
-        for Baton. `proxy_header` (a PROXY protocol line) goes first when given. A server that
-        asks for a plugin other than mysql_native_password is answered by `relay`."""
+        for Baton. `proxy_header` (a PROXY protocol line) goes first when given; TLS as
+        `backend.tls` says. A server that asks for a plugin other than mysql_native_password
+        is answered by `relay`."""
         if login.h1 is None and relay is None:
             raise BackendError(
                 f"the account {login.user} logs in with a plugin only its client can answer; "
@@ -152,7 +159,8 @@ class BackendConnection(asyncio.Protocol):
             if proxy_header:
                 conn.write(proxy_header)
             await asyncio.wait_for(
-                conn._login(login, client_caps, collation, database, relay), timeout
+                conn._login(login, client_caps, collation, database, backend, host, relay),
+                timeout,
             )
         except TimeoutError:
             conn.close()
@@ -171,6 +179,8 @@ class BackendConnection(asyncio.Protocol):
         client_caps: int,
         collation: int,
         database: str | None,
+        backend: BackendSettings,
+        host: str,
         relay: Relay | None,
     ) -> None:
         seq, payload = await self.read_packet()
@@ -181,10 +191,24 @@ class BackendConnection(asyncio.Protocol):
         if not client_caps & Cap.LONG_PASSWORD:
             # MariaDB reads the extended capability bytes only when bit 0 is clear.
             caps &= ~Cap.LONG_PASSWORD
+        ctx = backend_context(backend)
+        tls = ctx is not None and bool(hs.capabilities & Cap.SSL)
+        if ctx is not None and not tls and backend.tls is not BackendTls.PREFERRED:
+            raise BackendError(
+                f"backend {self.address} offers no TLS, and backend.tls is {backend.tls}", tls=True
+            )
+        if tls:
+            caps |= Cap.SSL
         self.capabilities = caps
         # Without H1 the first answer is empty: the server switches to the account's plugin.
         auth = b"" if login.h1 is None else scramble(login.h1, hs.auth_data)
         response = make_handshake_response(caps, collation, login.user, auth, database)
+        if ctx is not None and tls:
+            # The SSL request is the response's first 32 bytes: MariaDB keeps the capabilities
+            # it read there, so they must be the very ones the response goes on with.
+            seq += 1
+            self.write(frame(response[:32], seq))
+            await self._start_tls(ctx, host if backend.tls is BackendTls.VERIFY_IDENTITY else None)
         self.write(frame(response, seq + 1))
         seq, reply = await self.read_packet()
         if reply[:1] == b"\xfe":
@@ -203,6 +227,23 @@ class BackendConnection(asyncio.Protocol):
         if reply[:1] == b"\xff":
             err = parse_err(reply)
             raise BackendError(f"backend {self.address} refused login: {err.message}", err)
+
+    async def _start_tls(self, ctx: ssl.SSLContext, hostname: str | None) -> None:
+        """Turn the connection to TLS; the server sends nothing until our ClientHello, so no
+        byte of it can be waiting unread. The new transport calls this same protocol."""
+        assert self.transport is not None
+        try:
+            self.transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, ctx, server_hostname=hostname
+            )
+        except ssl.SSLCertVerificationError as e:
+            raise BackendError(
+                f"backend {self.address}: TLS refused, its certificate does not verify "
+                f"({e.verify_message}; backend.ca is the CA Baton trusts)",
+                tls=True,
+            )
+        except (ssl.SSLError, ConnectionError) as e:
+            raise BackendError(f"backend {self.address}: TLS handshake failed: {e}", tls=True)
 
     async def read_packet(self) -> tuple[int, bytes]:
         """One whole packet, for login and for Baton's own queries before relaying starts."""

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--proxies", type=int, default=1, help="Batons of the fleet: one config each (--etcd)"
     )
+    sandbox.add_argument(
+        "--tls",
+        action="store_true",
+        help="make a CA and certificates (openssl) and use TLS on both sides: clients to "
+        "Baton, Baton and replication to the servers",
+    )
     sandbox.set_defaults(func=_sandbox)
 
     ctl = sub.add_parser(
@@ -113,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         "users", help="the accounts Baton lets in, and those it refuses (SUPER, READ ONLY ADMIN)"
     )
     users.add_argument("--reload", action="store_true", help="read them from the servers first")
+    tls = commands.add_parser(
+        "tls", help="Baton's certificate for clients: its status, or read it again (reload)"
+    )
+    tls.add_argument("action", choices=["status", "reload"])
     unblock = commands.add_parser(
         "unblock", help="let an address whose logins kept failing (1129) connect again"
     )

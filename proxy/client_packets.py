@@ -37,6 +37,16 @@ _CAP_NAMES = {
     Cap.ZSTD_COMPRESSION: "zstd compression (CLIENT_ZSTD_COMPRESSION_ALGORITHM)",
     Cap.QUERY_ATTRIBUTES: "query attributes (CLIENT_QUERY_ATTRIBUTES)",
 }
+# What to turn off, where "connect without it" is not enough to go on.
+_CAP_HINTS = {
+    Cap.ZSTD_COMPRESSION: (
+        "MariaDB does not speak zstd either: connect with zlib compression "
+        "(--compression-algorithms=zlib, compress=True) or without compression"
+    ),
+    Cap.COMPRESS: (
+        "connect without compression, or have the operator set proxy.compression = true"
+    ),
+}
 
 
 class Malformed(enum.StrEnum):
@@ -50,6 +60,10 @@ class Malformed(enum.StrEnum):
     OLD_PROTOCOL = "old_protocol"
     UNOFFERED_CAPABILITY = "unoffered_capability"
     TRAILING = "trailing"
+    # The compressed protocol's (proxy/compression.py).
+    OUT_OF_ORDER = "out_of_order"
+    BAD_ZLIB = "bad_zlib"
+    LENGTH_LIE = "length_lie"
 
 
 class ClientPacketError(Exception):
@@ -242,10 +256,11 @@ def parse_login(payload: bytes, offered: int) -> HandshakeResponse | SslRequest:
 
 def _unoffered(what: str, caps: int) -> ClientPacketError:
     names = [name for cap, name in _CAP_NAMES.items() if caps & cap]
+    hints = [hint for cap, hint in _CAP_HINTS.items() if caps & cap]
     return ClientPacketError(
         Malformed.UNOFFERED_CAPABILITY,
         f"{what}: the client asks for {', '.join(names)}, which Baton did not offer; "
-        "connect without it",
+        + ("; ".join(hints) if hints else "connect without it"),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from proxy.readroute import ReadPool
 from proxy.router import Router
 from proxy.rsa_key import RsaKey
 from proxy.session import routine_hazards
+from proxy.tls import ClientTls
 from reparent.admin import AdminConnection
 from reparent.config import MAX_WORKERS, Config, ServerConfig
 from reparent.topology import Aborted, ReparentStarted, TopologyEvent
@@ -52,6 +54,7 @@ class BackendIdentity:
 SESSION_ID_BASE = 1 << 30
 SESSION_ID_SPAN = 1 << 24
 SESSION_ID_END = SESSION_ID_BASE + MAX_WORKERS * SESSION_ID_SPAN
+TLS_LOG_INTERVAL = 10.0  # seconds between warnings of TLS refused by one server
 
 
 @dataclass
@@ -80,6 +83,9 @@ class ProxyContext:
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
     # For caching_sha2_password over plain text (proxy/rsa_key.py).
     rsa_key: RsaKey = field(default_factory=RsaKey.generate)
+    # TLS for clients ([tls]); None when Baton offers none.
+    tls: ClientTls | None = None
+    _tls_logged: dict[str, float] = field(default_factory=dict)  # server -> last TLS warning
     # Read routing (proxy/readroute.py): the replicas' health and load, None when no listener
     # routes reads; the statement classifier with its cache, shared by the sessions.
     read_pool: ReadPool | None = None
@@ -160,24 +166,34 @@ class ProxyContext:
         header = b""
         if client is not None and self.config.backend.proxy_protocol:
             header = proxy_header(client, (server.host, server.port))
-        return await BackendConnection.connect(
-            server.host,
-            server.port,
-            login,
-            client_caps,
-            collation,
-            schema,
-            self.config.proxy.backend_connect_timeout,
-            header,
-            relay,
-        )
+        try:
+            return await BackendConnection.connect(
+                server.host,
+                server.port,
+                login,
+                client_caps,
+                collation,
+                schema,
+                self.config.proxy.backend_connect_timeout,
+                header,
+                self.config.backend,
+                relay,
+            )
+        except BackendError as e:
+            if e.tls:
+                metrics.BACKEND_TLS_FAILURES.labels(server.name).inc()
+                now = time.monotonic()
+                if now - self._tls_logged.get(server.name, -TLS_LOG_INTERVAL) >= TLS_LOG_INTERVAL:
+                    self._tls_logged[server.name] = now
+                    log.warning("TLS to %s refused: %s", server.name, e)
+            raise
 
     async def inspect_routine(self, name: str) -> None:
         """Read a stored routine's body as the admin account and note what it may leave."""
         schema, _, routine = name.partition(".")
 
         def read() -> bytes | None:
-            conn = AdminConnection(self.primary(), self.config.admin, 2.0)
+            conn = AdminConnection(self.primary(), self.config.admin, 2.0, self.config.backend)
             try:
                 rows = conn.query(
                     "SELECT ROUTINE_DEFINITION AS body FROM information_schema.ROUTINES"

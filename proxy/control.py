@@ -239,6 +239,8 @@ class Proxies(Protocol):
 
     async def annotate(self, shard: str, term: int, record_id: str) -> Counts: ...
 
+    async def tls(self, reload: bool) -> list[dict[str, Any]]: ...
+
 
 class LocalProxies:
     """The sessions of one proxy process: what a single Baton, or one worker, answers."""
@@ -290,6 +292,16 @@ class LocalProxies:
 
     async def unblock(self, address: str) -> bool:
         return self.ctx.admission.unblock(address)
+
+    async def tls(self, reload: bool) -> list[dict[str, Any]]:
+        """The client certificate in use (with reload: read again first, the old one kept
+        if the new one cannot be used); [] when TLS for clients is off."""
+        tls = self.ctx.tls
+        if tls is None:
+            return []
+        if reload:
+            tls.reload()
+        return [tls.status()]
 
     async def annotate(self, shard: str, term: int, record_id: str) -> Counts:
         """What this proxy held for the switch to `term` (waited for up to a window), also
@@ -421,6 +433,24 @@ class ControlServer:
             raise ControlError(f"{address} is not blocked")
         log.info("address %s unblocked by an operator", address)
         return {"unblocked": address}
+
+    async def cmd_tls(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`status` or `reload` of Baton's certificate for clients (every worker's). A reload
+        that fails anywhere is an error naming why; the old certificate stays in use there."""
+        action = Args(request, "action").text("action", ("status", "reload")) or "status"
+        proxies = await self.proxies.tls(action == "reload")
+        if not proxies:
+            raise ControlError("TLS for clients is off: set [tls] cert and key in the config")
+        failed = [p for p in proxies if p["error"]]
+        if action == "reload" and failed:
+            raise ControlError(
+                "tls reload failed, the certificate loaded before stays in use: "
+                + "; ".join(
+                    (f"worker {p['worker']}: " if "worker" in p else "") + p["error"]
+                    for p in failed
+                )
+            )
+        return {"proxies": proxies}
 
     async def cmd_users(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """The accounts Baton lets in; with reload, read them from the servers first."""

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,13 @@ def render(cmd: str, result: Any) -> str:
         return head + "\n" + table(rows, ["account", "plugin", "usable", "unfenced"])
     if cmd == "unblock":
         return f"{result['unblocked']} may connect again"
+    if cmd == "tls":
+        return "\n".join(
+            f"{'worker ' + str(p['worker']) + ': ' if 'worker' in p else ''}{p['cert']}, "
+            f"loaded {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p['loaded_at']))}"
+            f"{', clients must use TLS' if p['require'] else ''}"
+            for p in result["proxies"]
+        )
     if cmd == "history":
         return "\n".join(render_report(r) for r in result) or "no reparents yet"
     lines = []
@@ -211,7 +219,8 @@ def proxy_row(p: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
-    for key in ("shard", "to", "timeout", "limit", "address", "server", "allow_unreachable"):
+    keys = ("shard", "to", "timeout", "limit", "address", "server", "allow_unreachable", "action")
+    for key in keys:
         value = getattr(args, key, None)
         if value is not None:
             params[key] = value

@@ -22,6 +22,8 @@ class ErrorKind(enum.Enum):
     MALFORMED_PACKET = (1835, "HY000")  # what MariaDB answers a truncated COM_STMT_*
     PACKETS_OUT_OF_ORDER = (1156, "08S01")  # a command that does not start at sequence 0
     NO_SUCH_THREAD = (1094, "HY000")
+    UNCOMPRESS = (1157, "08S01")  # ER_NET_UNCOMPRESS_ERROR: a compressed packet Baton cannot read
+    SECURE_TRANSPORT_REQUIRED = (3159, "HY000")  # a plain login under tls.require
     # Client libraries built on libmariadb turn any server-sent code in 2000-2999 into 2027
     # "malformed packet", so Baton's own "cannot reach" and "lost" use server codes of the
     # same meaning: ER_CONNECT_TO_FOREIGN_DATA_SOURCE (never ran) and ER_CONNECTION_KILLED

@@ -10,7 +10,8 @@ out the machine's actions: relay the command (translating statement ids and KILL
 connect, probe, write an error, close. A relayed command goes from the client's
 `data_received` to the server and its response back from the server's, with no task and no
 future: one machine call each way. Only what must wait (a connect, a probe, a login) runs in a
-task.
+task. A client that asks for TLS gets it before its login (`start_tls`, proxy/tls.py): the
+transport is swapped and nothing after the login knows.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from proxy.client_packets import (
     check_stmt_header,
     parse_change_user,
 )
+from proxy.compression import CompressedStream
 from proxy.context import SESSION_ID_BASE, SESSION_ID_END, ProxyContext
 from proxy.errors import ErrorKind
 from proxy.holder import Released, Verdict
@@ -90,6 +92,7 @@ from proxy.session_machine import (
     error_packet,
     loss_message,
 )
+from proxy.tls import upgrade
 from reparent.config import CausalReads, RoutingMode, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,13 @@ class ClientConnection(asyncio.Protocol):
         self._command_byte = 0
         self._relayed = False
         self._task: asyncio.Task[None] | None = None
+        # The compressed protocol, once the login's OK is out and if the client asked for it;
+        # what `_pump` wrote, deflated together when it returns.
+        self._zip: CompressedStream | None = None
+        self._zqueue: list[bytes] = []
+        self._zends = True  # the queue's last write ends a packet
+        self._secure = False  # the client's connection is under TLS
+        self._gone = False  # connection_lost has run
         # A server connection the login made (ed25519), with its server and epoch.
         self._login_backend: BackendConnection | None = None
         self._login_server: tuple[ServerConfig, int] | None = None
@@ -181,7 +191,11 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._inbuf += data
+            zipped = self._zip
+            if zipped is None:
+                self._inbuf += data
+            else:
+                zipped.feed(data)  # inflated as the session takes it (`_pump`, `read_packet`)
             self._wake()
             phase = self.machine.phase
             if phase is not _LOGIN:
@@ -191,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
                 phase is not _IDLE
                 and phase is not _INFILE
                 and not self._streaming
-                and len(self._inbuf) - self._inpos > HIGH_WATER
+                and len(self._inbuf) - self._inpos + (zipped.pending if zipped else 0) > HIGH_WATER
             ):
                 # Nobody takes these bytes now (a login or a command runs): let them wait in
                 # the kernel, not in Baton's memory. `_pump` and `read_packet` resume reading.
@@ -211,6 +225,9 @@ class ClientConnection(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:
+            return
+        self._gone = True
         self._write = _discard
         self._wake()
         self._carry_out(self.machine.close(CloseReason.GONE))
@@ -255,6 +272,8 @@ class ClientConnection(asyncio.Protocol):
         """Drop `n` bytes from the front of the input; the buffer is compacted once at least
         half of it was consumed, so each byte is moved at most a bounded number of times."""
         self._inpos += n
+        if self._zip is not None:
+            self._zip.consumed(n)
         if self._inpos >= len(self._inbuf):
             self._inbuf.clear()
             self._inpos = 0
@@ -280,12 +299,46 @@ class ClientConnection(asyncio.Protocol):
                     return seq, payload
             if self.machine.phase is _CLOSED:
                 raise ConnectionResetError("the client closed the connection")
+            if self._zip is not None:
+                data = self._zip.inflate()
+                if data is not None:
+                    self._inbuf += data
+                    continue
             self._pause(False)
             self._reader = asyncio.get_running_loop().create_future()
             await self._reader
 
     def write(self, data: bytes) -> None:
         self._write(data)
+
+    async def start_tls(self) -> None:
+        """The client sent an SSL request: the rest of its connection is TLS (proxy/tls.py).
+        A handshake that fails ends the connection; there is no way left to send it an
+        error it could read."""
+        tls = self.ctx.tls
+        raw = self._transport
+        assert tls is not None and raw is not None
+        # From here the socket's bytes are TLS's: reading stops now (start_tls resumes it for
+        # the TLS layer), and what was read already goes to TLS first.
+        raw.pause_reading()
+        self._paused = False  # the TLS transport starts reading
+        early = bytes(self._inbuf[self._inpos :])
+        self._consume(len(early))
+        try:
+            transport = await upgrade(raw, self, tls.context, early)
+        except BaseException as e:
+            # A failed handshake (ssl.SSLError is an OSError), or the task cancelled by the
+            # login's timeout or by connection_lost (the TLS layer may report the loss).
+            metrics.CLIENT_TLS.labels("failed").inc()
+            if not isinstance(e, OSError | TimeoutError):
+                raise
+            raw.close()
+            self.connection_lost(None)  # else no one would: the loss came mid-handshake
+            raise LoginRefused(LoginFailure.BAD_HANDSHAKE, None, f"TLS handshake failed: {e}")
+        metrics.CLIENT_TLS.labels("ok").inc()
+        self._transport = transport
+        self._write = transport.write
+        self._secure = True
 
     # -- login -------------------------------------------------------------------------------
 
@@ -330,7 +383,7 @@ class ClientConnection(asyncio.Protocol):
                 seq = await self._authenticate()
             await self._first_backend(seq)
         except LoginRefused as e:
-            self._login_failed(e.reason, str(e), e.packet)
+            self._login_failed(e.reason, str(e), self._unreadable_accounts(e) or e.packet)
             return
         except TimeoutError:
             self._login_failed(
@@ -350,6 +403,8 @@ class ClientConnection(asyncio.Protocol):
         ctx.admission.login_ok(self.address)
         metrics.LOGINS.labels(str(self._login_method)).inc()
         self._write(make_ok(Status.AUTOCOMMIT, seq))
+        if self.link.client_caps & Cap.COMPRESS:
+            self._compress()
         self.machine.logged_in()
         ctx.sessions[self.connection_id] = self
         self._transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[union-attr]
@@ -362,6 +417,11 @@ class ClientConnection(asyncio.Protocol):
         offered = identity.capabilities
         if not ctx.config.proxy.allow_load_data_local:
             offered &= ~Cap.LOCAL_FILES
+        if ctx.config.proxy.compression:
+            offered |= Cap.COMPRESS
+        tls = ctx.tls
+        if tls is not None:
+            offered |= Cap.SSL
         nonce = new_nonce()
         self._write(
             frame(
@@ -377,7 +437,7 @@ class ClientConnection(asyncio.Protocol):
                 0,
             )
         )
-        response = await read_handshake(self, offered)
+        seq, response = await read_handshake(self, offered, tls is not None and tls.require)
         link = self.link
         link.client_caps = response.capabilities & offered
         self.state.collation = response.collation
@@ -390,7 +450,7 @@ class ClientConnection(asyncio.Protocol):
             response.auth_plugin,
             response.auth_response,
             nonce,
-            1,
+            seq,
             response.collation,
             response.database,
         )
@@ -438,10 +498,31 @@ class ClientConnection(asyncio.Protocol):
 
     def _login_settings(self, offered: int) -> LoginSettings:
         return LoginSettings(
+            secure=self._secure,
             offered=offered,
             address=self.address,
             allow_unfenced=self.ctx.config.proxy.allow_unfenced_users,
             plugin=self.ctx.config.proxy.auth_plugin,
+        )
+
+    def _unreadable_accounts(self, refused: LoginRefused) -> bytes | None:
+        """An unknown user while Baton has never read the servers' accounts (a server that
+        refuses Baton's admin login, a CA that does not verify the servers): the client is told
+        that, in the server's words for an unreachable source, not a bare "access denied"."""
+        accounts = self.ctx.accounts
+        if (
+            refused.reason is not LoginFailure.UNKNOWN_USER
+            or len(accounts.book)
+            or not (accounts.error)
+        ):
+            return None
+        assert refused.packet is not None
+        return frame(
+            ErrorKind.BACKEND_UNREACHABLE.packet(
+                f"Baton cannot read the accounts from the servers to check this login: "
+                f"{accounts.error}"
+            ),
+            refused.packet[3],
         )
 
     async def _first_backend(self, seq: int) -> None:
@@ -520,8 +601,100 @@ class ClientConnection(asyncio.Protocol):
         self._pumping = True
         try:
             self._take()
+            if self._zip is not None:
+                while self._inflate():
+                    self._take()
         finally:
             self._pumping = False
+            if self._zqueue:
+                self._zflush()
+
+    # -- the compressed protocol: a layer around the client's byte stream ------------------
+
+    def _compress(self) -> None:
+        """The login's OK is out and the client asked for compression: from here on what it
+        sends is inflated before `_take` reads it, and what it is sent is deflated, Baton's own
+        packets and relayed responses alike. Bytes it pipelined behind its login are already
+        compressed."""
+        metrics.COMPRESSED_SESSIONS.inc()
+        zipped = self._zip = CompressedStream()
+        zipped.feed(self._inbuf[self._inpos :])
+        self._inbuf.clear()
+        self._inpos = 0
+        self._write = self._zwrite
+        self._sink = self._zsink  # type: ignore[method-assign]
+
+    def _inflate(self) -> bool:
+        """Inflate the client's next compressed packet into the input, while the session can
+        take what it holds or holds less than HIGH_WATER; True when it did."""
+        zipped = self._zip
+        machine = self.machine
+        phase = machine.phase
+        if (
+            zipped is None
+            or phase is _CLOSED
+            or self._backend_full
+            or (
+                phase is not _IDLE
+                and phase is not _INFILE
+                and not self._streaming
+                and len(self._inbuf) - self._inpos >= HIGH_WATER
+            )
+        ):
+            return False
+        try:
+            data = zipped.inflate()
+        except ClientPacketError as e:
+            kind = e.kind
+            self._protocol_error(
+                ErrorKind.PACKETS_OUT_OF_ORDER
+                if kind is Malformed.OUT_OF_ORDER
+                else ErrorKind.UNCOMPRESS,
+                str(e),
+            )
+            return False
+        if data is None:
+            return False
+        self._inbuf += data
+        return True
+
+    def _renumber(self, pos: int, seq: int) -> None:
+        """Give the packet at `pos` of a command of 16 MiB or more the sequence id the server
+        expects of its `seq`-th packet. Compressing clients need not number the packets inside
+        compressed ones (libmariadb sends them all as 0, which the server, reading compressed,
+        ignores), but the server leg is plain and checks them."""
+        self._inbuf[pos + 3] = seq & 0xFF
+
+    def _zwrite(self, data: bytes) -> None:
+        self._zsend(data, True)
+
+    def _zsink(self, data: bytes) -> None:
+        self._relayed = True
+        if self._write is not _discard:  # else the client is closed: drop it, as `_sink` does
+            self._zsend(data, not self._parser.mid_packet)
+
+    def _zsend(self, data: bytes, ends_packet: bool) -> None:
+        """Deflate and write; inside `_pump` (answers to pipelined commands, Baton's own
+        errors) the writes wait for its end and go as one compressed packet."""
+        if self._pumping:
+            self._zqueue.append(data)
+            self._zends = ends_packet
+            return
+        self._zemit(data, ends_packet)
+
+    def _zflush(self) -> None:
+        queue = self._zqueue
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        self._zemit(data, self._zends)
+
+    def _zemit(self, data: bytes, ends_packet: bool) -> None:
+        assert self._zip is not None and self._transport is not None
+        pieces = self._zip.pack(data, ends_packet)
+        if len(pieces) == 1:
+            self._transport.write(pieces[0])
+        elif pieces:
+            self._transport.writelines(pieces)
 
     def _take(self) -> None:
         machine = self.machine
@@ -547,6 +720,8 @@ class ClientConnection(asyncio.Protocol):
                 if len(buf) < end + 4:
                     break
                 length = buf[end] | buf[end + 1] << 8 | buf[end + 2] << 16
+                if self._zip is not None and not infile:
+                    self._renumber(end, total // MAX_PAYLOAD)
                 end += 4 + length
                 total += length
             if total > limit:
@@ -901,6 +1076,8 @@ class ClientConnection(asyncio.Protocol):
         end = pos + 4 + length
         if len(self._inbuf) < end:
             return False
+        if self._zip is not None:
+            self._renumber(pos, self._streaming // MAX_PAYLOAD)
         self._streaming += length
         if self._streaming > limit:
             self._drop()
@@ -1002,6 +1179,8 @@ class ClientConnection(asyncio.Protocol):
         self._carry_out(self.machine.close(reason))
 
     def _closed(self, reason: CloseReason) -> None:
+        if self._zqueue:
+            self._zflush()  # the last answers, an error saying why, before the close
         self._write = _discard  # the transport refuses writes once closed: drop them
         if reason is CloseReason.QUIT:
             self.link.close(quit=True)
@@ -1264,7 +1443,7 @@ class ClientConnection(asyncio.Protocol):
                 f"Baton cannot reach the primary {server.name} ({server.host}:{server.port}): "
                 f"{e}. The statement was not executed; retry when the primary is back.",
             )
-            self._carry_out(self.machine.connect_failed(error))
+            self._carry_out(self.machine.connect_failed(error, lasting=e.tls))
             return
         self._carry_out(self.machine.connected(link.ready or self._unready()))
 

@@ -72,6 +72,8 @@ class PacketIO(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    async def start_tls(self) -> None: ...
+
 
 class LoginRefused(Exception):
     """The login ends here; `packet` (framed) is what the client is told, if anything."""
@@ -106,10 +108,10 @@ class Verified:
 
 @dataclass(frozen=True)
 class LoginSettings:
+    secure: bool  # the client's connection is under TLS
     offered: int  # capabilities in Baton's greeting
     address: str  # the client's IP, as accounts' host patterns match it
     allow_unfenced: bool
-    secure: bool = False  # the client's connection is under TLS
     plugin: str = NATIVE_PLUGIN  # what Baton's greeting names and its auth switch asks for
 
 
@@ -118,16 +120,41 @@ def bad_handshake(seq: int, detail: str) -> LoginRefused:
     return LoginRefused(LoginFailure.BAD_HANDSHAKE, packet, detail)
 
 
-async def read_handshake(io: PacketIO, offered: int) -> HandshakeResponse:
-    """The client's answer to the greeting, checked; an SSL request is refused (no TLS)."""
+async def read_handshake(
+    io: PacketIO, offered: int, require_secure: bool = False
+) -> tuple[int, HandshakeResponse]:
+    """The client's answer to the greeting, checked, and its sequence id (1, or 2 after an SSL
+    request: parse_login accepts one only when the greeting offered CLIENT_SSL, and the
+    connection turns to TLS and the answer is read over it). With `require_secure`, a login
+    not over TLS is refused as the server refuses it under require_secure_transport."""
     seq, payload = await _read(io, 1)
+    response = _parse(payload, offered, seq)
+    if isinstance(response, SslRequest):
+        await io.start_tls()
+        seq, payload = await _read(io, seq + 1)
+        response = _parse(payload, offered, seq)
+        if isinstance(response, SslRequest):
+            raise bad_handshake(seq + 1, "a second SSL request, over TLS")
+    elif require_secure:
+        raise LoginRefused(
+            LoginFailure.INSECURE_TRANSPORT,
+            frame(ErrorKind.SECURE_TRANSPORT_REQUIRED.packet(INSECURE_MESSAGE), seq + 1),
+            "a login without TLS, and tls.require is set",
+        )
+    return seq, response
+
+
+# The server's words for a plain login under require_secure_transport.
+INSECURE_MESSAGE = (
+    "Connections using insecure transport are prohibited while --require_secure_transport=ON."
+)
+
+
+def _parse(payload: bytes, offered: int, seq: int) -> HandshakeResponse | SslRequest:
     try:
-        response = parse_login(payload, offered)
+        return parse_login(payload, offered)
     except ClientPacketError as e:
         raise bad_handshake(seq + 1, str(e))
-    if isinstance(response, SslRequest):
-        raise bad_handshake(seq + 1, "the client asks for TLS, which Baton does not offer")
-    return response
 
 
 async def verify(

@@ -37,11 +37,16 @@ LOGINS = Counter(
     ["method"],
     registry=REGISTRY,
 )
+COMPRESSED_SESSIONS = Counter(
+    "baton_client_compressed_sessions",
+    "Client sessions that logged in with the compressed protocol (CLIENT_COMPRESS)",
+    registry=REGISTRY,
+)
 LOGIN_FAILURES = Counter(
     "baton_login_failures",
     "Client logins refused, by reason (access_denied, unknown_user, unfenced_user, "
     "unsupported_plugin, cleartext_without_tls, backend_unreachable, bad_handshake, timeout, "
-    "server_refused, client_gone)",
+    "server_refused, client_gone, insecure_transport)",
     ["reason"],
     registry=REGISTRY,
 )
@@ -234,3 +239,26 @@ REPLICA_LAG = Gauge(
 def serve(host: str, port: int) -> None:
     """Start the metrics HTTP endpoint in a background thread (prometheus-client's own)."""
     start_http_server(port, addr=host, registry=REGISTRY)
+
+
+# TLS (proxy/tls.py for clients, backend.tls for servers).
+CLIENT_TLS = Counter(
+    "baton_client_tls_handshakes",
+    "Client connections that asked for TLS, by result (ok, failed)",
+    ["result"],
+    registry=REGISTRY,
+)
+TLS_RELOADS = Counter(
+    "baton_tls_reloads",
+    "Reloads of Baton's certificate and key for clients, by result (ok, failed: the old one "
+    "stays in use)",
+    ["result"],
+    registry=REGISTRY,
+)
+BACKEND_TLS_FAILURES = Counter(
+    "baton_backend_tls_failures",
+    "Connections to a server refused for TLS (a certificate that does not verify against "
+    "backend.ca, a server without TLS when backend.tls requires it, a failed handshake)",
+    ["server"],
+    registry=REGISTRY,
+)

@@ -240,7 +240,7 @@ class ReplicaMonitor:
         conn = self._conns.get(server.name)
         try:
             if conn is None or not conn.open:
-                conn = AdminConnection(server, self.config.admin, timeout)
+                conn = AdminConnection(server, self.config.admin, timeout, self.config.backend)
                 self._conns[server.name] = conn
             with conn.timeout(timeout):
                 status = conn.replica_status()

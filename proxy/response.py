@@ -137,6 +137,12 @@ class ResponseParser:
     def done(self) -> bool:
         return self._phase is Phase.DONE
 
+    @property
+    def mid_packet(self) -> bool:
+        """The bytes the last `feed` returned stop inside a packet (a large row is relayed
+        as it arrives): the compressed protocol keeps them until the packet ends."""
+        return self._skip > 0
+
     def begin(
         self,
         command: int,

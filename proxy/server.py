@@ -8,6 +8,7 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from proxy.readpath import ReplicaMonitor
 from proxy.readroute import ReadPool
 from proxy.router import Router, default_proxy_id
 from proxy.rsa_key import RsaKey
+from proxy.tls import ClientTls
 from reparent.admin import AdminConnection, AdminError, AdminPool
 from reparent.config import (
     Config,
@@ -110,7 +112,9 @@ def max_allowed_packet(config: Config) -> int:
         return config.proxy.max_packet_size
     primary = config.shard.primary
     try:
-        conn = AdminConnection(primary, config.admin, config.proxy.backend_connect_timeout)
+        conn = AdminConnection(
+            primary, config.admin, config.proxy.backend_connect_timeout, config.backend
+        )
         try:
             return int(conn.query("SELECT @@global.max_allowed_packet AS m")[0]["m"])
         finally:
@@ -217,6 +221,7 @@ async def start_data_path(
         book_from_config(config.users) if config.users else None,
         lambda: [router.primary(config.proxy.shard), *config.shard.servers],
         config.admin,
+        backend=config.backend,
     )
     admission = Admission(
         max_connections=max_connections or config.proxy.max_connections,
@@ -233,6 +238,7 @@ async def start_data_path(
         max_packet=await asyncio.to_thread(max_allowed_packet, config),
         worker=worker,
         rsa_key=await asyncio.to_thread(rsa_key, config),
+        tls=ClientTls(config.tls) if config.tls.enabled else None,
     )
     router.listener = ctx
     router.holder = holder
@@ -260,7 +266,7 @@ async def start_controller(controller: Controller, adopt: bool) -> None:
 
 
 def make_controller(config: Config, store: TopologyStore, owner: str) -> Controller:
-    pool = AdminPool()  # one admin connection per server, shared by every mechanism
+    pool = AdminPool(config.backend)  # one admin connection per server, shared by every mechanism
     return Controller(
         config,
         store,
@@ -302,6 +308,20 @@ class ControlPlane:
         self.control.close()
 
 
+def on_reload_signal(reload: Callable[[], Awaitable[object]]) -> None:
+    """SIGHUP reads Baton's certificate for clients again (`baton ctl tls reload` does too);
+    what it finds is logged and counted by the reload itself."""
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[object]] = set()  # the loop keeps only weak references
+
+    def start() -> None:
+        task = loop.create_task(reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, start)
+
+
 async def until_stopped() -> None:
     """Until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
@@ -319,7 +339,9 @@ async def run(config: Config, adopt: bool = False) -> None:
     data = await start_data_path(config, store, proxy_id)
     await start_controller(controller, adopt)
     await data.serve()
-    plane = await ControlPlane.start(config, store, controller, LocalProxies(data.ctx))
+    proxies = LocalProxies(data.ctx)
+    plane = await ControlPlane.start(config, store, controller, proxies)
+    on_reload_signal(lambda: proxies.tls(True))
     metrics.serve(config.proxy.metrics_host, config.proxy.metrics_port)
     log.info(
         "baton serving %s:%d -> %s (%s); control %s; metrics %s:%d",

@@ -601,10 +601,15 @@ class SessionMachine:
         self._go(Edge.MOVED)
         return SEND
 
-    def connect_failed(self, error: bytes) -> Actions:
-        """CONNECT failed: the primary cannot be reached (or refused the session's state)."""
+    def connect_failed(self, error: bytes, lasting: bool = False) -> Actions:
+        """CONNECT failed: the primary cannot be reached (or refused the session's state).
+        `lasting`: a failure no switch of primary mends (the server's TLS certificate does
+        not verify against backend.ca): the client gets `error` at once, not after a wait."""
         if self.phase is Phase.CLOSED:
             return NOTHING
+        if lasting:
+            self.failure = None
+            return (Failed(FailureCause.UNREACHABLE, False), *self._answer(error))
         return self._fail(FailureCause.UNREACHABLE, error, None)
 
     # -- the holder's verdicts ---------------------------------------------------------------

@@ -46,6 +46,7 @@ from proxy.server import (
     ControlPlane,
     bind_listener,
     make_controller,
+    on_reload_signal,
     open_store,
     start_controller,
     until_stopped,
@@ -319,6 +320,14 @@ class GroupProxies:
     async def unblock(self, address: str) -> bool:
         return any(found for _, found in await self.supervisor.ask(w.UNBLOCK, address))
 
+    async def tls(self, reload: bool) -> list[dict[str, Any]]:
+        """Every worker's certificate; with reload, each reads it again itself."""
+        return [
+            {**p, "worker": index}
+            for index, found in await self.supervisor.ask(w.TLS, reload)
+            for p in found
+        ]
+
     async def annotate(self, shard: str, term: int, record_id: str) -> Counts:
         counts: Counts = {}
         for _, found in await self.supervisor.ask(w.ANNOTATE, shard, term, record_id):
@@ -380,7 +389,9 @@ async def run_supervisor(config: Config, adopt: bool = False) -> None:
     listener = None if p.reuse_port else bind_listener(p.listen_host, p.listen_port)
     supervisor = Supervisor(config, store, listener)
     await supervisor.start()
-    plane = await ControlPlane.start(config, store, controller, GroupProxies(supervisor))
+    proxies = GroupProxies(supervisor)
+    plane = await ControlPlane.start(config, store, controller, proxies)
+    on_reload_signal(lambda: proxies.tls(True))
     serve_metrics(config, supervisor)
     log.info(
         "baton serving %s:%d with %d workers -> %s; control %s; metrics %s:%d",

@@ -52,6 +52,7 @@ UNBLOCK = "unblock"
 ANNOTATE = "annotate"
 METRICS = "metrics"
 SESSION_THREAD = "session_thread"
+TLS = "tls"
 
 
 def worker_id(base: str, index: int) -> str:
@@ -96,6 +97,8 @@ class Worker:
             return self._on_loop(lambda: proxies.unblock(*args))
         if kind == ANNOTATE:
             return self._on_loop(lambda: proxies.annotate(*args))
+        if kind == TLS:
+            return self._on_loop(lambda: proxies.tls(*args))
         if kind == METRICS:
             return self._on_loop(self._metrics)
         raise ValueError(f"unknown request {kind!r}")
@@ -158,7 +161,9 @@ async def run_worker(index: int, channel_fd: int, listen_fd: int | None) -> None
     log.info("worker %d serving as %s", index, data.router.proxy_id)
     loop.add_signal_handler(signal.SIGTERM, worker.stopped.set)
     # Ctrl-C reaches the whole process group: the supervisor decides, and stops its workers.
+    # So may a SIGHUP: the supervisor has every worker reload its certificate.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     await worker.stopped.wait()
     log.info("worker %d stopping", index)
     await data.stop()

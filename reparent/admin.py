@@ -10,11 +10,10 @@ Why the connections are kept in a pool: a reparent talks to each server in sever
 writes are blocked. Opening a connection there costs a round trip or more per server; reusing
 the one opened in `choose` costs nothing.
 
-Why TLS is off: PyMySQL's default ("preferred" TLS) builds a fresh SSL context with the system
-CA bundle on every connect. Measured here: 21 ms per connection at idle and 40-120 ms under
-load, against 0.3-0.6 ms without, on a server that has no TLS at all (`have_ssl=DISABLED`).
-Baton's config has no TLS settings yet; when it gets them, build one SSL context and pass it to
-every connect.
+TLS follows `backend.tls` (reparent/tls.py), with one SSL context shared by every connect:
+PyMySQL's default ("preferred" TLS) builds a fresh one with the system CA bundle on every
+connect, measured here at 21 ms per connection at idle and 40-120 ms under load, against
+0.3-0.6 ms without. With `backend.tls = "off"` TLS is disabled outright.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from typing import Any, TypeVar
 import pymysql
 import pymysql.cursors
 
-from reparent import gtid
-from reparent.config import Account, ServerConfig
+from reparent import gtid, tls
+from reparent.config import PLAIN_BACKEND, Account, BackendSettings, BackendTls, ServerConfig
 from reparent.mechanism import FailureKind, MechanismError
 
 CONNECT_TIMEOUT = 1.0
@@ -126,27 +125,43 @@ class Replication:
 class AdminConnection:
     """One admin session to one server. Not thread-safe: one caller at a time."""
 
-    def __init__(self, server: ServerConfig, account: Account, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        server: ServerConfig,
+        account: Account,
+        connect_timeout: float,
+        backend: BackendSettings = PLAIN_BACKEND,
+    ) -> None:
         self.server = server
         self.account = account
+        self.backend = backend
         self.last_used = time.monotonic()
+        options = tls.pymysql_options(backend)
         try:
-            self._conn = pymysql.connect(
-                host=server.host,
-                port=server.port,
-                user=account.user,
-                password=account.password,
-                autocommit=True,
-                connect_timeout=connect_timeout,
-                # The greeting and login must come within the connect timeout too: a hung
-                # server accepts TCP connections in its kernel backlog but never greets.
-                read_timeout=connect_timeout,
-                write_timeout=connect_timeout,
-                ssl_disabled=True,
-            )
+            try:
+                self._conn = self._connect(connect_timeout, options)
+            except pymysql.err.OperationalError as e:
+                if backend.tls is not BackendTls.PREFERRED or not tls.server_lacks_tls(e):
+                    raise
+                self._conn = self._connect(connect_timeout, {"ssl_disabled": True})
         except pymysql.err.Error as e:
             raise _failure(e, f"{server.name}: connect")
         self._conn._read_timeout = self._conn._write_timeout = STATEMENT_TIMEOUT
+
+    def _connect(self, connect_timeout: float, options: dict[str, Any]) -> pymysql.Connection:
+        return pymysql.connect(
+            host=self.server.host,
+            port=self.server.port,
+            user=self.account.user,
+            password=self.account.password,
+            autocommit=True,
+            connect_timeout=connect_timeout,
+            # The greeting and login must come within the connect timeout too: a hung
+            # server accepts TCP connections in its kernel backlog but never greets.
+            read_timeout=connect_timeout,
+            write_timeout=connect_timeout,
+            **options,
+        )
 
     @property
     def open(self) -> bool:
@@ -255,18 +270,20 @@ class AdminConnection:
         new primary's first start a minute behind. A heartbeat every HEARTBEAT_PERIOD, because
         a replica that hears nothing for longer is how the failure detector tells a hung
         primary from one only Baton cannot reach (the default is half of slave_net_timeout,
-        30 s).
+        30 s). TLS as backend.tls says (reparent/tls.py's `replication_options`).
         """
+        ssl_sql, ssl_args = tls.replication_options(self.backend)
         self.query(
             "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s,"
             " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1,"
-            " MASTER_HEARTBEAT_PERIOD=%s",
+            " MASTER_HEARTBEAT_PERIOD=%s" + ssl_sql,
             (
                 source.replication_host,
                 source.replication_port,
                 account.user,
                 account.password,
                 HEARTBEAT_PERIOD,
+                *ssl_args,
             ),
         )
 
@@ -324,7 +341,8 @@ class AdminPool:
     open between reparents: `close` them when the controller stops.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend: BackendSettings = PLAIN_BACKEND) -> None:
+        self.backend = backend  # TLS to the servers (backend.tls)
         self._lock = threading.Lock()
         self._conns: dict[tuple[str, int, Account], AdminConnection] = {}
 
@@ -339,7 +357,7 @@ class AdminPool:
         if conn is not None and conn.open:
             if time.monotonic() - conn.last_used < REVALIDATE_AFTER or conn.ping(connect_timeout):
                 return conn
-        conn = AdminConnection(server, account, connect_timeout)
+        conn = AdminConnection(server, account, connect_timeout, self.backend)
         with self._lock:
             self._conns[key] = conn
         return conn

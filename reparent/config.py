@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -91,6 +92,9 @@ class ProxyConfig:
     metrics_port: int = 9104
     shard: str = ""
     allow_load_data_local: bool = False
+    # Offer clients the compressed protocol (zlib). Only sessions whose client asks for it pay
+    # its CPU; false makes such clients' logins fail at once with 1043.
+    compression: bool = True
     # None: the primary's max_allowed_packet, read at start (64 MiB if it cannot be read).
     max_packet_size: int | None = None
     backend_connect_timeout: float = 2.0
@@ -112,6 +116,22 @@ class ProxyConfig:
     rsa_private_key: str = ""
 
 
+class BackendTls(enum.StrEnum):
+    """`backend.tls`: TLS from Baton to the servers, as the MySQL client's --ssl-mode. It
+    covers the sessions' connections, the controller's and detector's admin connections, and
+    replication (CHANGE MASTER ... MASTER_SSL)."""
+
+    OFF = "off"
+    PREFERRED = "preferred"  # TLS when the server offers it, unverified
+    REQUIRED = "required"  # TLS or no connection, unverified
+    VERIFY_CA = "verify_ca"  # TLS, the server's certificate signed by backend.ca
+    VERIFY_IDENTITY = "verify_identity"  # and issued for the server's configured host
+
+    @property
+    def verifies(self) -> bool:
+        return self in (BackendTls.VERIFY_CA, BackendTls.VERIFY_IDENTITY)
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     """How Baton connects to the servers for client sessions. Each session logs in as its
@@ -120,6 +140,34 @@ class BackendSettings:
     # Send a PROXY protocol v1 header, so the server sees (and grants by) the client's address;
     # the servers must list Baton in proxy_protocol_networks.
     proxy_protocol: bool = False
+    tls: BackendTls = BackendTls.OFF
+    ca: str = ""  # PEM file of the CA that signs the servers' certificates (verify_* modes)
+
+
+PLAIN_BACKEND = BackendSettings()  # no PROXY header, no TLS: the default of every connection
+
+
+class TlsVersion(enum.StrEnum):
+    """`tls.min_version`: the oldest TLS a client may use."""
+
+    TLS1_2 = "TLSv1.2"
+    TLS1_3 = "TLSv1.3"
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """`[tls]`: TLS for clients. Off unless `cert` is set; then Baton offers CLIENT_SSL."""
+
+    cert: str = ""  # PEM certificate chain Baton presents
+    key: str = ""  # its private key
+    ca: str = ""  # PEM CAs whose client certificates Baton asks for and checks (optional)
+    require: bool = False  # refuse logins not over TLS (as require_secure_transport)
+    min_version: TlsVersion = TlsVersion.TLS1_2
+    ciphers: str = ""  # an OpenSSL cipher list for TLS 1.2; empty: Python's defaults
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
 
 
 @dataclass(frozen=True)
@@ -251,6 +299,7 @@ class Config:
     detector: DetectorConfig = DetectorConfig()
     durability: Durability = Durability.ASYNC
     topology: TopologySettings = TopologySettings()
+    tls: TlsSettings = TlsSettings()
     routing: RoutingConfig = RoutingConfig()
 
     @property
@@ -267,6 +316,7 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int,
     "shard": str,
     "allow_load_data_local": bool,
+    "compression": bool,
     "max_packet_size": int,
     "backend_connect_timeout": (int, float),
     "id": str,
@@ -653,6 +703,7 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
             "users",
             "shards",
             "topology",
+            "tls",
             "routing",
         },
         "config",
@@ -684,8 +735,36 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Config:
         detector=_detector(data.get("detector", {})),
         durability=durability,
         topology=topology,
+        tls=_tls(data.get("tls", {})),
         routing=routing,
     )
+
+
+def _tls(table: Any) -> TlsSettings:
+    """`[tls]`: only shapes here (which keys go together, known versions, a cipher list
+    OpenSSL takes); the files are read by `load`, relative to the config's folder."""
+    if not isinstance(table, dict):
+        raise ConfigError("tls: expected a table")
+    kinds = {"cert": str, "key": str, "ca": str, "require": bool, "ciphers": str}
+    _unknown(table, {*kinds, "min_version"}, "tls")
+    values: dict[str, Any] = {k: _typed(table, k, t, "tls") for k, t in kinds.items() if k in table}
+    values["min_version"] = _choice(table, "min_version", TlsVersion.TLS1_2, "tls")
+    settings = TlsSettings(**values)
+    if bool(settings.cert) != bool(settings.key):
+        missing = "key" if settings.cert else "cert"
+        raise ConfigError(f"tls.{missing}: missing (tls.cert and tls.key go together)")
+    if not settings.enabled:
+        for key in ("ca", "require", "ciphers"):
+            if key in table:
+                raise ConfigError(f"tls.{key}: set without tls.cert and tls.key, so TLS is off")
+        if "min_version" in table:
+            raise ConfigError("tls.min_version: set without tls.cert and tls.key, so TLS is off")
+    if settings.ciphers:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(settings.ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"tls.ciphers: OpenSSL takes no cipher from {settings.ciphers!r}")
+    return settings
 
 
 def _routing(table: Any) -> RoutingConfig:
@@ -719,10 +798,20 @@ def _backend(table: Any) -> BackendSettings:
                 "session logs in to the servers as its own account. Remove backend.user and "
                 "backend.password."
             )
-    _unknown(table, {"proxy_protocol"}, "backend")
-    values = {}
+    _unknown(table, {"proxy_protocol", "tls", "ca"}, "backend")
+    values: dict[str, Any] = {}
     if "proxy_protocol" in table:
         values["proxy_protocol"] = _typed(table, "proxy_protocol", bool, "backend")
+    tls = values["tls"] = _choice(table, "tls", BackendTls.OFF, "backend")
+    if "ca" in table:
+        values["ca"] = _typed(table, "ca", str, "backend")
+        if not tls.verifies:
+            raise ConfigError(
+                f"backend.ca: used only by backend.tls = 'verify_ca' or 'verify_identity', "
+                f"not {str(tls)!r}"
+            )
+    elif tls.verifies:
+        raise ConfigError(f"backend.ca: backend.tls = {str(tls)!r} needs the servers' CA file")
     return BackendSettings(**values)
 
 
@@ -809,7 +898,30 @@ def load(path: str | Path) -> Config:
     key = cfg.proxy.rsa_private_key
     if key and not Path(key).is_absolute():
         cfg = replace(cfg, proxy=replace(cfg.proxy, rsa_private_key=str(p.parent / key)))
+    cfg = _tls_files(cfg, p.parent)
     return cfg
+
+
+def _tls_files(cfg: Config, folder: Path) -> Config:
+    """TLS file paths taken from the config's folder, and each read once now, so a missing
+    file or a key that does not fit its certificate is named at start, not at the first
+    client."""
+    from reparent import tls  # tls builds its contexts from this module's types
+
+    def here(path: str) -> str:
+        return str(folder / path) if path and not Path(path).is_absolute() else path
+
+    t = cfg.tls
+    t = replace(t, cert=here(t.cert), key=here(t.key), ca=here(t.ca))
+    backend = replace(cfg.backend, ca=here(cfg.backend.ca))
+    try:
+        if t.enabled:
+            tls.listener_context(t)
+        if backend.tls.verifies:
+            tls.backend_context(backend)
+    except tls.TlsError as e:
+        raise ConfigError(str(e))
+    return replace(cfg, tls=t, backend=backend)
 
 
 def check_files(cfg: Config) -> None:

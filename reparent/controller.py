@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from reparent import durability, failpoint, gtid, metrics, survey
 from reparent.admin import PROBE_TIMEOUT, AdminPool
-from reparent.config import Config, Durability, ServerConfig, ShardConfig
+from reparent.config import BackendSettings, Config, Durability, ServerConfig, ShardConfig
 from reparent.mechanism import (
     Establishment,
     FailureKind,
@@ -297,7 +297,7 @@ class Controller:
     def _apply_durability(self, shard: ShardConfig) -> None:
         topo = self.store.read(shard.name).value
         servers = [s for s in shard.servers if s.name not in topo.quarantined]
-        with _fresh_pool() as pool:
+        with _fresh_pool(self.config.backend) as pool:
             durability.apply(
                 pool,
                 servers,
@@ -441,7 +441,7 @@ class Controller:
                 raise ReparentRefused(
                     f"{server} is {'already' if on else 'not'} quarantined in shard {shard}"
                 )
-            with _fresh_pool() as pool:
+            with _fresh_pool(self.config.backend) as pool:
                 prober = Prober(self.config, pool, PROBE_TIMEOUT)
                 mine, primary = prober.probe(servers[server]), prober.probe(servers[topo.primary])
                 check = _gtid_check(mine, primary)
@@ -520,7 +520,7 @@ class Controller:
             in_flight = self.store.journal_get(shard) is not None
         except StoreUnavailableError as e:
             raise ReparentRefused(str(e))
-        with _fresh_pool() as pool:
+        with _fresh_pool(self.config.backend) as pool:
             return Prober(self.config, pool, PROBE_TIMEOUT).shard(config, topo, in_flight)
 
     @contextmanager
@@ -755,8 +755,8 @@ class Controller:
 
 
 @contextmanager
-def _fresh_pool() -> Iterator[AdminPool]:
-    pool = AdminPool()
+def _fresh_pool(backend: BackendSettings) -> Iterator[AdminPool]:
+    pool = AdminPool(backend)
     try:
         yield pool
     finally:

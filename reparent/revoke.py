@@ -21,7 +21,7 @@ from reparent.admin import (
     Threads,
 )
 from reparent.admin import GtidVariable as Var
-from reparent.config import ServerConfig
+from reparent.config import BackendSettings, ServerConfig
 from reparent.mechanism import FailureKind, MechanismError, ReparentContext, RevocationProof
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class FollowerFencing:
         self.pool = pool or AdminPool()
 
     def revoke(self, ctx: ReparentContext) -> RevocationProof:
-        old = _OldPrimaryFence(ctx)
+        old = _OldPrimaryFence(ctx, self.pool.backend)
         old.start()
         results = self.pool.each(_replicas(ctx), ctx.admin, _fence, PROBE_TIMEOUT)
         answered = old.wait(OLD_PRIMARY_GRACE if ctx.wait_old_primary else 0.0)
@@ -157,9 +157,10 @@ class _OldPrimaryFence(threading.Thread):
     """read_only=1 on an emergency's old primary, over a connection of its own (the pooled
     one may be stuck on the same hung server), bounded by the reparent's timeout."""
 
-    def __init__(self, ctx: ReparentContext) -> None:
+    def __init__(self, ctx: ReparentContext, backend: BackendSettings) -> None:
         super().__init__(name=f"fence-{ctx.old_primary.name}", daemon=True)
         self.ctx = ctx
+        self.backend = backend
         self.fenced = False
         self._over = threading.Event()  # fenced, or refused or failed: no use waiting
 
@@ -172,7 +173,7 @@ class _OldPrimaryFence(threading.Thread):
         ctx, t0 = self.ctx, time.monotonic()
         name = ctx.old_primary.name
         try:
-            conn = AdminConnection(ctx.old_primary, ctx.admin, ctx.timeout)
+            conn = AdminConnection(ctx.old_primary, ctx.admin, ctx.timeout, self.backend)
             try:
                 conn.set_read_only(True, within=ctx.timeout)
             finally:

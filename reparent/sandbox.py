@@ -18,6 +18,11 @@ Why it is built this way (each point verified with MariaDB 10.11 from Debian 12)
   `app` (everything on its schemas) and `reporting` (SELECT only) hold no global privilege, so
   `read_only` fences them and neither can touch `mysql.*`; Baton logs each client in as its own
   account. `baton_admin` holds everything and is for the controller only.
+- With `--tls` (reparent/certs.py) DIR/tls holds a CA and certificates it signs for 127.0.0.1
+  and localhost: the servers' (`server.pem`, given to every mariadbd) and Baton's
+  (`baton.pem`). baton.toml then has `[tls]` for clients and `backend.tls = "verify_identity"`
+  with `backend.ca`, and replication uses TLS with the same CA. Plain logins stay allowed on
+  both sides, so tests can compare.
 - Processes are found and stopped only by the pids recorded at launch, checked against their
   command line (`--datadir=` of this sandbox), never by name: other sandboxes and the lab's own
   servers may run on the same machine.
@@ -43,7 +48,7 @@ from typing import Any
 
 import pymysql
 
-from reparent import config, etcdsandbox
+from reparent import certs, config, etcdsandbox, tls
 from reparent.admin import HEARTBEAT_PERIOD
 from reparent.config import Role
 
@@ -79,6 +84,7 @@ CONTROL_SOCKET = "baton.sock"
 TEMPLATE_DIR = "template"
 TEMPLATE_TMP = "template-tmp"
 ETCD_DIR = "etcd"
+TLS_DIR = "tls"
 
 
 class SandboxError(Exception):
@@ -140,6 +146,7 @@ class Sandbox:
         etcd_members: int = 0,
         proxies: int = 1,
         etcd_ports: list[int] | None = None,
+        tls: bool = False,
     ) -> None:
         if replicas < 0:
             raise SandboxError(f"replicas must be 0 or more, got {replicas}")
@@ -156,6 +163,23 @@ class Sandbox:
         self.proxies = proxies
         # Two per member (client, peer); by default the free ones after Baton's.
         self.etcd_ports = etcd_ports
+        saved = self._read_state()
+        self.tls = tls or (saved is not None and bool(saved.get("tls")))
+
+    @property
+    def ca(self) -> certs.Pair:
+        """The sandbox's CA (with --tls): it signs the servers' and Baton's certificates."""
+        return certs.Pair(self.dir / TLS_DIR / "ca.pem", self.dir / TLS_DIR / "ca.key")
+
+    def _tls_pair(self, name: str) -> certs.Pair:
+        return certs.Pair(self.dir / TLS_DIR / f"{name}.pem", self.dir / TLS_DIR / f"{name}.key")
+
+    @property
+    def backend_tls(self) -> config.BackendSettings:
+        """How Baton and replication reach the servers: verified TLS with --tls, else plain."""
+        if not self.tls:
+            return config.PLAIN_BACKEND
+        return config.BackendSettings(tls=config.BackendTls.VERIFY_IDENTITY, ca=str(self.ca.cert))
 
     @property
     def config_path(self) -> Path:
@@ -335,6 +359,14 @@ class Sandbox:
 
     def _bootstrap(self, nodes: list[Node], pids: dict[str, int]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            try:
+                shutil.rmtree(self.dir / TLS_DIR, ignore_errors=True)
+                ca = certs.make_ca(self.dir / TLS_DIR)
+                for name in ("server", "baton"):
+                    certs.make_cert(self.dir / TLS_DIR, name, ca)
+            except certs.CertError as e:
+                raise SandboxError(f"cannot make the TLS certificates: {e}")
         self._install_template()
         for node in nodes:
             self._fresh_datadir(node)
@@ -518,6 +550,13 @@ class Sandbox:
             "--innodb-buffer-pool-dump-at-shutdown=0",
             "--innodb-buffer-pool-load-at-startup=0",
         ]
+        if self.tls:
+            server = self._tls_pair("server")
+            args += [
+                f"--ssl-ca={self.ca.cert}",
+                f"--ssl-cert={server.cert}",
+                f"--ssl-key={server.key}",
+            ]
         # mariadbd redirects stderr to --log-error itself; this catches what it says before that.
         with node.error_log.open("ab") as log:
             result = subprocess.run(
@@ -577,12 +616,13 @@ class Sandbox:
                 cur.execute(f"CREATE DATABASE `{db}`")
 
     def _start_replication(self, replica: Node, primary: Node) -> None:
+        ssl_sql, ssl_args = tls.replication_options(self.backend_tls)
         with _root(replica) as conn, conn.cursor() as cur:
             cur.execute(
                 "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s,"
                 " MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1,"
-                " MASTER_HEARTBEAT_PERIOD=%s",
-                (HOST, primary.port, REPL.user, REPL.password, HEARTBEAT_PERIOD),
+                " MASTER_HEARTBEAT_PERIOD=%s" + ssl_sql,
+                (HOST, primary.port, REPL.user, REPL.password, HEARTBEAT_PERIOD, *ssl_args),
             )
             cur.execute("START SLAVE")
 
@@ -627,6 +667,7 @@ class Sandbox:
             ],
             "proxy_port": proxy_port,
             "metrics_port": metrics_port,
+            "tls": self.tls,
         }
         _atomic_write(self.state_path, json.dumps(state, indent=2) + "\n")
 
@@ -669,6 +710,20 @@ class Sandbox:
             "",
             *(
                 [
+                    "[tls]",
+                    f"cert = {q(str(self._tls_pair('baton').cert))}",
+                    f"key = {q(str(self._tls_pair('baton').key))}",
+                    "",
+                    "[backend]",
+                    f"tls = {q(str(self.backend_tls.tls))}",
+                    f"ca = {q(self.backend_tls.ca)}",
+                    "",
+                ]
+                if self.tls
+                else []
+            ),
+            *(
+                [
                     "[topology]",
                     'store = "etcd"',
                     f"endpoints = [{', '.join(q(e) for e in endpoints)}]",
@@ -698,6 +753,7 @@ class Sandbox:
             shutil.rmtree(node.home, ignore_errors=True)
         shutil.rmtree(self.dir / TEMPLATE_DIR, ignore_errors=True)
         shutil.rmtree(self.dir / TEMPLATE_TMP, ignore_errors=True)
+        shutil.rmtree(self.dir / TLS_DIR, ignore_errors=True)
         # The topology store describes these servers only: a new sandbox starts from its config.
         shutil.rmtree(self.dir / ETCD_DIR, ignore_errors=True)
         for path in (
@@ -883,6 +939,7 @@ def run(args: argparse.Namespace) -> int:
             args.replicas,
             etcd_members=args.etcd_members if args.etcd else 0,
             proxies=args.proxies,
+            tls=args.tls,
         )
         if args.action == "up":
             started = time.monotonic()

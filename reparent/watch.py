@@ -79,7 +79,7 @@ class Watch:
         self.settings = config.detector
         self.store = store
         self.controller = controller
-        self.pool = pool or AdminPool()
+        self.pool = pool or AdminPool(config.backend)
         self.clock = clock
         # Called with the report of each reparent the detector ran (the proxy adds its buffer
         # counts), in a task of its own: the shard is not kept busy meanwhile.

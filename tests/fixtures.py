@@ -4,6 +4,7 @@ live in `harness/`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -144,6 +145,28 @@ def start_baton_without_primary(
         users=[{"name": "app", "password": "app-pass"}],
         **changes,
     )
+
+
+def current_primary(b: Baton) -> str:
+    """The name of the primary Baton routes to now."""
+    return str(json.loads(b.ctl("--json", "status").stdout)["shards"][0]["primary"])
+
+
+def prs_across(b: Baton, threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Run `threads` across a planned switch to the other server of a two-server shard: they
+    start, the PRS runs half a second later, and `stop` is set half a second after it."""
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        target = "db2" if current_primary(b) == "db1" else "db1"
+        out = b.ctl("--json", "prs", "--to", target)
+        assert out.returncode == 0, out.stdout + out.stderr
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
 
 
 def port_hint() -> int:

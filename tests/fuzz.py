@@ -49,6 +49,8 @@ OPTIONAL_CAPS = (
     Cap.DEPRECATE_EOF,
     Cap.SESSION_TRACK,
 )
+# Capabilities Baton does not offer; and compression, which it does: a login that sets it
+# starts a compressed session whose fuzzed plain commands its inflater must refuse.
 LIES = (Cap.COMPRESS, Cap.SSL, Cap.QUERY_ATTRIBUTES, Cap.ZSTD_COMPRESSION)
 
 
@@ -101,7 +103,7 @@ def mutate(rng: random.Random, payload: bytes) -> bytes:
             data[rng.randrange(len(data))] = rng.randrange(256)
         elif op == 2:  # drop every NUL (unterminated strings)
             data = bytearray(data.replace(b"\x00", b"\x01"))
-        elif op == 3 and len(data) >= 4:  # capabilities Baton did not offer
+        elif op == 3 and len(data) >= 4:  # capabilities Baton did not offer, or compression
             caps = struct.unpack_from("<I", data)[0] | rng.choice(LIES)
             struct.pack_into("<I", data, 0, caps & 0xFFFFFFFF)
         elif op == 4:  # a lying length-encoded prefix

@@ -489,3 +489,82 @@ def test_serve_refuses_bad_operator_input(tmp_path: Path) -> None:
 def test_sandbox_config_is_private(sandbox: Sandbox) -> None:
     """baton.toml holds the admin password: 0600 (written so from birth, see _atomic_write)."""
     assert stat.S_IMODE(sandbox.config_path.stat().st_mode) == 0o600
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a CA, a certificate and key it signed, another key, and a non-PEM file."""
+    from reparent import certs
+
+    folder = tmp_path_factory.mktemp("tls-files")
+    ca = certs.make_ca(folder)
+    certs.make_cert(folder, "baton", ca)
+    certs.make_cert(folder, "other", ca)
+    (folder / "junk.pem").write_text("not a certificate\n")
+    return folder
+
+
+GOOD_TLS = '[tls]\ncert = "baton.pem"\nkey = "baton.key"\n'
+
+
+@pytest.mark.parametrize(
+    ("tls", "backend", "key"),
+    [
+        ("tls = 1\n", "", "tls: expected a table"),
+        ('[tls]\ncert = "baton.pem"\n', "", "tls.key: missing (tls.cert and tls.key go"),
+        ('[tls]\nkey = "baton.key"\n', "", "tls.cert: missing"),
+        ("[tls]\nrequire = true\n", "", "tls.require: set without tls.cert and tls.key"),
+        ('[tls]\nmin_version = "TLSv1.3"\n', "", "tls.min_version: set without"),
+        (GOOD_TLS + 'min_version = "TLSv1.1"\n', "", "tls.min_version: expected 'TLSv1.2' or"),
+        (GOOD_TLS + 'min_version = "1.2"\n', "", "tls.min_version: expected"),
+        (GOOD_TLS + 'ciphers = "NO-SUCH-CIPHER"\n', "", "tls.ciphers: OpenSSL takes no cipher"),
+        (GOOD_TLS + 'ciphers = ""\n', "", "tls.ciphers: must not be empty"),
+        (GOOD_TLS + "require = 1\n", "", "tls.require: expected bool"),
+        (GOOD_TLS + 'verify = "yes"\n', "", "tls.verify: unknown key"),
+        ('[tls]\ncert = 5\nkey = "baton.key"\n', "", "tls.cert: expected str"),
+        ('[tls]\ncert = "missing.pem"\nkey = "baton.key"\n', "", "tls.cert/tls.key: "),
+        ('[tls]\ncert = "junk.pem"\nkey = "baton.key"\n', "", "tls.cert/tls.key: cannot use"),
+        ('[tls]\ncert = "baton.pem"\nkey = "other.key"\n', "", "tls.cert/tls.key: cannot use"),
+        (GOOD_TLS + 'ca = "junk.pem"\n', "", "tls.ca: cannot use"),
+        (GOOD_TLS + 'ca = "nope.pem"\n', "", "tls.ca: "),
+        ("", 'tls = "on"', "backend.tls: expected 'off' or 'preferred' or 'required' or"),
+        ("", 'tls = "verify_ca"', "backend.ca: backend.tls = 'verify_ca' needs the servers' CA"),
+        ("", 'tls = "verify_identity"', "backend.ca: backend.tls = 'verify_identity' needs"),
+        ("", 'tls = "required"\nca = "ca.pem"', "backend.ca: used only by backend.tls = 'veri"),
+        ("", 'ca = "ca.pem"', "backend.ca: used only by"),
+        ("", 'tls = "verify_ca"\nca = "nope.pem"', "backend.ca: "),
+        ("", 'tls = "verify_ca"\nca = "junk.pem"', "backend.ca: cannot use"),
+        ("", 'tls = "verify_ca"\nca = ""', "backend.ca: must not be empty"),
+        ("", "tls = true", "backend.tls: expected str"),
+    ],
+)
+def test_bad_tls_is_named(tls_files: Path, tls: str, backend: str, key: str) -> None:
+    text = WITH_USERS.replace('tls = "off"\n', backend + "\n" if backend else 'tls = "off"\n')
+    with pytest.raises(ConfigError) as exc:
+        load(write(tls_files, text + "\n" + tls if tls.startswith("[") else tls + text))
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
+def test_tls_files_are_taken_from_the_configs_folder(tls_files: Path) -> None:
+    import ssl
+
+    from reparent.config import BackendTls, TlsVersion
+    from reparent.tls import backend_context, listener_context
+
+    text = (
+        WITH_USERS.replace('tls = "off"\n', 'tls = "verify_identity"\nca = "ca.pem"\n')
+        + "\n"
+        + GOOD_TLS
+        + 'min_version = "TLSv1.3"\nrequire = true\n'
+    )
+    cfg = load(write(tls_files, text))
+    assert cfg.tls.cert == str(tls_files / "baton.pem")
+    assert cfg.tls.key == str(tls_files / "baton.key")
+    assert cfg.tls.require and cfg.tls.min_version is TlsVersion.TLS1_3
+    assert listener_context(cfg.tls).minimum_version is ssl.TLSVersion.TLSv1_3
+    assert cfg.backend.tls is BackendTls.VERIFY_IDENTITY
+    assert cfg.backend.ca == str(tls_files / "ca.pem")
+    ctx = backend_context(cfg.backend)
+    assert ctx is not None and ctx.check_hostname and ctx.verify_mode is ssl.CERT_REQUIRED
+    assert load(EXAMPLE).tls.enabled is False  # off unless configured
+    assert backend_context(load(EXAMPLE).backend) is None

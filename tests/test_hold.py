@@ -19,6 +19,7 @@ from tests.fixtures import (
     app_connector,
     port_hint,
     private_sandbox,
+    prs_across,
     server_ports,
     sysbench,
     sysbench_counts,
@@ -196,19 +197,7 @@ def test_held_command_waits_and_runs_on_the_new_primary(box: Sandbox, hbaton: Ba
             latencies.append(time.perf_counter() - t0)
         c.close()
 
-    threads = [threading.Thread(target=writer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.5)
-        target = "db2" if primary(hbaton) == "db1" else "db1"
-        out = hbaton.ctl("--json", "prs", "--to", target)
-        assert out.returncode == 0, out.stdout + out.stderr
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+    prs_across(hbaton, [threading.Thread(target=writer) for _ in range(4)], stop)
     assert errors == []
     assert max(latencies) < 5.0
     cur.execute("SELECT COUNT(DISTINCT port) FROM baton_hold_a.t")

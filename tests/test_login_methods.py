@@ -261,7 +261,13 @@ def login(
     secure: bool = False,
     greeting_plugin: str = NATIVE_PLUGIN,
 ) -> Verified:
-    settings = LoginSettings(0, "127.0.0.1", False, secure=secure, plugin=greeting_plugin)
+    settings = LoginSettings(
+        secure=secure,
+        offered=0,
+        address="127.0.0.1",
+        allow_unfenced=False,
+        plugin=greeting_plugin,
+    )
     return asyncio.run(
         verify(client, book, settings, user, plugin, response, greeting, 1, rsa, open_backend)
     )

@@ -328,6 +328,7 @@ def test_an_ed25519_session_ends_clearly_at_a_switch(
             return reads_on("db2") == before + 1
 
         wait_for("a read on the replica", app_read_on_replica)
+
         def fallbacks() -> tuple[float, float]:
             page = b.scrape()
             return (

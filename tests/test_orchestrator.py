@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,32 @@ from reparent.topology import (
     TopologyEvent,
 )
 
-CONFIG = load(Path(__file__).resolve().parent.parent / "configs" / "example.toml")
+
+def _refusing_port() -> int:
+    """A loopback port bound and never listened on: a connect to it is refused at once, on
+    any machine. (example.toml's own ports may belong to a sandbox someone is running, and
+    an emergency reparent refuses to run while its old primary answers.)"""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return int(sock.getsockname()[1])
+
+
+_HELD: list[socket.socket] = []
+_EXAMPLE = load(Path(__file__).resolve().parent.parent / "configs" / "example.toml")
+CONFIG = replace(
+    _EXAMPLE,
+    shards=tuple(
+        replace(
+            shard,
+            servers=tuple(
+                replace(s, host="127.0.0.1", port=_refusing_port(), replication_port=0)
+                for s in shard.servers
+            ),
+        )
+        for shard in _EXAMPLE.shards
+    ),
+)
 
 
 class Fakes:

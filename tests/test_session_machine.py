@@ -475,6 +475,18 @@ def test_unreachable_primary_waits_for_the_next_one() -> None:
     assert m.avoid is None
 
 
+def test_a_primary_refused_for_its_certificate_is_answered_at_once() -> None:
+    """A lasting failure (TLS to the server refused): no wait for a next primary."""
+    m = machine()
+    m.command(READ, hold=False, ready=False)
+    assert m.connect_failed(ERROR, lasting=True) == (
+        Failed(FailureCause.UNREACHABLE, False),
+        WriteError(ERROR),
+        Do.NEXT,
+    )
+    assert m.failure is None
+
+
 def test_unreachable_primary_for_a_command_that_cannot_wait() -> None:
     m = machine()
     m.command(cmd(Command.STMT_FETCH, b"\x01\x00\x00\x00\x01\x00\x00\x00"), False, False)
