@@ -18,11 +18,18 @@ from harness.baton import Baton, start_baton
 from harness.clients import admin_conn
 from harness.process import free_port
 from reparent.sandbox import Sandbox
-from tests.fixtures import metric, port_hint, private_sandbox, server_ports, wait_for
+from tests.fixtures import (
+    app_connector,
+    mariadb_cli,
+    metric,
+    port_hint,
+    private_sandbox,
+    server_ports,
+    wait_for,
+)
 
 SHA2_USER, SHA2_PASS = "sha2_user", "sha2-pass"
 ED_USER, ED_PASS = "ed_user", "ed-pass"
-PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/libmariadb3/plugin"
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +104,12 @@ def pymysql_session(port: int, user: str = SHA2_USER, password: str = SHA2_PASS)
 
 def connector_session(port: int) -> list:
     """mysql-connector-python offering caching_sha2_password; a binary-protocol statement."""
-    conn = mysql.connector.connect(
-        host="127.0.0.1",
-        port=port,
-        user=SHA2_USER,
-        password=SHA2_PASS,
+    conn = app_connector(
+        port,
+        SHA2_USER,
+        SHA2_PASS,
         database="baton_test",
         auth_plugin="caching_sha2_password",
-        use_pure=True,
         ssl_disabled=True,
     )
     try:
@@ -162,13 +167,11 @@ def test_change_user_with_caching_sha2(sha2_baton: Baton) -> None:
     # Full logins leave both accounts' verifiers (the connector cannot log in full here).
     pymysql_session(sha2_baton.port)
     pymysql_session(sha2_baton.port, "app", "app-pass")
-    conn = mysql.connector.connect(
-        host="127.0.0.1",
-        port=sha2_baton.port,
-        user=SHA2_USER,
-        password=SHA2_PASS,
+    conn = app_connector(
+        sha2_baton.port,
+        SHA2_USER,
+        SHA2_PASS,
         auth_plugin="caching_sha2_password",
-        use_pure=True,
         ssl_disabled=True,
     )
     try:
@@ -200,26 +203,7 @@ def test_change_user_to_an_ed25519_account(baton: Baton, accounts: None) -> None
 def mariadb(
     port: int, user: str, password: str, sql: str, *options: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "mariadb",
-            *options,
-            "-h127.0.0.1",
-            f"-P{port}",
-            f"-u{user}",
-            f"-p{password}",
-            "--skip-ssl",
-            f"--plugin-dir={PLUGIN_DIR}",
-            "-N",
-            "-B",
-            "baton_test",
-            "-e",
-            sql,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return mariadb_cli(port, user, password, sql, "--skip-ssl", *options)
 
 
 ED_SQL = "SELECT CURRENT_USER(); PREPARE s FROM 'SELECT ? * 2'; SET @x = 21; EXECUTE s USING @x"

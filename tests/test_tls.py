@@ -32,7 +32,7 @@ from reparent.config import BackendSettings, BackendTls
 from reparent.sandbox import Sandbox
 from reparent.tls import replication_options
 from tests.conftest import sandbox_base_port
-from tests.fixtures import metric, port_hint, wait_for
+from tests.fixtures import app_connector, mariadb_cli, metric, port_hint, wait_for
 
 TABLE = "baton_test.tls_rows"
 
@@ -634,15 +634,13 @@ def test_caching_sha2_over_tls_full_then_fast(
     prepared statement as their own account."""
     for method in ("caching_sha2_full", "caching_sha2_fast"):
         before = _logins(tbaton, method)
-        conn = mysql.connector.connect(
-            host="127.0.0.1",
-            port=tbaton.port,
-            user=LOGIN_USER,
-            password=LOGIN_PASS,
+        conn = app_connector(
+            tbaton.port,
+            LOGIN_USER,
+            LOGIN_PASS,
             auth_plugin="caching_sha2_password",
             ssl_ca=str(tls_box.ca.cert),
             ssl_verify_cert=True,
-            use_pure=True,
         )
         cur = conn.cursor(prepared=True)
         cur.execute("SELECT CURRENT_USER(), ?", (7,))
@@ -651,30 +649,14 @@ def test_caching_sha2_over_tls_full_then_fast(
         assert _logins(tbaton, method) == before + 1
 
 
+LOGIN_SQL = "SELECT CURRENT_USER(); PREPARE s FROM 'SELECT ? + 1'; SET @x = 41; EXECUTE s USING @x"
+
+
 def _cli(
     port: int, box: Sandbox, user: str, password: str, *options: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "mariadb",
-            "-h127.0.0.1",
-            f"-P{port}",
-            f"-u{user}",
-            f"-p{password}",
-            "--ssl",
-            f"--ssl-ca={box.ca.cert}",
-            "--ssl-verify-server-cert",
-            "-N",
-            "-B",
-            *options,
-            "baton_test",
-            "-e",
-            "SELECT CURRENT_USER(); PREPARE s FROM 'SELECT ? + 1'; SET @x = 41; EXECUTE s USING @x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    tls = ("--ssl", f"--ssl-ca={box.ca.cert}", "--ssl-verify-server-cert")
+    return mariadb_cli(port, user, password, LOGIN_SQL, *tls, *options)
 
 
 def test_clear_password_over_tls(tbaton: Baton, tls_box: Sandbox, login_accounts: int) -> None:
