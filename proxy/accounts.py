@@ -20,7 +20,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from proxy.auth import NATIVE_PLUGIN, Account, AccountBook, Fence, native_hash, parse_native_hash
+from proxy.auth import (
+    NATIVE_PLUGIN,
+    Account,
+    AccountBook,
+    Fence,
+    Sha2Cache,
+    native_hash,
+    parse_native_hash,
+)
 from reparent.admin import AdminConnection
 from reparent.config import PLAIN_BACKEND, BackendSettings, ServerConfig
 from reparent.config import Account as ConfigAccount
@@ -110,6 +118,13 @@ class Accounts:
         self.error = ""
         self._last_try = -RELOAD_MIN_INTERVAL
         self._loading: asyncio.Future[bool] | None = None
+        # caching_sha2_password's fast-path verifiers, filled by full logins (proxy/auth.py).
+        self.sha2 = Sha2Cache()
+
+    def just_read(self) -> bool:
+        """Were the accounts read less than RELOAD_MIN_INTERVAL ago? (A login that already
+        made them be read for an unknown user need not wait for another read.)"""
+        return self._clock() - self.loaded_at < RELOAD_MIN_INTERVAL
 
     async def reload(self, why: str, force: bool = False) -> bool:
         """Read the accounts again; True if a new list was read. Concurrent callers share one

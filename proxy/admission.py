@@ -39,6 +39,8 @@ class LoginFailure(enum.StrEnum):
     UNKNOWN_USER = "unknown_user"
     UNFENCED_USER = "unfenced_user"  # SUPER / READ ONLY ADMIN, refused through the proxy
     UNSUPPORTED_PLUGIN = "unsupported_plugin"
+    CLEARTEXT_WITHOUT_TLS = "cleartext_without_tls"  # a password sent in clear, not under TLS
+    BACKEND_UNREACHABLE = "backend_unreachable"  # an ed25519 login needs the primary, now
     BAD_HANDSHAKE = "bad_handshake"  # malformed, oversized or out-of-order login packets
     TIMEOUT = "timeout"  # no complete login within proxy.connect_timeout
     SERVER_REFUSED = "server_refused"  # the server answered Baton's login with an error

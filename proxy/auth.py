@@ -6,6 +6,14 @@ answers Baton's nonce `n` with `R = SHA1(password) XOR SHA1(n + H2)`, so Baton r
 answer any server's nonce as that client, which is how each session logs in to MariaDB as its own
 account (and logs in again on the next primary after a switch). MaxScale works the same way.
 
+Newer clients log in with other plugins, and each is checked here without Baton keeping a
+password: `caching_sha2_password` (MySQL 8.4/9.x clients) either proves, against a verifier
+Baton cached at that account's last full login, that it knows the password (`Sha2Cache`), or
+sends the password itself (over TLS, or RSA-encrypted with Baton's key): Baton checks
+`SHA1(SHA1(password)) == H2` and keeps `H1` as for mysql_native_password. MariaDB's `ed25519`
+signs the server's nonce with a key only the password gives: that signature cannot be turned
+into a login to another server, so Baton never holds anything to log such an account in with.
+
 Which account a login means follows MariaDB's rule: among the accounts of that user name, the
 one with the most specific host pattern that matches the client's address. The server decides
 again on its own when Baton logs in; Baton's check only recovers `H1`, and never lets in what
@@ -16,12 +24,21 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import ipaddress
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from proxy.client_packets import SHA2_SCRAMBLE_LENGTH
+
 NATIVE_PLUGIN = "mysql_native_password"
+SHA2_PLUGIN = "caching_sha2_password"
+CLEAR_PLUGIN = "mysql_clear_password"
+ED25519_PLUGIN = "ed25519"  # the server's name for it; the client's is client_ed25519
+ED25519_CLIENT_PLUGIN = "client_ed25519"
+SHA2_CACHE_SIZE = 10_000  # accounts whose fast-path verifier Baton keeps, least recent dropped
 
 
 def nonce() -> bytes:
@@ -60,6 +77,63 @@ def recover_stage1(response: bytes, our_nonce: bytes, h2: bytes) -> bytes | None
     return h1 if hashlib.sha1(h1).digest() == h2 else None
 
 
+def password_stage1(password: bytes, h2: bytes) -> bytes | None:
+    """H1 from a password the client sent (caching_sha2's full path, mysql_clear_password),
+    or None if it is not the password of the account whose hash is `h2`."""
+    h1 = hashlib.sha1(password).digest() if password else b""
+    expected = hashlib.sha1(h1).digest() if h1 else b""
+    return h1 if hmac.compare_digest(expected, h2) else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sha2Entry:
+    h2: bytes  # the account's hash when cached: a new password makes the entry useless
+    stage2: bytes  # SHA256(SHA256(password)), what the client's fast answer is checked with
+    sealed: bytes  # H1 XOR a pad only SHA256(password) gives: the cache alone logs nobody in
+
+
+class Sha2Cache:
+    """caching_sha2_password's fast path, as the server's cache is: after a full login Baton
+    keeps SHA256(SHA256(password)) per account, and a later client's answer to a nonce proves
+    it knows SHA256(password), which also unseals the account's H1 for the backend login.
+    Entries are keyed by account and hold its H2, so a changed password misses."""
+
+    def __init__(self, size: int = SHA2_CACHE_SIZE) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, _Sha2Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _pad(s1: bytes) -> bytes:
+        return hashlib.sha1(b"baton sha2 cache" + s1).digest()
+
+    def put(self, account: Account, password: bytes, h1: bytes) -> None:
+        if account.h2 is None or not password:
+            return
+        s1 = hashlib.sha256(password).digest()
+        sealed = bytes(a ^ b for a, b in zip(h1, self._pad(s1), strict=True))
+        self._entries[account.name] = _Sha2Entry(account.h2, hashlib.sha256(s1).digest(), sealed)
+        self._entries.move_to_end(account.name)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def check(self, account: Account, response: bytes, our_nonce: bytes) -> bytes | None:
+        """H1 of `account` if `response` is its client's fast answer to `our_nonce`:
+        SHA256(pw) XOR SHA256(SHA256(SHA256(pw)) + nonce)."""
+        entry = self._entries.get(account.name)
+        if entry is None or entry.h2 != account.h2 or len(response) != SHA2_SCRAMBLE_LENGTH:
+            return None
+        mix = hashlib.sha256(entry.stage2 + our_nonce[:20]).digest()
+        s1 = bytes(a ^ b for a, b in zip(response, mix, strict=True))
+        if not hmac.compare_digest(hashlib.sha256(s1).digest(), entry.stage2):
+            return None
+        self._entries.move_to_end(account.name)
+        h1 = bytes(a ^ b for a, b in zip(entry.sealed, self._pad(s1), strict=True))
+        return h1 if hashlib.sha1(h1).digest() == entry.h2 else None
+
+
 def parse_native_hash(text: str) -> bytes | None:
     """`*<40 hex>` as stored by the server, or '' for no password; None for anything else."""
     if text == "":
@@ -86,12 +160,22 @@ class Account:
     user: str
     host: str
     plugin: str
-    h2: bytes | None  # None: not a mysql_native_password account, Baton cannot log it in
+    h2: bytes | None  # None: not a mysql_native_password account
     unfenced: frozenset[Fence] = frozenset()
 
     @property
     def name(self) -> str:
         return f"'{self.user}'@'{self.host}'"
+
+    @property
+    def ed25519(self) -> bool:
+        """Only its client can log it in (proxy/login.py passes its login through)."""
+        return self.plugin == ED25519_PLUGIN
+
+    @property
+    def usable(self) -> bool:
+        """Can a client log in to it through Baton?"""
+        return self.h2 is not None or self.ed25519
 
 
 def host_matches(pattern: str, address: str) -> bool:

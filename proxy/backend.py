@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.auth import NATIVE_PLUGIN, scramble
@@ -38,10 +38,16 @@ from reparent.tls import backend_context
 
 @dataclass(frozen=True, slots=True)
 class BackendLogin:
-    """Whom a server connection logs in as: the client's own account, by SHA1(password)."""
+    """Whom a server connection logs in as: the client's own account, by SHA1(password).
+    `h1` None: an account Baton cannot answer for (ed25519); only the client can, through
+    a `Relay`, once."""
 
     user: str
-    h1: bytes
+    h1: bytes | None
+
+
+# Hands a server's auth-switch request (plugin, data) to the client and returns its answer.
+Relay = Callable[[str, bytes], Awaitable[bytes]]
 
 
 class BackendError(Exception):
@@ -130,10 +136,17 @@ class BackendConnection(asyncio.Protocol):
         timeout: float,
         proxy_header: bytes = b"",
         backend: BackendSettings = PLAIN_BACKEND,
+        relay: Relay | None = None,
     ) -> BackendConnection:
         """Open and log in as `login`; capabilities mirror the client's, plus session tracking
         for Baton. `proxy_header` (a PROXY protocol line) goes first when given; TLS as
-        `backend.tls` says."""
+        `backend.tls` says. A server that asks for a plugin other than mysql_native_password
+        is answered by `relay`."""
+        if login.h1 is None and relay is None:
+            raise BackendError(
+                f"the account {login.user} logs in with a plugin only its client can answer; "
+                "Baton cannot log it in again"
+            )
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -146,7 +159,8 @@ class BackendConnection(asyncio.Protocol):
             if proxy_header:
                 conn.write(proxy_header)
             await asyncio.wait_for(
-                conn._login(login, client_caps, collation, database, backend, host), timeout
+                conn._login(login, client_caps, collation, database, backend, host, relay),
+                timeout,
             )
         except TimeoutError:
             conn.close()
@@ -167,6 +181,7 @@ class BackendConnection(asyncio.Protocol):
         database: str | None,
         backend: BackendSettings,
         host: str,
+        relay: Relay | None,
     ) -> None:
         seq, payload = await self.read_packet()
         hs = parse_server_handshake(payload)
@@ -185,7 +200,8 @@ class BackendConnection(asyncio.Protocol):
         if tls:
             caps |= Cap.SSL
         self.capabilities = caps
-        auth = scramble(login.h1, hs.auth_data)
+        # Without H1 the first answer is empty: the server switches to the account's plugin.
+        auth = b"" if login.h1 is None else scramble(login.h1, hs.auth_data)
         response = make_handshake_response(caps, collation, login.user, auth, database)
         if ctx is not None and tls:
             # The SSL request is the response's first 32 bytes: MariaDB keeps the capabilities
@@ -196,13 +212,17 @@ class BackendConnection(asyncio.Protocol):
         self.write(frame(response, seq + 1))
         seq, reply = await self.read_packet()
         if reply[:1] == b"\xfe":
-            plugin, nonce = parse_auth_switch(reply)
-            if plugin != NATIVE_PLUGIN:
+            plugin, data = parse_auth_switch(reply)
+            if plugin == NATIVE_PLUGIN and login.h1 is not None:
+                answer = scramble(login.h1, data)
+            elif relay is not None:
+                answer = await relay(plugin, data)
+            else:
                 raise BackendError(
                     f"backend {self.address} wants auth plugin {plugin} for {login.user}, "
                     "which Baton cannot answer"
                 )
-            self.write(frame(scramble(login.h1, nonce), seq + 1))
+            self.write(frame(answer, seq + 1))
             _, reply = await self.read_packet()
         if reply[:1] == b"\xff":
             err = parse_err(reply)

@@ -312,6 +312,81 @@ def parse_auth_switch_response(payload: bytes) -> bytes:
     return payload
 
 
+# The packets of the other login plugins: each has one shape, and anything else is refused
+# here, before a hash, a key or a server sees it.
+
+SHA2_SCRAMBLE_LENGTH = 32
+ED25519_SIGNATURE_LENGTH = 64
+REQUEST_PUBLIC_KEY = b"\x02"  # caching_sha2_password: "send me your RSA public key"
+
+
+def parse_sha2_scramble(payload: bytes) -> bytes:
+    """caching_sha2_password's fast answer: 32 bytes, or none for an empty password."""
+    if len(payload) not in (0, SHA2_SCRAMBLE_LENGTH):
+        raise ClientPacketError(
+            Malformed.BAD_LENGTH,
+            f"caching_sha2_password answer of {len(payload)} bytes, not {SHA2_SCRAMBLE_LENGTH}",
+        )
+    return payload
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKeyRequest:
+    """caching_sha2_password over plain text: the client wants Baton's RSA key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClearPassword:
+    """A password as the client typed it (NUL removed)."""
+
+    password: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedPassword:
+    """RSA-OAEP(password + NUL XOR nonce) with Baton's public key."""
+
+    ciphertext: bytes
+
+
+def parse_clear_password(payload: bytes, what: str = "mysql_clear_password") -> ClearPassword:
+    """A password sent as it is: its bytes and one NUL at the end, none inside."""
+    if len(payload) > MAX_NAME:
+        raise ClientPacketError(Malformed.TOO_LONG, f"{what}: password too long")
+    if not payload.endswith(b"\x00"):
+        raise ClientPacketError(Malformed.NO_TERMINATOR, f"{what}: password without its NUL")
+    if b"\x00" in payload[:-1]:
+        raise ClientPacketError(Malformed.TRAILING, f"{what}: bytes after the password's NUL")
+    return ClearPassword(payload[:-1])
+
+
+def parse_sha2_full(
+    payload: bytes, secure: bool, cipher_size: int
+) -> PublicKeyRequest | ClearPassword | EncryptedPassword:
+    """What a caching_sha2_password client sends when told to log in in full: over TLS its
+    password; over plain text a request for Baton's key, then the password encrypted with it
+    (exactly one RSA block). A password sent in clear over plain text is read as such (the
+    caller refuses it: it already crossed the network unprotected)."""
+    what = "caching_sha2_password"
+    if len(payload) > MAX_NAME:
+        raise ClientPacketError(Malformed.TOO_LONG, f"{what}: {len(payload)} bytes")
+    if payload == REQUEST_PUBLIC_KEY and not secure:
+        return PublicKeyRequest()
+    if not secure and len(payload) == cipher_size:
+        return EncryptedPassword(payload)
+    return parse_clear_password(payload, what)
+
+
+def parse_ed25519_signature(payload: bytes) -> bytes:
+    """client_ed25519's answer: the 64-byte signature of the server's nonce."""
+    if len(payload) != ED25519_SIGNATURE_LENGTH:
+        raise ClientPacketError(
+            Malformed.BAD_LENGTH,
+            f"client_ed25519 answer of {len(payload)} bytes, not {ED25519_SIGNATURE_LENGTH}",
+        )
+    return payload
+
+
 # Bytes each prepared-statement command needs after its command byte for Baton to map it:
 # the statement id, and for EXECUTE its flags and iteration count, for FETCH the row count,
 # for SEND_LONG_DATA the parameter number.

@@ -18,7 +18,7 @@ from proxy import metrics
 from proxy.accounts import Accounts
 from proxy.admission import Admission
 from proxy.auth import stage1
-from proxy.backend import BackendConnection, BackendError, BackendLogin
+from proxy.backend import BackendConnection, BackendError, BackendLogin, Relay
 from proxy.classify import Classifier
 from proxy.holder import Holder
 from proxy.packets import proxy_header
@@ -26,6 +26,7 @@ from proxy.pinning import Pin, pins
 from proxy.pools import Pools
 from proxy.readroute import ReadPool
 from proxy.router import Router
+from proxy.rsa_key import RsaKey
 from proxy.session import routine_hazards
 from proxy.tls import ClientTls
 from reparent.admin import AdminConnection
@@ -84,6 +85,8 @@ class ProxyContext:
     peer_session: Callable[[int], tuple[str, int] | None] | None = None
     # The pools of server connections sessions share ([pool] multiplex); None: no sharing.
     pools: Pools | None = None
+    # For caching_sha2_password over plain text (proxy/rsa_key.py).
+    rsa_key: RsaKey = field(default_factory=RsaKey.generate)
     # TLS for clients ([tls]); None when Baton offers none.
     tls: ClientTls | None = None
     _tls_logged: dict[str, float] = field(default_factory=dict)  # server -> last TLS warning
@@ -159,9 +162,11 @@ class ProxyContext:
         collation: int,
         schema: str | None,
         client: tuple[str, int] | None = None,
+        relay: Relay | None = None,
     ) -> BackendConnection:
         """A backend connection to `server`, logged in as `login` (the client's own account).
-        With backend.proxy_protocol the server is told `client`'s address first."""
+        With backend.proxy_protocol the server is told `client`'s address first; `relay`
+        answers a login only the client can (ed25519)."""
         header = b""
         if client is not None and self.config.backend.proxy_protocol:
             header = proxy_header(client, (server.host, server.port))
@@ -176,6 +181,7 @@ class ProxyContext:
                 self.config.proxy.backend_connect_timeout,
                 header,
                 self.config.backend,
+                relay,
             )
         except BackendError as e:
             if e.tls:

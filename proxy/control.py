@@ -285,7 +285,7 @@ class LocalProxies:
                 {
                     "account": a.name,
                     "plugin": a.plugin,
-                    "usable": a.h2 is not None,
+                    "usable": a.usable,
                     "unfenced": sorted(a.unfenced),
                 }
                 for a in accounts.book

@@ -27,7 +27,7 @@ from typing import Any
 from proxy import metrics
 from proxy.admission import LoginFailure, Refusal
 from proxy.auth import nonce as new_nonce
-from proxy.backend import BackendError
+from proxy.backend import BackendConnection, BackendError, BackendLogin, Relay
 from proxy.classify import Verdict as Classified
 from proxy.classify import about_previous
 from proxy.client_packets import (
@@ -42,7 +42,14 @@ from proxy.context import SESSION_ID_BASE, SESSION_ID_END, ProxyContext
 from proxy.errors import ErrorKind
 from proxy.holder import Released, Verdict
 from proxy.link import ServerLink
-from proxy.login import LoginRefused, LoginSettings, read_handshake, verify
+from proxy.login import (
+    LoginMethod,
+    LoginRefused,
+    LoginSettings,
+    Verified,
+    read_handshake,
+    verify,
+)
 from proxy.packets import (
     COMMAND_NAMES,
     MAX_PAYLOAD,
@@ -87,7 +94,7 @@ from proxy.session_machine import (
     loss_message,
 )
 from proxy.tls import upgrade
-from reparent.config import CausalReads, RoutingMode
+from reparent.config import CausalReads, RoutingMode, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +164,10 @@ class ClientConnection(asyncio.Protocol):
         self._zends = True  # the queue's last write ends a packet
         self._secure = False  # the client's connection is under TLS
         self._gone = False  # connection_lost has run
+        # A server connection the login made (ed25519), with its server and epoch.
+        self._login_backend: BackendConnection | None = None
+        self._login_server: tuple[ServerConfig, int] | None = None
+        self._login_method = LoginMethod.NATIVE
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -392,6 +403,7 @@ class ClientConnection(asyncio.Protocol):
             self._login_failed(LoginFailure.CLIENT_GONE, "the client went away", None)
             return
         ctx.admission.login_ok(self.address)
+        metrics.LOGINS.labels(str(self._login_method)).inc()
         self._write(make_ok(Status.AUTOCOMMIT, seq))
         if self.link.client_caps & Cap.COMPRESS:
             self._compress()
@@ -422,6 +434,7 @@ class ClientConnection(asyncio.Protocol):
                     identity.collation,
                     Status.AUTOCOMMIT,
                     nonce,
+                    ctx.config.proxy.auth_plugin,
                 ),
                 0,
             )
@@ -434,18 +447,56 @@ class ClientConnection(asyncio.Protocol):
         self.state.user = response.user
         self._parser.deprecate_eof = bool(link.client_caps & Cap.DEPRECATE_EOF)
         self._parser.client_tracks = bool(link.client_caps & Cap.SESSION_TRACK)
-        verified = await verify(
-            self,
-            ctx.accounts,
-            self._login_settings(offered),
+        verified = await self._verify(
             response.user,
             response.auth_plugin,
             response.auth_response,
             nonce,
             seq,
+            response.collation,
+            response.database,
         )
         link.login = verified.login
+        self._login_backend = verified.backend
+        self._login_method = verified.method
         return verified.seq
+
+    async def _verify(
+        self,
+        user: str,
+        plugin: str,
+        auth: bytes,
+        nonce: bytes | None,
+        seq: int,
+        collation: int,
+        schema: str | None,
+    ) -> Verified:
+        """The login's check (proxy/login.py). A login that must reach the primary at once
+        (ed25519) opens the connection here; the primary and epoch it was made with are kept
+        in `_login_server` for the session to adopt it."""
+        ctx = self.ctx
+        link = self.link
+
+        async def open_backend(login: BackendLogin, relay: Relay) -> BackendConnection:
+            epoch, server = ctx.epoch, ctx.primary()
+            backend = await ctx.connect(
+                server, login, link.client_caps, collation, schema, link.peer, relay
+            )
+            self._login_server = (server, epoch)
+            return backend
+
+        return await verify(
+            self,
+            ctx.accounts,
+            self._login_settings(link.client_caps),
+            user,
+            plugin,
+            auth,
+            nonce,
+            seq,
+            ctx.rsa_key,
+            open_backend,
+        )
 
     def _login_settings(self, offered: int) -> LoginSettings:
         return LoginSettings(
@@ -453,6 +504,7 @@ class ClientConnection(asyncio.Protocol):
             offered=offered,
             address=self.address,
             allow_unfenced=self.ctx.config.proxy.allow_unfenced_users,
+            plugin=self.ctx.config.proxy.auth_plugin,
         )
 
     def _unreadable_accounts(self, refused: LoginRefused) -> bytes | None:
@@ -481,9 +533,16 @@ class ClientConnection(asyncio.Protocol):
         client's answer; a server that cannot be reached is not: the session starts and
         its commands wait for, or explain, the primary. A session that shares connections
         borrows one from its account's pool (which checks the login and the schema the same
-        way) and gives it back: it holds none while idle."""
+        way) and gives it back: it holds none while idle. A login passed through to the primary
+        (ed25519) keeps the connection it made, and never shares: Baton cannot log in again
+        for it."""
+        backend, self._login_backend = self._login_backend, None
         try:
-            if self.machine.shares:
+            if backend is not None:
+                self.state.single_login = True
+                self.machine.shares = False
+                await self.link.adopt(backend, *self._login_server)
+            elif self.machine.shares:
                 await self.link.borrow()
                 self.link.give_back()
             else:
@@ -1504,16 +1563,16 @@ class ClientConnection(asyncio.Protocol):
             self._error(ErrorKind.MALFORMED_PACKET, f"Malformed communication packet: {e}")
             self._carry_out(self.machine.user_changed())
             return
+        collation = change.collation if change.collation is not None else self.state.collation
         try:
-            verified = await verify(
-                self,
-                ctx.accounts,
-                self._login_settings(link.client_caps),
+            verified = await self._verify(
                 change.user,
                 change.auth_plugin,
                 change.auth_response,
                 None,
                 0,
+                collation,
+                change.database,
             )
         except LoginRefused as e:
             metrics.LOGIN_FAILURES.labels(str(e.reason)).inc()
@@ -1527,13 +1586,16 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._carry_out(self.machine.user_changed())
             return
-        collation = change.collation if change.collation is not None else self.state.collation
         epoch = ctx.epoch
         server = ctx.primary()
         try:
-            backend = await ctx.connect(
-                server, verified.login, link.client_caps, collation, change.database, link.peer
-            )
+            if verified.backend is not None:
+                backend = verified.backend
+                server, epoch = self._login_server
+            else:
+                backend = await ctx.connect(
+                    server, verified.login, link.client_caps, collation, change.database, link.peer
+                )
         except BackendError as e:
             err = e.err
             if err is None:
@@ -1549,6 +1611,9 @@ class ClientConnection(asyncio.Protocol):
         if self.reads is not None:
             self.reads.close_all()  # they were logged in as the old account
         link.login = verified.login
+        self.state.single_login = verified.backend is not None
+        # A login passed through (ed25519) cannot be repeated on a pooled connection.
+        self.machine.shares = self.ctx.pools is not None and not self.state.single_login
         self.state.user = change.user
         self.state.collation = collation
         self.state.reset(change.database)
@@ -1563,6 +1628,7 @@ class ClientConnection(asyncio.Protocol):
             self._write_error(frame(lost, verified.seq))
         else:
             link.attach(backend, server, epoch)
+            metrics.LOGINS.labels(str(verified.method)).inc()
             self._write(make_ok(Status.AUTOCOMMIT, verified.seq))
         self._carry_out(self.machine.user_changed())
 

@@ -208,6 +208,17 @@ class ServerLink:
         assert self.ctx.pools is not None
         self.ctx.pools.give_back(lease, self.state, self.reset, self.insert_id)
 
+
+    async def adopt(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
+        """Make a connection opened during the login (ed25519) the session's own; closed if
+        its state cannot be set or the client leaves meanwhile, as `connect` does."""
+        try:
+            await self.restore(backend)
+        except asyncio.CancelledError:
+            backend.close()
+            raise
+        self.attach(backend, server, epoch)
+
     def attach(self, backend: BackendConnection, server: ServerConfig, epoch: int) -> None:
         metrics.BACKEND_UP.labels(server.name).set(1)
         metrics.BACKEND_CONNECTIONS.labels(server.name).inc()

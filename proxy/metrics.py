@@ -29,6 +29,14 @@ CLIENT_CONNECTIONS = Gauge(
 CLIENT_CONNECTIONS_TOTAL = Counter(
     "baton_client_connections_accepted", "Client connections accepted", registry=REGISTRY
 )
+LOGINS = Counter(
+    "baton_logins",
+    "Client logins accepted (at connect and COM_CHANGE_USER), by how the client proved who it "
+    "is (mysql_native_password, caching_sha2_fast, caching_sha2_full, mysql_clear_password, "
+    "ed25519)",
+    ["method"],
+    registry=REGISTRY,
+)
 COMPRESSED_SESSIONS = Counter(
     "baton_client_compressed_sessions",
     "Client sessions that logged in with the compressed protocol (CLIENT_COMPRESS)",
@@ -37,8 +45,8 @@ COMPRESSED_SESSIONS = Counter(
 LOGIN_FAILURES = Counter(
     "baton_login_failures",
     "Client logins refused, by reason (access_denied, unknown_user, unfenced_user, "
-    "unsupported_plugin, bad_handshake, timeout, server_refused, client_gone, "
-    "insecure_transport)",
+    "unsupported_plugin, cleartext_without_tls, backend_unreachable, bad_handshake, timeout, "
+    "server_refused, client_gone, insecure_transport)",
     ["reason"],
     registry=REGISTRY,
 )

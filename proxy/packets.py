@@ -392,7 +392,13 @@ def parse_server_handshake(payload: bytes) -> ServerHandshake:
 
 
 def make_server_handshake(
-    version: str, connection_id: int, capabilities: int, collation: int, status: int, nonce: bytes
+    version: str,
+    connection_id: int,
+    capabilities: int,
+    collation: int,
+    status: int,
+    nonce: bytes,
+    plugin: str = "mysql_native_password",
 ) -> bytes:
     """HandshakeV10 as Baton presents itself: the backend's version, the shared capabilities."""
     caps_low = capabilities & 0xFFFFFFFF
@@ -412,7 +418,8 @@ def make_server_handshake(
         + _U32.pack(capabilities >> 32)
         + nonce[8:]
         + b"\x00"
-        + b"mysql_native_password\x00"
+        + plugin.encode()
+        + b"\x00"
     )
 
 
@@ -464,17 +471,19 @@ def make_ok(status: int, seq: int) -> bytes:
     return frame(b"\x00\x00\x00" + _U16.pack(status) + b"\x00\x00", seq)
 
 
-def make_auth_switch(plugin: str, nonce: bytes) -> bytes:
-    """AuthSwitchRequest: answer `nonce` again, with `plugin`."""
-    return b"\xfe" + plugin.encode() + b"\x00" + nonce + b"\x00"
+def make_auth_switch(plugin: str, data: bytes) -> bytes:
+    """AuthSwitchRequest: log in again with `plugin`, given `data` (exactly: the password
+    plugins' 20-byte nonce is sent with a NUL after it, client_ed25519's 32 without)."""
+    return b"\xfe" + plugin.encode() + b"\x00" + data
 
 
 def parse_auth_switch(payload: bytes) -> tuple[str, bytes]:
-    """A server's AuthSwitchRequest: the plugin it wants and its nonce."""
+    """A server's AuthSwitchRequest: the plugin it wants and its data as sent (a nonce, with
+    a NUL after it for the password plugins; client_ed25519's may end in a 0 byte of its own)."""
     end = payload.find(b"\x00", 1)
     if end < 0:
         raise PacketError("auth switch request without a plugin name")
-    return payload[1:end].decode("ascii", "replace"), payload[end + 1 :].rstrip(b"\x00")
+    return payload[1:end].decode("ascii", "replace"), payload[end + 1 :]
 
 
 def proxy_header(client: tuple[str, int], local: tuple[str, int]) -> bytes:

@@ -160,6 +160,9 @@ def session_allows_replica(state: SessionState) -> bool:
         and not state.xa
         and not state.variables_untracked
         and state.transaction_state[7:8] != "L"  # LOCK TABLES
+        # An ed25519 login answered the primary's challenge only: Baton cannot log it in to
+        # a replica (proxy/login.py).
+        and not state.single_login
     )
 
 

@@ -28,6 +28,7 @@ from proxy.pools import Pools
 from proxy.readpath import ReplicaMonitor
 from proxy.readroute import ReadPool
 from proxy.router import Router, default_proxy_id
+from proxy.rsa_key import RsaKey
 from proxy.tls import ClientTls
 from reparent.admin import AdminConnection, AdminError, AdminPool
 from reparent.config import (
@@ -188,6 +189,17 @@ class DataPath:
         self.router.close()
 
 
+def rsa_key(config: Config) -> RsaKey:
+    """proxy.rsa_private_key's key, or a new one (proxy/rsa_key.py)."""
+    path = config.proxy.rsa_private_key
+    if not path:
+        return RsaKey.generate()
+    try:
+        return RsaKey.load(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"proxy.rsa_private_key: {path}: {e}")
+
+
 async def start_data_path(
     config: Config,
     store: TopologyStore,
@@ -233,6 +245,7 @@ async def start_data_path(
         admission=admission,
         max_packet=await asyncio.to_thread(max_allowed_packet, config),
         worker=worker,
+        rsa_key=await asyncio.to_thread(rsa_key, config),
         tls=ClientTls(config.tls) if config.tls.enabled else None,
     )
     if multiplex:

@@ -48,6 +48,7 @@ class Unmovable(enum.StrEnum):
     UNTRACKED_VARIABLES = "untracked_variables"  # changed while session tracking was off
     SQL_PREPARED = "sql_prepared"  # PREPARE ... FROM @variable: its text is not known
     ROUTINE_STATE = "routine_state"  # what a stored routine it called may have left
+    LOGIN = "login"  # logged in with ed25519: only the client can log in again
 
 
 # A stored routine's body, screened for state it may leave in the session: what it may leave.
@@ -301,6 +302,9 @@ class SessionState:
     variables_untracked: bool = False
     # Stored routines the session called, by `schema.name`.
     routines: set[str] = field(default_factory=set)
+    # The login was the client's answer to one server's challenge (ed25519): Baton cannot
+    # log in for it again, so it cannot move (the login, not the server session, is the state).
+    single_login: bool = False
 
     @property
     def autocommit(self) -> bool:
@@ -475,6 +479,8 @@ class SessionState:
             found[Unmovable.TABLE_LOCKS] = []
         if self.xa:
             found[Unmovable.XA] = []
+        if self.single_login:
+            found[Unmovable.LOGIN] = []
         return found
 
     def _table_name(self, name: bytes) -> str:

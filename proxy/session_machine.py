@@ -327,6 +327,8 @@ UNMOVABLE_LABELS = {
     Unmovable.UNTRACKED_VARIABLES: "variables changed while it had session tracking off",
     Unmovable.SQL_PREPARED: "prepared statements made from a user variable",
     Unmovable.ROUTINE_STATE: "state left by stored routines",
+    Unmovable.LOGIN: "ed25519 login (a signature of that server's challenge, which Baton "
+    "cannot repeat)",
 }
 
 

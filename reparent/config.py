@@ -108,6 +108,12 @@ class ProxyConfig:
     # and runs the controller, as before workers existed. "auto" in the file: the cores.
     workers: int = 0
     reuse_port: bool = False  # each worker binds the port itself (SO_REUSEPORT)
+    # The login plugin Baton's greeting names and its auth switch asks for:
+    # mysql_native_password, or caching_sha2_password (what MySQL 8.4 servers name).
+    auth_plugin: str = "mysql_native_password"
+    # A PEM RSA private key for caching_sha2_password over plain text; "" generates one per
+    # process at start. Relative to the config file's folder.
+    rsa_private_key: str = ""
 
 
 class BackendTls(enum.StrEnum):
@@ -351,7 +357,11 @@ _PROXY_TYPES: dict[str, type | tuple[type, ...]] = {
     "allow_unfenced_users": bool,
     "workers": (int, str),
     "reuse_port": bool,
+    "auth_plugin": str,
+    "rsa_private_key": str,
 }
+
+AUTH_PLUGINS = ("mysql_native_password", "caching_sha2_password")
 
 MAX_WORKERS = 64  # session ids carry the worker in their high bits (proxy/frontend.py)
 
@@ -463,6 +473,11 @@ def _proxy(table: Any, default_shard: str) -> ProxyConfig:
             raise ConfigError(f"proxy.{key}: must be positive, got {values[key]}")
     if values.get("max_connect_errors", 0) < 0:
         raise ConfigError("proxy.max_connect_errors: must not be negative (0: never block)")
+    if values.get("auth_plugin", AUTH_PLUGINS[0]) not in AUTH_PLUGINS:
+        raise ConfigError(
+            f"proxy.auth_plugin: expected one of {', '.join(AUTH_PLUGINS)}, "
+            f"got {values['auth_plugin']!r}"
+        )
     return ProxyConfig(**values)
 
 
@@ -939,6 +954,9 @@ def load(path: str | Path) -> Config:
     store = Path(cfg.controller.store)
     if not store.is_absolute():
         cfg = replace(cfg, controller=replace(cfg.controller, store=str(p.parent / store)))
+    key = cfg.proxy.rsa_private_key
+    if key and not Path(key).is_absolute():
+        cfg = replace(cfg, proxy=replace(cfg.proxy, rsa_private_key=str(p.parent / key)))
     cfg = _tls_files(cfg, p.parent)
     return cfg
 

@@ -99,11 +99,6 @@ KNOWN: dict[str, str] = {
         "the greeting's connection id is Baton's session id, not the server thread's that "
         "SHOW PROCESSLIST lists (README, identity); KILL by either id works"
     ),
-    # In PyMySQL's repository's suite (--pymysql-src), not in 0.10.1's.
-    "pymysql/tests/test_connection.py::TestAuthentication::testAuthEd25519": (
-        "ed25519 logins: Baton logs clients in with mysql_native_password only until issue 16 "
-        "(README, Limits)"
-    ),
 }
 
 OUTCOMES = ("pass", "fail", "error", "skip", "xfail", "xpass", "missing")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,6 +170,23 @@ def prs_across(b: Baton, threads: list[threading.Thread], stop: threading.Event)
             t.join(30)
 
 
+MARIADB_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/libmariadb3/plugin"  # client_ed25519 and others
+
+
+def mariadb_cli(
+    port: int, user: str, password: str, sql: str, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """The `mariadb` CLI (libmariadb, with its client plugins) running `sql` on baton_test in
+    batch mode; `options` choose TLS and the login plugin."""
+    return subprocess.run(
+        ["mariadb", "-h127.0.0.1", f"-P{port}", f"-u{user}", f"-p{password}"]
+        + [f"--plugin-dir={MARIADB_PLUGIN_DIR}", "-N", "-B", *options, "baton_test", "-e", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def port_hint() -> int:
     """Ports for Batons of this test run, apart from the sandbox's and other runs'."""
     return 26000 + (os.getpid() % 100) * 30
@@ -205,12 +223,13 @@ def app_conn(port: int, **kw: Any) -> pymysql.Connection:
     return pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-pass", **kw)
 
 
-def app_connector(port: int, **kw: Any) -> Any:
-    """The application user through connector/python in pure Python (binary protocol)."""
+def app_connector(port: int, user: str = "app", password: str = "app-pass", **kw: Any) -> Any:
+    """The application user (or another) through connector/python in pure Python (binary
+    protocol)."""
     import mysql.connector
 
     return mysql.connector.connect(
-        host="127.0.0.1", port=port, user="app", password="app-pass", use_pure=True, **kw
+        host="127.0.0.1", port=port, user=user, password=password, use_pure=True, **kw
     )
 
 

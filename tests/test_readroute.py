@@ -113,6 +113,8 @@ def test_session_allows_replica() -> None:
         (lambda: s.user_locks.add("l"), s.user_locks.clear),
         (lambda: setattr(s, "xa", True), lambda: setattr(s, "xa", False)),
         (lambda: setattr(s, "variables_untracked", True), lambda: None),
+        # an ed25519 login: Baton cannot log it in to a replica
+        (lambda: setattr(s, "single_login", True), lambda: setattr(s, "single_login", False)),
     ):
         change()
         assert not session_allows_replica(s)

@@ -534,6 +534,19 @@ def test_unmovable_state_is_refused_by_name() -> None:
     assert out[2] == Close(CloseReason.NOT_MOVABLE) and m.phase is Phase.CLOSED
 
 
+def test_an_ed25519_session_is_not_moved() -> None:
+    """Its login was the client's signature of one server's challenge: Baton cannot log it in
+    on the new primary, so the session ends with 1927 naming why (and the metric's reason)."""
+    world = World(epoch=1, primary_name="db2")
+    m = machine(world)
+    m.state.single_login = True
+    out = m.command(READ, hold=False, ready=False)
+    assert out[0] == Refused((Unmovable.LOGIN,))
+    assert b"ed25519 login" in out[1].packet  # type: ignore[union-attr]
+    assert int.from_bytes(out[1].packet[5:7], "little") == 1927  # type: ignore[union-attr]
+    assert out[2] == Close(CloseReason.NOT_MOVABLE) and m.phase is Phase.CLOSED
+
+
 def test_unmovable_state_of_a_flushed_session_ends_its_ticket() -> None:
     m = machine()
     held(m)

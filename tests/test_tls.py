@@ -32,7 +32,7 @@ from reparent.config import BackendSettings, BackendTls
 from reparent.sandbox import Sandbox
 from reparent.tls import replication_options
 from tests.conftest import sandbox_base_port
-from tests.fixtures import metric, port_hint, wait_for
+from tests.fixtures import app_connector, mariadb_cli, metric, port_hint, wait_for
 
 TABLE = "baton_test.tls_rows"
 
@@ -594,3 +594,90 @@ def test_compression_inside_tls(tbaton: Baton, tls_box: Sandbox) -> None:
     assert session(tbaton.port) == direct
     after = metric(tbaton.scrape(), "baton_client_compressed_sessions_total", absent=0.0)
     assert after == before + 1
+
+
+# -- logins over TLS (issue 16, logins) --------------------------------------------------------
+
+LOGIN_USER, LOGIN_PASS = "tls_login", "tls-login-pass"
+ED_USER, ED_PASS = "tls_ed", "tls-ed-pass"
+
+
+@pytest.fixture(scope="module")
+def login_accounts(tbaton: Baton, tls_box: Sandbox) -> Iterator[int]:
+    """A mysql_native_password and an ed25519 account on the current primary (the ed25519
+    plugin loaded on every server first: CREATE USER replicates). Yields the primary's port."""
+    ports = {s["name"]: s["port"] for s in tls_box.status()["servers"]}
+    for port in ports.values():
+        if not admin_query(
+            port, "SELECT 1 FROM information_schema.PLUGINS WHERE PLUGIN_NAME = 'ed25519'"
+        ):
+            admin_query(port, "INSTALL SONAME 'auth_ed25519'")
+    primary = ports[json.loads(tbaton.ctl("--json", "status").stdout)["shards"][0]["primary"]]
+    for sql in (
+        f"CREATE USER '{LOGIN_USER}'@'127.0.0.1' IDENTIFIED BY '{LOGIN_PASS}'",
+        f"CREATE USER '{ED_USER}'@'127.0.0.1' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASS}')",
+        f"GRANT ALL ON baton_test.* TO '{LOGIN_USER}'@'127.0.0.1', '{ED_USER}'@'127.0.0.1'",
+    ):
+        admin_query(primary, sql)
+    yield primary
+
+
+def _logins(b: Baton, method: str) -> float:
+    return metric(b.scrape(), "baton_logins_total", absent=0.0, method=method)
+
+
+def test_caching_sha2_over_tls_full_then_fast(
+    tbaton: Baton, tls_box: Sandbox, login_accounts: int
+) -> None:
+    """mysql-connector-python offering caching_sha2_password over verified TLS: its first login
+    is full (the password itself, under TLS), the next is fast; both run a binary-protocol
+    prepared statement as their own account."""
+    for method in ("caching_sha2_full", "caching_sha2_fast"):
+        before = _logins(tbaton, method)
+        conn = app_connector(
+            tbaton.port,
+            LOGIN_USER,
+            LOGIN_PASS,
+            auth_plugin="caching_sha2_password",
+            ssl_ca=str(tls_box.ca.cert),
+            ssl_verify_cert=True,
+        )
+        cur = conn.cursor(prepared=True)
+        cur.execute("SELECT CURRENT_USER(), ?", (7,))
+        assert list(cur.fetchone()) == [f"{LOGIN_USER}@127.0.0.1", 7]
+        conn.close()
+        assert _logins(tbaton, method) == before + 1
+
+
+LOGIN_SQL = "SELECT CURRENT_USER(); PREPARE s FROM 'SELECT ? + 1'; SET @x = 41; EXECUTE s USING @x"
+
+
+def _cli(
+    port: int, box: Sandbox, user: str, password: str, *options: str
+) -> subprocess.CompletedProcess[str]:
+    tls = ("--ssl", f"--ssl-ca={box.ca.cert}", "--ssl-verify-server-cert")
+    return mariadb_cli(port, user, password, LOGIN_SQL, *tls, *options)
+
+
+def test_clear_password_over_tls(tbaton: Baton, tls_box: Sandbox, login_accounts: int) -> None:
+    """The `mariadb` CLI sending mysql_clear_password: taken under TLS (as direct), where
+    over plain text Baton refuses it (tests/test_logins.py)."""
+    direct = _cli(
+        login_accounts, tls_box, LOGIN_USER, LOGIN_PASS, "--default-auth=mysql_clear_password"
+    )
+    before = _logins(tbaton, "mysql_clear_password")
+    through = _cli(
+        tbaton.port, tls_box, LOGIN_USER, LOGIN_PASS, "--default-auth=mysql_clear_password"
+    )
+    assert direct.returncode == 0 and through.returncode == 0, direct.stderr + through.stderr
+    assert through.stdout == direct.stdout == f"{LOGIN_USER}@127.0.0.1\n42\n"
+    assert _logins(tbaton, "mysql_clear_password") == before + 1
+
+
+def test_ed25519_over_tls_as_direct(tbaton: Baton, tls_box: Sandbox, login_accounts: int) -> None:
+    direct = _cli(login_accounts, tls_box, ED_USER, ED_PASS)
+    before = _logins(tbaton, "ed25519")
+    through = _cli(tbaton.port, tls_box, ED_USER, ED_PASS)
+    assert direct.returncode == 0 and through.returncode == 0, direct.stderr + through.stderr
+    assert through.stdout == direct.stdout == f"{ED_USER}@127.0.0.1\n42\n"
+    assert _logins(tbaton, "ed25519") == before + 1
