@@ -355,3 +355,36 @@ def test_an_ed25519_session_ends_clearly_at_a_switch(
         assert again.stdout == f"{ports['db2']}\t{ED_USER}@127.0.0.1\n"
     finally:
         b.stop()
+
+
+def test_an_ed25519_session_keeps_its_connection_when_sessions_share(
+    sandbox: Sandbox, accounts: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With [pool] multiplex, sessions give their server connections back between statements
+    and borrow a pooled one, logged in by Baton as their account. An ed25519 login was passed
+    through to the primary once and cannot be made again: that session keeps the connection
+    its login made (one server thread throughout) and works as unshared."""
+    b = start_baton(
+        sandbox.config_path,
+        tmp_path_factory.mktemp("ed-pool-baton"),
+        port_hint() + 95,
+        extra={"pool": {"multiplex": True, "max": 2}},
+    )
+    try:
+        ed = MySQLdb.connect(host="127.0.0.1", port=b.port, user=ED_USER, password=ED_PASS)
+        app = MySQLdb.connect(host="127.0.0.1", port=b.port, user="app", password="app-pass")
+        try:
+            seen = set()
+            for i in range(5):
+                cur = ed.cursor()
+                cur.execute("SELECT CONNECTION_ID(), CURRENT_USER(), %s", (i,))
+                thread, user, echo = cur.fetchone()
+                assert (user, echo) == (f"{ED_USER}@127.0.0.1", i)
+                seen.add(thread)
+                app.cursor().execute("SELECT 1")  # the pool lends its connections meanwhile
+            assert len(seen) == 1
+        finally:
+            ed.close()
+            app.close()
+    finally:
+        b.stop()
