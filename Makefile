@@ -40,7 +40,8 @@ fault-test: setup lint
 	BATON_FAULT_SUITE=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py \
 	  tests/test_failure.py tests/test_durability.py tests/test_unplanned.py tests/test_faultshim.py \
 	  tests/test_fleet.py tests/test_etcdstore.py \
-	  tests/test_truth.py tests/test_blips.py tests/test_workers.py tests/test_routing.py
+	  tests/test_truth.py tests/test_blips.py tests/test_workers.py tests/test_routing.py \
+	  tests/test_pools_switch.py
 
 # 100,000 fuzzed logins and commands against a Baton of its own (make test runs 2,000).
 fuzz: setup
