@@ -15,11 +15,13 @@ import socket
 import ssl
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=enum.StrEnum)
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -428,6 +430,20 @@ def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
         raise ConfigError(f"{where}.{extra[0]}: unknown key")
 
 
+def _known(table: dict[str, Any], kinds: dict[str, Any], name: str) -> dict[str, Any]:
+    """A table's keys, none unknown, each of its kind: what its dataclass is built from."""
+    _unknown(table, set(kinds), name)
+    return {k: _typed(table, k, kind, name) for k, kind in kinds.items() if k in table}
+
+
+def _built(cls: Callable[..., T], values: dict[str, Any], name: str) -> T:
+    """The table's dataclass; a value its __post_init__ refuses is named with the table."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ConfigError(f"{name}.{e}") from None
+
+
 def _port(value: int, where: str) -> int:
     if not 0 < value < 65536:
         raise ConfigError(f"{where}: port {value} out of range 1-65535")
@@ -491,8 +507,7 @@ def _controller(table: Any) -> ControllerConfig:
         "max_lag": (int, float),
         "lock_ttl": (int, float),
     }
-    _unknown(table, set(kinds), "controller")
-    values = {k: _typed(table, k, kind, "controller") for k, kind in kinds.items() if k in table}
+    values = _known(table, kinds, "controller")
     for key, value in values.items():
         if key != "store" and value <= 0:
             raise ConfigError(f"controller.{key}: must be positive, got {value}")
@@ -511,12 +526,7 @@ def _buffer(table: Any) -> BufferConfig:
         "drain_concurrency": int,
         "dry_run": bool,
     }
-    _unknown(table, set(kinds), "buffer")
-    values = {k: _typed(table, k, kind, "buffer") for k, kind in kinds.items() if k in table}
-    try:
-        return BufferConfig(**values)
-    except ValueError as e:
-        raise ConfigError(f"buffer.{e}") from None
+    return _built(BufferConfig, _known(table, kinds, "buffer"), "buffer")
 
 
 def _detector(table: Any) -> DetectorConfig:
@@ -530,8 +540,7 @@ def _detector(table: Any) -> DetectorConfig:
         "cooldown": (int, float),
         "repair": bool,
     }
-    _unknown(table, set(kinds), "detector")
-    values = {k: _typed(table, k, kind, "detector") for k, kind in kinds.items() if k in table}
+    values = _known(table, kinds, "detector")
     for key in ("interval", "failures", "probe_timeout"):
         if key in values and values[key] <= 0:
             raise ConfigError(f"detector.{key}: must be positive, got {values[key]}")
@@ -791,12 +800,7 @@ def _pool(table: Any) -> PoolConfig:
         "queue": int,
         "wait_timeout": (int, float),
     }
-    _unknown(table, set(kinds), "pool")
-    values = {k: _typed(table, k, kind, "pool") for k, kind in kinds.items() if k in table}
-    try:
-        return PoolConfig(**values)
-    except ValueError as e:
-        raise ConfigError(f"pool.{e}") from None
+    return _built(PoolConfig, _known(table, kinds, "pool"), "pool")
 
 
 def _tls(table: Any) -> TlsSettings:
