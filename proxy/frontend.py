@@ -488,7 +488,7 @@ class ClientConnection(asyncio.Protocol):
         return await verify(
             self,
             ctx.accounts,
-            self._login_settings(link.client_caps),
+            self._login_settings(),
             user,
             plugin,
             auth,
@@ -498,10 +498,9 @@ class ClientConnection(asyncio.Protocol):
             open_backend,
         )
 
-    def _login_settings(self, offered: int) -> LoginSettings:
+    def _login_settings(self) -> LoginSettings:
         return LoginSettings(
             secure=self._secure,
-            offered=offered,
             address=self.address,
             allow_unfenced=self.ctx.config.proxy.allow_unfenced_users,
             plugin=self.ctx.config.proxy.auth_plugin,

@@ -109,7 +109,6 @@ class Verified:
 @dataclass(frozen=True)
 class LoginSettings:
     secure: bool  # the client's connection is under TLS
-    offered: int  # capabilities in Baton's greeting
     address: str  # the client's IP, as accounts' host patterns match it
     allow_unfenced: bool
     plugin: str = NATIVE_PLUGIN  # what Baton's greeting names and its auth switch asks for

@@ -263,7 +263,6 @@ def login(
 ) -> Verified:
     settings = LoginSettings(
         secure=secure,
-        offered=0,
         address="127.0.0.1",
         allow_unfenced=False,
         plugin=greeting_plugin,
