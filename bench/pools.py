@@ -295,6 +295,7 @@ def main() -> None:
             "baton_pool_restore_seconds_count",
             "baton_pool_refused_total",
             "baton_buffer_evicted_total",
+            "baton_buffer_hold_seconds_bucket",
             "baton_buffer_hold_seconds_sum",
             "baton_buffer_hold_seconds_count",
         )
